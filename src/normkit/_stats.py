@@ -1,0 +1,228 @@
+"""Robust statistics: the one place where normkit computes moments and inverse standard deviations.
+
+Every normalization in normkit reduces some *groups* of elements (a channel over the batch, a row of a
+layer, a group of channels, ...) to a mean and a variance (or a mean square) and then standardizes them.
+Done naively in the input's precision this fails in three ways (measured in torch 2.13, see NUMERICS.md):
+the sum of squares overflows (float32 |x| > ~1.8e19), ``E[x^2] - E[x]^2`` cancels catastrophically when
+the mean is large against the spread, and ``eps`` or ``1/sqrt(var + eps)`` leaves the dtype's range.
+
+Precision policy (applies to every operator):
+
+* **Compute dtype** ``ct``: float32 for float16 / bfloat16 / float32 inputs, float64 for float64.
+  No float64 arithmetic is ever used for lower-precision inputs (accelerators lack it).
+* **Exact scaling.** Each group is multiplied by ``2**-e`` with ``e = floor(log2 max|x|)`` (clamped so
+  that ``2**e`` and ``2**-e`` are normal numbers). Multiplying by a power of two is exact, and the scaled
+  values ``y`` lie in ``(-2, 2)``, so their squares cannot overflow.
+* **Shift by a pivot.** ``d = y - p`` where ``p`` is the group's first element. When the group sits at a
+  large offset over a small spread, ``y`` and ``p`` are within a factor of two and the subtraction is
+  exact (Sterbenz); a constant group gives exactly ``d = 0``.
+* **Two-pass moments of the shifted data**: ``mean_d = sum(d) / n``, ``m2 = sum((d - mean_d)**2)``.
+* **Inverse standard deviation as ``r * 2**k``** (:func:`inv_std`), with the form chosen per group so that
+  neither ``eps / 4**e`` nor ``var * 4**e`` is ever formed where it would overflow.
+
+Statistics are carried as :class:`Moments` (count, exponent, pivot, shifted mean, M2). Two Moments of
+disjoint parts of a group merge exactly like Chan et al.'s parallel variance (:func:`merge_moments`),
+which is what SyncBatchNorm uses across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+Dims = Sequence[int]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for ``dtype``: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _max_exponent(dtype: torch.dtype) -> int:
+    """Largest ``E`` such that ``2**E`` and ``2**-E`` are both normal in ``dtype`` (126 for float32)."""
+    return -int(math.log2(torch.finfo(dtype).tiny))
+
+
+def group_exponent(x: Tensor, dims: Dims) -> Tensor:
+    """``e = floor(log2(max |x|))`` over ``dims`` (keepdim), clamped to the normal range; 0-groups get the minimum.
+
+    The result is a detached float tensor of integers: scaling by ``2**-e`` is exact and piecewise
+    constant, so it carries no gradient.
+    """
+    bound = _max_exponent(x.dtype)
+    amax = x.detach().abs().amax(dim=tuple(dims), keepdim=True)
+    return torch.floor(torch.log2(amax)).clamp(-bound, bound)
+
+
+def mul_pow2(t: Tensor, k: Tensor) -> Tensor:
+    """``t * 2**k`` for integer-valued ``k`` with ``|k|`` up to twice the exponent range.
+
+    The factor is applied in two halves of the same sign, so the intermediate lies between ``t`` and the
+    result: nothing overflows or underflows that the exact result would not.
+    """
+    k1 = torch.trunc(k * 0.5)
+    return t * torch.exp2(k1) * torch.exp2(k - k1)
+
+
+def first(x: Tensor, dims: Dims) -> Tensor:
+    """The first element of each group (keepdim shape): the pivot of the shifted moments."""
+    for d in dims:
+        x = x.narrow(d, 0, 1)
+    return x
+
+
+def group_size(x: Tensor, dims: Dims) -> int:
+    """Number of elements reduced into each group."""
+    return math.prod(x.shape[d] for d in dims)
+
+
+class Moments(NamedTuple):
+    """Moments of groups of data, kept in scaled, shifted form so that merging stays exact.
+
+    With ``y = x * 2**-exponent``: ``mean_y = pivot + mean``, ``sum((y - mean_y)**2) = m2``.
+    All tensors have the keepdim shape of the reduction; ``count`` is a Python int or a tensor.
+    """
+
+    count: int | Tensor
+    exponent: Tensor
+    pivot: Tensor
+    mean: Tensor
+    m2: Tensor
+
+    def mean_x(self) -> Tensor:
+        """Mean in the data's units: ``(pivot + mean) * 2**exponent``."""
+        return mul_pow2(self.pivot + self.mean, self.exponent)
+
+    def var_x(self, unbiased: bool = False) -> Tensor:
+        """Variance in the data's units (``inf`` only where it exceeds the dtype, as float64 would say)."""
+        n = self.count - 1 if unbiased else self.count
+        return mul_pow2(self.m2 / n, 2 * self.exponent)
+
+
+def moments(x: Tensor, dims: Dims) -> tuple[Moments, Tensor]:
+    """Robust moments of ``x`` over ``dims`` (``x`` already in the compute dtype).
+
+    Returns the :class:`Moments` and the centred scaled data ``c = y - mean_y`` (shape of ``x``), which
+    the caller normalizes with :func:`inv_std`.
+    """
+    e = group_exponent(x, dims)
+    y = x * torch.exp2(-e)  # exact: a power-of-two scale
+    pivot = first(y, dims)
+    d = y - pivot  # exact when the group's values are near the pivot; a constant group gives 0
+    n = group_size(x, dims)
+    mean = d.sum(dim=tuple(dims), keepdim=True) / n
+    c = d - mean  # two-pass: the second moment of small, centred numbers
+    m2 = (c * c).sum(dim=tuple(dims), keepdim=True)
+    return Moments(n, e, pivot, mean, m2), c
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """Moments of the union of two disjoint parts of the same groups (Chan et al.'s parallel update).
+
+    Both sides are first brought to the larger exponent (an exact power-of-two rescale, except for
+    values far below the group's maximum, which cannot matter). The difference of the two means is taken
+    as ``(pivot_b - pivot_a) + (mean_b - mean_a)``: the pivots are exact data values, so at a large common
+    offset their difference is exact and no precision is lost to the offset.
+    """
+    e = torch.maximum(a.exponent, b.exponent)
+    sa, sb = a.exponent - e, b.exponent - e  # <= 0: scale down into the common units
+    pa, ma, m2a = mul_pow2(a.pivot, sa), mul_pow2(a.mean, sa), mul_pow2(a.m2, 2 * sa)
+    pb, mb, m2b = mul_pow2(b.pivot, sb), mul_pow2(b.mean, sb), mul_pow2(b.m2, 2 * sb)
+    n = a.count + b.count
+    delta = (pb - pa) + (mb - ma)
+    fb = b.count / n
+    return Moments(n, e, pa, ma + delta * fb, m2a + m2b + delta * delta * (a.count * fb))
+
+
+def inv_std(a: Tensor, e: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``1 / sqrt(a * 4**e + eps)`` as ``r * 2**k`` where ``a`` is a variance (or mean square) of data
+    scaled by ``2**-e``. ``r`` is finite whenever the answer is, ``k`` an integer-valued tensor.
+
+    Two forms of one function, chosen per group:
+
+    * ``r = rsqrt(a + eps / 4**e), k = -e`` whenever ``eps / 4**e`` is finite. It may underflow to 0
+      (data far above ``sqrt(eps)``): harmless, ``a`` dominates — except for a constant group, where the
+      floor at the smallest normal keeps ``r`` finite and the centred data is exactly 0.
+    * ``r = rsqrt(a * 4**e + eps), k = 0`` where ``eps / 4**e`` overflows (tiny data): then ``eps``
+      dominates by a factor of over ``2**126`` and ``a * 4**e`` may underflow harmlessly.
+    """
+    tiny = torch.finfo(a.dtype).tiny
+    eps_y = eps * torch.exp2(-e) * torch.exp2(-e)
+    use_x_units = torch.isinf(eps_y)
+    r_y = torch.rsqrt((a + eps_y).clamp_min(tiny))
+    e_x = torch.where(use_x_units, e, torch.zeros_like(e))  # keeps the unused branch finite (and its grad)
+    r_x = torch.rsqrt(a * torch.exp2(e_x) * torch.exp2(e_x) + eps)
+    r = torch.where(use_x_units, r_x, r_y)
+    k = torch.where(use_x_units, torch.zeros_like(e), -e)
+    return r, k
+
+
+class Standardized(NamedTuple):
+    """Output of :func:`standardize`. ``x_hat`` has the input's shape, the rest the keepdim shape.
+
+    ``rstd = r * 2**k`` is the inverse standard deviation in the data's units; ``mean`` and ``var``
+    (biased; the mean square when not centred) are in the data's units too.
+    """
+
+    x_hat: Tensor
+    r: Tensor
+    k: Tensor
+    mean: Tensor
+    var: Tensor
+    count: int
+
+
+def standardize(x: Tensor, dims: Dims, eps: float, center: bool = True) -> Standardized:
+    """``x_hat = (x - mean) / sqrt(var + eps)`` over ``dims`` (or ``x / sqrt(mean(x**2) + eps)`` when
+    ``center`` is False), computed in the compute dtype of ``x`` without any overflow.
+
+    ``x`` must already be in its compute dtype (see :func:`compute_dtype`). Written in differentiable
+    torch ops: autograd through it is exact (the scale exponents are detached constants).
+    """
+    n = group_size(x, dims)
+    if center:
+        m, c = moments(x, dims)
+        e, a = m.exponent, m.m2 / n
+        mean, var = m.mean_x(), m.var_x()
+    else:
+        e = group_exponent(x, dims)
+        c = x * torch.exp2(-e)  # exact scaling; no shift for a mean square
+        a = (c * c).sum(dim=tuple(dims), keepdim=True) / n
+        mean, var = torch.zeros_like(a), mul_pow2(a, 2 * e)
+    r, k = inv_std(a, e, eps)
+    # x_hat = c * r * 2**(k + e); k + e is 0 in the first form of inv_std and e (<= 0) in the second
+    x_hat = mul_pow2(c * r, k + e)
+    return Standardized(x_hat, r, k, mean, var, n)
+
+
+def standardize_backward(g: Tensor, x_hat: Tensor, r: Tensor, k: Tensor, dims: Dims, center: bool = True) -> Tensor:
+    """Gradient of :func:`standardize` given ``g = dL/dx_hat`` (all in the compute dtype):
+
+    ``dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))`` (centred), ``dx = rstd * (g - x_hat * mean(g * x_hat))``
+    (RMS), with means over the group. ``g`` is scaled by a power of two per group first, so the sums
+    cannot overflow, and shifted by its first element, so a constant ``g`` gives exactly 0.
+    """
+    dims = tuple(dims)
+    eg = group_exponent(g, dims)
+    gs = g * torch.exp2(-eg)
+    if center:
+        gs = gs - first(gs, dims)
+        t = gs - gs.mean(dim=dims, keepdim=True) - x_hat * (gs * x_hat).mean(dim=dims, keepdim=True)
+    else:
+        t = gs - x_hat * (gs * x_hat).mean(dim=dims, keepdim=True)
+    return mul_pow2(t * r, k + eg)
+
+
+def normalize_with_stats(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``x_hat = (x - mean) * rsqrt(var + eps)`` for given (running) statistics, in the compute dtype.
+
+    Returns ``(x_hat, rstd)``. ``var`` fits the dtype, so ``rsqrt(var + eps)`` is safe; only ``x - mean``
+    can overflow (opposite signs near the top of the range), and there it is taken in halves.
+    """
+    rstd = torch.rsqrt(var + eps)
+    diff = x - mean
+    halved = (x * 0.5 - mean * 0.5) * rstd * 2.0
+    return torch.where(torch.isinf(diff), halved, diff * rstd), rstd

@@ -1,0 +1,22 @@
+"""normkit's ``torch.nn.functional``-style API: torch's exact signatures, defaults and semantics.
+
+Each function validates its input, then runs a hand-written ``torch.autograd.Function`` whose math lives
+in :mod:`normkit.ops` (one file per operator, next to its formula). Running statistics are updated in place
+exactly as torch does; the ``*_stateless`` forms return them instead, for ``torch.func`` transforms.
+"""
+
+from .ops.batch_norm import batch_norm, batch_norm_stateless
+from .ops.group_norm import group_norm
+from .ops.instance_norm import instance_norm, instance_norm_stateless
+from .ops.layer_norm import layer_norm
+from .ops.rms_norm import rms_norm
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_stateless",
+    "group_norm",
+    "instance_norm",
+    "instance_norm_stateless",
+    "layer_norm",
+    "rms_norm",
+]

@@ -1,0 +1,56 @@
+"""Instance normalization (Ulyanov et al., 2016, arXiv:1607.08022), torch's semantics.
+
+Shapes: ``input (N, C, *)``; ``weight``, ``bias``, ``running_mean``, ``running_var`` of shape ``(C,)``.
+
+With ``use_input_stats`` (the default), each ``(n, c)`` slice is standardized over its ``m = prod(*)``
+spatial values -- batch norm with one sample per group -- and running statistics, when given, move
+towards the batch average of the per-instance statistics::
+
+    y = (x - mean_nc) / sqrt(var_nc + eps) * weight_c + bias_c
+    running_mean <- (1 - momentum) * running_mean + momentum * mean_n(mean_nc)
+    running_var  <- (1 - momentum) * running_var  + momentum * mean_n(var_nc * m / (m - 1))
+
+Without it, the running statistics normalize, as batch norm does in eval mode.
+Gradients and precision: as :mod:`normkit.ops.batch_norm`, with groups of one instance.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import _checks
+from ._normalize import standardize_affine, stats_affine
+from .batch_norm import channel_view, check_norm_args, momentum_update, write_back
+
+
+def instance_norm_stateless(input, running_mean=None, running_var=None, weight=None, bias=None,
+                            use_input_stats=True, momentum=0.1, eps=1e-5):
+    """Instance norm as a pure function: returns ``(output, new_running_mean, new_running_var)``."""
+    op = "instance_norm"
+    check_norm_args(op, input, weight, bias, running_mean, running_var, momentum, eps, need_running=not use_input_stats)
+    m = math.prod(input.shape[2:])
+    if use_input_stats:
+        _checks.check_more_than_one(op, input, m, "spatial element")
+    if input.numel() == 0:
+        return input.clone(), running_mean, running_var
+    w, b = channel_view(weight, input.dim()), channel_view(bias, input.dim())
+    if not use_input_stats:
+        mean, var = channel_view(running_mean, input.dim()), channel_view(running_var, input.dim())
+        return stats_affine(input, mean, var, w, b, eps), running_mean, running_var
+    num_features = input.shape[1]
+    y, mean, var = standardize_affine(input, w, b, tuple(range(2, input.dim())), eps)
+    new_mean = momentum_update(running_mean, mean.reshape(-1, num_features).mean(0), momentum)
+    new_var = momentum_update(running_var, (var * (m / (m - 1))).reshape(-1, num_features).mean(0), momentum)
+    return y, new_mean, new_var
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5):
+    """``torch.nn.functional.instance_norm``: same signature and semantics; running statistics, when given
+    with ``use_input_stats``, are updated in place. See :func:`instance_norm_stateless` for the pure form."""
+    y, new_mean, new_var = instance_norm_stateless(input, running_mean, running_var, weight, bias,
+                                                   use_input_stats, momentum, eps)
+    if use_input_stats:
+        write_back(running_mean, new_mean)
+        write_back(running_var, new_var)
+    return y

@@ -1,0 +1,38 @@
+"""Layer normalization (Ba et al., 2016, arXiv:1607.06450), torch's semantics.
+
+Shapes: ``input (*, *normalized_shape)``; ``weight``, ``bias`` of shape ``normalized_shape``.
+Each row of ``D = prod(normalized_shape)`` trailing values is standardized::
+
+    y = (x - mean) / sqrt(var + eps) * weight + bias        var biased, over the D values
+
+Gradients: ``dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))``, ``g = dy * weight``;
+``dweight = sum over rows of dy * x_hat``, ``dbias = sum over rows of dy``.
+
+Precision: statistics in float32 for half inputs (float64 for float64), power-of-two scaled and shifted
+(:mod:`normkit._stats`), so rows of float32 values near 1e30 or float16 values near 6e4 stay finite.
+"""
+
+from __future__ import annotations
+
+from .. import _checks
+from ._normalize import standardize_affine
+
+
+def normalize_trailing(op, input, normalized_shape, weight, bias, eps, center):
+    """Shared by layer norm and RMS norm: standardize over the trailing ``normalized_shape`` dims."""
+    _checks.check_floating(op, input)
+    shape = _checks.normalized_shape_tuple(op, normalized_shape, input)
+    _checks.check_param(op, "weight", weight, shape)
+    _checks.check_param(op, "bias", bias, shape)
+    _checks.check_eps(op, eps)
+    if input.numel() == 0:
+        return input.clone()
+    if not shape:  # each element is its own group: give it a trailing dim of size 1
+        unsq = (lambda t: None if t is None else t.unsqueeze(-1))
+        return normalize_trailing(op, input.unsqueeze(-1), (1,), unsq(weight), unsq(bias), eps, center).squeeze(-1)
+    return standardize_affine(input, weight, bias, tuple(range(-len(shape), 0)), eps, center)[0]
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``torch.nn.functional.layer_norm``: same signature and semantics."""
+    return normalize_trailing("layer_norm", input, normalized_shape, weight, bias, eps, center=True)
