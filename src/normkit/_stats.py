@@ -17,8 +17,8 @@ Precision policy (applies to every operator):
   large offset over a small spread, ``y`` and ``p`` are within a factor of two and the subtraction is
   exact (Sterbenz); a constant group gives exactly ``d = 0``.
 * **Two-pass moments of the shifted data**: ``mean_d = sum(d) / n``, ``m2 = sum((d - mean_d)**2)``.
-* **Inverse standard deviation as ``r * 2**k``** (:func:`inv_std`), with the form chosen per group so that
-  neither ``eps / 4**e`` nor ``var * 4**e`` is ever formed where it would overflow.
+* **Inverse standard deviation as ``r * 2**k``** (:func:`inv_std`): the exponent ``k`` is chosen per group
+  so that ``var`` and ``eps`` meet at a common scale where neither can overflow.
 
 Statistics are carried as :class:`Moments` (count, exponent, pivot, shifted mean, M2). Two Moments of
 disjoint parts of a group merge exactly like Chan et al.'s parallel variance (:func:`merge_moments`),
@@ -58,13 +58,17 @@ def group_exponent(x: Tensor, dims: Dims) -> Tensor:
 
 
 def mul_pow2(t: Tensor, k: Tensor) -> Tensor:
-    """``t * 2**k`` for integer-valued ``k`` with ``|k|`` up to twice the exponent range.
+    """``t * 2**k`` for integer-valued ``k``, exact up to the final rounding, for every ``k``.
 
-    The factor is applied in two halves of the same sign, so the intermediate lies between ``t`` and the
-    result: nothing overflows or underflows that the exact result would not.
+    The factor is applied in three parts of the same sign, each a normal power of two, so every
+    intermediate lies between ``t`` and the result. ``|k|`` is clamped at three times the exponent range,
+    past which ``t * 2**k`` overflows or underflows for any finite ``t`` anyway.
     """
-    k1 = torch.trunc(k * 0.5)
-    return t * torch.exp2(k1) * torch.exp2(k - k1)
+    bound = _max_exponent(t.dtype)
+    k = k.clamp(-3 * bound, 3 * bound)
+    k1 = torch.trunc(k / 3)
+    k2 = torch.trunc((k - k1) / 2)
+    return t * torch.exp2(k1) * torch.exp2(k2) * torch.exp2(k - k1 - k2)
 
 
 def first(x: Tensor, dims: Dims) -> Tensor:
@@ -138,26 +142,24 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
 
 
 def inv_std(a: Tensor, e: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """``1 / sqrt(a * 4**e + eps)`` as ``r * 2**k`` where ``a`` is a variance (or mean square) of data
-    scaled by ``2**-e``. ``r`` is finite whenever the answer is, ``k`` an integer-valued tensor.
+    """``1 / sqrt(a * 4**e + eps)`` as ``r * 2**k``, where ``a`` is a variance (or mean square) of data
+    scaled by ``2**-e``; ``r`` is in ``[1/3, 2]`` and ``k`` an integer-valued tensor.
 
-    Two forms of one function, chosen per group:
+    With ``h ~ log2(max(std, sqrt(eps)))`` per group (``std = sqrt(a) * 2**e``)::
 
-    * ``r = rsqrt(a + eps / 4**e), k = -e`` whenever ``eps / 4**e`` is finite. It may underflow to 0
-      (data far above ``sqrt(eps)``): harmless, ``a`` dominates — except for a constant group, where the
-      floor at the smallest normal keeps ``r`` finite and the centred data is exactly 0.
-    * ``r = rsqrt(a * 4**e + eps), k = 0`` where ``eps / 4**e`` overflows (tiny data): then ``eps``
-      dominates by a factor of over ``2**126`` and ``a * 4**e`` may underflow harmlessly.
+        1 / sqrt(a * 4**e + eps) = 2**-h / sqrt(a * 4**(e - h) + eps * 4**-h)
+
+    and both terms under the root are at most about 4, so neither can overflow; whichever underflows is
+    negligible against the other. ``eps`` enters as its exact ``mantissa * 2**exponent``, so even an eps
+    below the compute dtype's range is honoured. Only ``a = 0`` with ``eps = 0`` gives ``inf`` (0/0 groups).
     """
-    tiny = torch.finfo(a.dtype).tiny
-    eps_y = eps * torch.exp2(-e) * torch.exp2(-e)
-    use_x_units = torch.isinf(eps_y)
-    r_y = torch.rsqrt((a + eps_y).clamp_min(tiny))
-    e_x = torch.where(use_x_units, e, torch.zeros_like(e))  # keeps the unused branch finite (and its grad)
-    r_x = torch.rsqrt(a * torch.exp2(e_x) * torch.exp2(e_x) + eps)
-    r = torch.where(use_x_units, r_x, r_y)
-    k = torch.where(use_x_units, torch.zeros_like(e), -e)
-    return r, k
+    bound = _max_exponent(a.dtype)
+    eps_m, eps_q = math.frexp(eps)  # eps = eps_m * 2**eps_q exactly
+    h_eps = math.floor((eps_q - 1) / 2) if eps > 0 else -math.inf
+    h_a = e + torch.floor(torch.log2(a.detach()) * 0.5)  # -inf for a constant group
+    h = torch.clamp(torch.clamp(h_a, min=h_eps), -3 * bound, 3 * bound)
+    u = mul_pow2(a, 2 * (e - h)) + mul_pow2(torch.full_like(a, eps_m), eps_q - 2 * h)
+    return torch.rsqrt(u), -h
 
 
 class Standardized(NamedTuple):
@@ -193,8 +195,7 @@ def standardize(x: Tensor, dims: Dims, eps: float, center: bool = True) -> Stand
         a = (c * c).sum(dim=tuple(dims), keepdim=True) / n
         mean, var = torch.zeros_like(a), mul_pow2(a, 2 * e)
     r, k = inv_std(a, e, eps)
-    # x_hat = c * r * 2**(k + e); k + e is 0 in the first form of inv_std and e (<= 0) in the second
-    x_hat = mul_pow2(c * r, k + e)
+    x_hat = mul_pow2(c * r, k + e)  # c is in units of 2**e, r in units of 2**k
     return Standardized(x_hat, r, k, mean, var, n)
 
 

@@ -64,6 +64,8 @@ class StandardizeAffine(torch.autograd.Function):
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims: Sequence[int], eps: float, center: bool):
         s = standardize(x.to(compute_dtype(x.dtype)), dims, eps, center)
         y = _affine(s.x_hat, weight, bias).to(x.dtype)
+        if y is s.x_hat:  # no affine, no cast: y must be its own (differentiable) tensor
+            y = y.clone()
         return y, s.x_hat, s.r, s.k, s.mean, s.var
 
     @staticmethod
@@ -98,7 +100,8 @@ class StatsAffine(torch.autograd.Function):
     def forward(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
         ct = compute_dtype(x.dtype)
         x_hat, _ = normalize_with_stats(x.to(ct), mean.to(ct), var.to(ct), eps)
-        return _affine(x_hat, weight, bias).to(x.dtype), x_hat
+        y = _affine(x_hat, weight, bias).to(x.dtype)
+        return (y.clone() if y is x_hat else y), x_hat
 
     @staticmethod
     def setup_context(ctx, inputs, output):
