@@ -17,6 +17,9 @@ REL_TOL = {
     torch.bfloat16: torch.finfo(torch.bfloat16).eps / 2 + 2e-3,
 }
 
+# Parity with torch compares two results that were each rounded to the dtype once: one extra rounding.
+PARITY_TOL = {dt: tol + (torch.finfo(dt).eps / 2 if dt in (torch.float16, torch.bfloat16) else 0.0) for dt, tol in REL_TOL.items()}
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -25,6 +28,11 @@ def as_np(t) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         return t.detach().double().cpu().numpy()
     return np.asarray(t)
+
+
+def _subnormal_spacing(dtype) -> float:
+    fi = torch.finfo(dtype)
+    return fi.smallest_normal * fi.eps
 
 
 def assert_rel_close(out, ref, dtype, what="output", rel=None):
@@ -47,12 +55,26 @@ def assert_rel_close(out, ref, dtype, what="output", rel=None):
     scale = np.abs(r[representable]).max()
     err = np.where(representable, np.abs(o - r), 0)
     worst = np.unravel_index(np.argmax(err), err.shape)
-    tol = rel * scale
+    tol = rel * scale + _subnormal_spacing(dtype)  # plus the dtype's own rounding at the bottom of its range
     n_bad = int((err > tol).sum())
     assert n_bad == 0, (
         f"{what} ({dtype}): {n_bad} of {err.size} elements off by more than {rel:.1e} * max|ref| = {float(tol):.3e}; "
         f"worst at {worst}: got {float(o[worst])!r}, ref {float(r[worst])!r} (max|err|/max|ref| = {float(err[worst] / scale):.3e})"
     )
+
+
+def assert_matches_torch_or_oracle(out, torch_out, oracle_out, dtype, what):
+    """Parity with torch; where torch's own result is off (ill-conditioned gradients, cancellation), the
+    float64 oracle decides, and normkit must meet the contract tolerance against it."""
+    try:
+        assert_rel_close(out, torch_out, dtype, what, rel=PARITY_TOL[dtype])
+    except AssertionError as parity_failure:
+        try:
+            assert_rel_close(torch_out, oracle_out, dtype, what)
+        except AssertionError:  # torch is wrong here: hold normkit to the oracle instead
+            assert_rel_close(out, oracle_out, dtype, f"{what} (torch is off; vs oracle)")
+        else:
+            raise parity_failure
 
 
 @pytest.fixture(autouse=True)

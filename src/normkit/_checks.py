@@ -65,6 +65,11 @@ def normalized_shape_tuple(op: str, normalized_shape: int | Sequence[int], input
     if not all(isinstance(s, numbers.Integral) and s >= 0 for s in shape):
         raise ValueError(f"{op}: normalized_shape must be non-negative integers, got {normalized_shape!r}")
     shape = tuple(int(s) for s in shape)
+    if not shape:
+        raise ValueError(
+            f"{op}: Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
+            f"element, but got normalized_shape = []; pass the trailing dimensions to normalize over"
+        )
     if len(shape) > input.dim() or tuple(input.shape[input.dim() - len(shape):]) != shape:
         raise ValueError(
             f"{op}: Given normalized_shape={list(shape)}, expected input with shape [*, "

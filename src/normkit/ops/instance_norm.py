@@ -25,7 +25,9 @@ from .batch_norm import channel_view, check_norm_args, momentum_update, write_ba
 
 def instance_norm_stateless(input, running_mean=None, running_var=None, weight=None, bias=None,
                             use_input_stats=True, momentum=0.1, eps=1e-5):
-    """Instance norm as a pure function: returns ``(output, new_running_mean, new_running_var)``."""
+    """Instance norm as a pure function: returns ``(output, new_running_mean, new_running_var)``.
+
+    The output is contiguous whatever the input's memory format, as torch's is."""
     op = "instance_norm"
     check_norm_args(op, input, weight, bias, running_mean, running_var, momentum, eps, need_running=not use_input_stats)
     m = math.prod(input.shape[2:])
@@ -36,9 +38,10 @@ def instance_norm_stateless(input, running_mean=None, running_var=None, weight=N
     w, b = channel_view(weight, input.dim()), channel_view(bias, input.dim())
     if not use_input_stats:
         mean, var = channel_view(running_mean, input.dim()), channel_view(running_var, input.dim())
-        return stats_affine(input, mean, var, w, b, eps), running_mean, running_var
+        return stats_affine(input, mean, var, w, b, eps).contiguous(), running_mean, running_var
     num_features = input.shape[1]
     y, mean, var = standardize_affine(input, w, b, tuple(range(2, input.dim())), eps)
+    y = y.contiguous()
     new_mean = momentum_update(running_mean, mean.reshape(-1, num_features).mean(0), momentum)
     new_var = momentum_update(running_var, (var * (m / (m - 1))).reshape(-1, num_features).mean(0), momentum)
     return y, new_mean, new_var

@@ -27,12 +27,9 @@ def normalize_trailing(op, input, normalized_shape, weight, bias, eps, center):
     _checks.check_eps(op, eps)
     if input.numel() == 0:
         return input.clone()
-    if not shape:  # each element is its own group: give it a trailing dim of size 1
-        unsq = (lambda t: None if t is None else t.unsqueeze(-1))
-        return normalize_trailing(op, input.unsqueeze(-1), (1,), unsq(weight), unsq(bias), eps, center).squeeze(-1)
     return standardize_affine(input, weight, bias, tuple(range(-len(shape), 0)), eps, center)[0]
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """``torch.nn.functional.layer_norm``: same signature and semantics."""
-    return normalize_trailing("layer_norm", input, normalized_shape, weight, bias, eps, center=True)
+    """``torch.nn.functional.layer_norm``: same signature and semantics (a contiguous output, as torch's)."""
+    return normalize_trailing("layer_norm", input, normalized_shape, weight, bias, eps, center=True).contiguous()
