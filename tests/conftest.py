@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -59,7 +61,7 @@ def assert_rel_close(out, ref, dtype, what="output", rel=None):
     n_bad = int((err > tol).sum())
     assert n_bad == 0, (
         f"{what} ({dtype}): {n_bad} of {err.size} elements off by more than {rel:.1e} * max|ref| = {float(tol):.3e}; "
-        f"worst at {worst}: got {float(o[worst])!r}, ref {float(r[worst])!r} (max|err|/max|ref| = {float(err[worst] / scale):.3e})"
+        f"worst at {worst}: got {float(o[worst])!r}, ref {float(r[worst])!r} (max|err|/max|ref| = {float(err[worst] / scale) if scale else math.inf:.3e})"
     )
 
 

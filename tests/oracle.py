@@ -31,8 +31,9 @@ def standardize(x, axes, eps, center=True):
         c = d - d.mean(axis=axes, keepdims=True)
     else:
         c = x
-    rstd = 1 / np.sqrt((c * c).mean(axis=axes, keepdims=True) + LD(eps))
-    return c * rstd, rstd
+    with np.errstate(divide="ignore", invalid="ignore"):  # eps=0 on a constant group: 0/0, no answer
+        rstd = 1 / np.sqrt((c * c).mean(axis=axes, keepdims=True) + LD(eps))
+        return c * rstd, rstd
 
 
 def standardize_grad(dy_w, x_hat, rstd, axes, center=True):

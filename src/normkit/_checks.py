@@ -45,8 +45,9 @@ def check_param(op: str, name: str, t: Tensor | None, shape: Sequence[int]) -> N
 
 
 def check_eps(op: str, eps: float) -> None:
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"{op}: expected eps to be a non-negative number, got {eps!r}")
+    # torch accepts any real eps (a negative one is defined wherever var + eps > 0); so does normkit
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or eps != eps:
+        raise ValueError(f"{op}: expected eps to be a real number, got {eps!r}")
 
 
 def check_momentum(op: str, momentum: float | None) -> None:

@@ -155,7 +155,7 @@ def inv_std(a: Tensor, e: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """
     bound = _max_exponent(a.dtype)
     eps_m, eps_q = math.frexp(eps)  # eps = eps_m * 2**eps_q exactly
-    h_eps = math.floor((eps_q - 1) / 2) if eps > 0 else -math.inf
+    h_eps = math.floor((eps_q - 1) / 2) if eps != 0 else -math.inf
     h_a = e + torch.floor(torch.log2(a.detach()) * 0.5)  # -inf for a constant group
     h = torch.clamp(torch.clamp(h_a, min=h_eps), -3 * bound, 3 * bound)
     u = mul_pow2(a, 2 * (e - h)) + mul_pow2(torch.full_like(a, eps_m), eps_q - 2 * h)

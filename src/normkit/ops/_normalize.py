@@ -123,6 +123,16 @@ class StatsAffine(torch.autograd.Function):
         return dx, None, None, dweight, dbias, None
 
 
+def empty_output(input: Tensor, *params: Tensor | None) -> Tensor:
+    """The result for an input with no elements: an empty tensor of its shape, connected to the parameters
+    so that they receive zero gradients (as torch's do) rather than none."""
+    y = input.clone()
+    for p in params:
+        if p is not None and p.requires_grad:
+            y = y + 0 * p.sum().to(y.dtype)
+    return y
+
+
 def standardize_affine(x, weight, bias, dims, eps, center=True):
     """Apply :class:`StandardizeAffine`; returns ``(y, mean, var)`` with biased ``var`` (keepdim shape)."""
     y, _, _, _, mean, var = StandardizeAffine.apply(x, weight, bias, tuple(dims), float(eps), center)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .. import _checks
 from .._stats import compute_dtype
-from ._normalize import standardize_affine, stats_affine
+from ._normalize import empty_output, standardize_affine, stats_affine
 
 
 def channel_view(t: Tensor | None, ndim: int) -> Tensor | None:
@@ -45,6 +45,8 @@ def momentum_update(running: Tensor | None, stat: Tensor, momentum: float) -> Te
 def check_norm_args(op, input, weight, bias, running_mean, running_var, momentum, eps, need_running):
     """Checks shared by batch and instance norm: ``(N, C, *)`` input and ``(C,)`` parameters."""
     _checks.check_floating(op, input)
+    if input.dim() < 2 and input.numel() == 0:
+        return  # torch returns an empty result for an empty 1-D input, whatever the other arguments
     _checks.check_min_dim(op, input, 2, "(N, C, *)")
     num_features = input.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
@@ -66,12 +68,12 @@ def batch_norm_stateless(input, running_mean, running_var, weight=None, bias=Non
     """
     op = "batch_norm"
     check_norm_args(op, input, weight, bias, running_mean, running_var, momentum, eps, need_running=not training)
+    if input.numel() == 0:  # an empty batch normalizes nothing and leaves the statistics alone
+        return empty_output(input, weight, bias), running_mean, running_var
     num_features = input.shape[1]
-    n = input.numel() // num_features if num_features else 0
+    n = input.numel() // num_features
     if training:
         _checks.check_more_than_one(op, input, n, "value per channel")
-    if input.numel() == 0:  # an empty batch normalizes nothing and leaves the statistics alone
-        return input.clone(), running_mean, running_var
     w, b = channel_view(weight, input.dim()), channel_view(bias, input.dim())
     if not training:
         mean, var = channel_view(running_mean, input.dim()), channel_view(running_var, input.dim())

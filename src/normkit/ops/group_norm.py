@@ -17,7 +17,7 @@ import numbers
 import torch
 
 from .. import _checks
-from ._normalize import standardize_affine
+from ._normalize import empty_output, standardize_affine
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -37,7 +37,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     _checks.check_param(op, "bias", bias, (c,))
     _checks.check_eps(op, eps)
     if input.numel() == 0:
-        return input.clone()
+        return empty_output(input, weight, bias)
     grouped = input.reshape(n, num_groups, c // num_groups, -1)
     view = (lambda t: None if t is None else t.view(1, num_groups, c // num_groups, 1))
     y = standardize_affine(grouped, view(weight), view(bias), (2, 3), eps)[0].reshape(input.shape)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 from .. import _checks
-from ._normalize import standardize_affine, stats_affine
+from ._normalize import empty_output, standardize_affine, stats_affine
 from .batch_norm import channel_view, check_norm_args, momentum_update, write_back
 
 
@@ -30,11 +30,11 @@ def instance_norm_stateless(input, running_mean=None, running_var=None, weight=N
     The output is contiguous whatever the input's memory format, as torch's is."""
     op = "instance_norm"
     check_norm_args(op, input, weight, bias, running_mean, running_var, momentum, eps, need_running=not use_input_stats)
+    if input.numel() == 0:
+        return empty_output(input, weight, bias), running_mean, running_var
     m = math.prod(input.shape[2:])
     if use_input_stats:
         _checks.check_more_than_one(op, input, m, "spatial element")
-    if input.numel() == 0:
-        return input.clone(), running_mean, running_var
     w, b = channel_view(weight, input.dim()), channel_view(bias, input.dim())
     if not use_input_stats:
         mean, var = channel_view(running_mean, input.dim()), channel_view(running_var, input.dim())

@@ -15,7 +15,7 @@ Precision: statistics in float32 for half inputs (float64 for float64), power-of
 from __future__ import annotations
 
 from .. import _checks
-from ._normalize import standardize_affine
+from ._normalize import empty_output, standardize_affine
 
 
 def normalize_trailing(op, input, normalized_shape, weight, bias, eps, center):
@@ -26,7 +26,7 @@ def normalize_trailing(op, input, normalized_shape, weight, bias, eps, center):
     _checks.check_param(op, "bias", bias, shape)
     _checks.check_eps(op, eps)
     if input.numel() == 0:
-        return input.clone()
+        return empty_output(input, weight, bias)
     return standardize_affine(input, weight, bias, tuple(range(-len(shape), 0)), eps, center)[0]
 
 
