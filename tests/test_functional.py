@@ -221,13 +221,20 @@ FORBIDDEN = ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_nor
 
 
 class RecordOps(TorchDispatchMode):
+    """Records every aten op that runs, and the dtypes of every tensor it produces."""
+
     def __init__(self):
         super().__init__()
         self.seen = set()
+        self.dtypes = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.seen.add(func.name())
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.dtypes.add(t.dtype)
+        return out
 
 
 @pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
@@ -242,6 +249,21 @@ def test_no_torch_normalization_kernel_runs(op):
     used = sorted(name for name in rec.seen if any(f in name for f in FORBIDDEN))
     assert not used, f"torch normalization kernels ran inside normkit: {used}"
     assert any("sum" in name for name in rec.seen), "the recorder saw nothing: the guard itself is broken"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
+def test_no_float64_arithmetic_below_float64(op, dtype):
+    """Graphs must run on accelerators without float64: forward, backward and double backward of a
+    lower-precision input never produce a float64 tensor."""
+    x = (torch.randn(3, 6, 4) * 1e3 + 5).to(dtype).requires_grad_()
+    p = op.params(x, 1.0)
+    with RecordOps() as rec:
+        y = op.normkit(x, p)
+        (gx,) = torch.autograd.grad(y.float().square().sum(), x, create_graph=True)
+        gx.float().sum().backward()
+    assert torch.float64 not in rec.dtypes, f"float64 tensors were made: ops {sorted(rec.seen)}"
+    assert rec.dtypes, "the recorder saw nothing"
 
 
 def test_the_kernel_guard_catches_torch():
