@@ -110,3 +110,43 @@ def group_norm(x, num_groups, weight, bias, dy, eps):
         if key in out:
             out[key] = out[key].reshape(x.shape)
     return out
+
+
+def _shift(a, axis, offset):
+    """out[i] = a[i + offset] along axis, zero outside."""
+    out = np.zeros_like(a)
+    n = a.shape[axis]
+    if abs(offset) >= n:
+        return out
+    src = [slice(None)] * a.ndim
+    dst = [slice(None)] * a.ndim
+    src[axis] = slice(max(0, offset), n + min(0, offset))
+    dst[axis] = slice(max(0, -offset), n - max(0, offset))
+    out[tuple(dst)] = a[tuple(src)]
+    return out
+
+
+def lrn(x, axes, lo, hi, c, k, beta, dy=None):
+    """Local response normalization with an explicit window [i - lo, i + hi] along each of ``axes``:
+    y = x * (k + c * sum x**2)**-beta, and (with dy) the closed-form dx written with explicit loops."""
+    import itertools
+
+    offsets = list(itertools.product(range(-lo, hi + 1), repeat=len(axes)))
+
+    def window(a, sign):
+        total = np.zeros_like(a)
+        for off in offsets:
+            t = a
+            for axis, o in zip(axes, off):
+                t = _shift(t, axis, sign * o)
+            total = total + t
+        return total
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        d = LD(k) + LD(c) * window(x * x, 1)
+        y = x * d ** LD(-beta)
+        out = {"y": y}
+        if dy is not None:
+            q = dy * x * d ** LD(-beta - 1)
+            out["dx"] = dy * d ** LD(-beta) - LD(2 * c * beta) * x * window(q, -1)
+    return out

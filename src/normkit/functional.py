@@ -9,6 +9,7 @@ from .ops.batch_norm import batch_norm, batch_norm_stateless
 from .ops.group_norm import group_norm
 from .ops.instance_norm import instance_norm, instance_norm_stateless
 from .ops.layer_norm import layer_norm
+from .ops.local_response_norm import local_response_norm, lrn, tf_local_response_normalization
 from .ops.rms_norm import rms_norm
 
 __all__ = [
@@ -18,5 +19,8 @@ __all__ = [
     "instance_norm",
     "instance_norm_stateless",
     "layer_norm",
+    "local_response_norm",
+    "lrn",
     "rms_norm",
+    "tf_local_response_normalization",
 ]

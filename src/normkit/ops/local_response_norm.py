@@ -1,0 +1,340 @@
+"""Local response normalization (Krizhevsky et al., 2012), in every convention users port from.
+
+For each element ``x_i`` with a window ``W(i)`` of neighbours (across channels, or a spatial square within
+its channel)::
+
+    d_i = k + c * sum_{j in W(i)} x_j**2          y_i = x_i * d_i**(-beta)
+
+Conventions (``size`` = window length ``n``; windows are zero-padded at the borders):
+
+=================  =====================================  =================  ============
+convention         window W(c) along the channels          c                  notes
+=================  =====================================  =================  ============
+``"torch"``        ``[c - n//2, c + (n-1)//2]``            ``alpha / n``      any n
+``"onnx"``         ``[c - (n-1)//2, c + n//2]``            ``alpha / n``      differs from torch for even n
+``"caffe"``        ``[c - (n-1)/2, c + (n-1)/2]``          ``alpha / n``      odd n only
+``"tf"``           ``[c - r, c + r]``, ``n = 2r + 1``      ``alpha``          odd n only
+=================  =====================================  =================  ============
+
+``region="within_channel"`` (Caffe): an ``n x n`` spatial window over the last two dims, centred, with
+``c = alpha / n**2`` and ``k = 1`` (Caffe ignores k there).
+
+Gradient (closed form; ``W'(i) = {j : i in W(j)}`` is the reflected window)::
+
+    dx_i = g_i * d_i**(-beta) - 2 * c * beta * x_i * sum_{j in W'(i)} g_j * x_j * d_j**(-beta - 1)
+
+Precision policy: computed in float32 for half inputs (float64 for float64), output in the input's dtype.
+When a cheap check proves that no intermediate can over- or underflow (``k >= 2**-40``,
+``c * n * max|x|**2 <= 2**100``, ``0 <= beta <= 1.25``) the plain formula runs. Otherwise the robust
+path runs: every value is a (mantissa, exponent) pair from ``frexp``; squares are summed in a window
+after aligning them to the window's largest exponent; ``d = 4**h * u`` with the exponent ``h`` chosen per
+element where ``k`` and ``c * S`` meet (as :func:`normkit._stats.inv_std` does); and ``d**-beta`` takes its
+exponent ``-2 h beta`` apart into an exact integer part and a small fraction. Nothing overflows that the
+float64 answer would not. A zero window with ``k = 0`` (0/0) gives 0.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from .._stats import compute_dtype, mul_pow2
+
+CONVENTIONS = ("torch", "onnx", "caffe", "tf")
+REGIONS = ("across_channels", "within_channel")
+_NO_EXPONENT = -1.0e4  # exponent of a zero (and of padding): far below any real value
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where the window slides (``dims``), how far below/above the centre it reaches, and the constants."""
+
+    dims: tuple[int, ...]
+    lo: int
+    hi: int
+    c: float
+    k: float
+    beta: float
+
+    @property
+    def count(self) -> int:
+        return (self.lo + self.hi + 1) ** len(self.dims)
+
+    def reflected(self) -> "Window":
+        """``W'(i) = {j : i in W(j)}``: the window mirrored about its centre."""
+        return Window(self.dims, self.hi, self.lo, self.c, self.k, self.beta)
+
+
+def make_window(op, input, size, alpha, beta, k, convention, region, channel_dim) -> Window:
+    """Validate the arguments of every LRN entry point and describe the window."""
+    _checks.check_floating(op, input)
+    if not isinstance(size, numbers.Integral) or isinstance(size, bool):
+        raise TypeError(f"{op}: size must be a positive integer, got {size!r}")
+    if size < 1:
+        raise ValueError(f"{op}: size must be a positive integer, got {size}")
+    for name, v in (("alpha", alpha), ("beta", beta), ("k", k)):
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"{op}: {name} must be a finite real number, got {v!r}")
+    if k < 0:
+        raise ValueError(f"{op}: k must be >= 0 (k + alpha * sum(x**2) must stay positive), got k={k}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"{op}: unknown convention {convention!r}; expected one of {', '.join(CONVENTIONS)}")
+    if region not in REGIONS:
+        raise ValueError(f"{op}: unknown region {region!r}; expected one of {', '.join(REGIONS)}")
+    if convention in ("caffe", "tf") and size % 2 == 0:
+        raise ValueError(f"{op}: convention={convention!r} needs an odd size (a window centred on each element), got size={size}")
+    if region == "within_channel":
+        if convention != "caffe":
+            raise ValueError(f"{op}: region='within_channel' is Caffe's; pass convention='caffe'")
+        if input.dim() != 4:
+            raise ValueError(f"{op}: region='within_channel' expects 4D input (N, C, H, W), got {input.dim()}D input")
+        return Window((2, 3), (size - 1) // 2, (size - 1) // 2, alpha / size**2, 1.0, beta)
+    if input.dim() < 3 and convention != "tf":
+        raise ValueError(f"{op}: Expected 3D or higher dimensionality input (got {input.dim()} dimensions)")
+    if input.dim() < 1:
+        raise ValueError(f"{op}: expected an input with a channel dimension, got a 0-D tensor")
+    if not -input.dim() <= channel_dim < input.dim():
+        raise ValueError(f"{op}: channel_dim={channel_dim} is out of range for {input.dim()}D input")
+    lo, hi = {"torch": (size // 2, (size - 1) // 2), "onnx": ((size - 1) // 2, size // 2)}.get(
+        convention, ((size - 1) // 2, (size - 1) // 2))
+    c = alpha if convention == "tf" else alpha / size
+    return Window((channel_dim % input.dim(),), lo, hi, c, k, beta)
+
+
+# ------------------------------------------------------------------------------------ window helpers
+def _shift(t: Tensor, dim: int, offset: int, fill: float = 0.0) -> Tensor:
+    """``out[i] = t[i + offset]`` along ``dim``, ``fill`` where ``i + offset`` is outside."""
+    n = t.shape[dim]
+    if offset == 0:
+        return t
+    if abs(offset) >= n:
+        return torch.full_like(t, fill)
+    pad_shape = list(t.shape)
+    pad_shape[dim] = abs(offset)
+    pad = t.new_full(pad_shape, fill)
+    if offset > 0:
+        return torch.cat([t.narrow(dim, offset, n - offset), pad], dim)
+    return torch.cat([pad, t.narrow(dim, 0, n + offset)], dim)
+
+
+def window_sum(t: Tensor, win: Window) -> Tensor:
+    """``sum_{j in W(i)} t_j`` (separable over the window's dims; zero padding)."""
+    for dim in win.dims:
+        t = sum(_shift(t, dim, o) for o in range(-win.lo, win.hi + 1))
+    return t
+
+
+def _pair_window_sum(m: Tensor, p: Tensor, win: Window) -> tuple[Tensor, Tensor]:
+    """``sum_{j in W(i)} m_j * 2**p_j`` as a pair ``(M, P)``: each term is aligned to the window's largest
+    exponent ``P`` before adding, so nothing over- or underflows that matters."""
+    for dim in win.dims:
+        offsets = range(-win.lo, win.hi + 1)
+        shifted_p = [_shift(p, dim, o, _NO_EXPONENT) for o in offsets]
+        big = shifted_p[0]
+        for sp in shifted_p[1:]:
+            big = torch.maximum(big, sp)
+        m = sum(mul_pow2(_shift(m, dim, o), sp - big) for o, sp in zip(offsets, shifted_p))
+        p = big
+    return m, p
+
+
+def _split(t: Tensor) -> tuple[Tensor, Tensor]:
+    """``t = m * 2**e`` with ``e`` from ``frexp`` (detached, float) and ``m = t * 2**-e`` (differentiable)."""
+    e = torch.frexp(t.detach()).exponent.to(t.dtype)
+    return t * torch.exp2(-e), e
+
+
+def _power_pair(u: Tensor, h: Tensor, power: float, ct) -> tuple[Tensor, Tensor]:
+    """``(4**h * u) ** power`` as ``(mantissa, integer exponent)``. ``-2 h power`` is split exactly: ``power``
+    into a short head (``h * head`` exact) and a tail whose product is small."""
+    bits = 10 if ct == torch.float32 else 30
+    m, q = math.frexp(power)
+    head = math.ldexp(round(math.ldexp(m, bits)), q - bits)
+    t = 2 * h * head  # exact
+    whole = torch.floor(t)
+    frac = (t - whole) + 2 * h * (power - head)
+    return torch.pow(u, power) * torch.exp2(frac), whole
+
+
+# ------------------------------------------------------------------------------------ the two paths
+def _fast_ok(x: Tensor, win: Window) -> bool:
+    if not (win.k >= 2.0**-40 and 0.0 <= win.beta <= 1.25 and x.numel()):
+        return False
+    amax = x.detach().abs().amax().item()
+    return math.isfinite(amax) and win.c * win.count * amax * amax <= 2.0**100
+
+
+def _neg_power(d: Tensor, beta: float) -> Tensor:
+    """``d ** -beta`` with the common exponents done by cheaper, exact-to-rounding ops."""
+    if beta == 0.75:
+        r = torch.rsqrt(d)
+        return r * torch.sqrt(r)
+    if beta == 0.5:
+        return torch.rsqrt(d)
+    if beta == 1.0:
+        return torch.reciprocal(d)
+    return torch.pow(d, -beta)
+
+
+def _window_sum_into(out: Tensor, t: Tensor, win: Window) -> Tensor:
+    """``out = sum_{j in W(i)} t_j`` by adding shifted views in place: no temporaries (on this kind of
+    machine each fresh large allocation costs page faults worth several passes over the data)."""
+    dims = win.dims
+    src = t
+    for i, dim in enumerate(dims):
+        dst = out if i == len(dims) - 1 else torch.empty_like(t)
+        dst.copy_(src)
+        n = t.shape[dim]
+        for o in range(-win.lo, win.hi + 1):
+            if o == 0 or abs(o) >= n:
+                continue
+            dst.narrow(dim, max(0, -o), n - abs(o)).add_(src.narrow(dim, max(0, o), n - abs(o)))
+        src = dst
+    return out
+
+
+def _denominator_fast(x: Tensor, win: Window) -> tuple[Tensor, Tensor]:
+    """``(d, scratch)``: ``d = k + c * sum_W x**2`` and a free buffer of the same shape."""
+    scratch = x * x
+    d = _window_sum_into(torch.empty_like(x), scratch, win)
+    return d.mul_(win.c).add_(win.k), scratch
+
+
+def _neg_power_(d: Tensor, beta: float, scratch: Tensor) -> Tensor:
+    """``d ** -beta`` in place (``scratch`` is clobbered), with the common exponents specialised."""
+    if beta == 0.75:  # d**-0.75 = rsqrt(d) * sqrt(rsqrt(d))
+        d.rsqrt_()
+        return d.mul_(torch.sqrt(d, out=scratch))
+    if beta == 0.5:
+        return d.rsqrt_()
+    if beta == 1.0:
+        return d.reciprocal_()
+    return d.pow_(-beta)
+
+
+def _fast_forward(x: Tensor, win: Window) -> Tensor:
+    d, scratch = _denominator_fast(x, win)
+    return _neg_power_(d, win.beta, scratch).mul_(x)
+
+
+def _fast_backward(g: Tensor, x: Tensor, win: Window) -> Tensor:
+    d, scratch = _denominator_fast(x, win)
+    z = torch.mul(g, x, out=scratch).div_(d)  # g x / d ...
+    p = _neg_power_(d, win.beta, torch.empty_like(x))  # d ** -beta (d is consumed)
+    z.mul_(p)  # ... * d ** -beta
+    zsum = _window_sum_into(torch.empty_like(x), z, win.reflected())
+    return p.mul_(g).add_(zsum.mul_(x), alpha=-2 * win.c * win.beta)
+
+
+def _robust_denominator(x: Tensor, win: Window):
+    """``d = k + c * sum_W x**2`` as ``4**h * u`` (``u`` in about [1/4, 4 n c + 4]), plus ``x``'s pair."""
+    ct = x.dtype
+    xm, xe = _split(x)
+    sq_p = torch.where(xm == 0, torch.full_like(xe, _NO_EXPONENT), 2 * xe)
+    s_m, s_p = _pair_window_sum(xm * xm, sq_p, win)  # sum x**2 = s_m * 2**s_p, s_m in [1/4, n]
+    cs = s_m * win.c
+    k_m, k_q = math.frexp(win.k)
+    h_k = math.floor((k_q - 1) / 2) if win.k > 0 else -math.inf
+    h_s = torch.where(cs > 0, torch.floor((s_p + torch.log2(cs.detach().clamp_min(torch.finfo(ct).tiny))) / 2),
+                      torch.full_like(s_p, -math.inf))
+    h = torch.clamp(h_s, min=h_k)
+    h = torch.where(torch.isinf(h), torch.zeros_like(h), h)  # zero window and k = 0: d = 0
+    u = mul_pow2(cs, s_p - 2 * h) + mul_pow2(torch.full_like(cs, k_m), k_q - 2 * h)
+    return u, h, xm, xe
+
+
+def _robust_forward(x: Tensor, win: Window) -> Tensor:
+    u, h, xm, xe = _robust_denominator(x, win)
+    dm, dp = _power_pair(u, h, -win.beta, x.dtype)
+    y = mul_pow2(xm * dm, xe + dp)
+    return torch.where(u == 0, torch.zeros_like(y), y)
+
+
+def _robust_backward(g: Tensor, x: Tensor, win: Window) -> Tensor:
+    u, h, xm, xe = _robust_denominator(x, win)
+    gm, ge = _split(g)
+    dm, dp = _power_pair(u, h, -win.beta, x.dtype)  # d**-beta
+    em, ep = _power_pair(u, h, -win.beta - 1, x.dtype)  # d**(-beta-1)
+    zm = gm * xm * em
+    zp = torch.where(zm == 0, torch.full_like(ep, _NO_EXPONENT), ge + xe + ep)
+    sm, sp = _pair_window_sum(zm, zp, win.reflected())
+    # dx = g d**-beta - 2 c beta x S, both terms as pairs brought to the larger exponent
+    am, ap = gm * dm, ge + dp
+    bm, bp = (2 * win.c * win.beta) * xm * sm, xe + sp
+    ap = torch.where(am == 0, torch.full_like(ap, _NO_EXPONENT), ap)
+    bp = torch.where(bm == 0, torch.full_like(bp, _NO_EXPONENT), bp)
+    top = torch.maximum(ap, bp)
+    dx = mul_pow2(mul_pow2(am, ap - top) - mul_pow2(bm, bp - top), top)
+    return torch.where(u == 0, g * 0, dx)
+
+
+def lrn_forward(x: Tensor, win: Window) -> Tensor:
+    """``y = x * (k + c * sum_W x**2) ** -beta`` in the compute dtype of ``x`` (which it must already be)."""
+    return _fast_forward(x, win) if _fast_ok(x, win) else _robust_forward(x, win)
+
+
+def lrn_backward(g: Tensor, x: Tensor, win: Window) -> Tensor:
+    """``dx`` given ``g = dL/dy`` (compute dtype). While a graph is being built (double backward) the
+    robust path runs: it is written out of place, in differentiable ops."""
+    if not torch.is_grad_enabled() and _fast_ok(x, win) and g.detach().abs().amax().item() <= 2.0**40 and x.detach().abs().amax().item() <= 2.0**20:
+        return _fast_backward(g, x, win)
+    return _robust_backward(g, x, win)
+
+
+class LocalResponseNormFunction(torch.autograd.Function):
+    """``y = lrn(x)`` with the hand-written backward above. When a graph is being built, backward runs in
+    differentiable ops (the exponents are detached constants), so double backward is exact."""
+
+    @staticmethod
+    def forward(x: Tensor, win: Window) -> Tensor:
+        return lrn_forward(x.to(compute_dtype(x.dtype)), win).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.win = inputs[1]
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        ct = compute_dtype(x.dtype)
+        return lrn_backward(dy.to(ct), x.to(ct), ctx.win).to(x.dtype), None
+
+
+def _apply(input: Tensor, win: Window) -> Tensor:
+    if input.numel() == 0:
+        return input.clone()
+    return LocalResponseNormFunction.apply(input, win)
+
+
+def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
+    """``torch.nn.functional.local_response_norm``: same signature and semantics (channels on dim 1)."""
+    win = make_window("local_response_norm", input, size, alpha, beta, k, "torch", "across_channels", 1)
+    return _apply(input, win)
+
+
+def lrn(input, size, alpha=1e-4, beta=0.75, k=1.0, *, convention="torch", region="across_channels", channel_dim=1):
+    """Local response normalization in the ``convention`` of torch, ONNX, Caffe or TensorFlow (see the
+    module docstring for the windows and constants); ``region="within_channel"`` is Caffe's spatial form."""
+    win = make_window("lrn", input, size, alpha, beta, k, convention, region, channel_dim)
+    return _apply(input, win)
+
+
+def tf_local_response_normalization(input, depth_radius=None, bias=1.0, alpha=1.0, beta=0.5, *, size=None):
+    """TensorFlow's ``tf.nn.local_response_normalization``: channels last, window ``2 * depth_radius + 1``,
+    ``alpha`` not divided by the window size. ``size=2r+1`` may be given instead of ``depth_radius``."""
+    op = "tf_local_response_normalization"
+    if depth_radius is not None and size is not None:
+        raise ValueError(f"{op}: pass depth_radius or size (= 2 * depth_radius + 1), not both")
+    if size is None:
+        r = 5 if depth_radius is None else depth_radius
+        if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r < 0:
+            raise ValueError(f"{op}: depth_radius must be a non-negative integer, got {r!r}")
+        size = 2 * r + 1
+    win = make_window(op, input, size, alpha, beta, bias, "tf", "across_channels", -1)
+    return _apply(input, win)

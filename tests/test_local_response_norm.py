@@ -1,0 +1,214 @@
+"""Local response normalization: torch parity, every convention against an explicit-loop long-double
+oracle, ONNX's node cases, ONNX Runtime, gradients, robustness at every magnitude, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normkit.functional as nf
+import oracle
+from conftest import DTYPES, PARITY_TOL, assert_rel_close
+from normkit.ops import local_response_norm as L
+
+SIZES = range(1, 10)
+
+
+def run(f, x, dy):
+    xg = x.detach().clone().requires_grad_()
+    y = f(xg)
+    (dx,) = torch.autograd.grad(y, xg, dy)
+    return {"y": y.detach(), "dx": dx}
+
+
+def windows(convention, size):
+    lo, hi = {"torch": (size // 2, (size - 1) // 2), "onnx": ((size - 1) // 2, size // 2)}.get(
+        convention, ((size - 1) // 2, (size - 1) // 2))
+    return lo, hi
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(2, 7, 5), (2, 7, 4, 3), (1, 3, 2, 3, 2), (2, 96, 5, 5)])
+def test_parity_with_torch(shape, dtype):
+    """Every size, including even sizes and sizes larger than the channel count, every rank."""
+    for size in list(SIZES) + [12]:
+        x = torch.randn(shape, dtype=dtype) * 3
+        dy = torch.randn(shape, dtype=dtype)
+        got = run(lambda t: nf.local_response_norm(t, size, 1e-2, 0.75, 1.0), x, dy)
+        ref = run(lambda t: F.local_response_norm(t, size, 1e-2, 0.75, 1.0), x, dy)
+        for key in ref:
+            assert_rel_close(got[key], ref[key], dtype, f"size {size} {shape}: {key}", rel=PARITY_TOL[dtype])
+
+
+def test_parity_channels_last_and_strided():
+    x = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    assert_rel_close(nf.local_response_norm(x, 3), F.local_response_norm(x, 3), torch.float32)
+    xs = torch.randn(2, 8, 5, 12)[..., ::2]
+    assert_rel_close(nf.local_response_norm(xs, 4), F.local_response_norm(xs, 4), torch.float32)
+
+
+CONVENTIONS = [("torch", s) for s in SIZES] + [("onnx", s) for s in SIZES] + [("caffe", s) for s in (1, 3, 5, 7, 9)] + [("tf", s) for s in (1, 3, 5, 11)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("convention,size", CONVENTIONS)
+def test_conventions_against_oracle(convention, size, dtype):
+    x = (torch.randn(2, 7, 4, 3, dtype=torch.float64) * 4).to(dtype)
+    dy = torch.randn(2, 7, 4, 3, dtype=torch.float64).to(dtype)
+    alpha, beta, k = 0.3, 0.65, 0.7
+    lo, hi = windows(convention, size)
+    c = alpha if convention == "tf" else alpha / size
+    ref = oracle.lrn(oracle.ld(x), (1,), lo, hi, c, k, beta, oracle.ld(dy))
+    got = run(lambda t: nf.lrn(t, size, alpha, beta, k, convention=convention), x, dy)
+    for key in ref:
+        assert_rel_close(got[key], ref[key], dtype, f"{convention} size {size}: {key}")
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_caffe_within_channel_against_oracle(size):
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64) * 2
+    dy = torch.randn_like(x)
+    ref = oracle.lrn(oracle.ld(x), (2, 3), (size - 1) // 2, (size - 1) // 2, 0.4 / size**2, 1.0, 0.75, oracle.ld(dy))
+    # k is ignored by Caffe's within-channel form: any k gives the same answer
+    got = run(lambda t: nf.lrn(t, size, 0.4, 0.75, k=5.0, convention="caffe", region="within_channel"), x, dy)
+    for key in ref:
+        assert_rel_close(got[key], ref[key], torch.float64, key)
+
+
+def test_tf_form_is_channels_last_with_undivided_alpha():
+    x = torch.randn(2, 4, 5, 9, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    ref = oracle.lrn(oracle.ld(x), (3,), 2, 2, 0.3, 1.5, 0.5, oracle.ld(dy))
+    got = run(lambda t: nf.tf_local_response_normalization(t, depth_radius=2, bias=1.5, alpha=0.3, beta=0.5), x, dy)
+    for key in ref:
+        assert_rel_close(got[key], ref[key], torch.float64, key)
+    same = nf.tf_local_response_normalization(x, size=5, bias=1.5, alpha=0.3, beta=0.5)
+    assert torch.equal(same, got["y"])
+    defaults = oracle.lrn(oracle.ld(x), (3,), 5, 5, 1.0, 1.0, 0.5)  # TF's defaults: r=5, bias=1, alpha=1, beta=0.5
+    assert_rel_close(nf.tf_local_response_normalization(x), defaults["y"], torch.float64)
+
+
+@pytest.mark.parametrize("convention", ["torch", "onnx", "caffe", "tf"])
+def test_gradcheck_and_gradgradcheck(convention):
+    x = torch.randn(2, 5, 3, 2, dtype=torch.float64, requires_grad=True)
+    for size, k in ((3, 0.5), (5, 0.0)):  # k = 0 takes the robust path
+        f = lambda t: nf.lrn(t, size, 0.8, 0.6, k, convention=convention)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x,))
+        assert torch.autograd.gradgradcheck(f, (x,))
+    f = lambda t: nf.lrn(t, 3, 0.8, 0.75, convention="caffe", region="within_channel")  # noqa: E731
+    if convention == "caffe":
+        assert torch.autograd.gradcheck(f, (x,)) and torch.autograd.gradgradcheck(f, (x,))
+
+
+def test_fast_and_robust_paths_agree():
+    """The plain formula (taken when nothing can overflow) and the robust decomposition are one function."""
+    x = torch.randn(2, 9, 4, 4, dtype=torch.float64) * 5
+    g = torch.randn_like(x)
+    for size in SIZES:
+        win = L.make_window("t", x, size, 0.3, 0.75, 1.2, "onnx", "across_channels", 1)
+        assert L._fast_ok(x, win)
+        assert_rel_close(L._robust_forward(x, win), L._fast_forward(x, win), torch.float64, "forward")
+        assert_rel_close(L._robust_backward(g, x, win), L._fast_backward(g, x, win), torch.float64, "backward")
+
+
+# ----------------------------------------------------------------------------------- robustness
+TOPS = {torch.float32: [1e-30, 1.0, 1e19, 1e20, 1e30, 3e38], torch.float64: [1e-300, 1.0, 1e150, 1e300],
+        torch.float16: [1e-4, 1.0, 300.0, 6.5e4], torch.bfloat16: [1e-30, 1.0, 1e20, 1e38]}
+
+
+@pytest.mark.skipif(not oracle.EXTENDED, reason="the oracle needs x86-64 80-bit long double")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_robust_at_every_magnitude(dtype):
+    """Finite and within tolerance for every magnitude the dtype holds, sizes 1..9, k = 0 included, and
+    a tensor mixing 1e-30-scale and top-of-range channels (each window scaled on its own)."""
+    for mag in TOPS[dtype]:
+        for size in (1, 2, 5, 9):
+            for k in (0.0, 1.0):
+                x = ((torch.rand(2, 6, 3, 3, dtype=torch.float64) * 2 - 1) * mag).to(dtype)
+                dy = torch.randn(2, 6, 3, 3, dtype=torch.float64).to(dtype)
+                lo, hi = windows("torch", size)
+                ref = oracle.lrn(oracle.ld(x), (1,), lo, hi, 1e-4 / size, k, 0.75, oracle.ld(dy))
+                got = run(lambda t: nf.local_response_norm(t, size, 1e-4, 0.75, k), x, dy)
+                for key in ref:
+                    assert_rel_close(got[key], ref[key], dtype, f"magnitude {mag:g} size {size} k {k}: {key}")
+    lo_mag, hi_mag = TOPS[dtype][0], TOPS[dtype][-1]
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    x[:, :3] *= hi_mag / 4
+    x[:, 5:] *= lo_mag
+    x = x.to(dtype)
+    ref = oracle.lrn(oracle.ld(x), (1,), 1, 1, 1e-4 / 3, 0.0, 0.75)
+    assert_rel_close(nf.local_response_norm(x, 3, 1e-4, 0.75, 0.0), ref["y"], dtype, "mixed magnitudes, k=0")
+
+
+def test_torch_is_wrong_where_normkit_is_not():
+    """Measured torch 2.13 failures: float32 at 1e20, and half precision refused for 4-D input."""
+    x = torch.randn(2, 6, 3, 3) * 1e20
+    ref = oracle.lrn(oracle.ld(x), (1,), 2, 2, 1e-4 / 5, 1.0, 0.75)["y"]
+    with pytest.raises(AssertionError):
+        assert_rel_close(F.local_response_norm(x, 5), ref, torch.float32)
+    assert_rel_close(nf.local_response_norm(x, 5), ref, torch.float32)
+    with pytest.raises(RuntimeError, match="not implemented for 'Half'"):
+        F.local_response_norm(x.half(), 5)
+    assert nf.local_response_norm(torch.randn(2, 6, 3, 3).half(), 5).dtype == torch.float16
+
+
+# ------------------------------------------------------------------------------------- ONNX
+def test_onnx_lrn_node_cases():
+    from test_conformance import _all_onnx_cases, _attrs
+
+    cases = [c for c in _all_onnx_cases() if c.model.graph.node[0].op_type == "LRN" and not c.name.endswith("_expanded")]
+    assert cases, "onnx ships no LRN node cases"
+    for case in cases:
+        a = _attrs(case)
+        for inputs, outputs in case.data_sets:
+            x = torch.from_numpy(np.asarray(inputs[0], dtype=np.float64))
+            y = nf.lrn(x, a["size"], a.get("alpha", 1e-4), a.get("beta", 0.75), a.get("bias", 1.0), convention="onnx")
+            assert_rel_close(y, outputs[0].astype(np.float64), torch.float32, case.name)
+
+
+@pytest.mark.parametrize("size", [1, 3, 5, 7])
+def test_onnx_runtime_lrn(size):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("LRN", ["x"], ["y"], size=size, alpha=0.02, beta=0.7, bias=1.3)
+    graph = helper.make_graph([node], "lrn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 9, 4, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 9, 4, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)  # ORT reads <= 13
+    onnx.checker.check_model(model)
+    x = (np.random.randn(2, 9, 4, 5) * 3).astype(np.float32)
+    (y_ort,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    y = nf.lrn(torch.from_numpy(x), size, 0.02, 0.7, 1.3, convention="onnx")
+    assert_rel_close(y, y_ort.astype(np.float64), torch.float32, f"size {size}", rel=PARITY_TOL[torch.float32])
+
+
+# ------------------------------------------------------------------------------------- errors
+x4 = torch.randn(2, 6, 3, 3)
+BAD = [
+    ("size 0", lambda: nf.local_response_norm(x4, 0), ValueError, "size must be a positive integer"),
+    ("non-integer size", lambda: nf.local_response_norm(x4, 2.5), TypeError, "size must be a positive integer"),
+    ("2-D input", lambda: nf.local_response_norm(torch.randn(2, 6), 3), ValueError, r"3D or higher.*got 2"),
+    ("even caffe", lambda: nf.lrn(x4, 4, convention="caffe"), ValueError, "odd size"),
+    ("even tf", lambda: nf.lrn(x4, 4, convention="tf"), ValueError, "odd size"),
+    ("negative k", lambda: nf.local_response_norm(x4, 3, k=-1.0), ValueError, "k must be >= 0"),
+    ("unknown convention", lambda: nf.lrn(x4, 3, convention="mxnet"), ValueError, "torch, onnx, caffe, tf"),
+    ("unknown region", lambda: nf.lrn(x4, 3, convention="caffe", region="spatial"), ValueError, "across_channels, within_channel"),
+    ("within_channel not caffe", lambda: nf.lrn(x4, 3, region="within_channel"), ValueError, "convention='caffe'"),
+    ("within_channel 3-D", lambda: nf.lrn(torch.randn(2, 3, 4), 3, convention="caffe", region="within_channel"), ValueError, "4D input"),
+    ("both size and depth_radius", lambda: nf.tf_local_response_normalization(x4, depth_radius=2, size=5), ValueError, "not both"),
+    ("integer input", lambda: nf.local_response_norm(torch.ones(2, 3, 4, dtype=torch.int32), 3), TypeError, "floating-point"),
+    ("nan alpha", lambda: nf.local_response_norm(x4, 3, alpha=float("nan")), ValueError, "alpha must be a finite"),
+]
+
+
+@pytest.mark.parametrize("what,call,exc,pattern", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(what, call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_empty_input():
+    assert nf.local_response_norm(torch.randn(0, 4, 3), 3).shape == (0, 4, 3)
