@@ -212,3 +212,55 @@ def test_bad_input(what, call, exc, pattern):
 
 def test_empty_input():
     assert nf.local_response_norm(torch.randn(0, 4, 3), 3).shape == (0, 4, 3)
+
+
+@pytest.mark.parametrize("k", [1.0, 0.0], ids=["fast path", "robust path"])
+def test_no_pooling_kernel_and_no_float64(k):
+    """No torch pooling/LRN kernel runs, and a float32 input never makes a float64 tensor."""
+    from test_functional import FORBIDDEN, RecordOps
+
+    x = torch.randn(2, 6, 3, 3, requires_grad=True)
+    with RecordOps() as rec:
+        y = nf.local_response_norm(x, 3, 1e-2, 0.75, k)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        gx.sum().backward()
+    used = sorted(n for n in rec.seen if any(f in n for f in FORBIDDEN))
+    assert not used, used
+    assert torch.float64 not in rec.dtypes
+
+
+# ------------------------------------------------------------------------------ native kernel
+needs_compiler = pytest.mark.skipif(__import__("shutil").which("c++") is None,
+                                    reason="no C++ compiler: the native kernel cannot be built (the eager path is tested above)")
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("beta", [0.75, 0.5, 1.0, 0.6])
+def test_native_kernel_matches_torch_and_eager(dtype, beta):
+    """The fused CPU kernel (large contiguous inputs) is built here, and agrees with torch and with both
+    eager paths, forward and backward, for every specialised beta and odd, even and oversized windows."""
+    from normkit import _native
+
+    assert _native.load("lrn_kernel") is not None, _native.status()
+    x = (torch.randn(3, 17, 40, 41, dtype=torch.float64) * 3).to(dtype)
+    assert x.numel() >= L.NATIVE_MIN_NUMEL
+    g = torch.randn_like(x)
+    for size in (1, 4, 5, 20):
+        win = L.make_window("t", x, size, 0.02, beta, 1.5, "torch", "across_channels", 1)
+        got = run(lambda t: nf.local_response_norm(t, size, 0.02, beta, 1.5), x, g)
+        ref = run(lambda t: F.local_response_norm(t, size, 0.02, beta, 1.5), x, g)
+        for key in ref:
+            assert_rel_close(got[key], ref[key], dtype, f"size {size}: {key}", rel=PARITY_TOL[dtype])
+        with torch.no_grad():
+            assert_rel_close(got["y"], L._fast_forward(x, win), dtype, "vs eager forward")
+            assert_rel_close(got["dx"], L._robust_backward(g, x, win), dtype, "vs robust backward")
+
+
+def test_native_kernel_can_be_disabled(monkeypatch):
+    from normkit import _native
+
+    monkeypatch.setenv("NORMKIT_NATIVE", "0")
+    assert _native.load("lrn_kernel") is None
+    x = torch.randn(3, 17, 40, 41)
+    assert_rel_close(nf.local_response_norm(x, 5), F.local_response_norm(x, 5), torch.float32, rel=PARITY_TOL[torch.float32])

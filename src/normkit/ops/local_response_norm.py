@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, _native
 from .._stats import compute_dtype, mul_pow2
 
 CONVENTIONS = ("torch", "onnx", "caffe", "tf")
@@ -162,11 +162,17 @@ def _power_pair(u: Tensor, h: Tensor, power: float, ct) -> tuple[Tensor, Tensor]
 
 
 # ------------------------------------------------------------------------------------ the two paths
-def _fast_ok(x: Tensor, win: Window) -> bool:
+def _max_abs(t: Tensor) -> float:
+    lo, hi = torch.aminmax(t.detach())  # one pass, no temporary (unlike t.abs().amax())
+    return max(-lo.item(), hi.item())
+
+
+def _fast_ok(x: Tensor, win: Window, x_limit: float = math.inf) -> bool:
+    """True when the plain formula cannot over- or underflow (the bounds in the module docstring)."""
     if not (win.k >= 2.0**-40 and 0.0 <= win.beta <= 1.25 and x.numel()):
         return False
-    amax = x.detach().abs().amax().item()
-    return math.isfinite(amax) and win.c * win.count * amax * amax <= 2.0**100
+    amax = _max_abs(x)
+    return amax <= x_limit and win.c * win.count * amax * amax <= 2.0**100
 
 
 def _neg_power(d: Tensor, beta: float) -> Tensor:
@@ -273,17 +279,39 @@ def _robust_backward(g: Tensor, x: Tensor, win: Window) -> Tensor:
     return torch.where(u == 0, g * 0, dx)
 
 
+NATIVE_MIN_NUMEL = 1 << 16  # below this the eager path is as fast and needs no build
+
+
+def _native_layout(x: Tensor, win: Window):
+    """``(kernel, x as a contiguous (N, C, S) view)`` when the fused CPU kernel applies, else None."""
+    if x.device.type != "cpu" or x.numel() < NATIVE_MIN_NUMEL or win.dims != (1,) or not x.is_contiguous():
+        return None
+    kernel = _native.load("lrn_kernel")
+    return None if kernel is None else (kernel, x.view(x.shape[0], x.shape[1], -1))
+
+
 def lrn_forward(x: Tensor, win: Window) -> Tensor:
     """``y = x * (k + c * sum_W x**2) ** -beta`` in the compute dtype of ``x`` (which it must already be)."""
-    return _fast_forward(x, win) if _fast_ok(x, win) else _robust_forward(x, win)
+    if not _fast_ok(x, win):
+        return _robust_forward(x, win)
+    native = _native_layout(x, win)
+    if native is not None:
+        kernel, x3 = native
+        return kernel.lrn_forward(x3, win.lo, win.hi, win.c, win.k, win.beta).view(x.shape)
+    return _fast_forward(x, win)
 
 
 def lrn_backward(g: Tensor, x: Tensor, win: Window) -> Tensor:
     """``dx`` given ``g = dL/dy`` (compute dtype). While a graph is being built (double backward) the
     robust path runs: it is written out of place, in differentiable ops."""
-    if not torch.is_grad_enabled() and _fast_ok(x, win) and g.detach().abs().amax().item() <= 2.0**40 and x.detach().abs().amax().item() <= 2.0**20:
-        return _fast_backward(g, x, win)
-    return _robust_backward(g, x, win)
+    fast = not torch.is_grad_enabled() and _fast_ok(x, win, x_limit=2.0**20) and _max_abs(g) <= 2.0**40
+    if not fast:
+        return _robust_backward(g, x, win)
+    native = _native_layout(x, win)
+    if native is not None:
+        kernel, x3 = native
+        return kernel.lrn_backward(g.contiguous().view(x3.shape), x3, win.lo, win.hi, win.c, win.k, win.beta).view(x.shape)
+    return _fast_backward(g, x, win)
 
 
 class LocalResponseNormFunction(torch.autograd.Function):
