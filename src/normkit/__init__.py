@@ -1,8 +1,9 @@
 """normkit: hand-written, numerically robust normalization operators for PyTorch."""
 
-from . import functional
+from . import functional, nn
 from ._stats import Moments, merge_moments, moments
+from .convert import convert, fold_batchnorm, revert
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "Moments", "merge_moments", "moments", "__version__"]
+__all__ = ["functional", "nn", "convert", "revert", "fold_batchnorm", "Moments", "merge_moments", "moments", "__version__"]
