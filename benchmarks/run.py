@@ -70,6 +70,16 @@ def copy_bandwidth(nbytes, repeat):
     return 2 * nbytes / (ms / 1e3)  # bytes read + written per second
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -92,7 +102,7 @@ def main():
                          "speedup": round(t / n, 2), "normkit_x_floor": round(n / floor_ms, 1)})
             print(f"{name:<40}{mode:<9} torch {t:8.1f} ms  normkit {n:8.1f} ms  speedup {t / n:5.2f}x  "
                   f"({n / floor_ms:4.1f}x the traffic floor)", flush=True)
-    out = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
+    out = {"machine": cpu_name(), "threads": args.threads, "torch": torch.__version__,
            "normkit": normkit.__version__, "rows": rows}
     path = Path(__file__).parent / "results" / "latest.json"
     path.parent.mkdir(exist_ok=True)
