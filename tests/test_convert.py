@@ -10,6 +10,7 @@ from torch import nn
 
 import normkit
 import normkit.nn as nnk
+from normkit.convert import TWINS
 from conftest import PARITY_TOL, assert_rel_close
 
 
@@ -60,7 +61,7 @@ def test_convert_then_revert_keeps_everything():
     for (name, a), (_, b) in zip(model.named_modules(), converted.named_modules()):
         assert a.training == b.training, name
         if name in swapped:
-            assert type(b).__module__.startswith("normkit.nn") and isinstance(b, next(c for c in type(a).__mro__ if c in normkit.convert.__globals__["TWINS"]))
+            assert type(b).__module__.startswith("normkit.nn") and isinstance(b, next(c for c in type(a).__mro__ if c in TWINS))
     assert not converted.ln.weight.requires_grad
     for (na, pa), (nb, pb) in zip(model.state_dict().items(), converted.state_dict().items()):
         assert na == nb and torch.equal(pa, pb) and pa.dtype == pb.dtype
@@ -192,3 +193,13 @@ def test_fold_untraceable_model_folds_sequential_pairs_and_reports_the_rest():
     folded, report = check_fold(model, torch.randn(2, 2, 4, 4), expect_left=1)
     assert isinstance(folded.body[1], nn.Identity) and isinstance(folded.bn, nn.BatchNorm2d)
     assert "not traceable" in next(s.after for s in report if s.name == "bn")
+
+
+def test_convert_keeps_dtype_device_and_hooks():
+    calls = []
+    bn = nn.BatchNorm2d(3).double()
+    bn.register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    converted = normkit.convert(nn.Sequential(bn))
+    assert converted[0].weight.dtype == torch.float64 and converted[0].running_mean.device.type == "cpu"
+    converted(torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    assert calls == ["BatchNorm2d"] and isinstance(converted[0], nnk.BatchNorm2d)

@@ -264,3 +264,16 @@ def test_native_kernel_can_be_disabled(monkeypatch):
     assert _native.load("lrn_kernel") is None
     x = torch.randn(3, 17, 40, 41)
     assert_rel_close(nf.local_response_norm(x, 5), F.local_response_norm(x, 5), torch.float32, rel=PARITY_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_parity_with_torch_in_half_precision_on_3d_input(dtype):
+    """torch supports half LRN for 3-D input on CPU (not 4-D and up): where it does, normkit agrees."""
+    x = (torch.randn(2, 9, 7, dtype=torch.float64) * 3).to(dtype)
+    dy = torch.randn(2, 9, 7, dtype=torch.float64).to(dtype)
+    for size in SIZES:
+        got = run(lambda t: nf.local_response_norm(t, size, 1e-1, 0.75, 1.0), x, dy)
+        ref = run(lambda t: F.local_response_norm(t, size, 1e-1, 0.75, 1.0), x, dy)
+        for key in ref:
+            assert got[key].dtype == dtype
+            assert_rel_close(got[key], ref[key], dtype, f"size {size}: {key}", rel=PARITY_TOL[dtype])

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
+import sysconfig
 import threading
 import warnings
 from pathlib import Path
@@ -29,6 +31,9 @@ def load(name: str):
             return _cache.get(name)
         try:
             from torch.utils.cpp_extension import load_inline
+
+            if shutil.which("ninja") is None:  # the pip-installed ninja sits beside this interpreter's scripts
+                os.environ["PATH"] = sysconfig.get_path("scripts") + os.pathsep + os.environ.get("PATH", "")
 
             source = (Path(__file__).parent / "ops" / f"{name}.cpp").read_text()
             functions = [line.split("(")[0].split()[-1] for line in source.splitlines()

@@ -30,6 +30,14 @@ def reference(x: torch.Tensor, dims, eps: float, center: bool = True) -> torch.T
     return c / torch.sqrt((c * c).mean(dim=dims, keepdim=True) + eps)
 
 
+def lrn_reference(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+    """torch's LRN convention in float64: window ``[c - size//2, c + (size-1)//2]``, ``alpha / size``."""
+    x = x.double()
+    sq = torch.nn.functional.pad(x * x, (0, 0) * (x.dim() - 2) + (size // 2, (size - 1) // 2))
+    window = sum(sq.narrow(1, o, x.shape[1]) for o in range(size))
+    return x / (k + alpha / size * window) ** beta
+
+
 def _grouped_reference(x, groups, eps):
     return reference(x.reshape(x.shape[0], groups, -1), (2,), eps).reshape(x.shape)
 
@@ -51,6 +59,8 @@ OPS = [
     Op("group_norm", lambda x: F.group_norm(x, 4), lambda x: nf.group_norm(x, 4), lambda x: _grouped_reference(x, 4, 1e-5)),
     Op("rms_norm", lambda x: F.rms_norm(x, x.shape[-2:], eps=1e-6), lambda x: nf.rms_norm(x, x.shape[-2:], eps=1e-6),
        lambda x: reference(x, (2, 3), 1e-6, center=False)),
+    Op("local_response_norm", lambda x: F.local_response_norm(x, 5, 1e-4, 0.75, 2.0),
+       lambda x: nf.local_response_norm(x, 5, 1e-4, 0.75, 2.0), lambda x: lrn_reference(x, 5, 1e-4, 0.75, 2.0)),
 ]
 
 # (label, dtype, input maker): the failure modes of NUMERICS.md, plus a benign baseline per dtype
@@ -131,10 +141,10 @@ def report(rows: list[Row]) -> str:
         f"normkit check: torch {torch.__version__} vs normkit, forward, error = max|out - ref| / max|ref| "
         f"against a float64 reference",
         "",
-        f"{'op':<14}{'dtype':<10}{'input':<22}{'torch':>16}{'normkit':>16}",
+        f"{'op':<20}{'dtype':<10}{'input':<22}{'torch':>16}{'normkit':>16}",
     ]
     for r in rows:
-        lines.append(f"{r.op:<14}{r.dtype:<10}{r.input:<22}{_fmt(r.torch_error, r.torch_ok):>16}{_fmt(r.normkit_error, r.normkit_ok):>16}")
+        lines.append(f"{r.op:<20}{r.dtype:<10}{r.input:<22}{_fmt(r.torch_error, r.torch_ok):>16}{_fmt(r.normkit_error, r.normkit_ok):>16}")
     torch_fail = sum(not r.torch_ok for r in rows)
     nk_fail = sum(not r.normkit_ok for r in rows)
     lines += ["", f"torch fails {torch_fail} of {len(rows)} cases; normkit fails {nk_fail}."]

@@ -122,13 +122,6 @@ def _shift(t: Tensor, dim: int, offset: int, fill: float = 0.0) -> Tensor:
     return torch.cat([pad, t.narrow(dim, 0, n + offset)], dim)
 
 
-def window_sum(t: Tensor, win: Window) -> Tensor:
-    """``sum_{j in W(i)} t_j`` (separable over the window's dims; zero padding)."""
-    for dim in win.dims:
-        t = sum(_shift(t, dim, o) for o in range(-win.lo, win.hi + 1))
-    return t
-
-
 def _pair_window_sum(m: Tensor, p: Tensor, win: Window) -> tuple[Tensor, Tensor]:
     """``sum_{j in W(i)} m_j * 2**p_j`` as a pair ``(M, P)``: each term is aligned to the window's largest
     exponent ``P`` before adding, so nothing over- or underflows that matters."""
@@ -173,18 +166,6 @@ def _fast_ok(x: Tensor, win: Window, x_limit: float = math.inf) -> bool:
         return False
     amax = _max_abs(x)
     return amax <= x_limit and win.c * win.count * amax * amax <= 2.0**100
-
-
-def _neg_power(d: Tensor, beta: float) -> Tensor:
-    """``d ** -beta`` with the common exponents done by cheaper, exact-to-rounding ops."""
-    if beta == 0.75:
-        r = torch.rsqrt(d)
-        return r * torch.sqrt(r)
-    if beta == 0.5:
-        return torch.rsqrt(d)
-    if beta == 1.0:
-        return torch.reciprocal(d)
-    return torch.pow(d, -beta)
 
 
 def _window_sum_into(out: Tensor, t: Tensor, win: Window) -> Tensor:
