@@ -277,3 +277,17 @@ def test_parity_with_torch_in_half_precision_on_3d_input(dtype):
         for key in ref:
             assert got[key].dtype == dtype
             assert_rel_close(got[key], ref[key], dtype, f"size {size}: {key}", rel=PARITY_TOL[dtype])
+
+
+@pytest.mark.skipif(not oracle.EXTENDED, reason="the oracle needs x86-64 80-bit long double")
+@pytest.mark.parametrize("dtype,mag", [(torch.float32, 1e30), (torch.float32, 1e-30), (torch.bfloat16, 1e38)], ids=str)
+def test_caffe_within_channel_robust_path(dtype, mag):
+    """The robust path with a two-dimensional window (two separable exponent-aligned sums)."""
+    x = ((torch.rand(2, 3, 6, 5, dtype=torch.float64) * 2 - 1) * mag).to(dtype)
+    dy = torch.randn(2, 3, 6, 5, dtype=torch.float64).to(dtype)
+    win = L.make_window("t", x, 3, 0.4, 0.75, 1.0, "caffe", "within_channel", 1)
+    assert mag < 1 or not L._fast_ok(x.float(), win)
+    ref = oracle.lrn(oracle.ld(x), (2, 3), 1, 1, 0.4 / 9, 1.0, 0.75, oracle.ld(dy))
+    got = run(lambda t: nf.lrn(t, 3, 0.4, 0.75, convention="caffe", region="within_channel"), x, dy)
+    for key in ref:
+        assert_rel_close(got[key], ref[key], dtype, key)
