@@ -34,13 +34,16 @@ from torch import Tensor
 from .._stats import compute_dtype, normalize_with_stats, standardize, standardize_backward
 
 
-def _affine(x_hat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+def _output(x_hat: Tensor, weight: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``y = x_hat * weight + bias`` in ``dtype``; always a tensor of its own, never ``x_hat`` itself
+    (``x_hat`` is also returned, as a non-differentiable output, and the two must not alias)."""
     y = x_hat
     if weight is not None:
         y = y * weight.to(x_hat.dtype)
     if bias is not None:
         y = y + bias.to(x_hat.dtype)
-    return y
+    y = y.to(dtype)
+    return y.clone() if y is x_hat else y
 
 
 def _affine_grads(dy: Tensor, x_hat: Tensor, weight: Tensor | None, bias: Tensor | None, needs) -> tuple:
@@ -63,10 +66,7 @@ class StandardizeAffine(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims: Sequence[int], eps: float, center: bool):
         s = standardize(x.to(compute_dtype(x.dtype)), dims, eps, center)
-        y = _affine(s.x_hat, weight, bias).to(x.dtype)
-        if y is s.x_hat:  # no affine, no cast: y must be its own (differentiable) tensor
-            y = y.clone()
-        return y, s.x_hat, s.r, s.k, s.mean, s.var
+        return _output(s.x_hat, weight, bias, x.dtype), s.x_hat, s.r, s.k, s.mean, s.var
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -100,8 +100,7 @@ class StatsAffine(torch.autograd.Function):
     def forward(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
         ct = compute_dtype(x.dtype)
         x_hat, _ = normalize_with_stats(x.to(ct), mean.to(ct), var.to(ct), eps)
-        y = _affine(x_hat, weight, bias).to(x.dtype)
-        return (y.clone() if y is x_hat else y), x_hat
+        return _output(x_hat, weight, bias, x.dtype), x_hat
 
     @staticmethod
     def setup_context(ctx, inputs, output):
