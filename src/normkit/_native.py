@@ -53,12 +53,14 @@ def load(name: str):
 
 
 def _cpu_tag() -> str:
+    """A hash of the CPU's model name *and* instruction-set flags: two machines with the same model name
+    may expose different instruction sets (VMs mask some), and a -march=native build must not cross."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
-        model = next((line for line in info.splitlines() if line.startswith(("model name", "flags"))), "")
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        model = ""
-    return hashlib.sha1(f"{platform.machine()} {model}".encode()).hexdigest()[:10]
+        lines = []
+    described = [next((line for line in lines if line.startswith(key)), "") for key in ("model name", "flags")]
+    return hashlib.sha1(" ".join([platform.machine(), *described]).encode()).hexdigest()[:10]
 
 
 def status() -> dict[str, str]:
