@@ -207,6 +207,13 @@ def _build(node: ir.Node, g: sg.Builder, graph: ir.Graph):
     extra_used = [i for i, v in enumerate(node.outputs[1:], 1) if _used(v, graph)]
     eps = float(_attr(node, "epsilon", 1e-5))
 
+    if dom == PENDING and op == "LRN":
+        size = int(_attr(node, "size", 1))
+        return [sg.lrn(g, x, size, float(_attr(node, "alpha", 1e-4)) / size, float(_attr(node, "beta", 0.75)),
+                       float(_attr(node, "bias", 1.0)), int(_attr(node, "lo", 0)), int(_attr(node, "hi", 0)), dtype)]
+    if dom == PENDING and op == "RMSNormalization":
+        axes = _trailing_axes(int(_attr(node, "axis", -1)), rank)
+        return [sg.rms_norm(g, x, _opt(node, 1), axes, eps, dtype)]
     if dom == PENDING:
         axes = list(_attr(node, "axes", [-1]))
         if any(a >= 0 for a in axes):
@@ -282,7 +289,9 @@ def _harden_graph(graph: ir.Graph, opset: int, report: HardenReport) -> None:
         key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
         if key not in NATIVE_OPS and node.domain != PENDING:
             continue
-        label = "decomposed " + ("LayerNorm" if _attr(node, "center", 1) else "RMSNorm") if node.domain == PENDING else node.op_type
+        label = node.op_type
+        if node.domain == PENDING and node.op_type == "Norm":
+            label = "decomposed " + ("LayerNorm" if _attr(node, "center", 1) else "RMSNorm")
         g = sg.Builder(opset, prefix=f"normkit{idx}_{(node.name or node.op_type)}")
         outs = _build(node, g, graph)
         if isinstance(outs, str):
