@@ -111,6 +111,14 @@ def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
     opsets = [(o.domain or "", o.version) for o in model.opset_import if o.domain in ("", "ai.onnx", "ai.onnx.ml")]
     model.ir_version = max(8, min(onnx.helper.find_min_ir_version_for(
         [onnx.helper.make_opsetid(d, v) for d, v in opsets], ignore_unknown=True), 13))
+    if any(not o.type.tensor_type.HasField("shape") for o in model.graph.output):
+        try:  # the checker wants a shape on every graph output: infer the ones the source lacked
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception:
+            pass
+    keep = [v for v in model.graph.value_info if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)  # the checker wants a shape on every value_info entry
     onnx.checker.check_model(model)
     return model
 
@@ -224,12 +232,14 @@ def _build(node: ir.Node, g: sg.Builder, graph: ir.Graph):
             return [sg.layer_norm(g, x, None, None, axes, eps, dtype)]
         return [sg.rms_norm(g, x, None, axes, eps, dtype)]
     if op == "LayerNormalization":
-        if extra_used:
-            return "its Mean/InvStdDev outputs are used"
         axes = _trailing_axes(int(_attr(node, "axis", -1)), rank)
         if axes is None:
             return "non-negative axis on an input of unknown rank"
-        return [sg.layer_norm(g, x, _opt(node, 1), _opt(node, 2), axes, eps, dtype)]
+        if int(_attr(node, "stash_type", 1)) != ir.DataType.FLOAT and extra_used:
+            return "Mean/InvStdDev outputs in a stash_type other than float32"
+        stats = [] if extra_used else None
+        y = sg.layer_norm(g, x, _opt(node, 1), _opt(node, 2), axes, eps, dtype, stats)
+        return [y] + (stats or [])
     if op in ("RMSNormalization", "SimplifiedLayerNormalization"):
         if extra_used:
             return "its InvStdDev output is used"

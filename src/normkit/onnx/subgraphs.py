@@ -123,9 +123,10 @@ def _eps_parts(eps: float) -> tuple[float, int, float]:
     return m, q, h
 
 
-def _inv_std_scaled(g: Builder, c: ir.Value, a: ir.Value, e: ir.Value, eps: float) -> ir.Value:
+def _inv_std_scaled(g: Builder, c: ir.Value, a: ir.Value, e: ir.Value, eps: float, stats: list | None = None) -> ir.Value:
     """``x_hat = c * 2**e / sqrt(a * 4**e + eps)`` for centred scaled data ``c`` with mean square ``a``
-    (both in units of ``2**e``), as ``c * rsqrt(u) * 2**(e - h)`` (see :func:`normkit._stats.inv_std`)."""
+    (both in units of ``2**e``), as ``c * rsqrt(u) * 2**(e - h)`` (see :func:`normkit._stats.inv_std`).
+    When ``stats`` is a list, ``1 / sqrt(var + eps) = rsqrt(u) * 2**-h`` is appended to it."""
     eps_m, eps_q, h_eps = _eps_parts(eps)
     h = g.op("Add", e, g.floor_log2(a, half=True))  # -inf for a constant group
     if eps != 0:
@@ -135,14 +136,20 @@ def _inv_std_scaled(g: Builder, c: ir.Value, a: ir.Value, e: ir.Value, eps: floa
     u = g.mul_pow2(a, g.op("Mul", e_h, g.const(2.0)))
     if eps != 0:
         u = g.op("Add", u, g.mul_pow2(g.const(eps_m), g.op("Sub", g.const(float(eps_q)), g.op("Mul", h, g.const(2.0)))))
-    x_hat = g.mul_pow2(g.op("Div", c, g.op("Sqrt", u)), e_h)
+    r = g.op("Div", g.const(1.0), g.op("Sqrt", u))
+    if stats is not None:
+        stats.append(g.mul_pow2(r, g.op("Neg", h)))
+    x_hat = g.mul_pow2(g.op("Mul", c, r), e_h)
     if eps == 0:  # a constant group with eps = 0 is 0/0: normkit answers 0
         x_hat = g.op("Where", g.op("Equal", u, g.const(0.0)), g.const(0.0), x_hat)
     return x_hat
 
 
-def standardize(g: Builder, x: ir.Value, axes: Sequence[int], eps: float, center: bool = True) -> ir.Value:
-    """``(x - mean) / sqrt(var + eps)`` (or ``x / sqrt(mean(x**2) + eps)``) over ``axes``; float32 in and out."""
+def standardize(g: Builder, x: ir.Value, axes: Sequence[int], eps: float, center: bool = True,
+                stats: list | None = None) -> ir.Value:
+    """``(x - mean) / sqrt(var + eps)`` (or ``x / sqrt(mean(x**2) + eps)``) over ``axes``; float32 in and out.
+    When ``stats`` is a list (centred only), the group's mean and inverse standard deviation (keepdim
+    shape, float32) are appended to it, as LayerNormalization's optional outputs."""
     amax = g.reduce("ReduceMax", g.op("Abs", x), axes)
     e = g.exponent(amax)
     y = g.op("Mul", x, g.pow2(g.op("Neg", e)))  # exact: a power of two
@@ -150,11 +157,14 @@ def standardize(g: Builder, x: ir.Value, axes: Sequence[int], eps: float, center
         n = len(axes)
         pivot = g.op("Slice", y, g.ints([0] * n), g.ints([1] * n), g.ints(axes))
         d = g.op("Sub", y, pivot)  # exact near the pivot; a constant group gives 0
-        c = g.op("Sub", d, g.reduce("ReduceMean", d, axes))
+        mean_d = g.reduce("ReduceMean", d, axes)
+        c = g.op("Sub", d, mean_d)
+        if stats is not None:
+            stats.append(g.mul_pow2(g.op("Add", pivot, mean_d), e))
     else:
         c = y
     a = g.reduce("ReduceMean", g.op("Mul", c, c), axes)
-    return _inv_std_scaled(g, c, a, e, eps)
+    return _inv_std_scaled(g, c, a, e, eps, stats)
 
 
 def _affine(g: Builder, y: ir.Value, scale: ir.Value | None, bias: ir.Value | None, dtype) -> ir.Value:
@@ -166,9 +176,10 @@ def _affine(g: Builder, y: ir.Value, scale: ir.Value | None, bias: ir.Value | No
 
 
 # ---------------------------------------------------------------------------------------------- operators
-def layer_norm(g: Builder, x, scale, bias, axes: Sequence[int], eps: float, dtype) -> ir.Value:
-    """LayerNormalization over ``axes`` (negative, trailing): ``standardize(x) * scale + bias``."""
-    y = standardize(g, g.to_f32(x, dtype), axes, eps)
+def layer_norm(g: Builder, x, scale, bias, axes: Sequence[int], eps: float, dtype, stats: list | None = None) -> ir.Value:
+    """LayerNormalization over ``axes`` (negative, trailing): ``standardize(x) * scale + bias``
+    (``stats``: see :func:`standardize`)."""
+    y = standardize(g, g.to_f32(x, dtype), axes, eps, stats=stats)
     return g.from_f32(_affine(g, y, scale, bias, dtype), dtype)
 
 

@@ -72,7 +72,35 @@ def run(model, feeds: dict, evaluator: str | None = None) -> list[np.ndarray]:
         from onnx.reference import ReferenceEvaluator
 
         with np.errstate(all="ignore"):
-            return [np.asarray(o) for o in ReferenceEvaluator(model).run(None, feeds)]
+            return [np.asarray(o) for o in ReferenceEvaluator(model, new_ops=[_lrn_op()]).run(None, feeds)]
+    return _session(model).run(None, feeds)
+
+
+def _lrn_op():
+    """LRN for onnx.reference: onnx 1.23's own loops over the batch instead of the channels."""
+    from onnx.reference.op_run import OpRun
+
+    class LRN(OpRun):
+        def _run(self, x, alpha=None, beta=None, bias=None, size=None):
+            lo, hi = (size - 1) // 2, size // 2
+            sq = (x * x).swapaxes(0, 1)
+            c = x.shape[1]
+            total = np.zeros_like(sq)
+            for i in range(c):
+                total[i] = sq[max(0, i - lo):min(c, i + hi + 1)].sum(axis=0)
+            y = x / (bias + (alpha / size) * total.swapaxes(0, 1)) ** beta
+            return (y.astype(x.dtype),)
+
+    return LRN
+
+
+_SESSIONS: list = []  # (model, session): the last two, so that repeated runs of one model reuse its session
+
+
+def _session(model: onnx.ModelProto):
+    for m, sess in _SESSIONS:
+        if m is model:
+            return sess
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -82,7 +110,9 @@ def run(model, feeds: dict, evaluator: str | None = None) -> list[np.ndarray]:
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise OnnxError(f"ONNX Runtime cannot load the model: {str(exc).strip().splitlines()[0]}") from None
-    return sess.run(None, feeds)
+    _SESSIONS.insert(0, (model, sess))
+    del _SESSIONS[2:]
+    return sess
 
 
 def _feeds(model: onnx.ModelProto, inputs) -> dict:
