@@ -7,10 +7,11 @@ implementation is normkit's functional op). ``torch.export`` traces the rest of 
 custom ops are translated (``custom_translation_table``) into
 
 * ``decompose=False``: the native ONNX operator with torch's parameters converted (LRN window and alpha,
-  BatchNormalization momentum = 1 - torch's, GroupNormalization scale per group at opset 18-20 with the
-  per-channel affine as Mul/Add after it, per channel from 21, RMSNormalization from opset 23);
-* ``decompose=True`` (default): the same nodes (LRN as a normkit placeholder that carries every
-  convention's window), which :func:`normkit.harden_onnx`'s pass then replaces by normkit's robust
+  BatchNormalization momentum = 1 - torch's; GroupNormalization from opset 21, where its scale and bias
+  are per channel as torch's: GroupNormalization-18 scales per group and onnx's checker rejects it as
+  deprecated; RMSNormalization from opset 23). Without ``opset``, the lowest opset that has them is used.
+* ``decompose=True`` (default): the same nodes (LRN, GroupNorm and RMSNorm as normkit placeholders that
+  carry every convention's window, a per-channel affine and work at any opset), which :func:`normkit.harden_onnx`'s pass then replaces by normkit's robust
   primitive-op subgraphs (:mod:`.subgraphs`): the formulation is written once, in ONNX, for export and
   harden alike, and has no data-dependent control flow.
 """
@@ -126,6 +127,10 @@ def _kind(name: str, m: nn.Module, decompose: bool, opset: int) -> str:
     if isinstance(m, LayerNorm):
         return "layer_norm"
     if isinstance(m, GroupNorm):
+        if not decompose and opset < 21:
+            raise OnnxError(f"cannot export {label} as a native op at opset {opset}: GroupNormalization-18 scales "
+                            "per group (torch per channel) and onnx's checker rejects it as deprecated; "
+                            "pass opset=21 or later, or decompose=True")
         return "group_norm"
     if isinstance(m, RMSNorm):
         if not decompose and opset < 23:
@@ -165,7 +170,8 @@ def _register_placeholder_schemas() -> None:
     S = onnx.defs.OpSchema
     spec = {"LRN": (["X"], [("size", S.AttrType.INT), ("alpha", S.AttrType.FLOAT), ("beta", S.AttrType.FLOAT),
                             ("bias", S.AttrType.FLOAT), ("lo", S.AttrType.INT), ("hi", S.AttrType.INT)]),
-            "RMSNormalization": (["X", "scale"], [("axis", S.AttrType.INT), ("epsilon", S.AttrType.FLOAT)])}
+            "RMSNormalization": (["X", "scale"], [("axis", S.AttrType.INT), ("epsilon", S.AttrType.FLOAT)]),
+            "GroupNormalization": (["X", "scale", "bias"], [("num_groups", S.AttrType.INT), ("epsilon", S.AttrType.FLOAT)])}
     for name, (inputs, attrs) in spec.items():
         if onnx.defs.has(name, PENDING):
             continue
@@ -189,7 +195,7 @@ def _translations(decompose: bool, opset: int) -> dict:
     op23 = onnxscript.opset23
     pending = onnxscript.values.Opset(PENDING, 1)
     _register_placeholder_schemas()
-    pending_rms, pending_lrn = pending.RMSNormalization, pending.LRN
+    pending_rms, pending_lrn, pending_gn = pending.RMSNormalization, pending.LRN, pending.GroupNormalization
 
     def batch_norm(x, weight, bias, mean, var, eps: float, momentum: float):
         return _first(op.BatchNormalization(x, weight, bias, mean, var, epsilon=eps, momentum=1.0 - momentum))
@@ -201,17 +207,9 @@ def _translations(decompose: bool, opset: int) -> dict:
         return _first(op.LayerNormalization(x, weight, bias, axis=-ndim, epsilon=eps))
 
     def group_norm(x, weight, bias, num_groups: int, eps: float):
-        if opset >= 21:
-            return op21.GroupNormalization(x, weight, bias, num_groups=num_groups, epsilon=eps)
-        # opset 18-20: scale and bias per group; torch's per-channel affine follows as Mul/Add on (N, C, -1)
-        ones = op.ConstantOfShape(op.Constant(value_ints=[num_groups]), value=onnx.helper.make_tensor("one", 1, [1], [1.0]))
-        ones = op.CastLike(ones, x)
-        y = op.GroupNormalization(x, ones, op.Sub(ones, ones), num_groups=num_groups, epsilon=eps)
-        shape = op.Shape(x)
-        y = op.Reshape(y, op.Constant(value_ints=[0, 0, -1]))
-        axes = op.Constant(value_ints=[1])
-        y = op.Add(op.Mul(y, op.Unsqueeze(weight, axes)), op.Unsqueeze(bias, axes))
-        return op.Reshape(y, shape)
+        if decompose:  # scale and bias per channel at any opset
+            return pending_gn(x, weight, bias, num_groups=num_groups, epsilon=eps)
+        return op21.GroupNormalization(x, weight, bias, num_groups=num_groups, epsilon=eps)
 
     def rms_norm(x, weight, ndim: int, eps: float):
         if decompose:
@@ -248,9 +246,12 @@ def export_onnx(model: nn.Module, example_input: Tensor, path=None, *, decompose
         raise OnnxError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, Tensor):
         raise OnnxError(f"expected one example input tensor, got {type(example_input).__name__}")
-    if opset is None:
-        has_rms = any(isinstance(m, nn.RMSNorm) for m in model.modules())
-        opset = 23 if (has_rms and not decompose) else DEFAULT_OPSET
+    if opset is None:  # the lowest opset that has every native operator needed
+        opset = DEFAULT_OPSET
+        if not decompose and any(isinstance(m, nn.GroupNorm) for m in model.modules()):
+            opset = 21
+        if not decompose and any(isinstance(m, nn.RMSNorm) for m in model.modules()):
+            opset = 23
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise OnnxError(f"unsupported opset {opset!r}: normkit exports opset {MIN_OPSET} to {MAX_OPSET}")
     if dtype is not None and dtype not in (torch.float32, torch.float16):

@@ -222,7 +222,7 @@ def _build(node: ir.Node, g: sg.Builder, graph: ir.Graph):
     if dom == PENDING and op == "RMSNormalization":
         axes = _trailing_axes(int(_attr(node, "axis", -1)), rank)
         return [sg.rms_norm(g, x, _opt(node, 1), axes, eps, dtype)]
-    if dom == PENDING:
+    if dom == PENDING and op == "Norm":
         axes = list(_attr(node, "axes", [-1]))
         if any(a >= 0 for a in axes):
             if rank is None:
@@ -270,7 +270,7 @@ def _build(node: ir.Node, g: sg.Builder, graph: ir.Graph):
         groups = int(_attr(node, "num_groups", 0))
         if groups < 1:
             return "num_groups missing"
-        per_channel = g.opset >= 21
+        per_channel = g.opset >= 21 or dom == PENDING  # GroupNormalization-18: scale and bias per group
         return [sg.group_norm(g, x, node.inputs[1], node.inputs[2], groups, eps, dtype, per_channel)]
     if op == "LRN":
         size = int(_attr(node, "size", 0))
