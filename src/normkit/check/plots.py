@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .cases import TOLERANCE
 from .probe import ModelResult
+from .report import num
 from .sweep import Row
 
 FLOOR = 1e-9  # errors below this (often exactly 0) are drawn on it
@@ -78,41 +79,55 @@ def op_plots(rows: list[Row], out_dir: Path) -> list[str]:
     return files
 
 
+SCALE_COLORS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
+
+
 def model_plot(m: ModelResult, out_dir: Path) -> str:
     """One PNG per model, a panel per dtype: each layer's isolated error at each input scale."""
     import torch
+    from matplotlib.lines import Line2D
 
     plt = _plt()
     n = len(m.layers)
-    fig, axes = plt.subplots(len(m.dtypes), 1, figsize=(max(8, 0.16 * n + 3), 2.9 * len(m.dtypes) + 0.9),
+    fig, axes = plt.subplots(len(m.dtypes), 1, figsize=(max(9, 0.17 * n + 3), 2.8 * len(m.dtypes) + 1.6),
                              squeeze=False, sharex=True)
-    cmap = plt.get_cmap("viridis")
-    scales = m.scales
+    norm_idx = sorted({c.index for c in m.cases if c.is_norm})
+    handles = []
     for ax, dtype in zip(axes[:, 0], m.dtypes):
         cases = [c for c in m.cases if c.dtype == dtype]
-        norm_idx = sorted({c.index for c in cases if c.is_norm})
         for i in norm_idx:
-            ax.axvline(i, color="0.85", lw=3, zorder=0)
-        for k, s in enumerate(scales):
+            ax.axvspan(i - 0.4, i + 0.4, color="0.9", lw=0, zorder=0)
+        for k, s in enumerate(m.scales):
             cs = sorted((c for c in cases if c.scale == s and c.torch_status != "range"), key=lambda c: c.index)
             if not cs:
                 continue
-            col = cmap(k / max(1, len(scales) - 1) * 0.9)
-            ax.plot([c.index for c in cs], [_y(c.torch_error) for c in cs], "x", color=col, ms=5, mew=1.2)
-            ax.plot([c.index for c in cs], [_y(c.normkit_error) for c in cs], "-o", color=col, ms=2.5, lw=0.9,
-                    label=f"scale {s:g}")
+            col = SCALE_COLORS[k % len(SCALE_COLORS)]
+            dx = (k - (len(m.scales) - 1) / 2) * 0.12  # side by side, so equal errors stay visible
+            ax.plot([c.index + dx for c in cs], [_y(c.torch_error) for c in cs], "x", color=col, ms=6, mew=1.5)
+            ax.plot([c.index + dx for c in cs], [_y(c.normkit_error) for c in cs], "o", color=col, ms=3.5, mfc="none", mew=1.1)
+            if not any(h.get_label() == f"input scale {num(s)}" for h in handles):
+                handles.append(Line2D([], [], color=col, marker="s", ls="", label=f"input scale {num(s)}"))
+        rng = sorted({c.index for c in cases if c.torch_status == "range"})
+        if rng:
+            ax.plot(rng, [FLOOR] * len(rng), "|", color="0.5", ms=8)
         _style_error_axis(ax, TOLERANCE[getattr(torch, dtype)])
         ax.set_ylabel(f"{dtype}\nmax rel. error", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, loc="upper right", ncol=len(scales))
     ax = axes[-1, 0]
     ax.set_xticks(range(n))
     ax.set_xticklabels(m.layers, rotation=90, fontsize=6 if n > 30 else 7)
+    for i, label in enumerate(ax.get_xticklabels()):
+        if i in norm_idx:
+            label.set_fontweight("bold")
     ax.set_xlim(-0.7, n - 0.3)
-    fig.suptitle(f"{m.model} {tuple(m.input_shape)}, {m.mode} mode: each layer on the float64 model's input, rounded "
-                 f"(line+dot: normkit twin, x: torch; grey: norm layers; shaded band: non-finite or raised)",
-                 fontsize=9)
-    fig.tight_layout()
+    handles += [Line2D([], [], color="k", marker="x", ls="", label="torch"),
+                Line2D([], [], color="k", marker="o", mfc="none", ls="", label="normkit twin")]
+    fig.suptitle(f"{m.model} {tuple(m.input_shape)}, {m.mode} mode: each layer fed the float64 model's input to it, "
+                 f"rounded to the dtype\ngrey columns: norm layers; top band: non-finite or raised; dashed: tolerance; "
+                 f"bottom row: exact (< 1e-9); |: outside the dtype's range", fontsize=9)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.93), ncol=len(handles), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     name = f"model_{m.model}.png".replace("/", "_").replace(":", "_")
     fig.savefig(out_dir / name, dpi=110)
     plt.close(fig)
