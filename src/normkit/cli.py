@@ -64,7 +64,10 @@ def main(argv=None) -> int:
             p.epilog = getattr(module, "EPILOG", None)
             module.add_arguments(p)
             p.set_defaults(_run=module.run)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or an argparse usage error (2, one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
