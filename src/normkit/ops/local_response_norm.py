@@ -391,7 +391,21 @@ class LocalResponseNormFunction(LocalResponseNormReverse):
         return LocalResponseNormFunction.apply(x.movedim(in_dims[0], 0), win.batched()), 0
 
 
+def _autocast_input(input: Tensor) -> Tensor:
+    """Under autocast, the input that gives the dtype torch's ``F.local_response_norm`` returns (measured):
+    float32 for float16/bfloat16 input on CUDA (``pow`` is a float32 autocast op there, torch 2.11) and on
+    CPU for input of 4 or more dims (``avg_pool3d`` is; torch 2.13), else the input's dtype. Half inputs
+    compute in float32 anyway, so casting the input up costs no accuracy."""
+    device = input.device.type
+    if input.dtype not in (torch.float16, torch.bfloat16) or device not in ("cpu", "cuda"):
+        return input
+    if not torch.is_autocast_enabled(device) or (device == "cpu" and input.dim() < 4):
+        return input
+    return input.float()
+
+
 def _apply(input: Tensor, win: Window) -> Tensor:
+    input = _autocast_input(input)
     if input.numel() == 0:
         return input.clone()
     fn = LocalResponseNormReverse if torch.compiler.is_compiling() else LocalResponseNormFunction
