@@ -231,12 +231,17 @@ def standardize_jvp(t: Tensor, x_hat: Tensor, r: Tensor, k: Tensor, dims: Dims, 
     return standardize_backward(t, x_hat, r, k, dims, center)
 
 
-def split_product(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """``a * b`` as ``m * 2**q`` with ``1 <= |m| < 4`` (for finite, nonzero normal factors) and an
-    integer-valued ``q``, so that applying the product to a value, ``mul_pow2(v * m, q)``, never forms
-    ``a * b`` itself, which may overflow or underflow where ``v * a * b`` does not (``weight * rstd``)."""
-    ea, eb = exponent(a), exponent(b)
-    return (a * torch.exp2(-ea)) * (b * torch.exp2(-eb)), ea + eb  # exact power-of-two scalings
+def split_product(*factors: Tensor) -> tuple[Tensor, Tensor]:
+    """The product of ``factors`` as ``m * 2**q``: each factor is split into a mantissa in ``[1, 2)`` (for
+    normal values; exact power-of-two scalings) and its exponent, the mantissas are multiplied (``m`` stays
+    within ``[1, 2**len(factors))``, so it cannot overflow or underflow) and the exponents summed into ``q``.
+    ``mul_pow2(m, q)`` then rounds once, at the end: the product is finite wherever its true value is."""
+    m, q = None, None
+    for f in factors:
+        e = exponent(f)
+        scaled = f * torch.exp2(-e)
+        m, q = (scaled, e) if m is None else (m * scaled, q + e)
+    return m, q
 
 
 def centered(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
@@ -260,14 +265,13 @@ def normalize_with_stats(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> tu
 
 
 def mul_product(v: Tensor, a: Tensor | None, b: Tensor, h: Tensor | int = 0) -> Tensor:
-    """``v * a * b * 2**h`` without forming ``a * b`` (``a`` may be None: ``v * b * 2**h``).
+    """``v * a * b * 2**h`` without forming any partial product (``a`` may be None: ``v * b * 2**h``).
 
     Eval-mode batch norm applies ``weight * rstd`` to ``x - mean``: ``x = 1e30, rstd = 1e10,
-    weight = 1e-20`` is ``1e20``, but ``x * rstd`` overflows float32 and ``weight * rstd`` can over- or
-    underflow on its own. Here ``a * b`` enters as ``m * 2**q`` (:func:`split_product`) and the power of
-    two is applied last, so an intermediate can only overflow where the result does.
+    weight = 1e-20`` is ``1e20``, but ``x * rstd`` overflows float32, and ``weight * rstd`` or ``v * m``
+    can over- or underflow on their own. Here every factor enters as mantissa and exponent
+    (:func:`split_product`) and the power of two is applied last, so nothing overflows where the result
+    does not.
     """
-    if a is None:
-        return mul_pow2(v * b, h) if isinstance(h, Tensor) else v * b
-    m, q = split_product(a, b)
-    return mul_pow2(v * m, q + h)
+    m, q = split_product(v, b) if a is None else split_product(v, a, b)
+    return mul_pow2(m, q + h)
