@@ -84,7 +84,7 @@ def first(x: Tensor, dims: Dims) -> Tensor:
 
 def group_size(x: Tensor, dims: Dims) -> int:
     """Number of elements reduced into each group."""
-    return math.prod(x.shape[d] for d in dims)
+    return math.prod([x.shape[d] for d in dims])
 
 
 class Moments(NamedTuple):
