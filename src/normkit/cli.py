@@ -32,6 +32,10 @@ class Command:
 COMMANDS = [
     Command("check", "where torch's norm layers break (dtype, input scale, layer) and whether normkit's hold",
             "normkit.check.command"),
+    Command("export", "export a model to ONNX with robust normalization subgraphs (or native ops), optionally verified",
+            "normkit.onnx.export_command"),
+    Command("harden", "rewrite the normalization nodes of an ONNX file as robust subgraphs, optionally verified",
+            "normkit.onnx.harden_command"),
 ]
 
 
