@@ -162,7 +162,8 @@ def decomposed(center: bool, axes_attr: bool, square: str, normalize: str, affin
 
 
 def cast_model(model: onnx.ModelProto, elem: int) -> onnx.ModelProto:
-    """``model`` with its float32 inputs, outputs, initializers and constants in ``elem``."""
+    """``model`` with its float32 inputs, outputs, initializers, constants and casts in ``elem`` (what a
+    float16 converter such as onnxconverter-common's does to an exported float32 graph)."""
     m = onnx.ModelProto.FromString(model.SerializeToString())
     for v in list(m.graph.input) + list(m.graph.output):
         if v.type.tensor_type.elem_type == TP.FLOAT:
@@ -174,4 +175,7 @@ def cast_model(model: onnx.ModelProto, elem: int) -> onnx.ModelProto:
         for a in n.attribute:
             if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TP.FLOAT:
                 a.t.CopyFrom(nh.from_array(nh.to_array(a.t).astype(NP[elem]), a.t.name))
+            elif a.name == "to" and a.i == TP.FLOAT:  # as a float16 converter does
+                a.i = elem
+    del m.graph.value_info[:]
     return m

@@ -148,24 +148,28 @@ class _Decomposed(pattern.RewriteRuleClassBase):
     """The decomposed-pattern rules: ``center`` (LayerNorm) or not (RMSNorm), axes as an input or an
     attribute, ``Div(d, std)`` or ``Mul(d, Reciprocal(std))``."""
 
-    def __init__(self, center: bool, axes_attr: bool, div: bool):
+    def __init__(self, center: bool, axes_attr: bool, div: bool, cast: bool = False):
         super().__init__(f"{'Layer' if center else 'RMS'}NormDecomposed{'Attr' if axes_attr else 'Input'}"
-                         f"{'Div' if div else 'Reciprocal'}")
-        self.center, self.axes_attr, self.div = center, axes_attr, div
+                         f"{'Div' if div else 'Reciprocal'}{'Cast' if cast else ''}")
+        self.center, self.axes_attr, self.div, self.cast = center, axes_attr, div, cast
 
     def _mean(self, op, t, axes):
         if self.axes_attr:
             return op.ReduceMean(t, axes=axes, _allow_other_attributes=True)
         return op.ReduceMean(t, axes, _allow_other_attributes=True)
 
-    def pattern(self, op, x, axes1, axes2, two, eps):
+    def pattern(self, op, x, axes1, axes2, two, eps, to):
         d = op.Sub(x, self._mean(op, x, axes1)) if self.center else x
+        if self.cast:  # torch's TorchScript exporter: (x - mean) cast up (float16 -> double) before squaring
+            d = op.Cast(d, to=to)
         sq = pattern.OrValue([op.Pow(d, two), op.Mul(d, d)])
         std = op.Sqrt(op.Add(self._mean(op, sq, axes2), eps))
         return op.Div(d, std) if self.div else op.Mul(d, op.Reciprocal(std))
 
     def check(self, context, x, axes1, axes2, eps, two=None, **_):
         result = pattern.MatchResult()
+        if x.dtype not in FLOATS:
+            return result.fail("input is not float32 or float16")
         if two is not None and _scalar(two) != 2.0:
             return result.fail("Pow exponent is not 2")
         a2 = _axes_of(axes2)
@@ -175,12 +179,15 @@ class _Decomposed(pattern.RewriteRuleClassBase):
             return result.fail("eps is not a constant scalar")
         return result
 
-    def rewrite(self, op, x, axes2, eps, **_):
-        return op.Norm(x, _domain=PENDING, axes=_axes_of(axes2), epsilon=_scalar(eps), center=int(self.center))
+    def rewrite(self, op, x, axes2, eps, to=None, **_):
+        out_type = int(to.value) if self.cast and to is not None else int(x.dtype)
+        return op.Norm(x, _domain=PENDING, axes=_axes_of(axes2), epsilon=_scalar(eps), center=int(self.center),
+                       out_type=out_type)
 
 
 def _decomposed_rules() -> pattern.RewriteRuleSet:
-    rules = [_Decomposed.rule(c, a, d) for c in (True, False) for a in (False, True) for d in (True, False)]
+    rules = [_Decomposed.rule(c, a, d, t) for c, t in ((True, True), (True, False), (False, False))
+             for a in (False, True) for d in (True, False)]
     return pattern.RewriteRuleSet(rules, commute=True)
 
 
@@ -228,9 +235,12 @@ def _build(node: ir.Node, g: sg.Builder, graph: ir.Graph):
             if rank is None:
                 return "non-negative axes on an input of unknown rank"
             axes = [a - rank for a in axes]
+        out_type = ir.DataType(int(_attr(node, "out_type", int(dtype))))
         if _attr(node, "center", 1):
-            return [sg.layer_norm(g, x, None, None, axes, eps, dtype)]
-        return [sg.rms_norm(g, x, None, axes, eps, dtype)]
+            y = sg.standardize(g, g.to_f32(x, dtype), axes, eps)
+        else:
+            y = sg.standardize(g, g.to_f32(x, dtype), axes, eps, center=False)
+        return [g.from_f32(y, out_type)]
     if op == "LayerNormalization":
         axes = _trailing_axes(int(_attr(node, "axis", -1)), rank)
         if axes is None:

@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the hardened model")
     p.add_argument("--verify", action="store_true", help="compare original and hardened against float64")
     p.add_argument("--scales", metavar="S1,S2,...", help="input scales for --verify (default: 1,1e10,1e19,1e20,1e-20; "
-                   "float16: 1,300,3e4,1e-3)")
+                   "float16: 1,300,1e4,1e-3)")
     p.add_argument("--batch", type=int, default=2, help="size of each symbolic dimension in --verify's inputs")
     p.add_argument("--seed", default="0", help="seed of --verify's random inputs")
 
