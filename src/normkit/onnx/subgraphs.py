@@ -139,10 +139,8 @@ def _inv_std_scaled(g: Builder, c: ir.Value, a: ir.Value, e: ir.Value, eps: floa
     r = g.op("Div", g.const(1.0), g.op("Sqrt", u))
     if stats is not None:
         stats.append(g.mul_pow2(r, g.op("Neg", h)))
-    x_hat = g.mul_pow2(g.op("Mul", c, r), e_h)
-    if eps == 0:  # a constant group with eps = 0 is 0/0: normkit answers 0
-        x_hat = g.op("Where", g.op("Equal", u, g.const(0.0)), g.const(0.0), x_hat)
-    return x_hat
+    # a constant group with eps = 0 is 0/0: 0 * inf gives NaN there, as normkit's and torch's layer norm do
+    return g.mul_pow2(g.op("Mul", c, r), e_h)
 
 
 def standardize(g: Builder, x: ir.Value, axes: Sequence[int], eps: float, center: bool = True,
