@@ -361,6 +361,26 @@ def test_export_zoo_model(name):
         _check_err(err, ORDINARY if scale == 1 else EXTREME, f"{name} batch {batch} scale {scale:g}")
 
 
+def test_export_whole_alexnet():
+    model = _zoo("alexnet")
+    torch.manual_seed(0)
+    proto, report = export_onnx(model, torch.randn(2, 3, 64, 64))
+    assert report.counts() == {"LRN": 2} and not _ops(proto) & NATIVE_TYPES
+    for batch, scale in ((1, 1.0), (2, LARGE)):
+        err, = verify_onnx(proto, model, torch.randn(batch, 3, 64, 64) * scale)
+        _check_err(err, ORDINARY if scale == 1 else EXTREME, f"alexnet batch {batch} scale {scale:g}")
+
+
+def test_export_static_batch_and_batch_one_example():
+    model = _randomize(_Layer(nn.LayerNorm([5, 5])))
+    proto, _ = export_onnx(model, torch.randn(1, 3, 5, 5))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    err, = verify_onnx(proto, model, torch.randn(3, 3, 5, 5))
+    _check_err(err, LAYER * 10, "batch 3 from a batch-1 example")
+    proto, _ = export_onnx(model, torch.randn(2, 3, 5, 5), dynamic_batch=False)
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+
+
 def test_export_zoo_native_fails_where_decomposed_does_not():
     build, shape = ZOO_CASES["alexnet_to_lrn1"]
     model = build()
