@@ -72,8 +72,8 @@ def _rms_norm(x: Tensor, weight: Tensor, ndim: int, eps: float) -> Tensor:
 
 
 @torch.library.custom_op("normkit_onnx::lrn", mutates_args=())
-def _lrn(x: Tensor, size: int, alpha: float, beta: float, k: float, convention: str) -> Tensor:
-    return nf.lrn(x, size, alpha, beta, k, convention=convention)
+def _lrn(x: Tensor, size: int, alpha: float, beta: float, k: float, convention: str, region: str) -> Tensor:
+    return nf.lrn(x, size, alpha, beta, k, convention=convention, region=region)
 
 
 for _op in (_batch_norm, _instance_norm, _layer_norm, _group_norm, _rms_norm, _lrn):
@@ -111,7 +111,7 @@ class _Stub(nn.Module):
             w, _ = self._affine(tuple(m.normalized_shape), x.dtype, m.weight, None)
             eps = m.eps if m.eps is not None else torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
             return _rms_norm(x, w, len(m.normalized_shape), float(eps))
-        return _lrn(x, m.size, float(m.alpha), float(m.beta), float(m.k), m.convention)
+        return _lrn(x, m.size, float(m.alpha), float(m.beta), float(m.k), m.convention, m.region)
 
 
 def _kind(name: str, m: nn.Module, decompose: bool, opset: int) -> str:
@@ -138,9 +138,9 @@ def _kind(name: str, m: nn.Module, decompose: bool, opset: int) -> str:
                             "opset 23 (pass opset=23, or decompose=True)")
         return "rms_norm"
     if isinstance(m, LocalResponseNorm):
-        if m.region != "across_channels":
-            raise OnnxError(f"cannot export {label}: region={m.region!r} (Caffe's within-channel LRN) has no "
-                            "ONNX form in normkit yet")
+        if m.region != "across_channels" and not decompose:
+            raise OnnxError(f"cannot export {label} as a native LRN: region={m.region!r} (Caffe's within-channel "
+                            "LRN) has no ONNX operator; use decompose=True")
         if not decompose and m.convention == "torch" and m.size % 2 == 0:
             raise OnnxError(f"cannot export {label} as a native LRN: ONNX's window for an even size "
                             f"({m.size}) differs from torch's; use decompose=True")
@@ -169,7 +169,8 @@ def _register_placeholder_schemas() -> None:
     reach a saved file."""
     S = onnx.defs.OpSchema
     spec = {"LRN": (["X"], [("size", S.AttrType.INT), ("alpha", S.AttrType.FLOAT), ("beta", S.AttrType.FLOAT),
-                            ("bias", S.AttrType.FLOAT), ("lo", S.AttrType.INT), ("hi", S.AttrType.INT)]),
+                            ("bias", S.AttrType.FLOAT), ("lo", S.AttrType.INT), ("hi", S.AttrType.INT),
+                            ("within_channel", S.AttrType.INT)]),
             "RMSNormalization": (["X", "scale"], [("axis", S.AttrType.INT), ("epsilon", S.AttrType.FLOAT)]),
             "GroupNormalization": (["X", "scale", "bias"], [("num_groups", S.AttrType.INT), ("epsilon", S.AttrType.FLOAT)])}
     for name, (inputs, attrs) in spec.items():
@@ -216,11 +217,13 @@ def _translations(decompose: bool, opset: int) -> dict:
             return pending_rms(x, weight, axis=-ndim, epsilon=eps)
         return op23.RMSNormalization(x, weight, axis=-ndim, epsilon=eps)
 
-    def lrn(x, size: int, alpha: float, beta: float, k: float, convention: str):
+    def lrn(x, size: int, alpha: float, beta: float, k: float, convention: str, region: str):
         a = alpha * size if convention == "tf" else alpha  # ONNX divides alpha by size; TF does not
         if decompose:
             lo, hi = (size // 2, (size - 1) // 2) if convention == "torch" else ((size - 1) // 2, size // 2)
-            return pending_lrn(x, size=size, alpha=a, beta=beta, bias=k, lo=lo, hi=hi)
+            if region == "within_channel":  # Caffe: c = alpha / size**2 and k = 1
+                return pending_lrn(x, size=size, alpha=a, beta=beta, bias=1.0, lo=lo, hi=hi, within_channel=1)
+            return pending_lrn(x, size=size, alpha=a, beta=beta, bias=k, lo=lo, hi=hi, within_channel=0)
         return op.LRN(x, size=size, alpha=a, beta=beta, bias=k)
 
     ops = torch.ops.normkit_onnx

@@ -224,8 +224,10 @@ def _build(node: ir.Node, g: sg.Builder, graph: ir.Graph):
 
     if dom == PENDING and op == "LRN":
         size = int(_attr(node, "size", 1))
-        return [sg.lrn(g, x, size, float(_attr(node, "alpha", 1e-4)) / size, float(_attr(node, "beta", 0.75)),
-                       float(_attr(node, "bias", 1.0)), int(_attr(node, "lo", 0)), int(_attr(node, "hi", 0)), dtype)]
+        within = bool(_attr(node, "within_channel", 0))
+        return [sg.lrn(g, x, size, float(_attr(node, "alpha", 1e-4)) / (size * size if within else size),
+                       float(_attr(node, "beta", 0.75)), float(_attr(node, "bias", 1.0)), int(_attr(node, "lo", 0)),
+                       int(_attr(node, "hi", 0)), dtype, within)]
     if dom == PENDING and op == "RMSNormalization":
         axes = _trailing_axes(int(_attr(node, "axis", -1)), rank)
         return [sg.rms_norm(g, x, _opt(node, 1), axes, eps, dtype)]

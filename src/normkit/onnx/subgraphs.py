@@ -230,9 +230,12 @@ def batch_norm_inference(g: Builder, x, scale, bias, mean, var, eps: float, dtyp
     return g.from_f32(g.op("Reshape", y, shape), dtype)
 
 
-def lrn(g: Builder, x, size: int, alpha_over_n: float, beta: float, k: float, lo: int, hi: int, dtype) -> ir.Value:
+def lrn(g: Builder, x, size: int, alpha_over_n: float, beta: float, k: float, lo: int, hi: int, dtype,
+        within_channel: bool = False) -> ir.Value:
     """Local response normalization across channels (axis 1 of ``(N, C, *)``) with the window
-    ``[c - lo, c + hi]`` (zero-padded): ``y = x * (k + c * sum_W x**2) ** -beta``, ``c = alpha_over_n``.
+    ``[c - lo, c + hi]`` (zero-padded): ``y = x * (k + c * sum_W x**2) ** -beta``, ``c = alpha_over_n``;
+    with ``within_channel`` (Caffe), the window is the square ``[h - lo, h + hi] x [w - lo, w + hi]`` of a
+    4-D ``(N, C, H, W)`` input.
 
     Each element's window is scaled by ``2**-e`` from the window's own largest magnitude, so the squares
     lie in [0, 4) and their sum in [1, 4 n]; ``d = 4**h * u`` with ``h`` where ``k`` and ``c * S`` meet, and
@@ -240,24 +243,32 @@ def lrn(g: Builder, x, size: int, alpha_over_n: float, beta: float, k: float, lo
     """
     n = lo + hi + 1
     shape = g.op("Shape", x)
-    xr = g.op("Reshape", g.to_f32(x, dtype), g.ints([0, 0, -1]))
-    pads = g.ints([0, lo, 0, 0, hi, 0])
+    if within_channel:
+        xr = g.to_f32(x, dtype)
+        pads, axes = g.ints([0, 0, lo, lo, 0, 0, hi, hi]), [2, 3]
+        offsets = [(o1, o2) for o1 in range(n) for o2 in range(n)]
+    else:
+        xr = g.op("Reshape", g.to_f32(x, dtype), g.ints([0, 0, -1]))
+        pads, axes = g.ints([0, lo, 0, 0, hi, 0]), [1]
+        offsets = [(o,) for o in range(n)]
 
-    def windows(t):  # the n shifted copies t[c + o - lo], o = 0..n-1, zero outside
-        p = g.op("Pad", t, pads) if g.opset >= 11 else g.op("Pad", t, pads=[0, lo, 0, 0, hi, 0])
-        return [g.op("Slice", p, g.ints([o]), g.ints([o - (n - 1) if o < n - 1 else INT64_MAX]), g.ints([1]))
-                for o in range(n)]
+    def end(o):
+        return o - (n - 1) if o < n - 1 else INT64_MAX
+
+    def windows(t):  # the shifted copies t[i + o - lo] for every offset o in the window, zero outside
+        p = g.op("Pad", t, pads)
+        return [g.op("Slice", p, g.ints(list(o)), g.ints([end(a) for a in o]), g.ints(axes)) for o in offsets]
 
     ax = g.op("Abs", xr)
     wmax = windows(ax)
-    wmax = wmax[0] if n == 1 else g.op("Max", *wmax)
+    wmax = wmax[0] if len(wmax) == 1 else g.op("Max", *wmax)
     e = g.exponent(wmax)
     s = g.pow2(g.op("Neg", e))
     terms = []
     for t in windows(xr):
         ts = g.op("Mul", t, s)
         terms.append(g.op("Mul", ts, ts))
-    S = terms[0] if n == 1 else g.op("Sum", *terms)
+    S = terms[0] if len(terms) == 1 else g.op("Sum", *terms)
     cs = g.op("Mul", S, g.const(alpha_over_n))
     k_m, k_q, h_k = _eps_parts(k)
     h = g.op("Add", e, g.floor_log2(cs, half=True))
@@ -272,4 +283,4 @@ def lrn(g: Builder, x, size: int, alpha_over_n: float, beta: float, k: float, lo
     y = g.mul_pow2(core, g.op("Sub", e, g.op("Mul", h, g.const(2.0 * beta))))
     if k == 0:
         y = g.op("Where", g.op("Equal", u, g.const(0.0)), g.const(0.0), y)
-    return g.from_f32(g.op("Reshape", y, shape), dtype)
+    return g.from_f32(y if within_channel else g.op("Reshape", y, shape), dtype)
