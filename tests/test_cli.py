@@ -115,6 +115,7 @@ def test_bad_input_one_line_exit_2(capsys, files):
     err = _bad(capsys, "--model", "resnet18", "--input-shape", "1,4,32,32", "--dtype", "float32")
     assert "resnet18 rejects input shape (1, 4, 32, 32): layer conv1 raised RuntimeError" in err
     assert "--input-shape that the model accepts" in err
+    assert "use one or the other" in _bad(capsys, "--model", "alexnet", "--op", "layer_norm")
     assert "not a shape" in _bad(capsys, "--model", "alexnet", "--input-shape", "1,3,a")
     for bad in ("0", "-1", "abc", "inf", "nan", "1,,2"):
         assert "is not a positive number" in _bad(capsys, "--model", "alexnet", f"--scales={bad}")
