@@ -111,10 +111,11 @@ def test_bad_input_one_line_exit_2(capsys, files):
     assert "returned int, not a torch.nn.Module" in _bad(capsys, "--model", f"{files / 'notmodule.py'}:make")
     assert "give --input-shape" in _bad(capsys, "--model", f"{files / 'noshape.py'}:make")
     err = _bad(capsys, "--model", f"{files / 'noshape.py'}:make", "--input-shape", "2,5", "--dtype", "float32")
-    assert "rejects input shape (2, 5): layer (top level) raised RuntimeError" in err or "layer" in err
+    assert "rejects input shape (2, 5): its own forward (Linear) raised RuntimeError" in err
     err = _bad(capsys, "--model", "resnet18", "--input-shape", "1,4,32,32", "--dtype", "float32")
     assert "resnet18 rejects input shape (1, 4, 32, 32): layer conv1 raised RuntimeError" in err
     assert "--input-shape that the model accepts" in err
+    assert "use one or the other" in _bad(capsys, "--model", "alexnet", "--op", "layer_norm")
     assert "not a shape" in _bad(capsys, "--model", "alexnet", "--input-shape", "1,3,a")
     for bad in ("0", "-1", "abc", "inf", "nan", "1,,2"):
         assert "is not a positive number" in _bad(capsys, "--model", "alexnet", f"--scales={bad}")

@@ -2,7 +2,13 @@
 
 Each entry of :data:`COMMANDS` names a module that defines ``add_arguments(parser)`` and
 ``run(args) -> int`` (the exit status); the module is imported only when its subcommand runs, so
-``normkit --help`` stays fast. To add a subcommand, add one :class:`Command` line and that module.
+``normkit --help`` stays fast. To add a subcommand, add one :class:`Command` line and that module::
+
+    Command("export", "export a model to ONNX with normkit's norm layers", "normkit.onnx.export_command"),
+
+    # normkit/onnx/export_command.py
+    def add_arguments(p): p.add_argument("model"); ...
+    def run(args) -> int: ...  # raise UsageError("what is wrong; how to fix it") for bad input
 
 Exit status everywhere: 0 success, 1 the command ran and found a failure, 2 usage error. A usage error
 is raised as :class:`UsageError` (anywhere below ``run``): ``main`` prints one line on stderr -- the
@@ -26,7 +32,7 @@ class UsageError(Exception):
 class Command:
     name: str
     help: str
-    module: str  # defines add_arguments(parser), run(args) -> int, and optionally HELP / EPILOG
+    module: str  # defines add_arguments(parser), run(args) -> int, and optionally EPILOG (shown under --help)
 
 
 COMMANDS = [

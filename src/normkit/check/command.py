@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     shape = parse_shape(args.input_shape) if args.input_shape else None
     if (shape or scales) and not args.model and args.op:
         raise UsageError("--input-shape/--scales apply to the model probe; drop --op, or add --model NAME")
+    if args.op and args.model:
+        raise UsageError("--op selects ops of the op sweep, which --model replaces; use one or the other")
     if shape and args.model and len(args.model) > 1:
         raise UsageError("--input-shape applies to one model; give one --model with it")
     show = not args.quiet and not args.json

@@ -55,7 +55,7 @@ def op_plots(rows: list[Row], out_dir: Path) -> list[str]:
             rs = sorted((r for r in rows if r.op == op and r.dtype == dtype and r.magnitude), key=lambda r: r.magnitude)
             mags = [r.magnitude for r in rs]
             if all(r.torch_error is None for r in rs):
-                ax.text(0.5, 0.55, "torch refuses this dtype", transform=ax.transAxes, ha="center", color=TORCH, fontsize=9)
+                ax.text(0.5, 0.3, "torch refuses this dtype", transform=ax.transAxes, ha="center", color=TORCH, fontsize=9)
             else:
                 ax.plot(mags, [_y(r.torch_error) for r in rs], "-x", color=TORCH, ms=4, lw=1.2, label="torch")
             ax.plot(mags, [_y(r.normkit_error) for r in rs], "-o", color=NORMKIT, ms=3, lw=1.2, label="normkit")
@@ -89,8 +89,8 @@ def model_plot(m: ModelResult, out_dir: Path) -> str:
 
     plt = _plt()
     n = len(m.layers)
-    fig, axes = plt.subplots(len(m.dtypes), 1, figsize=(max(9, 0.17 * n + 3), 2.8 * len(m.dtypes) + 1.6),
-                             squeeze=False, sharex=True)
+    height = 2.8 * len(m.dtypes) + 2.2  # panels, the layer names below, 0.9 in of title and legend above
+    fig, axes = plt.subplots(len(m.dtypes), 1, figsize=(max(9, 0.17 * n + 3), height), squeeze=False, sharex=True)
     norm_idx = sorted({c.index for c in m.cases if c.is_norm})
     handles = []
     for ax, dtype in zip(axes[:, 0], m.dtypes):
@@ -125,9 +125,10 @@ def model_plot(m: ModelResult, out_dir: Path) -> str:
     fig.suptitle(f"{m.model} {tuple(m.input_shape)}, {m.mode} mode: each layer fed the float64 model's input to it, "
                  f"rounded to the dtype\ngrey columns: norm layers; top band: non-finite or raised; dashed: tolerance; "
                  f"bottom row: exact (< 1e-9); |: outside the dtype's range", fontsize=9)
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.93), ncol=len(handles), fontsize=8,
-               frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.45 / height), ncol=len(handles),
+               fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.subplots_adjust(top=1 - 0.85 / height)
     name = f"model_{m.model}.png".replace("/", "_").replace(":", "_")
     fig.savefig(out_dir / name, dpi=110)
     plt.close(fig)

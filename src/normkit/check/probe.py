@@ -276,8 +276,9 @@ def probe(model: nn.Module, input_shape, *, name: str = "model", dtypes=(torch.f
                 continue
             ref_calls, ref_out, err, where = _record(master, scale * x)
             if err is not None:
-                raise ProbeInputError(f"{name} rejects input shape {tuple(input_shape)}: layer {where or '(top level)'} "
-                                      f"raised {type(err).__name__}: {str(err).splitlines()[0]}") from err
+                where = f"layer {where}" if where else f"its own forward ({type(model).__name__})"
+                raise ProbeInputError(f"{name} rejects input shape {tuple(input_shape)}: {where} raised "
+                                      f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
             if not result.layers:
                 result.layers = [c.name for c in ref_calls]
             _probe_one(result, model_dt, twin, ref_dt, dtype, scale, x, ref_calls, ref_out)

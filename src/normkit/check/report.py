@@ -103,6 +103,7 @@ def text(rows: list[Row], models: list[ModelResult]) -> str:
 
 def print_rich(rows: list[Row], models: list[ModelResult], file=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(file=file)
@@ -120,13 +121,14 @@ def print_rich(rows: list[Row], models: list[ModelResult], file=None) -> None:
             t.add_row(*c)
         console.print(t)
     for m in models:
-        t = Table(title=f"{m.model} {tuple(m.input_shape)}, {m.mode} mode, input scales "
+        t = Table(title=f"{escape(m.model)} {tuple(m.input_shape)}, {m.mode} mode, input scales "
                         f"{', '.join(num(s) for s in m.scales)}", title_justify="left", header_style="bold")
         t.add_column("dtype")
         t.add_column("first failing layer (torch), judged layer by layer")
         for line in model_lines(m):
             d, _, rest = line.partition(" ")
-            t.add_row(d, f"[red]{rest.strip()}[/]" if "no layer fails" not in rest else f"[green]{rest.strip()}[/]")
+            rest = escape(rest.strip())
+            t.add_row(d, f"[red]{rest}[/]" if "no layer fails" not in rest else f"[green]{rest}[/]")
         console.print(t)
     ok = all(r.normkit_ok for r in rows) and all(m.normkit_ok for m in models)
     console.print(headline(rows, models), style="bold green" if ok else "bold red")
