@@ -162,7 +162,7 @@ def _no_host_sync(graph: torch.fx.Graph):
 def test_torch_export_every_entry_point():
     """One exported program for every entry point, the branch-free robust graph: exact at scale 1 and at
     1e20, where the plain formula would overflow. (Train and eval mode are the same for LRN: the module
-    is exported in both.)"""
+    is exported in both, with dynamic batch and spatial sizes.)"""
     model = AllEntries().eval()
     x = torch.randn(2, 5, 3, 4)
     ep = torch.export.export(model, (x,))
@@ -172,10 +172,12 @@ def test_torch_export_every_entry_point():
         for name, got, ref in zip(NAMES, ep.module()(xs), model(xs.double())):
             assert_rel_close(got, ref, torch.float32, f"exported {name} at {scale:g}")
     module = nnk.LocalResponseNorm(3, 0.5, 0.75, 0.0, convention="caffe")
+    dims = ({0: torch.export.Dim("batch"), 2: torch.export.Dim("h"), 3: torch.export.Dim("w")},)
+    other = torch.randn(3, 5, 7, 2)  # another batch and spatial size: the shapes are symbolic
     for training in (True, False):
-        ep = torch.export.export(module.train(training), (x,))
+        ep = torch.export.export(module.train(training), (x,), dynamic_shapes=dims)
         _no_host_sync(ep.graph)
-        assert_rel_close(ep.module()(x * 1e30), module(x.double() * 1e30), torch.float32, f"training={training}")
+        assert_rel_close(ep.module()(other * 1e30), module(other.double() * 1e30), torch.float32, f"training={training}")
 
 
 def test_make_fx_and_fake_tensors_do_not_sync():
