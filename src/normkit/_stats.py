@@ -19,6 +19,9 @@ Precision policy (applies to every operator):
 * **Two-pass moments of the shifted data**: ``mean_d = sum(d) / n``, ``m2 = sum((d - mean_d)**2)``.
 * **Inverse standard deviation as ``r * 2**k``** (:func:`inv_std`): the exponent ``k`` is chosen per group
   so that ``var`` and ``eps`` meet at a common scale where neither can overflow.
+* **Products as mantissa and exponent** (:func:`mul_product`): with given statistics (eval mode),
+  ``(x - mean) * weight * rstd`` multiplies the factors' mantissas and applies the summed exponent last, so
+  no partial product (``x_hat``, ``weight * rstd``) overflows where the result is finite.
 
 Statistics are carried as :class:`Moments` (count, exponent, pivot, shifted mean, M2). Two Moments of
 disjoint parts of a group merge exactly like Chan et al.'s parallel variance (:func:`merge_moments`),
