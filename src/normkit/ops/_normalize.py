@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from .._stats import centered, compute_dtype, mul_product, normalize_with_stats, standardize, standardize_backward, standardize_jvp
+from .._stats import affine_with_stats, compute_dtype, mul_product, normalize_with_stats, standardize, standardize_backward, standardize_jvp
 
 
 def _output(xw: Tensor, bias: Tensor | None, dtype: torch.dtype, x_hat: Tensor) -> Tensor:
@@ -141,10 +141,8 @@ class StatsAffine(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
         ct = compute_dtype(x.dtype)
-        xc, mean = x.to(ct), mean.to(ct)
-        x_hat, rstd = normalize_with_stats(xc, mean, var.to(ct), eps)
-        d, h = centered(xc, mean)  # x - mean = d * 2**h
-        xw = x_hat if weight is None else mul_product(d, weight.to(ct), rstd, h)  # (x - mean) * weight * rstd
+        w = None if weight is None else weight.to(ct)
+        x_hat, _, xw = affine_with_stats(x.to(ct), mean.to(ct), var.to(ct), eps, w)
         return _output(xw, bias, x.dtype, x_hat), x_hat
 
     @staticmethod
@@ -182,7 +180,6 @@ class StatsAffine(torch.autograd.Function):
         w = None if weight is None else weight.to(x_hat.dtype)
         txw = torch.zeros_like(x_hat) if tx is None else mul_product(tx.to(x_hat.dtype), w, rstd)  # tx * weight * rstd
         return _affine_tangent(txw, x_hat, tweight, tbias, x.dtype), None
-
 
 
 def _with_jvp(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
