@@ -522,3 +522,23 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, monkeypatch, argv
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_harden_skip_layernorm_keeps_its_sum_output():
+    """SkipLayerNormalization's 4th output (input + skip) feeds the next residual: it is kept."""
+    from onnx_graphs import C
+
+    skip = np.linspace(-1, 1, 3 * C).reshape(3, C).astype(np.float32)
+    node = onnx.helper.make_node("SkipLayerNormalization", ["x", "skip", "s", "b"], ["y", "", "", "sum"],
+                                 domain="com.microsoft", epsilon=1e-5)
+    g = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", TP.FLOAT, ["N", 3, C])],
+                               [onnx.helper.make_tensor_value_info(n, TP.FLOAT, None) for n in ("y", "sum")],
+                               [onnx.numpy_helper.from_array(skip, "skip"),
+                                onnx.numpy_helper.from_array(np.ones(C, np.float32), "s"),
+                                onnx.numpy_helper.from_array(np.zeros(C, np.float32), "b")])
+    model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    hard, report = harden_onnx(model)
+    assert len(report.replaced) == 1 and [o.name for o in hard.graph.output] == ["y", "sum"]
+    x = _x((2, 3, C), 1.0)
+    for a, b in zip(run(hard, {"x": x}), run(model, {"x": x})):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
