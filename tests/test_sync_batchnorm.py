@@ -349,7 +349,7 @@ def test_torchrun_example_end_to_end(tmp_path):
     pytest.importorskip("tqdm")
     log2, log1 = tmp_path / "two.json", tmp_path / "one.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    common = ["--epochs", "1", "--subset", "192", "--batch-size", "32", "--json"]
+    common = ["--epochs", "1", "--subset", "192", "--batch-size", "32", "--dtype", "float64", "--json"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(ROOT / "examples" / "train_ddp.py"), *common, str(log2)],
                          env=env, capture_output=True, text=True, timeout=300)
@@ -362,7 +362,7 @@ def test_torchrun_example_end_to_end(tmp_path):
     r2, r1 = json.loads(log2.read_text()), json.loads(log1.read_text())
     assert r2["world_size"] == 2 and r1["world_size"] == 1
     assert len(r2["losses"]) == len(r1["losses"]) == 6 and 0.0 <= r2["test_accuracy"] <= 1.0
-    assert "test accuracy" in two.stdout
-    # the same loss curve, to the tolerance the README states for float32 (see examples/train_ddp.py)
+    assert "test accuracy" in two.stdout and "test accuracy" in one.stdout
+    # the same loss curve: in float64 the README measures 1e-15 over 230 steps; 1e-10 here
     diffs = np.abs(np.array(r2["losses"]) - np.array(r1["losses"]))
-    assert diffs.max() <= 1e-4 * max(1.0, max(r1["losses"])), (r2["losses"], r1["losses"])
+    assert diffs.max() <= 1e-10 * max(r1["losses"]), (r2["losses"], r1["losses"])
