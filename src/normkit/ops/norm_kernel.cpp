@@ -75,52 +75,83 @@ inline float multiplier(float r, int q) {
   return (std::isfinite(m) && m >= FLT_MIN) ? m : 0.f;
 }
 
+constexpr int kLanes = 64;  // independent float accumulators: 4 AVX-512 (8 AVX2) registers, no long dependency chain
+
+inline float reduce_lanes(float* acc) {  // pairwise: also the more accurate order
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
+}
+
+// sum of f(i) over [i0, i1)
+template <typename F>
+inline float lane_sum(int64_t i0, int64_t i1, F f) {
+  float acc[kLanes] = {};
+  int64_t i = i0;
+  for (; i + kLanes <= i1; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) acc[j] += f(i + j);
+  }
+  float tail = 0.f;
+  for (; i < i1; ++i) tail += f(i);
+  return reduce_lanes(acc) + tail;
+}
+
+// both sums of f(i) -> (a, b) over [i0, i1)
+template <typename F>
+inline void lane_sum2(int64_t i0, int64_t i1, F f, float& out_a, float& out_b) {
+  float acc_a[kLanes] = {}, acc_b[kLanes] = {};
+  int64_t i = i0;
+  for (; i + kLanes <= i1; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) { float a, b; f(i + j, a, b); acc_a[j] += a; acc_b[j] += b; }
+  }
+  float ta = 0.f, tb = 0.f;
+  for (; i < i1; ++i) { float a, b; f(i, a, b); ta += a; tb += b; }
+  out_a = reduce_lanes(acc_a) + ta;
+  out_b = reduce_lanes(acc_b) + tb;
+}
+
+template <typename F>
+inline float lane_max(int64_t n, F f) {  // max of f(i) >= 0 over [0, n)
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) acc[j] = std::max(acc[j], f(i + j));
+  }
+  float m = 0.f;
+  for (; i < n; ++i) m = std::max(m, f(i));
+  for (int j = 0; j < kLanes; ++j) m = std::max(m, acc[j]);
+  return m;
+}
+
 template <typename T>
 inline float amax_seg(const T* p, int64_t n) {
-  float m = 0.f;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::abs(static_cast<float>(p[i])));
-  return m;
+  return lane_max(n, [p](int64_t i) { return std::abs(static_cast<float>(p[i])); });
 }
 
 template <typename T>
 inline float amax_seg_w(const T* p, int64_t n, const float* w, float wc) {  // max |p * w|; w per element or wc
-  float m = 0.f;
-  if (w) {
-#pragma omp simd reduction(max : m)
-    for (int64_t i = 0; i < n; ++i) m = std::max(m, std::abs(static_cast<float>(p[i]) * w[i]));
-  } else {
-#pragma omp simd reduction(max : m)
-    for (int64_t i = 0; i < n; ++i) m = std::max(m, std::abs(static_cast<float>(p[i]) * wc));
-  }
-  return m;
+  if (w) return lane_max(n, [p, w](int64_t i) { return std::abs(static_cast<float>(p[i]) * w[i]); });
+  return lane_max(n, [p, wc](int64_t i) { return std::abs(static_cast<float>(p[i]) * wc); });
 }
 
-// acc += sum(x * s - shift)
+// acc += sum(x * s - shift), in chunks
 template <typename T>
 inline void sum_shifted(const T* p, int64_t n, float s, float shift, Acc& acc) {
-  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-    const int64_t i1 = std::min(n, i0 + kChunk);
-    float t = 0.f;
-#pragma omp simd reduction(+ : t)
-    for (int64_t i = i0; i < i1; ++i) t += static_cast<float>(p[i]) * s - shift;
-    acc.add(t);
-  }
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk)
+    acc.add(lane_sum(i0, std::min(n, i0 + kChunk), [=](int64_t i) { return static_cast<float>(p[i]) * s - shift; }));
 }
 
 // acc += sum(((x * s - shift) - mean)**2)
 template <typename T>
 inline void sum_sq(const T* p, int64_t n, float s, float shift, float mean, Acc& acc) {
-  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-    const int64_t i1 = std::min(n, i0 + kChunk);
-    float t = 0.f;
-#pragma omp simd reduction(+ : t)
-    for (int64_t i = i0; i < i1; ++i) {
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk)
+    acc.add(lane_sum(i0, std::min(n, i0 + kChunk), [=](int64_t i) {
       const float c = (static_cast<float>(p[i]) * s - shift) - mean;
-      t += c * c;
-    }
-    acc.add(t);
-  }
+      return c * c;
+    }));
 }
 
 // _stats.inv_std: 1/sqrt(a * 4**e + eps) = r * 2**k with both terms under the root at most about 4
@@ -254,12 +285,11 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
           const int64_t i1 = std::min(L, i0 + kChunk);
           float tw = 0.f, tb = 0.f;
           if (m != 0.f) {
-#pragma omp simd reduction(+ : tw, tb)
-            for (int64_t i = i0; i < i1; ++i) {
+            lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
               const float d = static_cast<float>(dyp[i]);
-              tw += d * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
-              tb += d;
-            }
+              a = d * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
+              b = d;
+            }, tw, tb);
           } else {
             for (int64_t i = i0; i < i1; ++i) {
               const float d = static_cast<float>(dyp[i]);
@@ -289,13 +319,18 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
     for (int64_t i0 = 0; i0 < L; i0 += kChunk) {
       const int64_t i1 = std::min(L, i0 + kChunk);
       float t1 = 0.f, t2 = 0.f;
-      if (m != 0.f) {
-#pragma omp simd reduction(+ : t1, t2)
-        for (int64_t i = i0; i < i1; ++i) {
-          const float gs = static_cast<float>(dyp[i]) * (wel ? wel[i] : wc) * sg - g0;
-          t1 += gs;
-          t2 += gs * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
-        }
+      if (m != 0.f && wel) {
+        lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
+          const float gs = static_cast<float>(dyp[i]) * wel[i] * sg - g0;
+          a = gs;
+          b = gs * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
+        }, t1, t2);
+      } else if (m != 0.f) {
+        lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
+          const float gs = static_cast<float>(dyp[i]) * wc * sg - g0;
+          a = gs;
+          b = gs * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
+        }, t1, t2);
       } else {
         for (int64_t i = i0; i < i1; ++i) {
           const float gs = static_cast<float>(dyp[i]) * (wel ? wel[i] : wc) * sg - g0;
@@ -314,10 +349,17 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
     const T* xp = x + base + j * stride;
     T* dxp = dx + base + j * stride;
     const float wc = wc_of(j);
-    if (m != 0.f && m2 != 0.f) {
+    if (m != 0.f && m2 != 0.f && wel) {
 #pragma omp simd
       for (int64_t i = 0; i < L; ++i) {
-        const float gs = static_cast<float>(dyp[i]) * (wel ? wel[i] : wc) * sg - g0;
+        const float gs = static_cast<float>(dyp[i]) * wel[i] * sg - g0;
+        const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
+        dxp[i] = static_cast<T>(((gs - mg) - xh * mgx) * m2);
+      }
+    } else if (m != 0.f && m2 != 0.f) {
+#pragma omp simd
+      for (int64_t i = 0; i < L; ++i) {
+        const float gs = static_cast<float>(dyp[i]) * wc * sg - g0;
         const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
         dxp[i] = static_cast<T>(((gs - mg) - xh * mgx) * m2);
       }
@@ -399,14 +441,14 @@ void eval_forward_impl(const T* x, T* y, const float* mean, const float* rstd, c
       const float mu = mean[c], rs = rstd[c], wc = w[c], bc = b[c];
       const T* xp = x + row * S;
       T* yp = y + row * S;
-      bool overflow = false;
-#pragma omp simd reduction(|| : overflow)
+      float big = 0.f;  // max |x - mean|: inf when the difference overflowed somewhere
+#pragma omp simd reduction(max : big)
       for (int64_t i = 0; i < S; ++i) {
         const float diff = static_cast<float>(xp[i]) - mu;
-        overflow = overflow || std::isinf(diff);
+        big = std::max(big, std::abs(diff));
         yp[i] = static_cast<T>((diff * rs) * wc + bc);
       }
-      if (overflow) {  // x - mean left the range (opposite signs near the top): take it in halves there
+      if (big > FLT_MAX) {  // x - mean left the range (opposite signs near the top): take it in halves there
         for (int64_t i = 0; i < S; ++i) {
           const float v = static_cast<float>(xp[i]);
           if (std::isinf(v - mu) && std::isfinite(v)) yp[i] = static_cast<T>(((v * 0.5f - mu * 0.5f) * rs * 2.f) * wc + bc);
@@ -436,14 +478,14 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
         for (int64_t i0 = 0; i0 < S; i0 += kChunk) {
           const int64_t i1 = std::min(S, i0 + kChunk);
           float tw = 0.f, tb = 0.f;
-#pragma omp simd reduction(+ : tw, tb)
-          for (int64_t i = i0; i < i1; ++i) {
+          lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
             const float d = static_cast<float>(dyp[i]);
-            const float diff = static_cast<float>(xp[i]) - mu;
-            const float xh = std::isinf(diff) ? (static_cast<float>(xp[i]) * 0.5f - mu * 0.5f) * rs * 2.f : diff * rs;
-            tw += d * xh;
-            tb += d;
-          }
+            const float v = static_cast<float>(xp[i]);
+            const float diff = v - mu;
+            const float xh = std::abs(diff) > FLT_MAX ? (v * 0.5f - mu * 0.5f) * rs * 2.f : diff * rs;
+            a = d * xh;
+            b = d;
+          }, tw, tb);
           aw.add(tw); ab.add(tb);
         }
         segw[row] = aw.s; segb[row] = ab.s;
