@@ -46,15 +46,19 @@ def _max_exponent(dtype: torch.dtype) -> int:
     return -int(math.log2(torch.finfo(dtype).tiny))
 
 
-def group_exponent(x: Tensor, dims: Dims) -> Tensor:
-    """``e = floor(log2(max |x|))`` over ``dims`` (keepdim), clamped to the normal range; 0-groups get the minimum.
+def exponent(t: Tensor) -> Tensor:
+    """``floor(log2 |t|)`` elementwise, clamped so that ``2**e`` and ``2**-e`` are normal (0 gets the minimum).
 
-    The result is a detached float tensor of integers: scaling by ``2**-e`` is exact and piecewise
-    constant, so it carries no gradient.
+    A detached float tensor of integers: scaling by ``2**-e`` is exact and piecewise constant, so it carries
+    no gradient.
     """
-    bound = _max_exponent(x.dtype)
-    amax = x.detach().abs().amax(dim=tuple(dims), keepdim=True)
-    return torch.floor(torch.log2(amax)).clamp(-bound, bound)
+    bound = _max_exponent(t.dtype)
+    return torch.floor(torch.log2(t.detach().abs())).clamp(-bound, bound)
+
+
+def group_exponent(x: Tensor, dims: Dims) -> Tensor:
+    """``e = floor(log2(max |x|))`` over ``dims`` (keepdim): :func:`exponent` of each group's largest value."""
+    return exponent(x.detach().abs().amax(dim=tuple(dims), keepdim=True))
 
 
 def mul_pow2(t: Tensor, k: Tensor) -> Tensor:
@@ -217,13 +221,53 @@ def standardize_backward(g: Tensor, x_hat: Tensor, r: Tensor, k: Tensor, dims: D
     return mul_pow2(t * r, k + eg)
 
 
+def standardize_jvp(t: Tensor, x_hat: Tensor, r: Tensor, k: Tensor, dims: Dims, center: bool = True) -> Tensor:
+    """Tangent of :func:`standardize` for an input tangent ``t`` (forward-mode AD).
+
+    The Jacobian of standardization, ``d x_hat_i / d x_j = rstd * (delta_ij - 1/n - x_hat_i * x_hat_j / n)``
+    (without the ``1/n`` term when not centred), is symmetric, so the Jacobian-vector product is the same
+    map as the vector-Jacobian product: :func:`standardize_backward` applied to ``t``.
+    """
+    return standardize_backward(t, x_hat, r, k, dims, center)
+
+
+def split_product(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``a * b`` as ``m * 2**q`` with ``1 <= |m| < 4`` (for finite, nonzero normal factors) and an
+    integer-valued ``q``, so that applying the product to a value, ``mul_pow2(v * m, q)``, never forms
+    ``a * b`` itself, which may overflow or underflow where ``v * a * b`` does not (``weight * rstd``)."""
+    ea, eb = exponent(a), exponent(b)
+    return (a * torch.exp2(-ea)) * (b * torch.exp2(-eb)), ea + eb  # exact power-of-two scalings
+
+
+def centered(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """``x - mean`` as ``d * 2**h`` (``h`` 0 or 1): taken in halves where the difference itself overflows
+    (opposite signs near the top of the range), exactly otherwise."""
+    diff = x - mean
+    overflow = torch.isinf(diff) & torch.isfinite(x) & torch.isfinite(mean)
+    return torch.where(overflow, x * 0.5 - mean * 0.5, diff), overflow.to(diff.dtype)
+
+
 def normalize_with_stats(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``x_hat = (x - mean) * rsqrt(var + eps)`` for given (running) statistics, in the compute dtype.
 
-    Returns ``(x_hat, rstd)``. ``var`` fits the dtype, so ``rsqrt(var + eps)`` is safe; only ``x - mean``
-    can overflow (opposite signs near the top of the range), and there it is taken in halves.
+    Returns ``(x_hat, rstd)``. ``var`` fits the dtype, so ``rsqrt(var + eps)`` is safe (``inf`` only for
+    ``var + eps == 0``, where float64 divides by zero as well); only ``x - mean`` can overflow, and there
+    it is taken in halves (:func:`centered`).
     """
     rstd = torch.rsqrt(var + eps)
-    diff = x - mean
-    halved = (x * 0.5 - mean * 0.5) * rstd * 2.0
-    return torch.where(torch.isinf(diff), halved, diff * rstd), rstd
+    d, h = centered(x, mean)
+    return mul_pow2(d * rstd, h), rstd
+
+
+def mul_product(v: Tensor, a: Tensor | None, b: Tensor, h: Tensor | int = 0) -> Tensor:
+    """``v * a * b * 2**h`` without forming ``a * b`` (``a`` may be None: ``v * b * 2**h``).
+
+    Eval-mode batch norm applies ``weight * rstd`` to ``x - mean``: ``x = 1e30, rstd = 1e10,
+    weight = 1e-20`` is ``1e20``, but ``x * rstd`` overflows float32 and ``weight * rstd`` can over- or
+    underflow on its own. Here ``a * b`` enters as ``m * 2**q`` (:func:`split_product`) and the power of
+    two is applied last, so an intermediate can only overflow where the result does.
+    """
+    if a is None:
+        return mul_pow2(v * b, h) if isinstance(h, Tensor) else v * b
+    m, q = split_product(a, b)
+    return mul_pow2(v * m, q + h)
