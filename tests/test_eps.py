@@ -128,6 +128,7 @@ MODULES = {
     "BatchNorm2d train, no running stats": ("batch_norm train", lambda ns, eps: ns.BatchNorm2d(4, eps=eps, track_running_stats=False), "eval", X),
     "BatchNorm2d eval": ("batch_norm eval", lambda ns, eps: ns.BatchNorm2d(4, eps=eps), "eval", X),
     "InstanceNorm2d": ("instance_norm", lambda ns, eps: ns.InstanceNorm2d(4, eps=eps, affine=True), "train", X),
+    "InstanceNorm2d tracking, train": ("instance_norm", lambda ns, eps: ns.InstanceNorm2d(4, eps=eps, track_running_stats=True), "train", X),
     "InstanceNorm2d tracking, eval": ("instance_norm running", lambda ns, eps: ns.InstanceNorm2d(4, eps=eps, track_running_stats=True), "eval", X),
     "LayerNorm": ("layer_norm", lambda ns, eps: ns.LayerNorm((3, 3), eps=eps), "train", X),
     "GroupNorm": ("group_norm", lambda ns, eps: ns.GroupNorm(2, 4, eps=eps), "train", X),
@@ -143,7 +144,7 @@ def _module(ns, name, eps):
 
 
 def _outcome(call):
-    """What a call does: ``(exception type, message)`` or the output."""
+    """What a call does: the exception it raised, or its output."""
     try:
         return call()
     except Exception as e:  # noqa: BLE001 - recording torch's behaviour, whatever it is

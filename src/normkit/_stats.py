@@ -19,6 +19,9 @@ Precision policy (applies to every operator):
 * **Two-pass moments of the shifted data**: ``mean_d = sum(d) / n``, ``m2 = sum((d - mean_d)**2)``.
 * **Inverse standard deviation as ``r * 2**k``** (:func:`inv_std`): the exponent ``k`` is chosen per group
   so that ``var`` and ``eps`` meet at a common scale where neither can overflow.
+* **Products as mantissa and exponent** (:func:`mul_product`): with given statistics (eval mode),
+  ``(x - mean) * weight * rstd`` multiplies the factors' mantissas and applies the summed exponent last, so
+  no partial product (``x_hat``, ``weight * rstd``) overflows where the result is finite.
 
 Statistics are carried as :class:`Moments` (count, exponent, pivot, shifted mean, M2). Two Moments of
 disjoint parts of a group merge exactly like Chan et al.'s parallel variance (:func:`merge_moments`),
@@ -84,7 +87,7 @@ def first(x: Tensor, dims: Dims) -> Tensor:
 
 def group_size(x: Tensor, dims: Dims) -> int:
     """Number of elements reduced into each group."""
-    return math.prod(x.shape[d] for d in dims)
+    return math.prod([x.shape[d] for d in dims])
 
 
 class Moments(NamedTuple):
@@ -255,13 +258,25 @@ def centered(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
 def normalize_with_stats(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``x_hat = (x - mean) * rsqrt(var + eps)`` for given (running) statistics, in the compute dtype.
 
-    Returns ``(x_hat, rstd)``. ``var`` fits the dtype, so ``rsqrt(var + eps)`` is safe (``inf`` only for
-    ``var + eps == 0``, where float64 divides by zero as well); only ``x - mean`` can overflow, and there
-    it is taken in halves (:func:`centered`).
+    Returns ``(x_hat, rstd)``; see :func:`affine_with_stats`, which also applies a weight.
+    """
+    x_hat, rstd, _ = affine_with_stats(x, mean, var, eps, None)
+    return x_hat, rstd
+
+
+def affine_with_stats(x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_hat, rstd, x_hat * weight)`` for given statistics, in the compute dtype (``weight`` too).
+
+    ``var`` fits the dtype, so ``rstd = rsqrt(var + eps)`` is safe (``inf`` only for ``var + eps == 0``,
+    where float64 divides by zero as well). ``x - mean`` is taken in halves where it overflows
+    (:func:`centered`), and ``x_hat * weight`` is formed from ``x - mean`` directly, with ``weight * rstd``
+    as one mantissa/exponent factor (:func:`mul_product`): ``x_hat`` itself may overflow where the
+    weighted result does not (``x = 1e30, rstd = 1e10, weight = 1e-20``).
     """
     rstd = torch.rsqrt(var + eps)
-    d, h = centered(x, mean)
-    return mul_pow2(d * rstd, h), rstd
+    d, h = centered(x, mean)  # x - mean = d * 2**h
+    x_hat = mul_pow2(d * rstd, h)
+    return x_hat, rstd, x_hat if weight is None else mul_product(d, weight, rstd, h)
 
 
 def mul_product(v: Tensor, a: Tensor | None, b: Tensor, h: Tensor | int = 0) -> Tensor:

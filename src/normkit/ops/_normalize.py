@@ -30,7 +30,7 @@ exactly; otherwise they reuse the ``x_hat`` saved by forward. The rebuild costs 
 
 Tool chain: no host syncs and no Python branching on tensor values, so both Functions trace under
 ``torch.export``, ``torch.compile(fullgraph=True)`` and on the meta device; ``generate_vmap_rule`` gives
-``vmap``, ``jvp`` gives ``jvp``/``jacfwd``/``hessian``.
+``vmap``, ``jvp`` gives ``jvp``/``jacfwd``/``hessian`` (on a subclass that dynamo never sees: :func:`_with_jvp`).
 
 Precision: statistics and ``x_hat`` in the compute dtype (float32 for half inputs); output cast back to the
 input's dtype, gradients to their inputs' dtypes. Overflow handling lives in :mod:`normkit._stats`.
@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from .._stats import centered, compute_dtype, mul_product, normalize_with_stats, standardize, standardize_backward, standardize_jvp
+from .._stats import affine_with_stats, compute_dtype, mul_product, normalize_with_stats, standardize, standardize_backward, standardize_jvp
 
 
 def _output(xw: Tensor, bias: Tensor | None, dtype: torch.dtype, x_hat: Tensor) -> Tensor:
@@ -120,7 +120,8 @@ class StandardizeAffine(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None
 
     @staticmethod
-    def jvp(ctx, tx, tweight, tbias, *unused):
+    def tangent(ctx, tx, tweight, tbias, *unused):
+        """The ``jvp`` of :class:`StandardizeAffineJvp` (see :func:`_with_jvp`)."""
         x, weight, bias, x_hat, r, k = ctx.saved_tensors
         x_hat, r, k = StandardizeAffine._statistics(ctx, x, x_hat, r, k, torch.is_grad_enabled())
         tx_hat = torch.zeros_like(x_hat) if tx is None else standardize_jvp(tx.to(x_hat.dtype), x_hat, r, k, ctx.dims, ctx.center)
@@ -140,10 +141,8 @@ class StatsAffine(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
         ct = compute_dtype(x.dtype)
-        xc, mean = x.to(ct), mean.to(ct)
-        x_hat, rstd = normalize_with_stats(xc, mean, var.to(ct), eps)
-        d, h = centered(xc, mean)  # x - mean = d * 2**h
-        xw = x_hat if weight is None else mul_product(d, weight.to(ct), rstd, h)  # (x - mean) * weight * rstd
+        w = None if weight is None else weight.to(ct)
+        x_hat, _, xw = affine_with_stats(x.to(ct), mean.to(ct), var.to(ct), eps, w)
         return _output(xw, bias, x.dtype, x_hat), x_hat
 
     @staticmethod
@@ -174,12 +173,32 @@ class StatsAffine(torch.autograd.Function):
         return dx, None, None, dweight, dbias, None
 
     @staticmethod
-    def jvp(ctx, tx, tmean, tvar, tweight, tbias, unused):
+    def tangent(ctx, tx, tmean, tvar, tweight, tbias, unused):
+        """The ``jvp`` of :class:`StatsAffineJvp` (see :func:`_with_jvp`)."""
         x, mean, var, weight, bias, x_hat = ctx.saved_tensors
         x_hat, rstd = StatsAffine._statistics(ctx, x, mean, var, x_hat, torch.is_grad_enabled())
         w = None if weight is None else weight.to(x_hat.dtype)
         txw = torch.zeros_like(x_hat) if tx is None else mul_product(tx.to(x_hat.dtype), w, rstd)  # tx * weight * rstd
         return _affine_tangent(txw, x_hat, tweight, tbias, x.dtype), None
+
+
+def _with_jvp(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """``function`` with its ``tangent`` installed as ``jvp``, for forward-mode AD.
+
+    Two classes because torch 2.13's dynamo refuses to trace an ``autograd.Function`` that defines ``jvp``
+    ("Unsupported custom jvp"): under ``torch.compile`` the class without it runs (forward-mode AD inside a
+    compiled region is then unsupported, as for any such Function), everywhere else the one with it.
+    """
+    return type(f"{function.__name__}Jvp", (function,), {"jvp": staticmethod(function.tangent), "__doc__": function.__doc__})
+
+
+StandardizeAffineJvp = _with_jvp(StandardizeAffine)
+StatsAffineJvp = _with_jvp(StatsAffine)
+
+
+def _pick(function, with_jvp):
+    """The class to apply: without ``jvp`` while dynamo traces (it cannot trace one), with it otherwise."""
+    return function if torch.compiler.is_compiling() else with_jvp
 
 
 def empty_output(input: Tensor, *params: Tensor | None) -> Tensor:
@@ -202,10 +221,10 @@ def torch_layout(y: Tensor, input: Tensor) -> Tensor:
 
 def standardize_affine(x, weight, bias, dims, eps, center=True):
     """Apply :class:`StandardizeAffine`; returns ``(y, mean, var)`` with biased ``var`` (keepdim shape)."""
-    y, _, _, _, mean, var = StandardizeAffine.apply(x, weight, bias, tuple(dims), float(eps), center)
+    y, _, _, _, mean, var = _pick(StandardizeAffine, StandardizeAffineJvp).apply(x, weight, bias, tuple(dims), float(eps), center)
     return y, mean, var
 
 
 def stats_affine(x, mean, var, weight, bias, eps):
     """Apply :class:`StatsAffine`; returns ``y``."""
-    return StatsAffine.apply(x, mean, var, weight, bias, float(eps))[0]
+    return _pick(StatsAffine, StatsAffineJvp).apply(x, mean, var, weight, bias, float(eps))[0]

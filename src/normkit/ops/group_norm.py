@@ -8,6 +8,8 @@ The ``C / num_groups`` channels of each group and all their spatial values, per 
 Gradients: ``dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))`` over each group, ``g = dy * weight``;
 ``dweight_c = sum over n and * of dy * x_hat``, ``dbias_c = sum of dy``.
 Precision: as :mod:`normkit.ops.layer_norm`.
+Contract (torch's): parameters as for layer norm; any eps; the output in the input's suggested memory
+format (channels_last kept, any other non-contiguous input gives a contiguous output).
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ Gradients: ``dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))``, ``g = dy * w
 
 Precision: statistics in float32 for half inputs (float64 for float64), power-of-two scaled and shifted
 (:mod:`normkit._stats`), so rows of float32 values near 1e30 or float16 values near 6e4 stay finite.
+
+Contract (torch's): weight and bias in the input's dtype, or float32 for a half input; any eps; a contiguous
+output. Forward-mode AD, export and compile: see :mod:`normkit.ops._normalize`.
 """
 
 from __future__ import annotations
