@@ -21,11 +21,11 @@ import torch.multiprocessing as mp
 # ------------------------------------------------------------------------------------------- launcher
 
 
-def _child(rank, world_size, init_file, timeout_s, target, args, out_path, final_barrier):
+def _child(rank, world_size, init_file, timeout_s, target, args, out_path, final_barrier, backend):
     torch.set_num_threads(1)
     result = None
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         result = {"ok": target(rank, world_size, *args)}
     except BaseException as exc:  # reported to the parent, which fails the test with the traceback
@@ -39,7 +39,7 @@ def _child(rank, world_size, init_file, timeout_s, target, args, out_path, final
     os._exit(0)  # no atexit handlers or process-group teardown: a broken group must not hang the exit
 
 
-def launch(world_size, target, args=(), tmp_path=None, timeout_s=30.0, deadline_s=120.0, wait_for=None):
+def launch(world_size, target, args=(), tmp_path=None, timeout_s=30.0, deadline_s=120.0, wait_for=None, backend="gloo"):
     """Run ``target`` on ``world_size`` spawned ranks; returns a list of per-rank dicts, each
     ``{"ok": value}``, ``{"error": message, "traceback": ...}`` or ``{"missing": exitcode}``.
 
@@ -48,7 +48,7 @@ def launch(world_size, target, args=(), tmp_path=None, timeout_s=30.0, deadline_
     ctx = mp.get_context("spawn")
     init_file = os.path.join(str(tmp_path), f"rendezvous-{time.monotonic_ns()}")
     outs = [os.path.join(str(tmp_path), f"rank{r}-{time.monotonic_ns()}.pt") for r in range(world_size)]
-    procs = [ctx.Process(target=_child, args=(r, world_size, init_file, timeout_s, target, args, outs[r], wait_for is None),
+    procs = [ctx.Process(target=_child, args=(r, world_size, init_file, timeout_s, target, args, outs[r], wait_for is None, backend),
                          daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()

@@ -53,7 +53,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None, *, bias: bool = True) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias)
+        extra = {} if bias else {"bias": False}  # torch < 2.13 has no bias argument (and raises for bias=False)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **extra)
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -106,7 +107,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         out = module
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                      process_group, bias=module.bias is not None)
+                      process_group, **({} if module.bias is not None or not module.affine else {"bias": False}))
             if module.affine:
                 out.weight = module.weight
                 out.bias = module.bias
@@ -150,7 +151,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                     f"BatchNorm1d, 2d or 3d: it was not converted from a BatchNorm and has seen no input; pass "
                     f"dim=1, 2 or 3, or run one forward first")
             out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                      bias=module.bias is not None, device=_device_of(module), dtype=_dtype_of(module))
+                      device=_device_of(module), dtype=_dtype_of(module),
+                      **({} if module.bias is not None or not module.affine else {"bias": False}))
             if module.affine:
                 out.weight = module.weight
                 out.bias = module.bias
