@@ -91,6 +91,9 @@ CASES = {
     "f32_offset": dict(dtype=torch.float32, C=3, spatial=(4, 3), sizes={2: [3, 2], 3: [2, 2, 3]}, momentum=0.1, offset=1e7),
     "f32_huge": dict(dtype=torch.float32, C=3, spatial=(4, 3), sizes={2: [2, 3], 3: [3, 1, 2]}, momentum=0.1, scale=1e30),
     "f32_huge_offset": dict(dtype=torch.float32, C=2, spatial=(5,), sizes={2: [3, 3]}, momentum=0.1, scale=1e30, offset=1e37),
+    # an empty rank at the offset, and a constant channel at the offset (variance exactly 0 on every rank)
+    "f32_offset_empty": dict(dtype=torch.float32, C=2, spatial=(6,), sizes={2: [0, 5], 3: [2, 0, 4]}, momentum=0.1, offset=1e7),
+    "f32_constant": dict(dtype=torch.float32, C=2, spatial=(3,), sizes={2: [2, 3], 3: [1, 2, 2]}, momentum=0.1, offset=1e7, scale=0.0),
     "f16": dict(dtype=torch.float16, C=3, spatial=(4, 3), sizes={2: [3, 2]}, momentum=0.1, offset=300.0),
     "bf16": dict(dtype=torch.bfloat16, C=3, spatial=(4, 3), sizes={2: [2, 3]}, momentum=0.1, scale=1e30),
 }
