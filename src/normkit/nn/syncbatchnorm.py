@@ -23,15 +23,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import functional as nf
 from ..ops.sync_batch_norm import sync_batch_norm
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ._toolchain import NotScriptable
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_module
 
 _BY_INPUT_DIM = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}
 _BY_DIM = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
 
 
-class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+class SyncBatchNorm(NotScriptable, nn.modules.batchnorm._BatchNorm):
     """Drop-in for ``torch.nn.SyncBatchNorm(num_features, eps=1e-5, momentum=0.1, affine=True,
     track_running_stats=True, process_group=None, device=None, dtype=None, *, bias=True)``; input
     ``(N, C, *)``. ``isinstance(m, torch.nn.SyncBatchNorm)`` is False on purpose (see the module docstring);
@@ -72,19 +72,18 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         self.last_input_dim = input.dim()  # lets revert_sync_batchnorm pick BatchNorm1d/2d/3d
+        group = self._sync_group() if self.training else None
+        if group is None:  # eval, no torch.distributed, or a group of one: exactly normkit's BatchNorm
+            return batch_norm_module(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                     self.num_batches_tracked, ranks=(input.dim(),), training=self.training,
+                                     track_running_stats=self.track_running_stats, momentum=self.momentum, eps=self.eps)
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        running_mean = self.running_mean if track else None
-        running_var = self.running_var if track else None
-        group = self._sync_group() if self.training else None
-        if group is None:
-            return nf.batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps)
-        return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps, group, self._name())
+        stats = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+        return sync_batch_norm(input, *stats, self.weight, self.bias, momentum, self.eps, group, self._name())
 
     def _sync_group(self):
         """The process group to synchronize over, or None when there is nothing to synchronize with."""
