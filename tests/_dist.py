@@ -230,6 +230,15 @@ def edge_worker(rank, world_size, counter):
     y = m(x)
     y.backward(one_each_dy(rank))
     out["one_each_y"], out["one_each_dx"] = y.detach(), x.grad
+    # double backward: refused with torch's once_differentiable error, on every rank
+    m = nnk.SyncBatchNorm(2, dtype=torch.float64)
+    x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad((m(x) ** 3).sum(), x, create_graph=True)
+    try:
+        g.sum().backward()
+        out["double_backward"] = None
+    except RuntimeError as exc:
+        out["double_backward"] = str(exc)
     # the whole group's batch is empty: empty output, buffers untouched, zero gradients
     m = nnk.SyncBatchNorm(2, dtype=torch.float64)
     x = torch.zeros(0, 2, 3, dtype=torch.float64, requires_grad=True)

@@ -172,6 +172,11 @@ def test_one_value_on_each_rank_is_enough(request, world_name):
     assert_rel_close(torch.cat([r["edge"]["one_each_dx"] for r in world]), x.grad, torch.float64, "dx", rel=F64_TOL)
 
 
+def test_double_backward_raises(world2):
+    for res in world2:
+        assert res["edge"]["double_backward"] is not None and "once_differentiable" in res["edge"]["double_backward"]
+
+
 def test_empty_group_batch(world2):
     for res in world2:
         shape, rm, rv, grad_shape, wgrad = res["edge"]["all_empty"]
