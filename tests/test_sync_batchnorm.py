@@ -377,3 +377,16 @@ def test_torchrun_example_end_to_end(tmp_path):
     # the same loss curve: in float64 the README measures 1e-15 over 230 steps; 1e-10 here
     diffs = np.abs(np.array(r2["losses"]) - np.array(r1["losses"]))
     assert diffs.max() <= 1e-10 * max(r1["losses"]), (r2["losses"], r1["losses"])
+
+
+def test_packed_statistics_round_trip_large_counts():
+    """The exchanged buffer carries the count as two float32-exact halves: counts past 2**24 survive."""
+    from normkit.ops.sync_batch_norm import _pack_moments, _unpack_moments
+
+    x = torch.randn(4, 3, 5) * 1e30 + 1e37
+    m, _ = normkit.moments(x, (0, 2))
+    for count in (0, 1, 2 ** 24 + 1, 2 ** 40 + 12345):
+        back = _unpack_moments(_pack_moments(m, count, 3, torch.float32, x.device), 3, (1, 3, 1))
+        assert back.count == count
+        for a, b in zip(back[1:], m[1:]):
+            assert torch.equal(a, b)
