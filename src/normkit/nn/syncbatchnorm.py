@@ -8,8 +8,9 @@ layers only work with GPU modules"), which would defeat the point. It subclasses
 ``_BatchNorm`` base instead (as torch's SyncBatchNorm does). Differences in behaviour, all where torch's
 cannot run or is not robust:
 
-* it runs wherever ``torch.distributed`` runs: CPU tensors on gloo as well as CUDA on NCCL (torch's raises
-  "SyncBatchNorm expected input tensor to be on GPU" for CPU input);
+* it runs wherever ``torch.distributed``'s ``all_gather`` runs: CPU tensors on gloo as well as CUDA
+  tensors (checked over gloo; NCCL untested) -- torch's raises "SyncBatchNorm expected input tensor to be
+  on GPU" for CPU input;
 * the statistics are normkit's robust moments, merged exactly across ranks
   (:mod:`normkit.ops.sync_batch_norm`);
 * when synchronization does not apply -- eval mode, ``torch.distributed`` not available or not
@@ -19,7 +20,6 @@ cannot run or is not robust:
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
