@@ -21,11 +21,11 @@ import torch.multiprocessing as mp
 # ------------------------------------------------------------------------------------------- launcher
 
 
-def _child(rank, world_size, init_file, timeout_s, target, args, out_path, final_barrier):
+def _child(rank, world_size, init_file, timeout_s, target, args, out_path, final_barrier, backend):
     torch.set_num_threads(1)
     result = None
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         result = {"ok": target(rank, world_size, *args)}
     except BaseException as exc:  # reported to the parent, which fails the test with the traceback
@@ -39,7 +39,7 @@ def _child(rank, world_size, init_file, timeout_s, target, args, out_path, final
     os._exit(0)  # no atexit handlers or process-group teardown: a broken group must not hang the exit
 
 
-def launch(world_size, target, args=(), tmp_path=None, timeout_s=30.0, deadline_s=120.0, wait_for=None):
+def launch(world_size, target, args=(), tmp_path=None, timeout_s=30.0, deadline_s=120.0, wait_for=None, backend="gloo"):
     """Run ``target`` on ``world_size`` spawned ranks; returns a list of per-rank dicts, each
     ``{"ok": value}``, ``{"error": message, "traceback": ...}`` or ``{"missing": exitcode}``.
 
@@ -48,7 +48,7 @@ def launch(world_size, target, args=(), tmp_path=None, timeout_s=30.0, deadline_
     ctx = mp.get_context("spawn")
     init_file = os.path.join(str(tmp_path), f"rendezvous-{time.monotonic_ns()}")
     outs = [os.path.join(str(tmp_path), f"rank{r}-{time.monotonic_ns()}.pt") for r in range(world_size)]
-    procs = [ctx.Process(target=_child, args=(r, world_size, init_file, timeout_s, target, args, outs[r], wait_for is None),
+    procs = [ctx.Process(target=_child, args=(r, world_size, init_file, timeout_s, target, args, outs[r], wait_for is None, backend),
                          daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
@@ -91,6 +91,9 @@ CASES = {
     "f32_offset": dict(dtype=torch.float32, C=3, spatial=(4, 3), sizes={2: [3, 2], 3: [2, 2, 3]}, momentum=0.1, offset=1e7),
     "f32_huge": dict(dtype=torch.float32, C=3, spatial=(4, 3), sizes={2: [2, 3], 3: [3, 1, 2]}, momentum=0.1, scale=1e30),
     "f32_huge_offset": dict(dtype=torch.float32, C=2, spatial=(5,), sizes={2: [3, 3]}, momentum=0.1, scale=1e30, offset=1e37),
+    # an empty rank at the offset, and a constant channel at the offset (variance exactly 0 on every rank)
+    "f32_offset_empty": dict(dtype=torch.float32, C=2, spatial=(6,), sizes={2: [0, 5], 3: [2, 0, 4]}, momentum=0.1, offset=1e7),
+    "f32_constant": dict(dtype=torch.float32, C=2, spatial=(3,), sizes={2: [2, 3], 3: [1, 2, 2]}, momentum=0.1, offset=1e7, scale=0.0),
     "f16": dict(dtype=torch.float16, C=3, spatial=(4, 3), sizes={2: [3, 2]}, momentum=0.1, offset=300.0),
     "bf16": dict(dtype=torch.bfloat16, C=3, spatial=(4, 3), sizes={2: [2, 3]}, momentum=0.1, scale=1e30),
 }
@@ -227,6 +230,15 @@ def edge_worker(rank, world_size, counter):
     y = m(x)
     y.backward(one_each_dy(rank))
     out["one_each_y"], out["one_each_dx"] = y.detach(), x.grad
+    # double backward: refused with torch's once_differentiable error, on every rank
+    m = nnk.SyncBatchNorm(2, dtype=torch.float64)
+    x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad((m(x) ** 3).sum(), x, create_graph=True)
+    try:
+        g.sum().backward()
+        out["double_backward"] = None
+    except RuntimeError as exc:
+        out["double_backward"] = str(exc)
     # the whole group's batch is empty: empty output, buffers untouched, zero gradients
     m = nnk.SyncBatchNorm(2, dtype=torch.float64)
     x = torch.zeros(0, 2, 3, dtype=torch.float64, requires_grad=True)

@@ -116,10 +116,11 @@ def test_include_exclude_and_inplace():
         normkit.convert(model, include=[3])
 
 
-def test_sync_batchnorm_is_reported_and_left():
+def test_sync_batchnorm_is_converted():
     model = nn.Sequential(nn.SyncBatchNorm(4))
     converted, report = normkit.convert(model, return_report=True)
-    assert type(converted[0]) is nn.SyncBatchNorm and report and not report[0].changed
+    assert type(converted[0]) is nnk.SyncBatchNorm and report and report[0].changed
+    assert type(normkit.revert(converted)[0]) is nn.SyncBatchNorm
 
 
 def test_revert_refuses_a_convention_torch_lacks():

@@ -8,8 +8,9 @@ layers only work with GPU modules"), which would defeat the point. It subclasses
 ``_BatchNorm`` base instead (as torch's SyncBatchNorm does). Differences in behaviour, all where torch's
 cannot run or is not robust:
 
-* it runs wherever ``torch.distributed`` runs: CPU tensors on gloo as well as CUDA on NCCL (torch's raises
-  "SyncBatchNorm expected input tensor to be on GPU" for CPU input);
+* it runs wherever ``torch.distributed``'s ``all_gather`` runs: CPU tensors on gloo as well as CUDA
+  tensors (checked over gloo; NCCL untested) -- torch's raises "SyncBatchNorm expected input tensor to be
+  on GPU" for CPU input;
 * the statistics are normkit's robust moments, merged exactly across ranks
   (:mod:`normkit.ops.sync_batch_norm`);
 * when synchronization does not apply -- eval mode, ``torch.distributed`` not available or not
@@ -19,19 +20,18 @@ cannot run or is not robust:
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import functional as nf
 from ..ops.sync_batch_norm import sync_batch_norm
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ._toolchain import NotScriptable
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_module
 
 _BY_INPUT_DIM = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}
 _BY_DIM = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
 
 
-class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+class SyncBatchNorm(NotScriptable, nn.modules.batchnorm._BatchNorm):
     """Drop-in for ``torch.nn.SyncBatchNorm(num_features, eps=1e-5, momentum=0.1, affine=True,
     track_running_stats=True, process_group=None, device=None, dtype=None, *, bias=True)``; input
     ``(N, C, *)``. ``isinstance(m, torch.nn.SyncBatchNorm)`` is False on purpose (see the module docstring);
@@ -53,7 +53,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None, *, bias: bool = True) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias)
+        extra = {} if bias else {"bias": False}  # torch < 2.13 has no bias argument (and raises for bias=False)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **extra)
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -71,19 +72,18 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         self.last_input_dim = input.dim()  # lets revert_sync_batchnorm pick BatchNorm1d/2d/3d
+        group = self._sync_group() if self.training else None
+        if group is None:  # eval, no torch.distributed, or a group of one: exactly normkit's BatchNorm
+            return batch_norm_module(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                     self.num_batches_tracked, ranks=(input.dim(),), training=self.training,
+                                     track_running_stats=self.track_running_stats, momentum=self.momentum, eps=self.eps)
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        running_mean = self.running_mean if track else None
-        running_var = self.running_var if track else None
-        group = self._sync_group() if self.training else None
-        if group is None:
-            return nf.batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps)
-        return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps, group, self._name())
+        stats = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+        return sync_batch_norm(input, *stats, self.weight, self.bias, momentum, self.eps, group, self._name())
 
     def _sync_group(self):
         """The process group to synchronize over, or None when there is nothing to synchronize with."""
@@ -106,7 +106,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         out = module
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                      process_group, bias=module.bias is not None)
+                      process_group, **({} if module.bias is not None or not module.affine else {"bias": False}))
             if module.affine:
                 out.weight = module.weight
                 out.bias = module.bias
@@ -150,7 +150,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                     f"BatchNorm1d, 2d or 3d: it was not converted from a BatchNorm and has seen no input; pass "
                     f"dim=1, 2 or 3, or run one forward first")
             out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                      bias=module.bias is not None, device=_device_of(module), dtype=_dtype_of(module))
+                      device=_device_of(module), dtype=_dtype_of(module),
+                      **({} if module.bias is not None or not module.affine else {"bias": False}))
             if module.affine:
                 out.weight = module.weight
                 out.bias = module.bias

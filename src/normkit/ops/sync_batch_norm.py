@@ -144,15 +144,16 @@ def sync_batch_norm_backward(dy: Tensor, x_hat: Tensor, r: Tensor, k: Tensor, we
                              group, name: str, needs: tuple[bool, bool, bool]):
     """``(dx, dweight, dbias)`` of :func:`sync_batch_norm_forward`; one collective when ``needs[0]``.
 
-    ``dweight``/``dbias`` are this rank's parts (sums over its own values), as torch's SyncBatchNorm.
+    ``dweight``/``dbias`` are this rank's parts (sums over its own values), as torch's SyncBatchNorm; all
+    three in the compute dtype.
     """
     ct = x_hat.dtype
     num_features = x_hat.shape[1]
     dims = (0, *range(2, x_hat.dim()))
     dy = dy.to(ct)
     w = channel_view(weight, x_hat.dim())
-    dweight = (dy * x_hat).sum(dim=dims).to(weight.dtype) if weight is not None and needs[1] else None
-    dbias = dy.sum(dim=dims).to(weight.dtype if weight is not None else ct) if needs[2] else None
+    dweight = (dy * x_hat).sum(dim=dims) if weight is not None and needs[1] else None
+    dbias = dy.sum(dim=dims) if needs[2] else None
     if not needs[0]:
         return None, dweight, dbias
     g = dy if w is None else dy * w.to(ct)
@@ -224,9 +225,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
             return dx, dweight, dbias, None, None, None
         dx, dweight, dbias = sync_batch_norm_backward(dy, x_hat, r, k, weight, ctx.counts, ctx.group, ctx.name,
                                                       ctx.needs_input_grad[:3])
-        if dbias is not None and ctx.bias_dtype is not None:
-            dbias = dbias.to(ctx.bias_dtype)
-        return (None if dx is None else dx.to(ctx.x_dtype)), dweight, dbias, None, None, None
+        cast = lambda t, dtype: None if t is None else t.to(dtype)  # noqa: E731
+        return cast(dx, ctx.x_dtype), cast(dweight, None if weight is None else weight.dtype), cast(dbias, ctx.bias_dtype), None, None, None
 
 
 def sync_batch_norm_stateless(input, running_mean, running_var, weight=None, bias=None, momentum=0.1, eps=1e-5,
