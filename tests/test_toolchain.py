@@ -124,9 +124,16 @@ def test_fx_fusers_run_on_converted_models():
     from torch.ao.quantization.quantize_fx import fuse_fx
     from torch.fx.experimental.optimization import fuse
 
+    from torch.ao.quantization import fuse_modules
+
+    from normkit.convert import ao_fuser_methods
+
     model, x = converted_cnn(), torch.randn(2, 3, 8, 8)
     want = model(x)
-    for fused in (fuse(copy.deepcopy(model)), fuse_fx(copy.deepcopy(model)), normkit.fold_batchnorm(model)):
+    eager_fused = fuse_modules(copy.deepcopy(model), [["features.0", "features.1", "features.2"]],
+                               fuse_custom_config_dict={"additional_fuser_method_mapping": ao_fuser_methods()})
+    assert isinstance(eager_fused.features[1], nn.Identity)  # torch.ao's eager fuser folds normkit's BatchNorm
+    for fused in (fuse(copy.deepcopy(model)), fuse_fx(copy.deepcopy(model)), eager_fused, normkit.fold_batchnorm(model)):
         assert_rel_close(fused(x), want, torch.float32, type(fused).__name__, rel=1e-4)
 
 

@@ -160,6 +160,17 @@ def revert(model: nn.Module, *, inplace: bool = False, return_report: bool = Fal
     return (model, report) if return_report else model
 
 
+def ao_fuser_methods() -> dict:
+    """torch.ao's eager fuser patterns with normkit's twins in place of torch's classes, for
+    ``torch.ao.quantization.fuse_modules(model, names, fuse_custom_config_dict={"additional_fuser_method_mapping":
+    normkit.convert.ao_fuser_methods()})`` (its own table matches torch's exact classes only). Eval mode:
+    torch.ao's training-mode fused modules (``ConvBn2d``...) accept torch's exact classes only."""
+    from torch.ao.quantization.fuser_method_mappings import _DEFAULT_OP_LIST_TO_FUSER_METHOD
+
+    return {tuple(TWINS.get(c, c) for c in pattern): fuser
+            for pattern, fuser in _DEFAULT_OP_LIST_TO_FUSER_METHOD.items() if any(c in TWINS for c in pattern)}
+
+
 # ------------------------------------------------------------------------------------------- folding
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # the rank of each layer's output in which dim 1 holds its output features (batched conv; Linear on 2-D input)
