@@ -149,3 +149,15 @@ def test_robust_under_torch_compile():
 
     y = torch.compile(run, backend="eager")(x)
     assert_rel_close(y, ln.double()(x.double()), torch.float32, "compiled under robust()")
+
+
+def test_export_under_robust_bakes_normkit_into_the_program():
+    """torch.export of an unconverted torch model inside robust(): the program computes normkit's norms."""
+    model = nn.Sequential(nn.Linear(8, 8), LayerNorm2d(4), nn.GroupNorm(2, 4)).eval()
+    x = torch.randn(2, 4, 3, 8) * 1e20
+    with normkit.robust():
+        program = torch.export.export(model, (x,)).module()
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("norm" in op for op in ops), ops  # no torch normalization kernel in the program
+    with torch.no_grad():
+        assert_rel_close(program(x), copy.deepcopy(model).double()(x.double()), torch.float32, "exported under robust()")
