@@ -128,7 +128,8 @@ def convert(model: nn.Module, *, inplace: bool = False, include: Iterable | None
                                f"calls it makes robust", changed=False))
             continue
         module.__class__ = TWINS[base]
-        setattr(module, _ORIGINAL_CLASS, cls)
+        if cls is not base:  # a custom subclass: revert gives it back
+            setattr(module, _ORIGINAL_CLASS, cls)
         if isinstance(module, nnk.LocalResponseNorm) and not hasattr(module, "convention"):
             module.convention, module.region = "torch", "across_channels"
         report.append(Swap(name, cls.__name__, f"normkit.nn.{TWINS[base].__name__}"))
