@@ -127,12 +127,17 @@ def test_robust_is_a_decorator_nests_and_composes_with_no_grad():
     assert torch.isnan(ln(x)).any()  # and torch's own kernel again once the mode is left
 
 
-def test_robust_under_autocast_returns_torch_dtypes():
-    """Passes with the ops branch's autocast support: the same output dtype as torch's under CPU autocast."""
-    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.RMSNorm(8))
-    x = torch.randn(4, 8)
+@pytest.mark.parametrize("after_linear", [False, True], ids=["float32-input", "bfloat16-input"])
+@pytest.mark.parametrize("name", MODULES)
+def test_robust_under_autocast_returns_torch_dtypes(name, after_linear):
+    """Under CPU bfloat16 autocast, the same output dtype as torch's: for a float32 input, and for the
+    bfloat16 output of an autocast Linear (the dtype policy itself is the ops' own)."""
+    make, shape = MODULES[name]
+    module = randomized(make)
+    model = nn.Sequential(nn.Linear(shape[-1], shape[-1]), module) if after_linear else module
+    x = torch.randn(shape)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        want = model(x)
+        want = copy.deepcopy(model)(x)
         with normkit.robust():
             got = model(x)
     assert got.dtype == want.dtype
