@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -143,17 +144,23 @@ def test_robust_under_autocast_returns_torch_dtypes(name, after_linear):
     assert got.dtype == want.dtype
 
 
-def test_robust_under_torch_compile():
-    """Dynamo traces through the mode (entered inside the compiled function); the result is normkit's."""
+@pytest.mark.parametrize("mode_inside", [True, False], ids=["mode-inside", "mode-outside"])
+def test_robust_under_torch_compile(mode_inside):
+    """Dynamo traces through the mode, entered inside the compiled function or around the call; the result
+    is normkit's (fullgraph needs the ops to be Dynamo-traceable: see the README's tool-chain table)."""
     ln = nn.LayerNorm(8)
     x = torch.randn(2, 4, 8) * 1e20
 
     def run(x):
-        with normkit.robust():
-            return ln(x)
+        if mode_inside:
+            with normkit.robust():
+                return ln(x)
+        return ln(x)
 
-    y = torch.compile(run, backend="eager")(x)
-    assert_rel_close(y, ln.double()(x.double()), torch.float32, "compiled under robust()")
+    compiled = torch.compile(run, backend="eager")
+    with normkit.robust() if not mode_inside else contextlib.nullcontext():
+        y = compiled(x)
+    assert_rel_close(y, copy.deepcopy(ln).double()(x.double()), torch.float32, "compiled under robust()")
 
 
 def test_export_under_robust_bakes_normkit_into_the_program():
