@@ -395,6 +395,12 @@ def test_fold_untraceable_model():
                left={"bn": "not traceable", "body.1": r"cannot be counted.*pass example_input="})
 
 
+def test_fold_example_input_must_be_a_tensor_or_a_tuple():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)).eval()
+    with pytest.raises(TypeError, match=r"tensor or a tuple.*example_input=\(x,\)"):
+        normkit.fold_batchnorm(model, example_input=[torch.randn(1, 2, 3, 3)])
+
+
 def test_fold_example_input_check_raises_when_the_rules_are_fooled():
     model = randomize_bn(Untraceable(call_forward_directly=True)).double().eval()
     with pytest.raises(RuntimeError, match="differs from the unfolded one on example_input"):

@@ -420,6 +420,16 @@ def _apply_folds(model: nn.Module, uses: _Uses, folds: list) -> nn.Module:
     return gm
 
 
+def _example_args(example_input) -> tuple | None:
+    """``example_input`` as the positional arguments of one forward call."""
+    if example_input is None or isinstance(example_input, tuple):
+        return example_input
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,)
+    raise TypeError(f"fold_batchnorm: example_input must be a tensor or a tuple of the model's positional arguments, "
+                    f"got {type(example_input).__name__}; pass example_input=(x,) to give one argument of another type")
+
+
 def _check_folded(folded: nn.Module, args: tuple, reference) -> None:
     """Raise if ``folded`` differs from the unfolded model's ``reference`` output beyond FOLD_TOLERANCE."""
     with torch.no_grad():
@@ -434,8 +444,9 @@ def _check_folded(folded: nn.Module, args: tuple, reference) -> None:
         if not err <= tol * scale:
             raise RuntimeError(f"fold_batchnorm: the folded model differs from the unfolded one on example_input: output "
                                f"{i} is off by {err:.3e} = {err / scale if scale else float('inf'):.2e} of max|output| "
-                               f"(tolerance {tol:g}). The model's forward does something its graph does not show; "
-                               f"keep the unfolded model (inplace=False leaves it untouched) and please report this")
+                               f"(tolerance {tol:g}). Either the model is not deterministic (a module still in training "
+                               f"mode, e.g. Dropout: call model.eval()), or its forward does something its graph does not "
+                               f"show; keep the unfolded model (inplace=False leaves it untouched)")
 
 
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False, return_report: bool = False, example_input=None):
@@ -461,7 +472,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, return_report: bo
     if any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
         raise ValueError("fold_batchnorm: the model has BatchNorm layers in training mode, whose output depends on "
                          "the batch; call model.eval() first")
-    args = None if example_input is None else example_input if isinstance(example_input, tuple) else (example_input,)
+    args = _example_args(example_input)
     if not inplace:
         model = copy.deepcopy(model)
     uses = _Uses(Counter(id(m) for _, m in model.named_modules(remove_duplicate=False)),
