@@ -160,10 +160,12 @@ def test_meta_device_modules_and_inputs(name):
     assert y.device.type == "meta" and y.shape == x.shape
 
 
-def test_compile_fullgraph_converted_cnn():
-    """Passes with the ops branch (Dynamo traces normkit's autograd Functions without a graph break)."""
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph-breaks-allowed", "fullgraph"])
+def test_compile_converted_cnn(fullgraph):
+    """fullgraph=True needs Dynamo to trace normkit's autograd Functions (torch 2.13 refuses one that defines
+    a custom jvp): an op-level change."""
     model, x = converted_cnn(), torch.randn(2, 3, 8, 8)
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    compiled = torch.compile(model, fullgraph=fullgraph, backend="eager")
     assert_rel_close(compiled(x), model(x), torch.float32, rel=PARITY_TOL[torch.float32])
 
 
