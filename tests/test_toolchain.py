@@ -162,9 +162,7 @@ def test_meta_device_modules_and_inputs(name):
 
 @pytest.mark.parametrize("fullgraph", [False, True], ids=["graph-breaks-allowed", "fullgraph"])
 def test_compile_converted_cnn(fullgraph):
-    """fullgraph=True needs Dynamo to trace normkit's autograd Functions whole. torch 2.13's Dynamo refuses a
-    Function that defines a custom jvp, and breaks on ``math.prod`` over a generator (``_stats.group_size``)
-    for some shapes: both op-level."""
+    """fullgraph=True: Dynamo traces every normkit op of the converted model without a graph break."""
     model, x = converted_cnn(), torch.randn(2, 3, 8, 8)
     compiled = torch.compile(model, fullgraph=fullgraph, backend="eager")
     assert_rel_close(compiled(x), model(x), torch.float32, rel=PARITY_TOL[torch.float32])
