@@ -160,12 +160,17 @@ def test_meta_device_modules_and_inputs(name):
     assert y.device.type == "meta" and y.shape == x.shape
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("fullgraph", [False, True], ids=["graph-breaks-allowed", "fullgraph"])
-def test_compile_converted_cnn(fullgraph):
-    """fullgraph=True: Dynamo traces every normkit op of the converted model without a graph break."""
+def test_compile_converted_cnn(fullgraph, mode):
+    """fullgraph=True: Dynamo traces every normkit op of the converted model without a graph break; in train
+    mode the running statistics move as eager's do."""
     model, x = converted_cnn(), torch.randn(2, 3, 8, 8)
+    model.train(mode == "train")
+    eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=fullgraph, backend="eager")
-    assert_rel_close(compiled(x), model(x), torch.float32, rel=PARITY_TOL[torch.float32])
+    assert_rel_close(compiled(x), eager(x), torch.float32, rel=PARITY_TOL[torch.float32])
+    assert_same_state(model, eager, "compiled")
 
 
 # ------------------------------------------------------------------------------------ TorchScript
