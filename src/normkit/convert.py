@@ -56,7 +56,7 @@ class Swap:
     changed: bool = True
 
 
-def own_methods(module: nn.Module, bases) -> tuple[type | None, list[str]]:
+def _own_methods(module: nn.Module, bases) -> tuple[type | None, list[str]]:
     """The nearest of ``bases`` in ``type(module)``'s MRO, and the compute methods the class overrides
     relative to it (``(None, [])`` when no base is an ancestor)."""
     cls = type(module)
@@ -115,7 +115,7 @@ def convert(model: nn.Module, *, inplace: bool = False, include: Iterable | None
         cls = type(module)
         if isinstance(module, (*_TORCH_OF, _FrozenBatchNorm)):
             continue  # already normkit
-        base, own = own_methods(module, TWINS)
+        base, own = _own_methods(module, TWINS)
         if base is None:
             if isinstance(module, nn.modules.batchnorm._NormBase):  # e.g. SyncBatchNorm
                 report.append(Swap(name, cls.__name__, "left: normkit has no twin for this class yet", changed=False))
@@ -284,7 +284,7 @@ def _layer_problem(layer: nn.Module, layer_name: str) -> str | None:
     if torch.nn.utils.parametrize.is_parametrized(layer):
         return (f"{layer_name} is parametrized ({', '.join(layer.parametrizations)}; e.g. weight_norm): its weight is "
                 f"recomputed on every call, so a folded weight would be discarded")
-    base, own = own_methods(layer, FOLDABLE)
+    base, own = _own_methods(layer, FOLDABLE)
     if own:
         return f"{layer_name} ({type(layer).__name__}) overrides {', '.join(own)} of {base.__name__}: it computes its own function"
     if layer._forward_hooks or layer._forward_pre_hooks:
@@ -294,7 +294,7 @@ def _layer_problem(layer: nn.Module, layer_name: str) -> str | None:
 
 def _bn_problem(layer: nn.Module, bn: nn.Module) -> str | None:
     """Why ``bn`` itself cannot be folded into ``layer`` (None if it can)."""
-    base, own = own_methods(bn, _BN_BASES)
+    base, own = _own_methods(bn, _BN_BASES)
     if base is None or own:
         return f"{type(bn).__name__} overrides {', '.join(own) or 'batch norm'}: it computes its own function"
     if bn._forward_hooks or bn._forward_pre_hooks:
