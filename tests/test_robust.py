@@ -173,3 +173,23 @@ def test_export_under_robust_bakes_normkit_into_the_program():
     assert not any("norm" in op for op in ops), ops  # no torch normalization kernel in the program
     with torch.no_grad():
         assert_rel_close(program(x), copy.deepcopy(model).double()(x.double()), torch.float32, "exported under robust()")
+
+
+def test_robust_handles_each_call_once_without_reentering():
+    """normkit's implementation runs with the mode popped: one routed call per torch call, no recursion."""
+    from normkit.robust import ROUTES, RobustMode
+
+    seen = []
+
+    class Recording(RobustMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in ROUTES:
+                seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs)
+
+    x = torch.randn(2, 5, 4, 8)
+    with Recording():
+        nn.LayerNorm(8)(x)
+        nn.BatchNorm2d(5)(x)
+        F.local_response_norm(x, 3)
+    assert seen == [F.layer_norm, F.batch_norm, F.local_response_norm]
