@@ -134,7 +134,7 @@ def test_fx_fusers_run_on_converted_models():
                                fuse_custom_config_dict={"additional_fuser_method_mapping": ao_fuser_methods()})
     assert isinstance(eager_fused.features[1], nn.Identity)  # torch.ao's eager fuser folds normkit's BatchNorm
     for fused in (fuse(copy.deepcopy(model)), fuse_fx(copy.deepcopy(model)), eager_fused, normkit.fold_batchnorm(model)):
-        assert_rel_close(fused(x), want, torch.float32, type(fused).__name__, rel=1e-4)
+        assert_rel_close(fused(x), want, torch.float32, type(fused).__name__, rel=PARITY_TOL[torch.float32])
 
 
 # ----------------------------------------------------------------------------------- torch.export
