@@ -116,10 +116,20 @@ def test_include_exclude_and_inplace():
         normkit.convert(model, include=[3])
 
 
-def test_sync_batchnorm_is_reported_and_left():
-    model = nn.Sequential(nn.SyncBatchNorm(4))
-    converted, report = normkit.convert(model, return_report=True)
-    assert type(converted[0]) is nn.SyncBatchNorm and report and not report[0].changed
+class OwnBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A norm class of torch's family that no normkit twin stands for."""
+
+    def _check_input_dim(self, input):
+        pass
+
+
+def test_sync_batchnorm_converts_and_a_class_without_twin_is_reported():
+    model = nn.Sequential(nn.SyncBatchNorm(4), OwnBatchNorm(4))
+    with pytest.warns(RuntimeWarning, match="no twin"):
+        converted, report = normkit.convert(model, return_report=True)
+    assert type(converted[0]) is nnk.SyncBatchNorm and type(converted[1]) is OwnBatchNorm
+    assert [(s.name, s.changed) for s in report] == [("0", True), ("1", False)]
+    assert [type(m) for m in normkit.revert(converted)] == [nn.SyncBatchNorm, OwnBatchNorm]
 
 
 def test_revert_refuses_a_convention_torch_lacks():

@@ -1,42 +1,77 @@
-"""The ``normkit`` command line. ``normkit check`` shows where torch's norm layers break and that
-normkit's do not; it exits 0 when every normkit case passes, 1 otherwise, 2 on a usage error."""
+"""The ``normkit`` command line: a table of subcommands.
+
+Each entry of :data:`COMMANDS` names a module that defines ``add_arguments(parser)`` and
+``run(args) -> int`` (the exit status); the module is imported only when its subcommand runs, so
+``normkit --help`` stays fast. To add a subcommand, add one :class:`Command` line and that module.
+
+Exit status everywhere: 0 success, 1 the command ran and found a failure, 2 usage error. A usage error
+is raised as :class:`UsageError` (anywhere below ``run``): ``main`` prints one line on stderr -- the
+problem and the fix -- and exits 2, with the traceback only under ``--debug``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
+import traceback
+from dataclasses import dataclass
 
-import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+class UsageError(Exception):
+    """Bad input from the user: printed as one line (``normkit <command>: <message>``), exit status 2."""
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    module: str  # defines add_arguments(parser), run(args) -> int, and optionally HELP / EPILOG
+
+
+COMMANDS = [
+    Command("check", "where torch's norm layers break (dtype, input scale, layer) and whether normkit's hold",
+            "normkit.check.command"),
+]
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, no usage dump
-        self.exit(2, f"normkit: {message} (see normkit --help)\n")
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def usage_error(prog: str, err: BaseException, debug: bool = False) -> int:
+    """Report a usage error as one line on stderr (traceback too under --debug); returns 2."""
+    if debug:
+        traceback.print_exception(err)
+    print(f"{prog}: {err}", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
-    from . import check
-
-    parser = _Parser(prog="normkit", description=__doc__)
-    sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("check", help="compare torch's and normkit's norm ops against a float64 reference")
-    p.add_argument("--op", action="append", choices=[o.name for o in check.OPS], help="restrict to this op (repeatable)")
-    p.add_argument("--dtype", action="append", choices=list(DTYPES), help="restrict to this dtype (repeatable)")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.add_argument("--seed", type=int, default=0)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the parser has every subcommand; only the chosen one's module is imported and adds its arguments
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of a usage error")
+    parser = _Parser(prog="normkit", description="Numerically robust normalization operators for PyTorch.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for c in COMMANDS:
+        p = sub.add_parser(c.name, help=c.help, description=c.help, parents=[common],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if c.name == chosen:
+            module = importlib.import_module(c.module)
+            p.epilog = getattr(module, "EPILOG", None)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
-    rows = check.run(args.op, [DTYPES[d] for d in args.dtype] if args.dtype else None, args.seed)
-    if args.json:
-        print(json.dumps([dict(vars(r), torch_ok=r.torch_ok, normkit_ok=r.normkit_ok) for r in rows], indent=1))
-    else:
-        print(check.report(rows))
-    return 0 if all(r.normkit_ok for r in rows) else 1
+    try:
+        return args._run(args)
+    except UsageError as e:
+        return usage_error(f"normkit {args.command}", e, args.debug)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from torch import nn
 from . import nn as nnk
 from .nn.batchnorm import _FrozenBatchNorm
 
-# torch class -> normkit twin. SyncBatchNorm joins when normkit's lands: one more entry, nothing else changes.
+# torch class -> normkit twin.
 TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: nnk.BatchNorm1d,
     nn.BatchNorm2d: nnk.BatchNorm2d,
@@ -36,6 +36,7 @@ TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.GroupNorm: nnk.GroupNorm,
     nn.RMSNorm: nnk.RMSNorm,
     nn.LocalResponseNorm: nnk.LocalResponseNorm,
+    nn.SyncBatchNorm: nnk.SyncBatchNorm,  # revert gives torch's SyncBatchNorm; BatchNormNd: nnk.SyncBatchNorm.revert_sync_batchnorm
 }
 _TORCH_OF = {v: k for k, v in TWINS.items()}
 

@@ -18,12 +18,15 @@ from .. import _checks
 from ._normalize import empty_output, standardize_affine
 
 
-def normalize_trailing(op, input, normalized_shape, weight, bias, eps, center):
-    """Shared by layer norm and RMS norm: standardize over the trailing ``normalized_shape`` dims."""
+def normalize_trailing(op, input, normalized_shape, weight, bias, eps, center, same_dtype_params=True):
+    """Shared by layer norm and RMS norm: standardize over the trailing ``normalized_shape`` dims.
+    ``same_dtype_params``: apply torch's CPU parameter-dtype rule (layer norm; torch's RMS norm accepts any)."""
     _checks.check_floating(op, input)
     shape = _checks.normalized_shape_tuple(op, normalized_shape, input)
     _checks.check_param(op, "weight", weight, shape)
     _checks.check_param(op, "bias", bias, shape)
+    if same_dtype_params:
+        _checks.check_param_dtypes(op, input, weight=weight, bias=bias)
     _checks.check_eps(op, eps)
     if input.numel() == 0:
         return empty_output(input, weight, bias)

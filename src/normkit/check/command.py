@@ -1,0 +1,177 @@
+"""``normkit check``: its arguments and what it runs (the ``check`` entry of :data:`normkit.cli.COMMANDS`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+
+from ..cli import UsageError
+from .cases import DTYPES, OP_NAMES
+
+# what the bare command probes after the op sweep: (zoo name, input shape, dtypes)
+DEFAULT_PROBES = [
+    ("alexnet", (1, 3, 99, 99), ("float32", "bfloat16", "float16")),
+    ("resnet18", (2, 3, 48, 48), ("float32",)),
+]
+FAST_PROBES = [("alexnet", (1, 3, 67, 67), ("float32",))]
+DEFAULT_SCALES = (1.0, 1e4, 1e20)
+FAST_SCALES = (1.0, 1e20)
+
+HELP = "where torch's norm layers break (dtype, input scale, layer) and whether normkit's hold"
+EPILOG = """exit status: 0 every normkit case passes; 1 something still fails; 2 usage error.
+without --model: the op sweep (every op x float32/float16/bfloat16 x magnitudes 1e-3..top, offsets,
+constants), then a layer-by-layer probe of alexnet and resnet18. With --model: that model only."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--op", action="append", choices=OP_NAMES, help="sweep only this op (repeatable); skips the default model probe")
+    p.add_argument("--dtype", action="append", choices=list(DTYPES), help="only this dtype (repeatable)")
+    p.add_argument("--model", action="append", metavar="NAME|FILE.py:FACTORY",
+                   help="probe this model instead: a zoo name or a file and a function returning an nn.Module (repeatable)")
+    p.add_argument("--input-shape", metavar="N,C,H,W", help="input shape for --model (default: the zoo's, or the "
+                   "model's example_input_shape attribute)")
+    p.add_argument("--scales", metavar="S1,S2,...", help="input scales for the model probe (default 1,1e4,1e20)")
+    p.add_argument("--mode", choices=("train", "eval"), default="train",
+                   help="norm layers on batch statistics (train, default; dropout stays off) or running statistics (eval)")
+    p.add_argument("--report", metavar="DIR", help="write report.md, results.json and PNG plots to DIR")
+    p.add_argument("--json", action="store_true", help="print the results as strict JSON to stdout instead of the table")
+    p.add_argument("--quiet", action="store_true", help="print no table and no progress bar (the exit status tells)")
+    p.add_argument("--fast", action="store_true", help="a reduced sweep and probe (for tests and CI smoke runs)")
+    p.add_argument("--seed", default="0", help="seed of every random input (an integer 0 <= seed < 2**63)")
+
+
+def parse_seed(text: str) -> int:
+    try:
+        seed = int(text, 0)
+    except ValueError:
+        raise UsageError(f"--seed {text!r} is not an integer; use e.g. --seed 0") from None
+    if not 0 <= seed < 2**63:
+        raise UsageError(f"--seed {text} is out of range; use an integer 0 <= seed < 2**63") from None
+    return seed
+
+
+def parse_scales(text: str) -> list[float]:
+    out = []
+    for part in text.split(","):
+        try:
+            v = float(part)
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v) or v <= 0:
+            raise UsageError(f"--scales: {part.strip()!r} is not a positive number; give positive numbers "
+                             f"separated by commas, e.g. --scales 1,1e4,1e20")
+        out.append(v)
+    return out
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    parts = text.replace("x", ",").replace("(", "").replace(")", "").split(",")
+    try:
+        shape = tuple(int(p) for p in parts if p.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(s <= 0 for s in shape):
+        raise UsageError(f"--input-shape {text!r} is not a shape; give positive integers separated by commas, "
+                         f"e.g. --input-shape 2,3,224,224")
+    return shape
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, label: str, enabled: bool):
+    """A rich progress bar on stderr, only when stderr is a terminal; yields ``advance(n)``."""
+    if not enabled or total <= 0 or not sys.stderr.isatty():
+        yield lambda n=1: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as prog:
+        task = prog.add_task(label, total=total)
+        yield lambda n=1: prog.advance(task, n)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import models as user_models
+    from . import probe, report, sweep
+
+    seed = parse_seed(args.seed)
+    dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else None
+    scales = parse_scales(args.scales) if args.scales else None
+    shape = parse_shape(args.input_shape) if args.input_shape else None
+    if (shape or scales) and not args.model and args.op:
+        raise UsageError("--input-shape/--scales apply to the model probe; drop --op, or add --model NAME")
+    if shape and args.model and len(args.model) > 1:
+        raise UsageError("--input-shape applies to one model; give one --model with it")
+    show = not args.quiet and not args.json
+
+    # what to probe: (name, model, shape, dtypes); every model is loaded before any work starts
+    targets = []
+    if args.model:
+        for spec in args.model:
+            name, model, default_shape = user_models.load(spec, seed)
+            if (shape or default_shape) is None:
+                raise UsageError(f"--model {spec}: give --input-shape (the model has no example_input_shape)")
+            targets.append((name, model, shape or default_shape, dtypes or list(DTYPES.values())))
+    elif not args.op:
+        from .. import models as zoo
+
+        for name, shp, dts in (FAST_PROBES if args.fast else DEFAULT_PROBES):
+            dts = [DTYPES[d] for d in dts if not dtypes or DTYPES[d] in dtypes]
+            if dts:
+                targets.append((name, zoo.get(name).build(seed=seed), shp if shape is None else shape, dts))
+    scales = scales or list(FAST_SCALES if args.fast and not args.model else DEFAULT_SCALES)
+
+    out_dir = None
+    if args.report:
+        out_dir = Path(args.report)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--report {args.report}: cannot create the directory ({e.strerror}); give a writable path") from e
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--report needs matplotlib: pip install 'normkit[plot]'") from None
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    rows = []
+    if not args.model:
+        with progress_bar(sweep.count(args.op, dtypes, args.fast), "op sweep", show) as advance:
+            rows = sweep.run(args.op, dtypes, seed, fast=args.fast, progress=advance)
+    results = []
+    for name, model, shp, dts in targets:
+        n = sum(1 for d in dts for s in scales if s <= torch.finfo(d).max)
+        with progress_bar(n, f"probe {name}", show) as advance:
+            try:
+                results.append(probe.probe(model, shp, name=name, dtypes=dts, scales=scales, mode=args.mode,
+                                           seed=seed, progress=advance))
+            except probe.ProbeInputError as e:
+                raise UsageError(f"{e}; pass --input-shape that the model accepts") from e
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+
+    if out_dir is not None:
+        from . import plots
+
+        files = []
+        if rows:
+            files += plots.op_plots(rows, out_dir)
+        files += [plots.model_plot(m, out_dir) for m in results]
+        (out_dir / "results.json").write_text(report.dumps(rows, results, seed) + "\n")
+        (out_dir / "report.md").write_text(report.markdown(rows, results, files))
+    if args.json:
+        print(report.dumps(rows, results, seed))
+    elif show:
+        if sys.stdout.isatty():
+            report.print_rich(rows, results)
+        else:
+            print(report.text(rows, results))
+        print(f"({wall:.1f} s, {cpu:.1f} s CPU{f'; report in {out_dir}' if out_dir else ''})")
+    ok = all(r.normkit_ok for r in rows) and all(m.normkit_ok for m in results)
+    return 0 if ok else 1

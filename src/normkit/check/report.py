@@ -1,0 +1,208 @@
+"""What ``normkit check`` prints and writes: the summary table (rich on a terminal, plain text otherwise),
+strict JSON (no Infinity/NaN: non-finite numbers become null beside a status), and report.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+
+import torch
+
+from .probe import ModelResult
+from .sweep import Row, Summary, summarize
+
+
+def _compact(text: str) -> str:
+    """``2.5e-07`` -> ``2.5e-7``, ``1e+20`` -> ``1e20``, ``1.0e+00`` -> ``1.0``."""
+    text = re.sub(r"e([+-])0*(\d)", lambda m: "e" + ("-" if m.group(1) == "-" else "") + m.group(2), text)
+    return text[:-2] if text.endswith("e0") else text
+
+
+def num(v: float) -> str:
+    """A scale or magnitude: ``1``, ``100``, ``1e4``, ``3.4e38``."""
+    if v == int(v) and (v < 1e3 or (v < 1e5 and not str(int(v)).endswith("000"))):
+        return str(int(v))
+    return _compact(f"{v:.1e}".replace(".0e", "e"))
+
+
+def fmt_err(e: float | None) -> str:
+    if e is None:
+        return "-"
+    return "non-finite" if not math.isfinite(e) else _compact(f"{e:.1e}")
+
+
+def fmt_mag(m: float | None, top: float | None = None) -> str:
+    if m is None:
+        return "none"
+    return f"{num(m)} (top)" if top is not None and m == top else num(m)
+
+
+# ------------------------------------------------------------------------------------------- ops table
+OP_HEADER = ("op", "dtype", "torch ok up to", "normkit ok up to", "torch worst", "normkit worst",
+             "torch non-finite", "normkit non-finite", "torch fails")
+
+
+def op_cells(s: Summary) -> tuple[str, ...]:
+    return (s.op, s.dtype, "refused" if s.torch_refused and s.torch_ok_up_to is None else fmt_mag(s.torch_ok_up_to, s.top),
+            fmt_mag(s.normkit_ok_up_to, s.top), "refused" if s.torch_worst is None else fmt_err(s.torch_worst),
+            fmt_err(s.normkit_worst), str(s.torch_nonfinite), str(s.normkit_nonfinite),
+            f"{len(s.torch_failures)}/{s.cases}")
+
+
+def model_lines(r: ModelResult) -> list[str]:
+    lines = []
+    for d in r.dtypes:
+        f = r.first_failure(d, "torch")
+        text = f.sentence() if f else "no layer fails"
+        nk = r.first_failure(d, "normkit")
+        if nk and (not f or (nk.layer, nk.scale) != (f.layer, f.scale)):
+            text += f"; normkit twin: {nk.sentence()}"
+        rng = r.first_out_of_range(d)
+        if rng:
+            text += (f"; from input scale {num(rng.scale)} {rng.layer} ({rng.kind}) leaves the {d} range "
+                     f"(no normalization can fix that)")
+        lines.append(f"{d:<9} {text}")
+    return lines
+
+
+def _plain_table(header, rows) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    def line(cells):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+
+
+def headline(rows: list[Row], models: list[ModelResult]) -> str:
+    torch_fail = sum(not r.torch_ok for r in rows)
+    nk_fail = sum(not r.normkit_ok for r in rows)
+    parts = []
+    if rows:
+        parts.append(f"torch fails {torch_fail} of {len(rows)} op cases; normkit fails {nk_fail}.")
+    for m in models:
+        parts.append(f"{m.model}: normkit twin's norm layers {'all pass' if m.normkit_ok else 'FAIL'}.")
+    return " ".join(parts)
+
+
+INTRO = ("error = max|out - ref| / max|ref| against a float64 reference on the same rounded input; "
+         "'ok up to' = largest input magnitude up to which every magnitude passes")
+
+
+def text(rows: list[Row], models: list[ModelResult]) -> str:
+    out = [f"normkit check: torch {torch.__version__} vs normkit, forward", INTRO, ""]
+    if rows:
+        out += _plain_table(OP_HEADER, [op_cells(s) for s in summarize(rows)]) + [""]
+    for m in models:
+        out.append(f"{m.model} {tuple(m.input_shape)}, {m.mode} mode, input scales "
+                   f"{', '.join(num(s) for s in m.scales)}: first failing layer (torch), judged layer by layer")
+        out += ["  " + line for line in model_lines(m)] + [""]
+    out.append(headline(rows, models))
+    return "\n".join(out)
+
+
+def print_rich(rows: list[Row], models: list[ModelResult], file=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file)
+    console.print(f"[bold]normkit check[/]: torch {torch.__version__} vs normkit, forward")
+    console.print(INTRO, style="dim")
+    if rows:
+        t = Table(header_style="bold")
+        for i, h in enumerate(OP_HEADER):
+            t.add_column(h, justify="left" if i < 2 else "right")
+        for s in summarize(rows):
+            c = list(op_cells(s))
+            c[2] = f"[red]{c[2]}[/]" if (s.torch_ok_up_to or 0) < s.top else f"[green]{c[2]}[/]"
+            c[3] = f"[green]{c[3]}[/]" if s.normkit_ok else f"[red]{c[3]}[/]"
+            c[8] = f"[red]{c[8]}[/]" if s.torch_failures else c[8]
+            t.add_row(*c)
+        console.print(t)
+    for m in models:
+        t = Table(title=f"{m.model} {tuple(m.input_shape)}, {m.mode} mode, input scales "
+                        f"{', '.join(num(s) for s in m.scales)}", title_justify="left", header_style="bold")
+        t.add_column("dtype")
+        t.add_column("first failing layer (torch), judged layer by layer")
+        for line in model_lines(m):
+            d, _, rest = line.partition(" ")
+            t.add_row(d, f"[red]{rest.strip()}[/]" if "no layer fails" not in rest else f"[green]{rest.strip()}[/]")
+        console.print(t)
+    ok = all(r.normkit_ok for r in rows) and all(m.normkit_ok for m in models)
+    console.print(headline(rows, models), style="bold green" if ok else "bold red")
+
+
+# ------------------------------------------------------------------------------------------- JSON
+def strict(obj):
+    """``obj`` with every non-finite float replaced by None (so ``json.dumps(allow_nan=False)`` holds)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def _row_dict(r: Row) -> dict:
+    d = dataclasses.asdict(r)
+    d.update(torch_ok=r.torch_ok, normkit_ok=r.normkit_ok,
+             torch_status="refused" if r.torch_error is None else ("non-finite" if not math.isfinite(r.torch_error)
+                                                                   else ("ok" if r.torch_ok else "fail")),
+             normkit_status="non-finite" if not math.isfinite(r.normkit_error) else ("ok" if r.normkit_ok else "fail"))
+    return d
+
+
+def model_dict(m: ModelResult) -> dict:
+    def finding(f):
+        return None if f is None else dict(dataclasses.asdict(f), sentence=f.sentence())
+    return {
+        "model": m.model, "input_shape": list(m.input_shape), "mode": m.mode, "dtypes": m.dtypes, "scales": m.scales,
+        "normkit_ok": m.normkit_ok,
+        "first_failure": {d: {"torch": finding(m.first_failure(d, "torch")),
+                              "normkit": finding(m.first_failure(d, "normkit"))} for d in m.dtypes},
+        "outputs": m.outputs,
+        "layers": [dataclasses.asdict(c) for c in m.cases],
+    }
+
+
+def as_dict(rows: list[Row], models: list[ModelResult], seed: int) -> dict:
+    return strict({
+        "torch_version": torch.__version__, "seed": seed,
+        "ok": all(r.normkit_ok for r in rows) and all(m.normkit_ok for m in models),
+        "ops": {"rows": [_row_dict(r) for r in rows], "summary": [dataclasses.asdict(s) for s in summarize(rows)]},
+        "models": [model_dict(m) for m in models],
+    })
+
+
+def dumps(rows, models, seed: int) -> str:
+    return json.dumps(as_dict(rows, models, seed), indent=1, allow_nan=False)
+
+
+# ------------------------------------------------------------------------------------------- report.md
+def markdown(rows: list[Row], models: list[ModelResult], plots: list[str]) -> str:
+    out = [f"# normkit check", "", f"torch {torch.__version__} vs normkit, forward. {INTRO}.", ""]
+    if rows:
+        out += ["## Operators", "", "| " + " | ".join(OP_HEADER) + " |", "|" + "---|" * len(OP_HEADER)]
+        out += ["| " + " | ".join(op_cells(s)) + " |" for s in summarize(rows)]
+        fails = [s for s in summarize(rows) if s.torch_failures]
+        if fails:
+            out += ["", "Inputs where torch fails:", ""]
+            out += [f"- {s.op} {s.dtype}: {', '.join(s.torch_failures)}" for s in fails]
+        out.append("")
+    for m in models:
+        out += [f"## {m.model} {tuple(m.input_shape)}, {m.mode} mode", "",
+                f"Input scales {', '.join(num(s) for s in m.scales)}; each layer judged on the float64 model's "
+                f"input to it, rounded to the dtype.", ""]
+        out += [f"- {line.split(' ', 1)[0]}: {line.split(' ', 1)[1].strip()}" for line in model_lines(m)]
+        out += ["", "| dtype | scale | torch output | normkit output |", "|---|---|---|---|"]
+        for o in m.outputs:
+            def cell(v):
+                return v["status"] + (f" ({fmt_err(v['error'])})" if v["error"] is not None else "") + \
+                    (f" at {v['layer']}" if v["layer"] else "")
+            out.append(f"| {o['dtype']} | {num(o['scale'])} | {cell(o['torch'])} | {cell(o['normkit'])} |")
+        out.append("")
+    if plots:
+        out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    out.append(headline(rows, models))
+    return "\n".join(out) + "\n"
