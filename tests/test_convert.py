@@ -116,11 +116,20 @@ def test_include_exclude_and_inplace():
         normkit.convert(model, include=[3])
 
 
-def test_sync_batchnorm_is_converted():
-    model = nn.Sequential(nn.SyncBatchNorm(4))
-    converted, report = normkit.convert(model, return_report=True)
-    assert type(converted[0]) is nnk.SyncBatchNorm and report and report[0].changed
-    assert type(normkit.revert(converted)[0]) is nn.SyncBatchNorm
+class OwnBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A norm class of torch's family that no normkit twin stands for."""
+
+    def _check_input_dim(self, input):
+        pass
+
+
+def test_sync_batchnorm_converts_and_a_class_without_twin_is_reported():
+    model = nn.Sequential(nn.SyncBatchNorm(4), OwnBatchNorm(4))
+    with pytest.warns(RuntimeWarning, match="no twin"):
+        converted, report = normkit.convert(model, return_report=True)
+    assert type(converted[0]) is nnk.SyncBatchNorm and type(converted[1]) is OwnBatchNorm
+    assert [(s.name, s.changed) for s in report] == [("0", True), ("1", False)]
+    assert [type(m) for m in normkit.revert(converted)] == [nn.SyncBatchNorm, OwnBatchNorm]
 
 
 def test_revert_refuses_a_convention_torch_lacks():
@@ -394,6 +403,12 @@ def test_fold_untraceable_model():
     assert isinstance(folded.body[1], nn.Identity) and isinstance(folded.bn, nn.BatchNorm2d)
     check_fold(model, torch.randn(2, 2, 4, 4), example=False,
                left={"bn": "not traceable", "body.1": r"cannot be counted.*pass example_input="})
+
+
+def test_fold_example_input_must_be_a_tensor_or_a_tuple():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)).eval()
+    with pytest.raises(TypeError, match=r"tensor or a tuple.*example_input=\(x,\)"):
+        normkit.fold_batchnorm(model, example_input=[torch.randn(1, 2, 3, 3)])
 
 
 def test_fold_example_input_check_raises_when_the_rules_are_fooled():

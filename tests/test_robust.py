@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -127,25 +128,68 @@ def test_robust_is_a_decorator_nests_and_composes_with_no_grad():
     assert torch.isnan(ln(x)).any()  # and torch's own kernel again once the mode is left
 
 
-def test_robust_under_autocast_returns_torch_dtypes():
-    """Passes with the ops branch's autocast support: the same output dtype as torch's under CPU autocast."""
-    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.RMSNorm(8))
-    x = torch.randn(4, 8)
+@pytest.mark.parametrize("after_linear", [False, True], ids=["float32-input", "bfloat16-input"])
+@pytest.mark.parametrize("name", MODULES)
+def test_robust_under_autocast_returns_torch_dtypes(name, after_linear):
+    """Under CPU bfloat16 autocast, the same output dtype as torch's: for a float32 input, and for the
+    bfloat16 output of an autocast Linear (the dtype policy itself is the ops' own)."""
+    make, shape = MODULES[name]
+    module = randomized(make)
+    model = nn.Sequential(nn.Linear(shape[-1], shape[-1]), module) if after_linear else module
+    x = torch.randn(shape)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        want = model(x)
+        want = copy.deepcopy(model)(x)
         with normkit.robust():
             got = model(x)
     assert got.dtype == want.dtype
 
 
-def test_robust_under_torch_compile():
-    """Dynamo traces through the mode (entered inside the compiled function); the result is normkit's."""
+@pytest.mark.parametrize("mode_inside", [True, False], ids=["mode-inside", "mode-outside"])
+def test_robust_under_torch_compile(mode_inside):
+    """Dynamo traces through the mode, entered inside the compiled function or around the call; the result
+    is normkit's (fullgraph needs the ops to be Dynamo-traceable: see the README's tool-chain table)."""
     ln = nn.LayerNorm(8)
     x = torch.randn(2, 4, 8) * 1e20
 
     def run(x):
-        with normkit.robust():
-            return ln(x)
+        if mode_inside:
+            with normkit.robust():
+                return ln(x)
+        return ln(x)
 
-    y = torch.compile(run, backend="eager")(x)
-    assert_rel_close(y, ln.double()(x.double()), torch.float32, "compiled under robust()")
+    compiled = torch.compile(run, backend="eager")
+    with normkit.robust() if not mode_inside else contextlib.nullcontext():
+        y = compiled(x)
+    assert_rel_close(y, copy.deepcopy(ln).double()(x.double()), torch.float32, "compiled under robust()")
+
+
+def test_export_under_robust_bakes_normkit_into_the_program():
+    """torch.export of an unconverted torch model inside robust(): the program computes normkit's norms."""
+    model = nn.Sequential(nn.Linear(8, 8), LayerNorm2d(4), nn.GroupNorm(2, 4)).eval()
+    x = torch.randn(2, 4, 3, 8) * 1e20
+    with normkit.robust():
+        program = torch.export.export(model, (x,)).module()
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("norm" in op for op in ops), ops  # no torch normalization kernel in the program
+    with torch.no_grad():
+        assert_rel_close(program(x), copy.deepcopy(model).double()(x.double()), torch.float32, "exported under robust()")
+
+
+def test_robust_handles_each_call_once_without_reentering():
+    """normkit's implementation runs with the mode popped: one routed call per torch call, no recursion."""
+    from normkit.robust import ROUTES, RobustMode
+
+    seen = []
+
+    class Recording(RobustMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in ROUTES:
+                seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs)
+
+    x = torch.randn(2, 5, 4, 8)
+    with Recording():
+        nn.LayerNorm(8)(x)
+        nn.BatchNorm2d(5)(x)
+        F.local_response_norm(x, 3)
+    assert seen == [F.layer_norm, F.batch_norm, F.local_response_norm]

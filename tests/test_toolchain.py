@@ -124,10 +124,17 @@ def test_fx_fusers_run_on_converted_models():
     from torch.ao.quantization.quantize_fx import fuse_fx
     from torch.fx.experimental.optimization import fuse
 
+    from torch.ao.quantization import fuse_modules
+
+    from normkit.convert import ao_fuser_methods
+
     model, x = converted_cnn(), torch.randn(2, 3, 8, 8)
     want = model(x)
-    for fused in (fuse(copy.deepcopy(model)), fuse_fx(copy.deepcopy(model)), normkit.fold_batchnorm(model)):
-        assert_rel_close(fused(x), want, torch.float32, type(fused).__name__, rel=1e-4)
+    eager_fused = fuse_modules(copy.deepcopy(model), [["features.0", "features.1", "features.2"]],
+                               fuse_custom_config_dict={"additional_fuser_method_mapping": ao_fuser_methods()})
+    assert isinstance(eager_fused.features[1], nn.Identity)  # torch.ao's eager fuser folds normkit's BatchNorm
+    for fused in (fuse(copy.deepcopy(model)), fuse_fx(copy.deepcopy(model)), eager_fused, normkit.fold_batchnorm(model)):
+        assert_rel_close(fused(x), want, torch.float32, type(fused).__name__, rel=PARITY_TOL[torch.float32])
 
 
 # ----------------------------------------------------------------------------------- torch.export
@@ -153,11 +160,17 @@ def test_meta_device_modules_and_inputs(name):
     assert y.device.type == "meta" and y.shape == x.shape
 
 
-def test_compile_fullgraph_converted_cnn():
-    """Passes with the ops branch (Dynamo traces normkit's autograd Functions without a graph break)."""
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph-breaks-allowed", "fullgraph"])
+def test_compile_converted_cnn(fullgraph, mode):
+    """fullgraph=True: Dynamo traces every normkit op of the converted model without a graph break; in train
+    mode the running statistics move as eager's do."""
     model, x = converted_cnn(), torch.randn(2, 3, 8, 8)
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    assert_rel_close(compiled(x), model(x), torch.float32, rel=PARITY_TOL[torch.float32])
+    model.train(mode == "train")
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=fullgraph, backend="eager")
+    assert_rel_close(compiled(x), eager(x), torch.float32, rel=PARITY_TOL[torch.float32])
+    assert_same_state(model, eager, "compiled")
 
 
 # ------------------------------------------------------------------------------------ TorchScript

@@ -57,7 +57,7 @@ class Swap:
     changed: bool = True
 
 
-def own_methods(module: nn.Module, bases) -> tuple[type | None, list[str]]:
+def _own_methods(module: nn.Module, bases) -> tuple[type | None, list[str]]:
     """The nearest of ``bases`` in ``type(module)``'s MRO, and the compute methods the class overrides
     relative to it (``(None, [])`` when no base is an ancestor)."""
     cls = type(module)
@@ -116,7 +116,7 @@ def convert(model: nn.Module, *, inplace: bool = False, include: Iterable | None
         cls = type(module)
         if isinstance(module, (*_TORCH_OF, _FrozenBatchNorm)):
             continue  # already normkit
-        base, own = own_methods(module, TWINS)
+        base, own = _own_methods(module, TWINS)
         if base is None:
             if isinstance(module, nn.modules.batchnorm._NormBase):  # e.g. SyncBatchNorm
                 report.append(Swap(name, cls.__name__, "left: normkit has no twin for this class yet", changed=False))
@@ -129,7 +129,8 @@ def convert(model: nn.Module, *, inplace: bool = False, include: Iterable | None
                                f"calls it makes robust", changed=False))
             continue
         module.__class__ = TWINS[base]
-        setattr(module, _ORIGINAL_CLASS, cls)
+        if cls is not base:  # a custom subclass: revert gives it back
+            setattr(module, _ORIGINAL_CLASS, cls)
         if isinstance(module, nnk.LocalResponseNorm) and not hasattr(module, "convention"):
             module.convention, module.region = "torch", "across_channels"
         report.append(Swap(name, cls.__name__, f"normkit.nn.{TWINS[base].__name__}"))
@@ -159,6 +160,17 @@ def revert(model: nn.Module, *, inplace: bool = False, return_report: bool = Fal
         report.append(Swap(name, f"normkit.nn.{type(module).__name__}", original.__name__))
         module.__class__ = original
     return (model, report) if return_report else model
+
+
+def ao_fuser_methods() -> dict:
+    """torch.ao's eager fuser patterns with normkit's twins in place of torch's classes, for
+    ``torch.ao.quantization.fuse_modules(model, names, fuse_custom_config_dict={"additional_fuser_method_mapping":
+    normkit.convert.ao_fuser_methods()})`` (its own table matches torch's exact classes only). Eval mode:
+    torch.ao's training-mode fused modules (``ConvBn2d``...) accept torch's exact classes only."""
+    from torch.ao.quantization.fuser_method_mappings import _DEFAULT_OP_LIST_TO_FUSER_METHOD
+
+    return {tuple(TWINS.get(c, c) for c in pattern): fuser
+            for pattern, fuser in _DEFAULT_OP_LIST_TO_FUSER_METHOD.items() if any(c in TWINS for c in pattern)}
 
 
 # ------------------------------------------------------------------------------------------- folding
@@ -273,7 +285,7 @@ def _layer_problem(layer: nn.Module, layer_name: str) -> str | None:
     if torch.nn.utils.parametrize.is_parametrized(layer):
         return (f"{layer_name} is parametrized ({', '.join(layer.parametrizations)}; e.g. weight_norm): its weight is "
                 f"recomputed on every call, so a folded weight would be discarded")
-    base, own = own_methods(layer, FOLDABLE)
+    base, own = _own_methods(layer, FOLDABLE)
     if own:
         return f"{layer_name} ({type(layer).__name__}) overrides {', '.join(own)} of {base.__name__}: it computes its own function"
     if layer._forward_hooks or layer._forward_pre_hooks:
@@ -283,7 +295,7 @@ def _layer_problem(layer: nn.Module, layer_name: str) -> str | None:
 
 def _bn_problem(layer: nn.Module, bn: nn.Module) -> str | None:
     """Why ``bn`` itself cannot be folded into ``layer`` (None if it can)."""
-    base, own = own_methods(bn, _BN_BASES)
+    base, own = _own_methods(bn, _BN_BASES)
     if base is None or own:
         return f"{type(bn).__name__} overrides {', '.join(own) or 'batch norm'}: it computes its own function"
     if bn._forward_hooks or bn._forward_pre_hooks:
@@ -409,6 +421,16 @@ def _apply_folds(model: nn.Module, uses: _Uses, folds: list) -> nn.Module:
     return gm
 
 
+def _example_args(example_input) -> tuple | None:
+    """``example_input`` as the positional arguments of one forward call."""
+    if example_input is None or isinstance(example_input, tuple):
+        return example_input
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,)
+    raise TypeError(f"fold_batchnorm: example_input must be a tensor or a tuple of the model's positional arguments, "
+                    f"got {type(example_input).__name__}; pass example_input=(x,) to give one argument of another type")
+
+
 def _check_folded(folded: nn.Module, args: tuple, reference) -> None:
     """Raise if ``folded`` differs from the unfolded model's ``reference`` output beyond FOLD_TOLERANCE."""
     with torch.no_grad():
@@ -423,8 +445,9 @@ def _check_folded(folded: nn.Module, args: tuple, reference) -> None:
         if not err <= tol * scale:
             raise RuntimeError(f"fold_batchnorm: the folded model differs from the unfolded one on example_input: output "
                                f"{i} is off by {err:.3e} = {err / scale if scale else float('inf'):.2e} of max|output| "
-                               f"(tolerance {tol:g}). The model's forward does something its graph does not show; "
-                               f"keep the unfolded model (inplace=False leaves it untouched) and please report this")
+                               f"(tolerance {tol:g}). Either the model is not deterministic (a module still in training "
+                               f"mode, e.g. Dropout: call model.eval()), or its forward does something its graph does not "
+                               f"show; keep the unfolded model (inplace=False leaves it untouched)")
 
 
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False, return_report: bool = False, example_input=None):
@@ -450,7 +473,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, return_report: bo
     if any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
         raise ValueError("fold_batchnorm: the model has BatchNorm layers in training mode, whose output depends on "
                          "the batch; call model.eval() first")
-    args = None if example_input is None else example_input if isinstance(example_input, tuple) else (example_input,)
+    args = _example_args(example_input)
     if not inplace:
         model = copy.deepcopy(model)
     uses = _Uses(Counter(id(m) for _, m in model.named_modules(remove_duplicate=False)),

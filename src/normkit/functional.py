@@ -35,3 +35,4 @@ __all__ = [
 
 for _name in __all__:
     torch.fx.wrap(_name)
+del _name

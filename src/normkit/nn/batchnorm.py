@@ -2,8 +2,9 @@
 
 Each ``BatchNormNd`` subclasses ``torch.nn.BatchNormNd`` and replaces only the computation, so the
 constructor, parameters, buffers (``num_batches_tracked`` a long), ``repr``, ``reset_parameters``,
-``reset_running_stats``, input checks and the ``_version`` state-dict migration are torch's own, and
-``load_state_dict(strict=True)`` works in both directions.
+``reset_running_stats`` and the ``_version`` state-dict migration are torch's own, and
+``load_state_dict(strict=True)`` works in both directions. ``forward`` is one call of
+:func:`batch_norm_module`, which also holds torch's rank check (same error), so torch.fx sees one node.
 """
 
 from __future__ import annotations
