@@ -31,6 +31,16 @@ after aligning them to the window's largest exponent; ``d = 4**h * u`` with the 
 element where ``k`` and ``c * S`` meet (as :func:`normkit._stats.inv_std` does); and ``d**-beta`` takes its
 exponent ``-2 h beta`` apart into an exact integer part and a small fraction. Nothing overflows that the
 float64 answer would not. A zero window with ``k = 0`` (0/0) gives 0.
+
+Forward-mode AD (closed form, the same pairs as backward)::
+
+    dy_i = dx_i * d_i**(-beta) - 2 * c * beta * x_i * d_i**(-beta - 1) * sum_{j in W(i)} x_j * dx_j
+
+Tool chain: the check reads ``max|x|`` back to the host only in plain eager mode on CPU. While a graph is
+traced (torch.compile, torch.export, ``jit.trace``, ``make_fx``), for fake, meta and functorch-wrapped
+tensors and on accelerators, the robust path runs unconditionally: branch-free (``torch.where`` per
+element), no host sync, no ``frexp`` (ONNX lacks it), no float64 for lower-precision input. ``vmap`` moves
+the batch dimension in front and runs one plain call on the whole batch.
 """
 
 from __future__ import annotations
@@ -128,6 +138,13 @@ def _shift(t: Tensor, dim: int, offset: int, fill: float = 0.0) -> Tensor:
     return torch.cat([pad, t.narrow(dim, 0, n + offset)], dim)
 
 
+def _align(m, k: Tensor) -> Tensor:
+    """``m * 2**k`` for ``k <= 2``: a term brought down to a larger exponent. One ``exp2`` (``mul_pow2``
+    takes three): ``2**k`` is exact down to the smallest subnormal and 0 below, where the term is
+    negligible against the one that set the exponent (its mantissa is at least about 1/4)."""
+    return m * torch.exp2(k)
+
+
 def _pair_window_sum(m: Tensor, p: Tensor, win: Window) -> tuple[Tensor, Tensor]:
     """``sum_{j in W(i)} m_j * 2**p_j`` as a pair ``(M, P)``: each term is aligned to the window's largest
     exponent ``P`` before adding, so nothing over- or underflows that matters."""
@@ -137,7 +154,7 @@ def _pair_window_sum(m: Tensor, p: Tensor, win: Window) -> tuple[Tensor, Tensor]
         big = shifted_p[0]
         for sp in shifted_p[1:]:
             big = torch.maximum(big, sp)
-        m = sum(mul_pow2(_shift(m, dim, o), sp - big) for o, sp in zip(offsets, shifted_p))
+        m = sum(_align(_shift(m, dim, o), sp - big) for o, sp in zip(offsets, shifted_p))
         p = big
     return m, p
 
@@ -264,7 +281,8 @@ def _robust_denominator(x: Tensor, win: Window):
                       torch.full_like(s_p, -math.inf))
     h = torch.clamp(h_s, min=h_k)
     h = torch.where(torch.isinf(h), torch.zeros_like(h), h)  # zero window and k = 0: d = 0
-    u = mul_pow2(cs, s_p - 2 * h) + mul_pow2(torch.full_like(cs, k_m), k_q - 2 * h)
+    k_term = _align(k_m, k_q - 2 * h) if win.k > 0 else 0.0  # h >= h_k: k_q - 2 h <= 2
+    u = mul_pow2(cs, s_p - 2 * h) + k_term
     return u, h, xm, xe
 
 
@@ -295,7 +313,7 @@ def _robust_linear(v: Tensor, x: Tensor, win: Window, adjoint: bool) -> Tensor:
     am, ap = _pair(vm * dm, ve + dp)
     bm, bp = _pair((2 * win.c * win.beta) * xm * sm, xe + sp)
     top = torch.maximum(ap, bp)
-    out = mul_pow2(mul_pow2(am, ap - top) - mul_pow2(bm, bp - top), top)
+    out = mul_pow2(_align(am, ap - top) - _align(bm, bp - top), top)
     return torch.where(u == 0, v * 0, out)
 
 
@@ -391,7 +409,21 @@ class LocalResponseNormFunction(LocalResponseNormReverse):
         return LocalResponseNormFunction.apply(x.movedim(in_dims[0], 0), win.batched()), 0
 
 
+def _autocast_input(input: Tensor) -> Tensor:
+    """Under autocast, the input that gives the dtype torch's ``F.local_response_norm`` returns (measured):
+    float32 for float16/bfloat16 input on CUDA (``pow`` is a float32 autocast op there, torch 2.11) and on
+    CPU for input of 4 or more dims (``avg_pool3d`` is; torch 2.13), else the input's dtype. Half inputs
+    compute in float32 anyway, so casting the input up costs no accuracy."""
+    device = input.device.type
+    if input.dtype not in (torch.float16, torch.bfloat16) or device not in ("cpu", "cuda"):
+        return input
+    if not torch.is_autocast_enabled(device) or (device == "cpu" and input.dim() < 4):
+        return input
+    return input.float()
+
+
 def _apply(input: Tensor, win: Window) -> Tensor:
+    input = _autocast_input(input)
     if input.numel() == 0:
         return input.clone()
     fn = LocalResponseNormReverse if torch.compiler.is_compiling() else LocalResponseNormFunction
