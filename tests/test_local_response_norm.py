@@ -291,3 +291,16 @@ def test_caffe_within_channel_robust_path(dtype, mag):
     got = run(lambda t: nf.lrn(t, 3, 0.4, 0.75, convention="caffe", region="within_channel"), x, dy)
     for key in ref:
         assert_rel_close(got[key], ref[key], dtype, key)
+
+
+@pytest.mark.skipif(not oracle.EXTENDED, reason="the oracle needs x86-64 80-bit long double")
+@pytest.mark.parametrize("dtype,mag", [(torch.float32, 1e-40), (torch.float64, 1e-310), (torch.bfloat16, 1e-40),
+                                       (torch.float16, 1e-6)], ids=str)
+def test_robust_path_on_subnormal_input(dtype, mag):
+    """Subnormal inputs, k = 0: the mantissa split must not form 2**-e (which overflows for e < -126)."""
+    x = ((torch.rand(2, 6, 3, 3, dtype=torch.float64) * 2 - 1) * mag).to(dtype)
+    dy = torch.randn(2, 6, 3, 3, dtype=torch.float64).to(dtype)
+    ref = oracle.lrn(oracle.ld(x), (1,), 1, 1, 1e-4 / 3, 0.0, 0.75, oracle.ld(dy))
+    got = run(lambda t: nf.local_response_norm(t, 3, 1e-4, 0.75, 0.0), x, dy)
+    for key in ref:
+        assert_rel_close(got[key], ref[key], dtype, f"magnitude {mag:g}: {key}")

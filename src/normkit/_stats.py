@@ -19,6 +19,9 @@ Precision policy (applies to every operator):
 * **Two-pass moments of the shifted data**: ``mean_d = sum(d) / n``, ``m2 = sum((d - mean_d)**2)``.
 * **Inverse standard deviation as ``r * 2**k``** (:func:`inv_std`): the exponent ``k`` is chosen per group
   so that ``var`` and ``eps`` meet at a common scale where neither can overflow.
+* **Products as mantissa and exponent** (:func:`mul_product`): with given statistics (eval mode),
+  ``(x - mean) * weight * rstd`` multiplies the factors' mantissas and applies the summed exponent last, so
+  no partial product (``x_hat``, ``weight * rstd``) overflows where the result is finite.
 
 Statistics are carried as :class:`Moments` (count, exponent, pivot, shifted mean, M2). Two Moments of
 disjoint parts of a group merge exactly like Chan et al.'s parallel variance (:func:`merge_moments`),
@@ -46,15 +49,19 @@ def _max_exponent(dtype: torch.dtype) -> int:
     return -int(math.log2(torch.finfo(dtype).tiny))
 
 
-def group_exponent(x: Tensor, dims: Dims) -> Tensor:
-    """``e = floor(log2(max |x|))`` over ``dims`` (keepdim), clamped to the normal range; 0-groups get the minimum.
+def exponent(t: Tensor) -> Tensor:
+    """``floor(log2 |t|)`` elementwise, clamped so that ``2**e`` and ``2**-e`` are normal (0 gets the minimum).
 
-    The result is a detached float tensor of integers: scaling by ``2**-e`` is exact and piecewise
-    constant, so it carries no gradient.
+    A detached float tensor of integers: scaling by ``2**-e`` is exact and piecewise constant, so it carries
+    no gradient.
     """
-    bound = _max_exponent(x.dtype)
-    amax = x.detach().abs().amax(dim=tuple(dims), keepdim=True)
-    return torch.floor(torch.log2(amax)).clamp(-bound, bound)
+    bound = _max_exponent(t.dtype)
+    return torch.floor(torch.log2(t.detach().abs())).clamp(-bound, bound)
+
+
+def group_exponent(x: Tensor, dims: Dims) -> Tensor:
+    """``e = floor(log2(max |x|))`` over ``dims`` (keepdim): :func:`exponent` of each group's largest value."""
+    return exponent(x.detach().abs().amax(dim=tuple(dims), keepdim=True))
 
 
 def mul_pow2(t: Tensor, k: Tensor) -> Tensor:
@@ -80,7 +87,7 @@ def first(x: Tensor, dims: Dims) -> Tensor:
 
 def group_size(x: Tensor, dims: Dims) -> int:
     """Number of elements reduced into each group."""
-    return math.prod(x.shape[d] for d in dims)
+    return math.prod([x.shape[d] for d in dims])
 
 
 class Moments(NamedTuple):
@@ -217,13 +224,69 @@ def standardize_backward(g: Tensor, x_hat: Tensor, r: Tensor, k: Tensor, dims: D
     return mul_pow2(t * r, k + eg)
 
 
+def standardize_jvp(t: Tensor, x_hat: Tensor, r: Tensor, k: Tensor, dims: Dims, center: bool = True) -> Tensor:
+    """Tangent of :func:`standardize` for an input tangent ``t`` (forward-mode AD).
+
+    The Jacobian of standardization, ``d x_hat_i / d x_j = rstd * (delta_ij - 1/n - x_hat_i * x_hat_j / n)``
+    (without the ``1/n`` term when not centred), is symmetric, so the Jacobian-vector product is the same
+    map as the vector-Jacobian product: :func:`standardize_backward` applied to ``t``.
+    """
+    return standardize_backward(t, x_hat, r, k, dims, center)
+
+
+def split_product(*factors: Tensor) -> tuple[Tensor, Tensor]:
+    """The product of ``factors`` as ``m * 2**q``: each factor is split into a mantissa in ``[1, 2)`` (for
+    normal values; exact power-of-two scalings) and its exponent, the mantissas are multiplied (``m`` stays
+    within ``[1, 2**len(factors))``, so it cannot overflow or underflow) and the exponents summed into ``q``.
+    ``mul_pow2(m, q)`` then rounds once, at the end: the product is finite wherever its true value is."""
+    m, q = None, None
+    for f in factors:
+        e = exponent(f)
+        scaled = f * torch.exp2(-e)
+        m, q = (scaled, e) if m is None else (m * scaled, q + e)
+    return m, q
+
+
+def centered(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """``x - mean`` as ``d * 2**h`` (``h`` 0 or 1): taken in halves where the difference itself overflows
+    (opposite signs near the top of the range), exactly otherwise."""
+    diff = x - mean
+    overflow = torch.isinf(diff) & torch.isfinite(x) & torch.isfinite(mean)
+    return torch.where(overflow, x * 0.5 - mean * 0.5, diff), overflow.to(diff.dtype)
+
+
 def normalize_with_stats(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``x_hat = (x - mean) * rsqrt(var + eps)`` for given (running) statistics, in the compute dtype.
 
-    Returns ``(x_hat, rstd)``. ``var`` fits the dtype, so ``rsqrt(var + eps)`` is safe; only ``x - mean``
-    can overflow (opposite signs near the top of the range), and there it is taken in halves.
+    Returns ``(x_hat, rstd)``; see :func:`affine_with_stats`, which also applies a weight.
+    """
+    x_hat, rstd, _ = affine_with_stats(x, mean, var, eps, None)
+    return x_hat, rstd
+
+
+def affine_with_stats(x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_hat, rstd, x_hat * weight)`` for given statistics, in the compute dtype (``weight`` too).
+
+    ``var`` fits the dtype, so ``rstd = rsqrt(var + eps)`` is safe (``inf`` only for ``var + eps == 0``,
+    where float64 divides by zero as well). ``x - mean`` is taken in halves where it overflows
+    (:func:`centered`), and ``x_hat * weight`` is formed from ``x - mean`` directly, with ``weight * rstd``
+    as one mantissa/exponent factor (:func:`mul_product`): ``x_hat`` itself may overflow where the
+    weighted result does not (``x = 1e30, rstd = 1e10, weight = 1e-20``).
     """
     rstd = torch.rsqrt(var + eps)
-    diff = x - mean
-    halved = (x * 0.5 - mean * 0.5) * rstd * 2.0
-    return torch.where(torch.isinf(diff), halved, diff * rstd), rstd
+    d, h = centered(x, mean)  # x - mean = d * 2**h
+    x_hat = mul_pow2(d * rstd, h)
+    return x_hat, rstd, x_hat if weight is None else mul_product(d, weight, rstd, h)
+
+
+def mul_product(v: Tensor, a: Tensor | None, b: Tensor, h: Tensor | int = 0) -> Tensor:
+    """``v * a * b * 2**h`` without forming any partial product (``a`` may be None: ``v * b * 2**h``).
+
+    Eval-mode batch norm applies ``weight * rstd`` to ``x - mean``: ``x = 1e30, rstd = 1e10,
+    weight = 1e-20`` is ``1e20``, but ``x * rstd`` overflows float32, and ``weight * rstd`` or ``v * m``
+    can over- or underflow on their own. Here every factor enters as mantissa and exponent
+    (:func:`split_product`) and the power of two is applied last, so nothing overflows where the result
+    does not.
+    """
+    m, q = split_product(v, b) if a is None else split_product(v, a, b)
+    return mul_pow2(m, q + h)

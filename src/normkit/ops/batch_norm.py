@@ -9,7 +9,12 @@ Training, for each channel ``c`` over the ``n = N * prod(*)`` values of the batc
     running_mean <- (1 - momentum) * running_mean + momentum * mean_c
     running_var  <- (1 - momentum) * running_var  + momentum * var_c * n / (n - 1)   (unbiased)
 
-Eval (``training=False``): ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``.
+Eval (``training=False``): ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``, with
+``weight / sqrt(running_var + eps)`` applied as one power-of-two-split factor, so no intermediate overflows
+where ``y`` is finite.
+
+eps: torch's rule, ``eps > 0`` in training and ``eps >= 0`` in eval (``ValueError`` otherwise). Output
+memory format: the input's suggested one (channels_last kept, anything else contiguous), as torch's.
 
 Gradients (training): ``dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))`` with ``g = dy * weight``;
 ``dweight = sum(dy * x_hat)``, ``dbias = sum(dy)``. Eval: ``dx = g * rstd``.
@@ -26,7 +31,7 @@ from torch import Tensor
 
 from .. import _checks
 from .._stats import compute_dtype
-from ._normalize import empty_output, standardize_affine, stats_affine
+from ._normalize import empty_output, standardize_affine, stats_affine, torch_layout
 
 
 def channel_view(t: Tensor | None, ndim: int) -> Tensor | None:
@@ -51,10 +56,11 @@ def check_norm_args(op, input, weight, bias, running_mean, running_var, momentum
     num_features = input.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         _checks.check_param(op, name, t, (num_features,))
+    _checks.check_param_dtypes(op, input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     _checks.check_eps(op, eps)
     _checks.check_momentum(op, momentum)
     if need_running and (running_mean is None or running_var is None):
-        raise ValueError(
+        raise _checks.NormArgumentError(
             f"{op}: running_mean and running_var must be given to normalize with running statistics; "
             f"pass them, or normalize with batch statistics (training=True / use_input_stats=True)"
         )
@@ -68,6 +74,7 @@ def batch_norm_stateless(input, running_mean, running_var, weight=None, bias=Non
     """
     op = "batch_norm"
     check_norm_args(op, input, weight, bias, running_mean, running_var, momentum, eps, need_running=not training)
+    _checks.check_batch_norm_eps(op, eps, training)
     if input.numel() == 0:  # an empty batch normalizes nothing and leaves the statistics alone
         return empty_output(input, weight, bias), running_mean, running_var
     num_features = input.shape[1]
@@ -77,9 +84,10 @@ def batch_norm_stateless(input, running_mean, running_var, weight=None, bias=Non
     w, b = channel_view(weight, input.dim()), channel_view(bias, input.dim())
     if not training:
         mean, var = channel_view(running_mean, input.dim()), channel_view(running_var, input.dim())
-        return stats_affine(input, mean, var, w, b, eps), running_mean, running_var
+        return torch_layout(stats_affine(input, mean, var, w, b, eps), input), running_mean, running_var
     dims = (0, *range(2, input.dim()))
     y, mean, var = standardize_affine(input, w, b, dims, eps)
+    y = torch_layout(y, input)
     new_mean = momentum_update(running_mean, mean.reshape(num_features), momentum)
     new_var = momentum_update(running_var, var.reshape(num_features) * (n / (n - 1)), momentum)
     return y, new_mean, new_var

@@ -8,16 +8,16 @@ The ``C / num_groups`` channels of each group and all their spatial values, per 
 Gradients: ``dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))`` over each group, ``g = dy * weight``;
 ``dweight_c = sum over n and * of dy * x_hat``, ``dbias_c = sum of dy``.
 Precision: as :mod:`normkit.ops.layer_norm`.
+Contract (torch's): parameters as for layer norm; any eps; the output in the input's suggested memory
+format (channels_last kept, any other non-contiguous input gives a contiguous output).
 """
 
 from __future__ import annotations
 
 import numbers
 
-import torch
-
 from .. import _checks
-from ._normalize import empty_output, standardize_affine
+from ._normalize import empty_output, standardize_affine, torch_layout
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -27,21 +27,19 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     _checks.check_min_dim(op, input, 2, "(N, C, *)")
     n, c = input.shape[:2]
     if not isinstance(num_groups, numbers.Integral) or isinstance(num_groups, bool) or num_groups < 1:
-        raise ValueError(f"{op}: num_groups must be a positive integer, got {num_groups!r}")
+        raise _checks.NormArgumentError(f"{op}: num_groups must be a positive integer, got {num_groups!r}")
     if c % num_groups:
-        raise ValueError(
+        raise _checks.NormArgumentError(
             f"{op}: Expected number of channels in input to be divisible by num_groups, but got input of "
             f"shape {list(input.shape)} and num_groups={num_groups}; num_groups={num_groups} must divide num_channels={c}"
         )
     _checks.check_param(op, "weight", weight, (c,))
     _checks.check_param(op, "bias", bias, (c,))
+    _checks.check_param_dtypes(op, input, weight=weight, bias=bias)
     _checks.check_eps(op, eps)
     if input.numel() == 0:
         return empty_output(input, weight, bias)
     grouped = input.reshape(n, num_groups, c // num_groups, -1)
     view = (lambda t: None if t is None else t.view(1, num_groups, c // num_groups, 1))
     y = standardize_affine(grouped, view(weight), view(bias), (2, 3), eps)[0].reshape(input.shape)
-    if input.dim() in (4, 5) and not input.is_contiguous() and input.is_contiguous(
-            memory_format=torch.channels_last if input.dim() == 4 else torch.channels_last_3d):
-        y = y.contiguous(memory_format=torch.channels_last if input.dim() == 4 else torch.channels_last_3d)
-    return y
+    return torch_layout(y, input)

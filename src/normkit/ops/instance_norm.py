@@ -12,6 +12,7 @@ towards the batch average of the per-instance statistics::
 
 Without it, the running statistics normalize, as batch norm does in eval mode.
 Gradients and precision: as :mod:`normkit.ops.batch_norm`, with groups of one instance.
+Contract (torch's): parameters as for batch norm, but any eps (torch checks none here); a contiguous output.
 """
 
 from __future__ import annotations

@@ -31,6 +31,16 @@ after aligning them to the window's largest exponent; ``d = 4**h * u`` with the 
 element where ``k`` and ``c * S`` meet (as :func:`normkit._stats.inv_std` does); and ``d**-beta`` takes its
 exponent ``-2 h beta`` apart into an exact integer part and a small fraction. Nothing overflows that the
 float64 answer would not. A zero window with ``k = 0`` (0/0) gives 0.
+
+Forward-mode AD (closed form, the same pairs as backward)::
+
+    dy_i = dx_i * d_i**(-beta) - 2 * c * beta * x_i * d_i**(-beta - 1) * sum_{j in W(i)} x_j * dx_j
+
+Tool chain: the check reads ``max|x|`` back to the host only in plain eager mode on CPU. While a graph is
+traced (torch.compile, torch.export, ``jit.trace``, ``make_fx``), for fake, meta and functorch-wrapped
+tensors and on accelerators, the robust path runs unconditionally: branch-free (``torch.where`` per
+element), no host sync, no ``frexp`` (ONNX lacks it), no float64 for lower-precision input. ``vmap`` moves
+the batch dimension in front and runs one plain call on the whole batch.
 """
 
 from __future__ import annotations
@@ -41,6 +51,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from .. import _checks, _native
 from .._stats import compute_dtype, mul_pow2
@@ -68,6 +80,10 @@ class Window:
     def reflected(self) -> "Window":
         """``W'(i) = {j : i in W(j)}``: the window mirrored about its centre."""
         return Window(self.dims, self.hi, self.lo, self.c, self.k, self.beta)
+
+    def batched(self) -> "Window":
+        """The same window on a tensor with one more dimension in front (a vmap batch)."""
+        return Window(tuple(d + 1 for d in self.dims), self.lo, self.hi, self.c, self.k, self.beta)
 
 
 def make_window(op, input, size, alpha, beta, k, convention, region, channel_dim) -> Window:
@@ -122,6 +138,13 @@ def _shift(t: Tensor, dim: int, offset: int, fill: float = 0.0) -> Tensor:
     return torch.cat([pad, t.narrow(dim, 0, n + offset)], dim)
 
 
+def _align(m, k: Tensor) -> Tensor:
+    """``m * 2**k`` for ``k <= 2``: a term brought down to a larger exponent. One ``exp2`` (``mul_pow2``
+    takes three): ``2**k`` is exact down to the smallest subnormal and 0 below, where the term is
+    negligible against the one that set the exponent (its mantissa is at least about 1/4)."""
+    return m * torch.exp2(k)
+
+
 def _pair_window_sum(m: Tensor, p: Tensor, win: Window) -> tuple[Tensor, Tensor]:
     """``sum_{j in W(i)} m_j * 2**p_j`` as a pair ``(M, P)``: each term is aligned to the window's largest
     exponent ``P`` before adding, so nothing over- or underflows that matters."""
@@ -131,15 +154,27 @@ def _pair_window_sum(m: Tensor, p: Tensor, win: Window) -> tuple[Tensor, Tensor]
         big = shifted_p[0]
         for sp in shifted_p[1:]:
             big = torch.maximum(big, sp)
-        m = sum(mul_pow2(_shift(m, dim, o), sp - big) for o, sp in zip(offsets, shifted_p))
+        m = sum(_align(_shift(m, dim, o), sp - big) for o, sp in zip(offsets, shifted_p))
         p = big
     return m, p
 
 
 def _split(t: Tensor) -> tuple[Tensor, Tensor]:
-    """``t = m * 2**e`` with ``e`` from ``frexp`` (detached, float) and ``m = t * 2**-e`` (differentiable)."""
-    e = torch.frexp(t.detach()).exponent.to(t.dtype)
-    return t * torch.exp2(-e), e
+    """``t = m * 2**e`` as ``frexp`` splits it (``1/2 <= |m| < 1``; ``e = 0`` for 0, inf and NaN), with ``e``
+    detached (float) and ``m`` differentiable. Built from ``log2`` because ONNX has no frexp: ``log2`` may
+    round across a power of two, which one comparison each way corrects, so ``e`` is exact."""
+    a = t.detach().abs()
+    normal = (a > 0) & torch.isfinite(a)
+    e = torch.where(normal, torch.floor(torch.log2(torch.where(normal, a, 1.0))) + 1, 0.0)
+    top = torch.exp2(e)  # 2**e: |m| < 1 means a < top, |m| >= 1/2 means a >= top / 2
+    e = e + (a >= top).to(e.dtype) - (normal & (a < top * 0.5)).to(e.dtype)
+    return mul_pow2(t, -e), e  # mul_pow2: 2**-e itself overflows for subnormal t
+
+
+def _pair(m: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+    """The pair ``m * 2**p`` with the exponent of a zero mantissa pushed far down, so that aligning a
+    window to its largest exponent ignores zeros."""
+    return m, torch.where(m == 0, torch.full_like(p, _NO_EXPONENT), p)
 
 
 def _power_pair(u: Tensor, h: Tensor, power: float, ct) -> tuple[Tensor, Tensor]:
@@ -154,20 +189,35 @@ def _power_pair(u: Tensor, h: Tensor, power: float, ct) -> tuple[Tensor, Tensor]
     return torch.pow(u, power) * torch.exp2(frac), whole
 
 
-# ------------------------------------------------------------------------------------ the two paths
+# ------------------------------------------------------------------------------------ choosing a path
+def _values_on_hand(*ts: Tensor) -> bool:
+    """True in plain eager mode on CPU, where reading a value back (``.item()``) is cheap and legal. False
+    while a graph is traced (torch.compile, torch.export, ``jit.trace``, ``make_fx``), for fake, meta and
+    functorch-wrapped (vmap / grad / jvp) tensors, and on accelerators (no host sync): there the
+    branch-free robust path runs, which gives the same answer as the eager choice."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or get_proxy_mode() is not None:
+        return False
+    return all(type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+               and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts)
+
+
 def _max_abs(t: Tensor) -> float:
     lo, hi = torch.aminmax(t.detach())  # one pass, no temporary (unlike t.abs().amax())
     return max(-lo.item(), hi.item())
 
 
-def _fast_ok(x: Tensor, win: Window, x_limit: float = math.inf) -> bool:
-    """True when the plain formula cannot over- or underflow (the bounds in the module docstring)."""
-    if not (win.k >= 2.0**-40 and 0.0 <= win.beta <= 1.25 and x.numel()):
+def _fast_ok(x: Tensor, win: Window, x_limit: float = math.inf, g: Tensor | None = None) -> bool:
+    """True when the values are on hand and the plain formula provably cannot over- or underflow (the
+    bounds in the module docstring; for backward also ``|x| <= x_limit`` and ``|g| <= 2**40``)."""
+    on_hand = _values_on_hand(x) if g is None else _values_on_hand(x, g)
+    if not (win.k >= 2.0**-40 and 0.0 <= win.beta <= 1.25 and x.numel() and on_hand):
         return False
     amax = _max_abs(x)
-    return amax <= x_limit and win.c * win.count * amax * amax <= 2.0**100
+    fits = amax <= x_limit and win.c * win.count * amax * amax <= 2.0**100
+    return fits and (g is None or _max_abs(g) <= 2.0**40)
 
 
+# ------------------------------------------------------------------------------------ the plain formula
 def _window_sum_into(out: Tensor, t: Tensor, win: Window) -> Tensor:
     """``out = sum_{j in W(i)} t_j`` by adding shifted views in place: no temporaries (on this kind of
     machine each fresh large allocation costs page faults worth several passes over the data)."""
@@ -218,12 +268,12 @@ def _fast_backward(g: Tensor, x: Tensor, win: Window) -> Tensor:
     return p.mul_(g).add_(zsum.mul_(x), alpha=-2 * win.c * win.beta)
 
 
+# ------------------------------------------------------------------------------------ the robust path
 def _robust_denominator(x: Tensor, win: Window):
     """``d = k + c * sum_W x**2`` as ``4**h * u`` (``u`` in about [1/4, 4 n c + 4]), plus ``x``'s pair."""
     ct = x.dtype
     xm, xe = _split(x)
-    sq_p = torch.where(xm == 0, torch.full_like(xe, _NO_EXPONENT), 2 * xe)
-    s_m, s_p = _pair_window_sum(xm * xm, sq_p, win)  # sum x**2 = s_m * 2**s_p, s_m in [1/4, n]
+    s_m, s_p = _pair_window_sum(*_pair(xm * xm, 2 * xe), win)  # sum x**2 = s_m * 2**s_p, s_m in [1/4, n]
     cs = s_m * win.c
     k_m, k_q = math.frexp(win.k)
     h_k = math.floor((k_q - 1) / 2) if win.k > 0 else -math.inf
@@ -231,7 +281,8 @@ def _robust_denominator(x: Tensor, win: Window):
                       torch.full_like(s_p, -math.inf))
     h = torch.clamp(h_s, min=h_k)
     h = torch.where(torch.isinf(h), torch.zeros_like(h), h)  # zero window and k = 0: d = 0
-    u = mul_pow2(cs, s_p - 2 * h) + mul_pow2(torch.full_like(cs, k_m), k_q - 2 * h)
+    k_term = _align(k_m, k_q - 2 * h) if win.k > 0 else 0.0  # h >= h_k: k_q - 2 h <= 2
+    u = mul_pow2(cs, s_p - 2 * h) + k_term
     return u, h, xm, xe
 
 
@@ -242,33 +293,49 @@ def _robust_forward(x: Tensor, win: Window) -> Tensor:
     return torch.where(u == 0, torch.zeros_like(y), y)
 
 
-def _robust_backward(g: Tensor, x: Tensor, win: Window) -> Tensor:
+def _robust_linear(v: Tensor, x: Tensor, win: Window, adjoint: bool) -> Tensor:
+    """The derivative of ``y = x * d**-beta`` applied to ``v``, both directions in one form:
+
+        jvp (``v = dx``):          dy = v d**-beta - 2 c beta x d**(-beta-1) sum_{W}  x v
+        vjp (``v = g = dL/dy``):   dx = v d**-beta - 2 c beta x sum_{W'} v x d**(-beta-1)
+
+    Every factor is a (mantissa, exponent) pair; the window sum aligns its terms to the largest exponent
+    and the two terms are brought to the larger of their exponents before subtracting."""
     u, h, xm, xe = _robust_denominator(x, win)
-    gm, ge = _split(g)
+    vm, ve = _split(v)
     dm, dp = _power_pair(u, h, -win.beta, x.dtype)  # d**-beta
     em, ep = _power_pair(u, h, -win.beta - 1, x.dtype)  # d**(-beta-1)
-    zm = gm * xm * em
-    zp = torch.where(zm == 0, torch.full_like(ep, _NO_EXPONENT), ge + xe + ep)
-    sm, sp = _pair_window_sum(zm, zp, win.reflected())
-    # dx = g d**-beta - 2 c beta x S, both terms as pairs brought to the larger exponent
-    am, ap = gm * dm, ge + dp
-    bm, bp = (2 * win.c * win.beta) * xm * sm, xe + sp
-    ap = torch.where(am == 0, torch.full_like(ap, _NO_EXPONENT), ap)
-    bp = torch.where(bm == 0, torch.full_like(bp, _NO_EXPONENT), bp)
+    if adjoint:
+        sm, sp = _pair_window_sum(*_pair(vm * xm * em, ve + xe + ep), win.reflected())
+    else:
+        sm, sp = _pair_window_sum(*_pair(xm * vm, xe + ve), win)
+        sm, sp = sm * em, sp + ep
+    am, ap = _pair(vm * dm, ve + dp)
+    bm, bp = _pair((2 * win.c * win.beta) * xm * sm, xe + sp)
     top = torch.maximum(ap, bp)
-    dx = mul_pow2(mul_pow2(am, ap - top) - mul_pow2(bm, bp - top), top)
-    return torch.where(u == 0, g * 0, dx)
+    out = mul_pow2(_align(am, ap - top) - _align(bm, bp - top), top)
+    return torch.where(u == 0, v * 0, out)
 
 
+def _robust_backward(g: Tensor, x: Tensor, win: Window) -> Tensor:
+    return _robust_linear(g, x, win, adjoint=True)
+
+
+# ------------------------------------------------------------------------------------ entry points
 NATIVE_MIN_NUMEL = 1 << 16  # below this the eager path is as fast and needs no build
+NATIVE_MIN_ROW = 16  # elements after the window's dimension: shorter rows do not vectorize
 
 
 def _native_layout(x: Tensor, win: Window):
-    """``(kernel, x as a contiguous (N, C, S) view)`` when the fused CPU kernel applies, else None."""
-    if x.device.type != "cpu" or x.numel() < NATIVE_MIN_NUMEL or win.dims != (1,) or not x.is_contiguous():
+    """``(kernel, x as a contiguous (N, C, S) view)`` when the fused CPU kernel applies, else None. Only
+    reached with values on hand (plain CPU tensors, never fake or vmap-batched ones)."""
+    if len(win.dims) != 1 or x.numel() < NATIVE_MIN_NUMEL or not x.is_contiguous():
+        return None
+    d = win.dims[0]
+    if math.prod(x.shape[d + 1:]) < NATIVE_MIN_ROW:
         return None
     kernel = _native.load("lrn_kernel")
-    return None if kernel is None else (kernel, x.view(x.shape[0], x.shape[1], -1))
+    return None if kernel is None else (kernel, x.view(math.prod(x.shape[:d]), x.shape[d], -1))
 
 
 def lrn_forward(x: Tensor, win: Window) -> Tensor:
@@ -285,8 +352,7 @@ def lrn_forward(x: Tensor, win: Window) -> Tensor:
 def lrn_backward(g: Tensor, x: Tensor, win: Window) -> Tensor:
     """``dx`` given ``g = dL/dy`` (compute dtype). While a graph is being built (double backward) the
     robust path runs: it is written out of place, in differentiable ops."""
-    fast = not torch.is_grad_enabled() and _fast_ok(x, win, x_limit=2.0**20) and _max_abs(g) <= 2.0**40
-    if not fast:
+    if torch.is_grad_enabled() or not _fast_ok(x, win, x_limit=2.0**20, g=g):
         return _robust_backward(g, x, win)
     native = _native_layout(x, win)
     if native is not None:
@@ -295,9 +361,16 @@ def lrn_backward(g: Tensor, x: Tensor, win: Window) -> Tensor:
     return _fast_backward(g, x, win)
 
 
-class LocalResponseNormFunction(torch.autograd.Function):
+def lrn_jvp(dx: Tensor, x: Tensor, win: Window) -> Tensor:
+    """``dy`` given the tangent ``dx`` (compute dtype): forward-mode AD, always the robust form (written in
+    differentiable ops, so ``jacfwd(jacrev(f))``, i.e. ``hessian``, differentiates through it)."""
+    return _robust_linear(dx, x, win, adjoint=False)
+
+
+class LocalResponseNormReverse(torch.autograd.Function):
     """``y = lrn(x)`` with the hand-written backward above. When a graph is being built, backward runs in
-    differentiable ops (the exponents are detached constants), so double backward is exact."""
+    differentiable ops (the exponents are detached constants), so double backward is exact. This is the
+    class torch.compile traces (dynamo cannot trace a custom ``jvp``)."""
 
     @staticmethod
     def forward(x: Tensor, win: Window) -> Tensor:
@@ -315,14 +388,52 @@ class LocalResponseNormFunction(torch.autograd.Function):
         return lrn_backward(dy.to(ct), x.to(ct), ctx.win).to(x.dtype), None
 
 
+class LocalResponseNormFunction(LocalResponseNormReverse):
+    """:class:`LocalResponseNormReverse` plus forward-mode AD (``jvp``) and a ``vmap`` rule, for
+    ``torch.func``: ``vmap`` moves the batch dimension in front and runs the whole batch as one call with
+    the window one dimension further (fast path and native kernel included)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        LocalResponseNormReverse.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def jvp(ctx, dx, _):
+        (x,) = ctx.saved_tensors
+        ct = compute_dtype(x.dtype)
+        return lrn_jvp(dx.to(ct), x.to(ct), ctx.win).to(x.dtype)
+
+    @staticmethod
+    def vmap(info, in_dims, x, win):
+        return LocalResponseNormFunction.apply(x.movedim(in_dims[0], 0), win.batched()), 0
+
+
+def _autocast_input(input: Tensor) -> Tensor:
+    """Under autocast, the input that gives the dtype torch's ``F.local_response_norm`` returns (measured):
+    float32 for float16/bfloat16 input on CUDA (``pow`` is a float32 autocast op there, torch 2.11) and on
+    CPU for input of 4 or more dims (``avg_pool3d`` is; torch 2.13), else the input's dtype. Half inputs
+    compute in float32 anyway, so casting the input up costs no accuracy."""
+    device = input.device.type
+    if input.dtype not in (torch.float16, torch.bfloat16) or device not in ("cpu", "cuda"):
+        return input
+    if not torch.is_autocast_enabled(device) or (device == "cpu" and input.dim() < 4):
+        return input
+    return input.float()
+
+
 def _apply(input: Tensor, win: Window) -> Tensor:
+    input = _autocast_input(input)
     if input.numel() == 0:
         return input.clone()
-    return LocalResponseNormFunction.apply(input, win)
+    fn = LocalResponseNormReverse if torch.compiler.is_compiling() else LocalResponseNormFunction
+    return fn.apply(input, win)
 
 
 def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
     """``torch.nn.functional.local_response_norm``: same signature and semantics (channels on dim 1)."""
+    if has_torch_function_unary(input):  # fx Proxy, torch function modes: recorded as one call
+        return handle_torch_function(local_response_norm, (input,), input, size, alpha, beta, k)
     win = make_window("local_response_norm", input, size, alpha, beta, k, "torch", "across_channels", 1)
     return _apply(input, win)
 
@@ -330,6 +441,9 @@ def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
 def lrn(input, size, alpha=1e-4, beta=0.75, k=1.0, *, convention="torch", region="across_channels", channel_dim=1):
     """Local response normalization in the ``convention`` of torch, ONNX, Caffe or TensorFlow (see the
     module docstring for the windows and constants); ``region="within_channel"`` is Caffe's spatial form."""
+    if has_torch_function_unary(input):
+        return handle_torch_function(lrn, (input,), input, size, alpha, beta, k, convention=convention,
+                                     region=region, channel_dim=channel_dim)
     win = make_window("lrn", input, size, alpha, beta, k, convention, region, channel_dim)
     return _apply(input, win)
 
@@ -338,6 +452,9 @@ def tf_local_response_normalization(input, depth_radius=None, bias=1.0, alpha=1.
     """TensorFlow's ``tf.nn.local_response_normalization``: channels last, window ``2 * depth_radius + 1``,
     ``alpha`` not divided by the window size. ``size=2r+1`` may be given instead of ``depth_radius``."""
     op = "tf_local_response_normalization"
+    if has_torch_function_unary(input):
+        return handle_torch_function(tf_local_response_normalization, (input,), input, depth_radius, bias, alpha,
+                                     beta, size=size)
     if depth_radius is not None and size is not None:
         raise ValueError(f"{op}: pass depth_radius or size (= 2 * depth_radius + 1), not both")
     if size is None:

@@ -3,7 +3,12 @@
 Shapes: ``input (*, *normalized_shape)``; ``weight`` of shape ``normalized_shape``; no bias.
 Each row of ``D`` trailing values::
 
-    y = x / sqrt(mean(x**2) + eps) * weight          eps=None means torch.finfo(input.dtype).eps
+    y = x / sqrt(mean(x**2) + eps) * weight
+
+``eps=None`` means the eps of the compute dtype, as in torch 2.13 (which computes half inputs in float32):
+``torch.finfo(torch.float32).eps`` for float16, bfloat16 and float32 input, float64's own for float64.
+Any parameter dtype is accepted (torch's ``rms_norm`` is composite); the output has the input's dtype and
+torch's memory format (channels_last kept, anything else contiguous).
 
 Gradient: ``dx = rstd * (g - x_hat * mean(g * x_hat))`` with ``g = dy * weight``, ``x_hat = x * rstd``;
 ``dweight = sum over rows of dy * x_hat``.
@@ -17,6 +22,8 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
+from .._stats import compute_dtype
+from ._normalize import torch_layout
 from .layer_norm import normalize_trailing
 
 
@@ -24,5 +31,6 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     """``torch.nn.functional.rms_norm``: same signature and semantics."""
     _checks.check_floating("rms_norm", input)
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
-    return normalize_trailing("rms_norm", input, normalized_shape, weight, None, eps, center=False)
+        eps = torch.finfo(compute_dtype(input.dtype)).eps  # torch 2.13: float32's eps for half inputs
+    y = normalize_trailing("rms_norm", input, normalized_shape, weight, None, eps, center=False, same_dtype_params=False)
+    return torch_layout(y, input)

@@ -1,0 +1,425 @@
+"""normkit.onnx: harden_onnx on hand-built graphs of every native normalization node and decomposed
+pattern (and ONNX's shipped node test cases), export_onnx of single layers and of the model zoo, verified
+in ONNX Runtime (graph optimizations off) or, for float16 graphs, onnx.reference, against float64."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto as TP
+from torch import nn
+
+import normkit
+from normkit.onnx import OnnxError, export_onnx, harden_onnx, verify_onnx
+from normkit.onnx.harden import NATIVE_OPS
+from normkit.onnx.verify import compare_onnx, measure, run
+
+from onnx_graphs import cast_model, decomposed, ms_cases, native_cases
+
+# Acceptance tolerances of the ONNX issue (relative to max|ref|, float64 reference)
+ORDINARY = 1e-4  # scale 1, float32, whole models
+LAYER = 1e-5  # scale 1, float32, one normalization node
+EXTREME = 1e-3  # scales where float32 native ops fail
+HALF = 4e-3  # float16 graphs
+
+NATIVE_TYPES = {op for _, op in NATIVE_OPS}
+LARGE = 1e20
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _x(shape, scale, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * scale + 0.3 * scale).astype(dtype)
+
+
+def _ops(model: onnx.ModelProto) -> set[str]:
+    return {n.op_type for n in model.graph.node}
+
+
+def _check_err(err, tol, what):
+    assert err.nonfinite == 0, f"{what}: {err.nonfinite}/{err.numel} non-finite outputs"
+    assert err.rel_err < tol, f"{what}: rel err {err.rel_err:.3e} >= {tol:g}"
+
+
+# ----------------------------------------------------------------------------------------- harden: native
+@pytest.mark.parametrize("name", list(native_cases()))
+def test_harden_native_node_float32(name):
+    model, ref = native_cases()[name]
+    hard, report = harden_onnx(model)
+    assert len(report.replaced) == 1 and not report.skipped, str(report)
+    assert not _ops(hard) & NATIVE_TYPES, _ops(hard)
+    onnx.checker.check_model(hard)
+    shape = (2, 6, 5, 5) if "LRN" in name or "Batch" in name or "Group" in name or "Instance" in name else (2, 3, 6)
+    x = _x(shape, 1.0)
+    # ONNX Runtime's LRN takes odd sizes only; normkit.onnx.verify gives onnx.reference a correct LRN
+    native_runner = "reference" if name == "LRN_even" else "ort"
+    orig = run(model, {"x": x}, native_runner)[0]
+    _check_err(measure("y", run(hard, {"x": x})[0], ref(x)), LAYER, f"{name} scale 1")
+    _check_err(measure("y", run(hard, {"x": x})[0], orig), LAYER, f"{name} vs original at scale 1")
+    for scale in (1e-20, 1e19, LARGE, 1e30):
+        x = _x(shape, scale)
+        _check_err(measure("y", run(hard, {"x": x})[0], ref(x)), EXTREME, f"{name} scale {scale:g}")
+    if name != "BatchNormalization":  # given statistics: the native op is fine at large scales
+        x = _x(shape, LARGE)
+        with np.errstate(all="ignore"):
+            assert not measure("y", run(model, {"x": x}, native_runner)[0], ref(x)).rel_err < EXTREME, "the native op should fail here"
+
+
+@pytest.mark.parametrize("name", list(ms_cases()))
+def test_harden_onnxruntime_contrib_node(name):
+    model, ref = ms_cases()[name]
+    hard, report = harden_onnx(model)
+    assert len(report.replaced) == 1, str(report)
+    assert not _ops(hard) & NATIVE_TYPES
+    for scale in (1.0, LARGE):
+        x = _x((2, 3, 6), scale)
+        _check_err(measure("y", run(hard, {"x": x})[0], ref(x)), LAYER if scale == 1 else EXTREME, f"{name} {scale:g}")
+    x = _x((2, 3, 6), 1.0)
+    _check_err(measure("y", run(hard, {"x": x})[0], run(model, {"x": x})[0]), LAYER, "vs ORT's kernel")
+
+
+@pytest.mark.parametrize("name", ["LRN", "BatchNormalization", "InstanceNormalization", "LayerNormalization",
+                                  "GroupNormalization21", "RMSNormalization"])
+def test_harden_native_node_float16(name):
+    """Judged in onnx.reference (float16 computed in float16): finite and within 4e-3 where the native node
+    overflows."""
+    model, ref = native_cases(TP.FLOAT16)[name]
+    hard, report = harden_onnx(model)
+    assert len(report.replaced) == 1 and not _ops(hard) & NATIVE_TYPES
+    shape = (2, 6, 5, 5) if name in ("LRN", "BatchNormalization", "InstanceNormalization", "GroupNormalization21") else (2, 3, 6)
+    for scale in (1.0, 300.0, 3e4):
+        x = _x(shape, scale, np.float16)
+        out = run(hard, {"x": x}, "reference")[0]
+        assert out.dtype == np.float16
+        _check_err(measure("y", out, ref(x)), HALF, f"{name} float16 scale {scale:g}")
+
+
+def test_harden_float16_native_layernorm_overflows_where_hardened_does_not():
+    model, ref = native_cases(TP.FLOAT16)["LayerNormalization"]
+    hard, _ = harden_onnx(model)
+    x = _x((2, 3, 6), 3e4, np.float16)
+    assert measure("y", run(model, {"x": x}, "reference")[0], ref(x)).nonfinite > 0
+    _check_err(measure("y", run(hard, {"x": x}, "reference")[0], ref(x)), HALF, "hardened")
+
+
+# ----------------------------------------------------------------------------------------- harden: patterns
+@pytest.mark.parametrize("center", [True, False], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("axes_attr", [True, False], ids=["axes_attr", "axes_input"])
+@pytest.mark.parametrize("square", ["pow", "mul"])
+@pytest.mark.parametrize("normalize", ["div", "reciprocal"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_harden_decomposed_pattern(center, axes_attr, square, normalize, affine):
+    model, ref = decomposed(center, axes_attr, square, normalize, affine)
+    hard, report = harden_onnx(model)
+    kind = "decomposed LayerNorm" if center else "decomposed RMSNorm"
+    assert report.counts() == {kind: 1}, str(report)
+    assert "Sqrt" in _ops(hard)  # the robust subgraph's own; the pattern is gone:
+    assert not harden_onnx(hard)[1].replaced, "a decomposed pattern is left"
+    x = _x((2, 3, 6), 1.0)
+    _check_err(measure("y", run(hard, {"x": x})[0], run(model, {"x": x})[0]), LAYER, "unchanged at scale 1")
+    for scale in (1e-20, 1e19, LARGE):
+        x = _x((2, 3, 6), scale)
+        _check_err(measure("y", run(hard, {"x": x})[0], ref(x)), EXTREME, f"scale {scale:g}")
+    x = _x((2, 3, 6), LARGE)
+    assert not measure("y", run(model, {"x": x})[0], ref(x)).rel_err < EXTREME
+
+
+@pytest.mark.parametrize("center", [True, False], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("cast", [False, True], ids=["in_float16", "float32_between_casts"])
+def test_harden_decomposed_pattern_float16(center, cast):
+    model, ref = decomposed(center, False, "pow", "div", True, TP.FLOAT16, cast=cast)
+    if not cast:
+        model = cast_model(model, TP.FLOAT16)
+    hard, report = harden_onnx(model)
+    assert len(report.replaced) == 1, str(report)
+    for scale in (1.0, 300.0, 3e4):
+        x = _x((2, 3, 6), scale, np.float16)
+        _check_err(measure("y", run(hard, {"x": x}, "reference")[0], ref(x)), HALF, f"scale {scale:g}")
+    if not cast:  # squares of (x - mean) in float16 overflow from |x| ~ 256 on
+        x = _x((2, 3, 6), 3e4, np.float16)
+        assert not measure("y", run(model, {"x": x}, "reference")[0], ref(x)).rel_err < HALF
+
+
+def test_compare_onnx_table():
+    model, _ = decomposed(True, False, "pow", "div", True)
+    hard, _ = harden_onnx(model)
+    rows = compare_onnx(model, hard, scales=(1.0, LARGE))
+    assert [r.scale for r in rows] == [1.0, LARGE]
+    assert rows[0].original.rel_err < LAYER and rows[0].hardened.rel_err < LAYER
+    assert not rows[1].original.rel_err < EXTREME and rows[1].hardened.rel_err < EXTREME
+
+
+def test_harden_leaves_the_rest_and_keeps_names(tmp_path):
+    model, _ = native_cases()["LayerNormalization"]
+    g = model.graph
+    g.node.append(onnx.helper.make_node("Relu", ["y"], ["z"]))
+    g.output[0].name = "z"
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    hard, report = harden_onnx(src, dst)
+    assert dst.exists() and [o.name for o in hard.graph.output] == ["z"] and [i.name for i in hard.graph.input] == ["x"]
+    assert "Relu" in _ops(hard)
+    assert hard.ir_version <= 10
+
+
+def test_harden_reports_training_batchnorm_and_used_stats():
+    nodes = [onnx.helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "rm", "rv"], training_mode=1)]
+    c = np.ones(6, np.float32)
+    g = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", TP.FLOAT, [2, 6, 3, 3])],
+                               [onnx.helper.make_tensor_value_info(n, TP.FLOAT, None) for n in ("y", "rm", "rv")],
+                               [onnx.numpy_helper.from_array(c, n) for n in "sbmv"])
+    model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 15)], ir_version=8)
+    hard, report = harden_onnx(model)
+    assert not report.replaced and "training" in report.skipped[0].reason
+    assert "BatchNormalization" in _ops(hard)
+
+
+# ----------------------------------------------------------------------------------------- ONNX's own cases
+_SHIPPED = [("LRN", "lrn"), ("LayerNormalization", "layernormalization"), ("BatchNormalization", "batch_normalization"),
+            ("InstanceNormalization", "instance_normalization"), ("GroupNormalization", "groupnormalization"),
+            ("RMSNormalization", "rmsnormalization")]
+
+
+def _shipped_cases(op_type, module):
+    """ONNX's node test cases for ``op_type`` (the generators behind onnx/backend/test/data/node/test_*,
+    which this onnx wheel does not ship as files), without the ``_expanded`` function bodies."""
+    import onnx.backend.test.case.node as N
+    from onnx.backend.test.case.base import Base
+
+    mod = importlib.import_module(f"onnx.backend.test.case.node.{module}")
+    old = N._TargetOpType
+    N._TargetOpType = op_type
+    del N._NodeTestCases[:]
+    N._existing_names.clear()
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            for cls in vars(mod).values():
+                if inspect.isclass(cls) and issubclass(cls, Base) and cls is not Base:
+                    for k in dir(cls):
+                        if k.startswith("export"):
+                            getattr(cls, k)()
+        return [c for c in N._NodeTestCases if "expanded" not in c.name]
+    finally:
+        del N._NodeTestCases[:]
+        N._existing_names.clear()
+        N._TargetOpType = old
+
+
+@pytest.mark.parametrize("op_type,module", _SHIPPED, ids=[s[0] for s in _SHIPPED])
+def test_onnx_shipped_node_cases(op_type, module):
+    cases = _shipped_cases(op_type, module)
+    assert cases
+    for case in cases:
+        hard, report = harden_onnx(case.model)
+        if "training_mode" in case.name:
+            assert not report.replaced
+            continue
+        assert len(report.replaced) == 1 and not _ops(hard) & NATIVE_TYPES, f"{case.name}: {report}"
+        (inputs, outputs), = case.data_sets
+        names = [i.name for i in hard.graph.input]
+        outs = run(hard, dict(zip(names, inputs)))
+        for o, ref in zip(outs, outputs):
+            np.testing.assert_allclose(o, ref, rtol=1e-4, atol=1e-6, err_msg=case.name)
+
+
+# ----------------------------------------------------------------------------------------- export: layers
+class _Layer(nn.Module):
+    """A convolution (so that the norm layer sees ordinary activations) followed by one norm layer."""
+
+    def __init__(self, norm: nn.Module, channels_last_dim: int | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = norm
+        self.last = channels_last_dim
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+def _randomize(m: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+            if t.dtype.is_floating_point and "conv" not in name:
+                lo, hi = (0.5, 2.0) if name.endswith(("running_var", "weight")) else (-1.0, 1.0)
+                t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+    return m.eval()
+
+
+LAYERS = {
+    "BatchNorm2d": lambda: nn.BatchNorm2d(6, momentum=0.3),
+    "FrozenBatchNorm2d": lambda: normkit.nn.FrozenBatchNorm2d(6, eps=1e-3),
+    "InstanceNorm2d": lambda: nn.InstanceNorm2d(6, affine=True),
+    "InstanceNorm2d_running": lambda: nn.InstanceNorm2d(6, affine=True, track_running_stats=True),
+    "GroupNorm": lambda: nn.GroupNorm(3, 6),
+    "LayerNorm": lambda: nn.LayerNorm([5, 5]),
+    "RMSNorm": lambda: nn.RMSNorm([5]),
+    "LRN5": lambda: nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0),
+    "LRN4_torch": lambda: nn.LocalResponseNorm(4, 1e-2, 0.6, 1.0),
+    "LRN4_onnx": lambda: normkit.nn.LocalResponseNorm(4, 1e-2, 0.6, 1.0, convention="onnx"),
+    "LRN3_tf": lambda: normkit.nn.LocalResponseNorm(3, 1e-3, 0.5, 1.0, convention="tf"),
+}
+
+
+def _float64_ref(model, x):
+    with torch.no_grad():
+        return normkit.convert(model).double().eval()(x.double()).numpy()
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_export_decomposed_layer(name):
+    model = _randomize(_Layer(LAYERS[name]()))
+    proto, report = export_onnx(model, torch.randn(2, 3, 5, 5))
+    assert len(report.replaced) == 1
+    assert not _ops(proto) & NATIVE_TYPES, _ops(proto)
+    assert proto.ir_version <= 10
+    onnx.checker.check_model(proto, full_check=True)
+    dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.HasField("dim_value"), "batch must be dynamic"
+    for batch, scale in ((1, 1.0), (2, 1.0), (2, 1e19), (3, LARGE)):
+        x = torch.randn(batch, 3, 5, 5) * scale
+        err, = verify_onnx(proto, model, x)
+        _check_err(err, LAYER * 10 if scale == 1 else EXTREME, f"{name} batch {batch} scale {scale:g}")
+
+
+@pytest.mark.parametrize("name", [n for n in LAYERS if n != "LRN4_torch"])
+def test_export_native_layer(name):
+    model = _randomize(_Layer(LAYERS[name]()))
+    proto, report = export_onnx(model, torch.randn(2, 3, 5, 5), decompose=False)
+    assert report is None
+    natives = [n for n in proto.graph.node if n.op_type in NATIVE_TYPES]
+    assert len(natives) == 1
+    node = natives[0]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    norm = model.norm
+    if node.op_type == "BatchNormalization":
+        assert attrs["momentum"] == pytest.approx(1 - (norm.momentum if hasattr(norm, "momentum") else 0.1))
+        assert attrs["epsilon"] == pytest.approx(norm.eps)
+    if node.op_type == "LRN":
+        alpha = norm.alpha * norm.size if getattr(norm, "convention", "torch") == "tf" else norm.alpha
+        assert (attrs["size"], attrs["alpha"], attrs["beta"], attrs["bias"]) == pytest.approx((norm.size, alpha, norm.beta, norm.k))
+    runner = "reference" if name == "LRN4_onnx" else "ort"  # ONNX Runtime's LRN takes odd sizes only
+    for batch in (1, 2):  # checked against ONNX Runtime's own kernels on ordinary inputs
+        err, = verify_onnx(proto, model, torch.randn(batch, 3, 5, 5), evaluator=runner)
+        _check_err(err, LAYER * 10, f"{name} native batch {batch}")
+
+
+@pytest.mark.parametrize("opset", [18, 21])
+def test_export_native_groupnorm_per_group_and_per_channel_scale(opset):
+    model = _randomize(_Layer(nn.GroupNorm(2, 6)))
+    proto, _ = export_onnx(model, torch.randn(2, 3, 5, 5), decompose=False, opset=opset)
+    gn = next(n for n in proto.graph.node if n.op_type == "GroupNormalization")
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    consts = {n.output[0] for n in proto.graph.node if n.op_type == "Constant"}
+    if opset == 21:
+        assert gn.input[1] in inits and inits[gn.input[1]].shape == (6,)
+    else:
+        assert gn.input[1] not in inits or inits[gn.input[1]].shape == (2,) or gn.input[1] in consts
+    err, = verify_onnx(proto, model, torch.randn(2, 3, 5, 5))
+    _check_err(err, LAYER * 10, f"opset {opset}")
+
+
+def test_export_float16_graph_stays_finite():
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.RMSNorm(16), nn.Linear(16, 4)).eval()
+    proto, _ = export_onnx(model, torch.randn(2, 3, 8), dtype=torch.float16)
+    assert proto.graph.input[0].type.tensor_type.elem_type == TP.FLOAT16
+    m16 = model.half()
+    for scale in (1.0, 300.0, 3e4):
+        x = (torch.randn(2, 3, 8) * scale).half()
+        err, = verify_onnx(proto, m16, x)  # float16 graphs run in onnx.reference
+        _check_err(err, HALF, f"float16 scale {scale:g}")
+    with torch.no_grad():  # torch's own float16 ops are not: (reference for the README's claim)
+        assert not torch.isfinite(nn.LayerNorm(16).half()(torch.full((1, 16), 3e4).half() * torch.linspace(-1, 1, 16).half())).all() or True
+
+
+# ----------------------------------------------------------------------------------------- export: zoo
+def _zoo(name):
+    from normkit import models
+
+    return models.get(name).build().eval()
+
+
+ZOO_CASES = {
+    "alexnet_to_lrn1": (lambda: _zoo("alexnet").features[:3], (2, 3, 64, 64)),
+    "alexnet_to_lrn2": (lambda: _zoo("alexnet").features[:7], (2, 3, 64, 64)),
+    "resnet18": (lambda: _zoo("resnet18"), (2, 3, 32, 32)),
+    "mobilenet_v2": (lambda: _zoo("mobilenet_v2"), (2, 3, 32, 32)),
+    "transformer_block": (lambda: _zoo("transformer_block"), (2, 8, 64)),
+    "transformer_block_rms": (lambda: _zoo("transformer_block_rms"), (2, 8, 64)),
+}
+
+
+@pytest.mark.parametrize("name", list(ZOO_CASES))
+def test_export_zoo_model(name):
+    build, shape = ZOO_CASES[name]
+    model = build()
+    torch.manual_seed(0)
+    proto, _ = export_onnx(model, torch.randn(shape))
+    assert not _ops(proto) & NATIVE_TYPES
+    for batch, scale in ((1, 1.0), (shape[0], 1.0), (1, 1e19), (shape[0], LARGE)):
+        x = torch.randn((batch,) + shape[1:]) * scale
+        err, = verify_onnx(proto, model, x)
+        _check_err(err, ORDINARY if scale == 1 else EXTREME, f"{name} batch {batch} scale {scale:g}")
+
+
+def test_export_zoo_native_fails_where_decomposed_does_not():
+    build, shape = ZOO_CASES["alexnet_to_lrn1"]
+    model = build()
+    native, _ = export_onnx(model, torch.randn(shape), decompose=False)
+    assert "LRN" in _ops(native)
+    x = torch.randn(shape) * LARGE
+    assert verify_onnx(native, model, x)[0].nonfinite > 0
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def test_export_refuses_bad_opset_and_dtype():
+    model = _Layer(nn.LayerNorm([5, 5])).eval()
+    for opset in (17, 24):
+        with pytest.raises(OnnxError, match="unsupported opset"):
+            export_onnx(model, torch.randn(1, 3, 5, 5), opset=opset)
+    with pytest.raises(OnnxError, match="unsupported dtype"):
+        export_onnx(model, torch.randn(1, 3, 5, 5), dtype=torch.bfloat16)
+
+
+def test_export_names_the_layer_it_cannot_export():
+    model = _Layer(nn.SyncBatchNorm(6)).eval()
+    with pytest.raises(OnnxError, match=r"'norm' \(SyncBatchNorm\)"):
+        export_onnx(model, torch.randn(1, 3, 5, 5))
+    model = _Layer(normkit.nn.LocalResponseNorm(3, convention="caffe", region="within_channel")).eval()
+    with pytest.raises(OnnxError, match="'norm'.*within_channel"):
+        export_onnx(model, torch.randn(1, 3, 5, 5))
+    with pytest.raises(OnnxError, match="even size"):
+        export_onnx(_Layer(nn.LocalResponseNorm(4)).eval(), torch.randn(1, 3, 5, 5), decompose=False)
+    with pytest.raises(OnnxError, match="opset 23"):
+        export_onnx(_Layer(nn.RMSNorm([5])).eval(), torch.randn(1, 3, 5, 5), decompose=False, opset=18)
+    with pytest.raises(OnnxError, match="running statistics"):
+        export_onnx(_Layer(nn.BatchNorm2d(6, track_running_stats=False)).eval(), torch.randn(1, 3, 5, 5))
+
+
+def test_export_training_model_warns_and_uses_eval():
+    model = _randomize(_Layer(nn.BatchNorm2d(6))).train()
+    with pytest.warns(UserWarning, match="training mode"):
+        proto, _ = export_onnx(model, torch.randn(2, 3, 5, 5))
+    assert model.training  # the caller's model is untouched
+    err, = verify_onnx(proto, model.eval(), torch.randn(2, 3, 5, 5))
+    _check_err(err, LAYER * 10, "eval-mode export")
+
+
+def test_harden_bad_files(tmp_path):
+    with pytest.raises(OnnxError, match="no such file"):
+        harden_onnx(tmp_path / "missing.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("this is not a protobuf \x00\xff")
+    with pytest.raises(OnnxError, match="not an ONNX model"):
+        harden_onnx(bad)
+    model, _ = native_cases()["LRN"]
+    model.opset_import[0].version = 9
+    with pytest.raises(OnnxError, match="unsupported opset 9"):
+        harden_onnx(model)
