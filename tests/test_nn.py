@@ -165,6 +165,25 @@ def test_frozen_batchnorm(frozen_cls, bn_cls, shape):
 
 
 # ------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("nk_cls,torch_cls,shape", [(nnk.BatchNorm1d, nn.BatchNorm1d, (2, 3, 4, 5)),
+                                                    (nnk.BatchNorm3d, nn.BatchNorm3d, (2, 3, 4)),
+                                                    (nnk.InstanceNorm2d, nn.InstanceNorm2d, (2, 3)),
+                                                    (nnk.InstanceNorm1d, nn.InstanceNorm1d, (2, 3, 4, 4))])
+def test_rank_errors_are_torchs(nk_cls, torch_cls, shape):
+    """The module checks moved into normkit's fx-traceable module functions: same type and message as torch's."""
+    x = torch.randn(shape)
+    with pytest.raises(ValueError) as want:
+        torch_cls(3)(x)
+    with pytest.raises(ValueError) as got:
+        nk_cls(3)(x)
+    assert str(got.value) == str(want.value)
+
+
+def test_affine_instance_norm_feature_mismatch_is_torchs_error():
+    with pytest.raises(ValueError, match=r"expected input's size at dim=1 to match num_features \(3\), but got: 5"):
+        nnk.InstanceNorm2d(3, affine=True)(torch.randn(2, 5, 4, 4))
+
+
 def test_torch_like_errors():
     with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
         nnk.BatchNorm2d(3)(torch.randn(2, 3, 4))

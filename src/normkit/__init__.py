@@ -3,10 +3,11 @@
 from . import functional, nn
 from ._stats import Moments, merge_moments, moments
 from .convert import convert, fold_batchnorm, revert
+from .robust import robust
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "nn", "convert", "revert", "fold_batchnorm", "Moments", "merge_moments", "moments", "__version__",
+__all__ = ["functional", "nn", "convert", "revert", "fold_batchnorm", "robust", "Moments", "merge_moments", "moments", "__version__",
            "export_onnx", "harden_onnx", "verify_onnx"]
 
 _ONNX_NAMES = ("export_onnx", "harden_onnx", "verify_onnx")

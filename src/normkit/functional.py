@@ -3,7 +3,15 @@
 Each function validates its input, then runs a hand-written ``torch.autograd.Function`` whose math lives
 in :mod:`normkit.ops` (one file per operator, next to its formula). Running statistics are updated in place
 exactly as torch does; the ``*_stateless`` forms return them instead, for ``torch.func`` transforms.
+
+Every function here is registered with ``torch.fx.wrap``: ``torch.fx.symbolic_trace`` records a call made
+through this module (``normkit.functional.layer_norm(x, ...)``, as normkit's modules make it) as one
+``call_function`` node instead of tracing into the input checks. A name imported into your own module
+(``from normkit.functional import layer_norm``) is a different global: wrap it there too
+(``torch.fx.wrap("layer_norm")`` at your module's top level), or call it through the module.
 """
+
+import torch.fx
 
 from .ops.batch_norm import batch_norm, batch_norm_stateless
 from .ops.group_norm import group_norm
@@ -24,3 +32,7 @@ __all__ = [
     "rms_norm",
     "tf_local_response_normalization",
 ]
+
+for _name in __all__:
+    torch.fx.wrap(_name)
+del _name

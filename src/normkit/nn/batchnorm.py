@@ -2,48 +2,82 @@
 
 Each ``BatchNormNd`` subclasses ``torch.nn.BatchNormNd`` and replaces only the computation, so the
 constructor, parameters, buffers (``num_batches_tracked`` a long), ``repr``, ``reset_parameters``,
-``reset_running_stats``, input checks and the ``_version`` state-dict migration are torch's own, and
-``load_state_dict(strict=True)`` works in both directions.
+``reset_running_stats`` and the ``_version`` state-dict migration are torch's own, and
+``load_state_dict(strict=True)`` works in both directions. ``forward`` is one call of
+:func:`batch_norm_module`, which also holds torch's rank check (same error), so torch.fx sees one node.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from .. import functional as nf
+from .._stats import compute_dtype
+from ..ops.batch_norm import write_back
+from ._toolchain import NotScriptable, check_input_rank
 
 
-class _BatchNormForward:
-    """torch's BatchNorm semantics (momentum=None as a cumulative average, track_running_stats, eval with
-    or without buffers) over :func:`normkit.functional.batch_norm`."""
+def batch_norm_module(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+                      bias: Tensor | None, num_batches_tracked: Tensor | None, *, ranks: tuple[int, ...], training: bool,
+                      track_running_stats: bool, momentum: float | None, eps: float) -> Tensor:
+    """Everything ``torch.nn.BatchNormNd.forward`` does (rank check, step count, momentum=None as a cumulative
+    average, eval with or without buffers), as one function of tensors and constants: torch.fx records a
+    module call as one node (this function is fx-wrapped), and nothing syncs with the host (the cumulative
+    average divides by the step count on device), so torch.export and torch.compile see no data-dependent
+    Python value."""
+    check_input_rank(input, ranks)
+    use_batch_stats = training or (running_mean is None and running_var is None)
+    stats = (running_mean, running_var) if not training or track_running_stats else (None, None)
+    counting = training and track_running_stats and num_batches_tracked is not None
+    if counting:
+        num_batches_tracked.add_(1)
+    if momentum is not None or not counting:
+        return nf.batch_norm(input, *stats, weight, bias, use_batch_stats, 0.0 if momentum is None else momentum, eps)
+    # momentum=None: running <- running + (batch - running) / steps, with the division on device
+    y, batch_mean, batch_var = nf.batch_norm_stateless(input, *stats, weight, bias, True, 1.0, eps)
+    for running, batch in zip(stats, (batch_mean, batch_var)):
+        if running is not None and batch is not running:  # (an empty batch returns the running statistics)
+            ct = compute_dtype(running.dtype)
+            step = num_batches_tracked.to(ct).reciprocal()
+            write_back(running, (running.to(ct) * (1 - step) + batch.to(ct) * step).to(running.dtype))
+    return y
+
+
+torch.fx.wrap("batch_norm_module")
+
+
+class _BatchNormForward(NotScriptable):
+    """torch's BatchNorm semantics over :func:`normkit.functional.batch_norm` (see :func:`batch_norm_module`)."""
+
+    _ranks: tuple[int, ...]
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return nf.batch_norm(input, self.running_mean if track else None, self.running_var if track else None,
-                             self.weight, self.bias, use_batch_stats, momentum, self.eps)
+        return batch_norm_module(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                 self.num_batches_tracked, ranks=self._ranks, training=self.training,
+                                 track_running_stats=self.track_running_stats, momentum=self.momentum, eps=self.eps)
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
     """Drop-in for ``torch.nn.BatchNorm1d``: input ``(N, C)`` or ``(N, C, L)``."""
 
+    _ranks = (2, 3)
+
 
 class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
     """Drop-in for ``torch.nn.BatchNorm2d``: input ``(N, C, H, W)``."""
+
+    _ranks = (4,)
 
 
 class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
     """Drop-in for ``torch.nn.BatchNorm3d``: input ``(N, C, D, H, W)``."""
 
+    _ranks = (5,)
 
-class _FrozenBatchNorm(nn.Module):
+
+class _FrozenBatchNorm(NotScriptable, nn.Module):
     """Batch norm with fixed statistics and affine parameters, all buffers (no gradients, untouched by
     optimizers and ``train()``): ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``.
 
@@ -52,7 +86,7 @@ class _FrozenBatchNorm(nn.Module):
     directly (its ``num_batches_tracked`` is ignored).
     """
 
-    _batchnorm: type[nn.modules.batchnorm._BatchNorm]
+    _twin: type[_BatchNormForward]
 
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
@@ -64,16 +98,14 @@ class _FrozenBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        self._batchnorm._check_input_dim(self, input)
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         state_dict.pop(prefix + "num_batches_tracked", None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        return nf.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return batch_norm_module(input, self.running_mean, self.running_var, self.weight, self.bias, None,
+                                 ranks=self._twin._ranks, training=False, track_running_stats=True, momentum=0.0,
+                                 eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
@@ -103,19 +135,16 @@ class _FrozenBatchNorm(nn.Module):
 class FrozenBatchNorm1d(_FrozenBatchNorm):
     """Frozen batch norm over ``(N, C)`` or ``(N, C, L)``."""
 
-    _batchnorm = nn.BatchNorm1d
     _twin = BatchNorm1d
 
 
 class FrozenBatchNorm2d(_FrozenBatchNorm):
     """Frozen batch norm over ``(N, C, H, W)`` (torchvision's FrozenBatchNorm2d, with an explicit eps)."""
 
-    _batchnorm = nn.BatchNorm2d
     _twin = BatchNorm2d
 
 
 class FrozenBatchNorm3d(_FrozenBatchNorm):
     """Frozen batch norm over ``(N, C, D, H, W)``."""
 
-    _batchnorm = nn.BatchNorm3d
     _twin = BatchNorm3d

@@ -6,30 +6,31 @@ from torch import Tensor, nn
 
 from .. import functional as nf
 from ..ops.local_response_norm import CONVENTIONS, REGIONS
+from ._toolchain import NotScriptable
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(NotScriptable, nn.LayerNorm):
     """Drop-in for ``torch.nn.LayerNorm`` (``elementwise_affine``, ``bias``, ``device``, ``dtype``)."""
 
     def forward(self, input: Tensor) -> Tensor:
         return nf.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class GroupNorm(nn.GroupNorm):
+class GroupNorm(NotScriptable, nn.GroupNorm):
     """Drop-in for ``torch.nn.GroupNorm``."""
 
     def forward(self, input: Tensor) -> Tensor:
         return nf.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(NotScriptable, nn.RMSNorm):
     """Drop-in for ``torch.nn.RMSNorm`` (``eps=None`` is ``torch.finfo(input.dtype).eps``)."""
 
     def forward(self, input: Tensor) -> Tensor:
         return nf.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
-class LocalResponseNorm(nn.LocalResponseNorm):
+class LocalResponseNorm(NotScriptable, nn.LocalResponseNorm):
     """Drop-in for ``torch.nn.LocalResponseNorm``; ``convention`` ("torch", "onnx", "caffe", "tf") and
     ``region`` ("across_channels", "within_channel") select the other frameworks' definitions (see
     :func:`normkit.functional.lrn`). With the defaults, repr and state dict are torch's."""

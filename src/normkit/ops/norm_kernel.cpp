@@ -1,0 +1,615 @@
+// Fused CPU kernels for the statistics-based normalizations (layer, RMS, group, instance, batch norm),
+// computing exactly the robust statistics of normkit/_stats.py, group by group:
+//
+//   e     = floor(log2 max|x|)  (clamped to +-126; 0-groups -126)     s = 2**-e       (exact scaling)
+//   p     = x[first] * s                                             (pivot; 0 for RMS)
+//   d     = x * s - p          mean_d = sum(d) / n                   (exact shift: Sterbenz)
+//   a     = sum((d - mean_d)**2) / n                                 (two-pass; sum(y**2)/n for RMS)
+//   rstd  = r * 2**k           from a, e and eps as _stats.inv_std builds it (no over/underflow)
+//   x_hat = (d - mean_d) * r * 2**(k + e)      y = x_hat * w + b
+//
+// Backward (g = dy * w, scaled by 2**-eg and shifted by its first element like _stats.standardize_backward):
+//   dx = (gs - mean(gs) - x_hat * mean(gs * x_hat)) * r * 2**(k + eg),   dw = sum(dy * x_hat),  db = sum(dy)
+//
+// A group is read once from memory: its passes (max, sum, second moment, output) run over data still in
+// L1/L2 (a row, an (n, group) block, or a channel of N segments). Only the input and 8 floats of statistics
+// per group are kept for backward, which recomputes x_hat on the fly. Sums are taken in float32 over chunks
+// of kChunk elements (vectorized lanes) and the chunk totals are added with Kahan compensation, so a group of
+// 10^5 values sums about as accurately as torch's cascade sum. float16/bfloat16 are read and written in their
+// own type and computed in float32; float64 is not handled here (the eager path serves it).
+//
+// Layouts (all contiguous):  ROWS x (R, D): a group per row, affine per element (layer / RMS norm);
+//   GROUPS x (N, C, S): a group per (n, g) = Cg consecutive channels, affine per channel (group, instance norm);
+//   CHANNELS x (N, C, S): a group per channel over N segments of S (batch norm in training).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace nk_norm {
+
+constexpr int64_t kChunk = 2048;
+constexpr int kMaxExp = 126;   // 2**126 and 2**-126 are normal floats
+constexpr int kRows = 0, kGroups = 1, kChannels = 2;
+
+struct Shape {
+  int64_t layout, N, C, S, G, Cg;  // ROWS: N rows of S = D values
+  int64_t groups() const { return layout == kRows ? N : layout == kGroups ? N * G : C; }
+  int64_t nseg() const { return layout == kRows ? 1 : layout == kGroups ? Cg : N; }
+  int64_t stride() const { return layout == kChannels ? C * S : S; }
+  int64_t base(int64_t gi) const {
+    if (layout == kRows) return gi * S;
+    if (layout == kGroups) return ((gi / G) * C + (gi % G) * Cg) * S;
+    return gi * S;
+  }
+  int64_t channel(int64_t gi, int64_t j) const { return layout == kGroups ? (gi % G) * Cg + j : gi; }
+  int64_t count() const { return nseg() * S; }
+};
+
+struct Acc {  // Kahan-compensated sum of chunk totals
+  float s = 0.f, c = 0.f;
+  inline void add(float v) { const float y = v - c; const float t = s + y; c = (t - s) - y; s = t; }
+};
+
+// Per group, saved for backward: e, pivot, mean_d, r, k, mean_x, var_x (biased), unused.
+struct Stat { float e, piv, mean_d, r, k, mean_x, var_x, pad; };
+static_assert(sizeof(Stat) == 8 * sizeof(float), "Stat is 8 floats");
+
+inline int exponent_of(float amax) {  // floor(log2(amax)), clamped to the normal range; 0 gives the minimum
+  if (!(amax > 0.f)) return -kMaxExp;
+  if (std::isinf(amax)) return kMaxExp;
+  return std::min(std::max(static_cast<int>(std::ilogb(amax)), -kMaxExp), kMaxExp);
+}
+
+// t * 2**q for any integer q, with a single rounding (ldexp is exact up to the final rounding)
+inline float pow2(float t, int q) { return std::ldexp(t, q); }
+
+// A per-group multiplier r * 2**q usable in one float multiply: finite and normal, else 0 (use ldexp per element)
+inline float multiplier(float r, int q) {
+  const float m = std::ldexp(r, q);
+  return (std::isfinite(m) && m >= FLT_MIN) ? m : 0.f;
+}
+
+constexpr int kLanes = 64;  // independent float accumulators: 4 AVX-512 (8 AVX2) registers, no long dependency chain
+
+inline float reduce_lanes(float* acc) {  // pairwise: also the more accurate order
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
+}
+
+// sum of f(i) over [i0, i1)
+template <typename F>
+inline float lane_sum(int64_t i0, int64_t i1, F f) {
+  float acc[kLanes] = {};
+  int64_t i = i0;
+  for (; i + kLanes <= i1; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) acc[j] += f(i + j);
+  }
+  float tail = 0.f;
+  for (; i < i1; ++i) tail += f(i);
+  return reduce_lanes(acc) + tail;
+}
+
+// both sums of f(i) -> (a, b) over [i0, i1)
+template <typename F>
+inline void lane_sum2(int64_t i0, int64_t i1, F f, float& out_a, float& out_b) {
+  float acc_a[kLanes] = {}, acc_b[kLanes] = {};
+  int64_t i = i0;
+  for (; i + kLanes <= i1; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) { float a, b; f(i + j, a, b); acc_a[j] += a; acc_b[j] += b; }
+  }
+  float ta = 0.f, tb = 0.f;
+  for (; i < i1; ++i) { float a, b; f(i, a, b); ta += a; tb += b; }
+  out_a = reduce_lanes(acc_a) + ta;
+  out_b = reduce_lanes(acc_b) + tb;
+}
+
+template <typename F>
+inline float lane_max(int64_t n, F f) {  // max of f(i) >= 0 over [0, n)
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) acc[j] = std::max(acc[j], f(i + j));
+  }
+  float m = 0.f;
+  for (; i < n; ++i) m = std::max(m, f(i));
+  for (int j = 0; j < kLanes; ++j) m = std::max(m, acc[j]);
+  return m;
+}
+
+template <typename T>
+inline float amax_seg(const T* p, int64_t n) {
+  return lane_max(n, [p](int64_t i) { return std::abs(static_cast<float>(p[i])); });
+}
+
+template <typename T>
+inline float amax_seg_w(const T* p, int64_t n, const float* w, float wc) {  // max |p * w|; w per element or wc
+  if (w) return lane_max(n, [p, w](int64_t i) { return std::abs(static_cast<float>(p[i]) * w[i]); });
+  return lane_max(n, [p, wc](int64_t i) { return std::abs(static_cast<float>(p[i]) * wc); });
+}
+
+// acc += sum(x * s - shift), in chunks
+template <typename T>
+inline void sum_shifted(const T* p, int64_t n, float s, float shift, Acc& acc) {
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk)
+    acc.add(lane_sum(i0, std::min(n, i0 + kChunk), [=](int64_t i) { return static_cast<float>(p[i]) * s - shift; }));
+}
+
+// acc += sum(((x * s - shift) - mean)**2)
+template <typename T>
+inline void sum_sq(const T* p, int64_t n, float s, float shift, float mean, Acc& acc) {
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk)
+    acc.add(lane_sum(i0, std::min(n, i0 + kChunk), [=](int64_t i) {
+      const float c = (static_cast<float>(p[i]) * s - shift) - mean;
+      return c * c;
+    }));
+}
+
+// _stats.inv_std: 1/sqrt(a * 4**e + eps) = r * 2**k with both terms under the root at most about 4
+inline void inv_std(float a, int e, float eps_m, int eps_q, bool eps_zero, float& r, int& k) {
+  constexpr int bound = 3 * kMaxExp;
+  const double h_eps = eps_zero ? -std::numeric_limits<double>::infinity() : std::floor((eps_q - 1) / 2.0);
+  const double h_a = a > 0.f ? e + std::floor(std::ilogb(a) / 2.0) : -std::numeric_limits<double>::infinity();
+  const int h = static_cast<int>(std::min<double>(std::max<double>(std::max(h_a, h_eps), -bound), bound));
+  const float u = pow2(a, 2 * (e - h)) + pow2(eps_m, eps_q - 2 * h);
+  r = 1.f / std::sqrt(u);
+  k = -h;
+}
+
+template <typename T>
+Stat group_stats(const T* x, const Shape& sh, int64_t gi, float eps_m, int eps_q, bool eps_zero, bool center) {
+  const int64_t base = sh.base(gi), ns = sh.nseg(), L = sh.S, st = sh.stride();
+  float amax = 0.f;
+  for (int64_t j = 0; j < ns; ++j) amax = std::max(amax, amax_seg(x + base + j * st, L));
+  const int e = exponent_of(amax);
+  const float s = std::ldexp(1.f, -e);
+  const float n = static_cast<float>(sh.count());
+  const float piv = center ? static_cast<float>(x[base]) * s : 0.f;
+  float mean_d = 0.f;
+  if (center) {
+    Acc acc;
+    for (int64_t j = 0; j < ns; ++j) sum_shifted(x + base + j * st, L, s, piv, acc);
+    mean_d = acc.s / n;
+  }
+  Acc q;
+  for (int64_t j = 0; j < ns; ++j) sum_sq(x + base + j * st, L, s, piv, mean_d, q);
+  const float a = q.s / n;
+  Stat out{};
+  float r; int k;
+  inv_std(a, e, eps_m, eps_q, eps_zero, r, k);
+  out.e = static_cast<float>(e); out.piv = piv; out.mean_d = mean_d; out.r = r; out.k = static_cast<float>(k);
+  out.mean_x = center ? pow2(piv + mean_d, e) : 0.f;
+  out.var_x = pow2(a, 2 * e);
+  return out;
+}
+
+// x_hat for element v of a group with statistics st (m: the fast multiplier, or 0)
+struct XHat {
+  float s, piv, mean_d, r, m; int q;
+  explicit XHat(const Stat& st) : s(std::ldexp(1.f, -static_cast<int>(st.e))), piv(st.piv), mean_d(st.mean_d), r(st.r),
+    m(multiplier(st.r, static_cast<int>(st.k + st.e))), q(static_cast<int>(st.k + st.e)) {}
+  inline float slow(float v) const { return pow2(((v * s - piv) - mean_d) * r, q); }
+};
+
+// y = x_hat * w + b over one segment; w/b per element (wp, bp) or the constants wc, bc
+template <typename T>
+inline void output_seg(const T* x, T* y, int64_t L, const XHat& h, const float* wp, const float* bp, float wc, float bc) {
+  const float s = h.s, piv = h.piv, md = h.mean_d, m = h.m;
+  if (m != 0.f) {
+    if (wp) {
+#pragma omp simd
+      for (int64_t i = 0; i < L; ++i) y[i] = static_cast<T>((((static_cast<float>(x[i]) * s - piv) - md) * m) * wp[i] + bp[i]);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < L; ++i) y[i] = static_cast<T>((((static_cast<float>(x[i]) * s - piv) - md) * m) * wc + bc);
+    }
+  } else {
+    for (int64_t i = 0; i < L; ++i) {
+      const float xh = h.slow(static_cast<float>(x[i]));
+      y[i] = static_cast<T>(wp ? xh * wp[i] + bp[i] : xh * wc + bc);
+    }
+  }
+}
+
+template <typename T>
+void stats_forward_impl(const T* x, T* y, Stat* stats, const Shape& sh, const float* w, const float* b, double eps, bool center) {
+  int eps_q = 0;
+  const float eps_m = static_cast<float>(std::frexp(eps, &eps_q));
+  const bool eps_zero = eps == 0.0;
+  const int64_t G = sh.groups();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, sh.count()));
+  at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      const Stat st = group_stats(x, sh, gi, eps_m, eps_q, eps_zero, center);
+      stats[gi] = st;
+      const XHat h(st);
+      const int64_t base = sh.base(gi), stride = sh.stride();
+      for (int64_t j = 0; j < sh.nseg(); ++j) {
+        const int64_t off = base + j * stride;
+        if (sh.layout == kRows) {
+          output_seg(x + off, y + off, sh.S, h, w, b, 1.f, 0.f);
+        } else {
+          const int64_t ch = sh.channel(gi, j);
+          output_seg(x + off, y + off, sh.S, h, nullptr, nullptr, w[ch], b[ch]);
+        }
+      }
+    }
+  });
+}
+
+// Backward of one group. dw_seg/db_seg (per segment, channel layouts) or dw_el/db_el (per element, rows)
+// receive the parameter-gradient sums when not null.
+template <typename T>
+void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi, const Stat& st, const float* w,
+                    bool center, bool need_dx, float* dw_seg, float* db_seg, float* dw_el, float* db_el) {
+  const int64_t base = sh.base(gi), ns = sh.nseg(), L = sh.S, stride = sh.stride();
+  const bool rows = sh.layout == kRows;
+  const XHat h(st);
+  const float s = h.s, piv = h.piv, md = h.mean_d, m = h.m;
+  const float n = static_cast<float>(sh.count());
+  auto wc_of = [&](int64_t j) { return rows ? 1.f : w[sh.channel(gi, j)]; };
+  const float* wel = rows ? w : nullptr;
+
+  // parameter-gradient sums (these need no scaling: they are what eager computes too)
+  if (dw_seg || db_seg || dw_el || db_el) {
+    for (int64_t j = 0; j < ns; ++j) {
+      const T* dyp = dy + base + j * stride;
+      const T* xp = x + base + j * stride;
+      if (rows) {
+        if (m != 0.f) {
+#pragma omp simd
+          for (int64_t i = 0; i < L; ++i) {
+            const float d = static_cast<float>(dyp[i]);
+            dw_el[i] += d * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
+            db_el[i] += d;
+          }
+        } else {
+          for (int64_t i = 0; i < L; ++i) {
+            const float d = static_cast<float>(dyp[i]);
+            dw_el[i] += d * h.slow(static_cast<float>(xp[i]));
+            db_el[i] += d;
+          }
+        }
+      } else {
+        Acc aw, ab;
+        for (int64_t i0 = 0; i0 < L; i0 += kChunk) {
+          const int64_t i1 = std::min(L, i0 + kChunk);
+          float tw = 0.f, tb = 0.f;
+          if (m != 0.f) {
+            lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
+              const float d = static_cast<float>(dyp[i]);
+              a = d * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
+              b = d;
+            }, tw, tb);
+          } else {
+            for (int64_t i = i0; i < i1; ++i) {
+              const float d = static_cast<float>(dyp[i]);
+              tw += d * h.slow(static_cast<float>(xp[i]));
+              tb += d;
+            }
+          }
+          aw.add(tw); ab.add(tb);
+        }
+        dw_seg[j] = aw.s; db_seg[j] = ab.s;
+      }
+    }
+  }
+  if (!need_dx) return;
+
+  // g = dy * w, scaled by 2**-eg and shifted by its first value (as _stats.standardize_backward)
+  float gmax = 0.f;
+  for (int64_t j = 0; j < ns; ++j) gmax = std::max(gmax, amax_seg_w(dy + base + j * stride, L, wel, wc_of(j)));
+  const int eg = exponent_of(gmax);
+  const float sg = std::ldexp(1.f, -eg);
+  const float g0 = center ? static_cast<float>(dy[base]) * (rows ? w[0] : wc_of(0)) * sg : 0.f;
+  Acc a1, a2;
+  for (int64_t j = 0; j < ns; ++j) {
+    const T* dyp = dy + base + j * stride;
+    const T* xp = x + base + j * stride;
+    const float wc = wc_of(j);
+    for (int64_t i0 = 0; i0 < L; i0 += kChunk) {
+      const int64_t i1 = std::min(L, i0 + kChunk);
+      float t1 = 0.f, t2 = 0.f;
+      if (m != 0.f && wel) {
+        lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
+          const float gs = static_cast<float>(dyp[i]) * wel[i] * sg - g0;
+          a = gs;
+          b = gs * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
+        }, t1, t2);
+      } else if (m != 0.f) {
+        lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
+          const float gs = static_cast<float>(dyp[i]) * wc * sg - g0;
+          a = gs;
+          b = gs * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
+        }, t1, t2);
+      } else {
+        for (int64_t i = i0; i < i1; ++i) {
+          const float gs = static_cast<float>(dyp[i]) * (wel ? wel[i] : wc) * sg - g0;
+          t1 += gs;
+          t2 += gs * h.slow(static_cast<float>(xp[i]));
+        }
+      }
+      a1.add(t1); a2.add(t2);
+    }
+  }
+  const float mg = center ? a1.s / n : 0.f, mgx = a2.s / n;
+  const int q2 = static_cast<int>(st.k) + eg;
+  const float m2 = multiplier(st.r, q2);
+  for (int64_t j = 0; j < ns; ++j) {
+    const T* dyp = dy + base + j * stride;
+    const T* xp = x + base + j * stride;
+    T* dxp = dx + base + j * stride;
+    const float wc = wc_of(j);
+    if (m != 0.f && m2 != 0.f && wel) {
+#pragma omp simd
+      for (int64_t i = 0; i < L; ++i) {
+        const float gs = static_cast<float>(dyp[i]) * wel[i] * sg - g0;
+        const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
+        dxp[i] = static_cast<T>(((gs - mg) - xh * mgx) * m2);
+      }
+    } else if (m != 0.f && m2 != 0.f) {
+#pragma omp simd
+      for (int64_t i = 0; i < L; ++i) {
+        const float gs = static_cast<float>(dyp[i]) * wc * sg - g0;
+        const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
+        dxp[i] = static_cast<T>(((gs - mg) - xh * mgx) * m2);
+      }
+    } else {
+      for (int64_t i = 0; i < L; ++i) {
+        const float gs = static_cast<float>(dyp[i]) * (wel ? wel[i] : wc) * sg - g0;
+        const float xh = m != 0.f ? ((static_cast<float>(xp[i]) * s - piv) - md) * m : h.slow(static_cast<float>(xp[i]));
+        dxp[i] = static_cast<T>(pow2(((gs - mg) - xh * mgx) * st.r, q2));
+      }
+    }
+  }
+}
+
+template <typename T>
+void stats_backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Shape& sh, const float* w, bool center,
+                   bool need_dx, bool need_param, float* dw, float* db) {
+  const int64_t G = sh.groups();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, sh.count()));
+  if (sh.layout == kRows) {
+    const int nt = at::get_num_threads();
+    const int64_t D = sh.S;
+    std::vector<float> part(need_param ? static_cast<size_t>(nt) * 2 * D : 0, 0.f);
+    at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+      std::vector<float> inner(need_param ? 2 * D : 0, 0.f);  // a block of up to 64 rows, then flushed
+      float* pw = need_param ? part.data() + static_cast<size_t>(at::get_thread_num()) * 2 * D : nullptr;
+      int64_t in_block = 0;
+      for (int64_t gi = g0; gi < g1; ++gi) {
+        backward_group(dy, x, dx, sh, gi, stats[gi], w, center, need_dx, nullptr, nullptr,
+                       need_param ? inner.data() : nullptr, need_param ? inner.data() + D : nullptr);
+        if (need_param && (++in_block == 64 || gi + 1 == g1)) {
+          for (int64_t i = 0; i < 2 * D; ++i) { pw[i] += inner[i]; inner[i] = 0.f; }
+          in_block = 0;
+        }
+      }
+    });
+    if (need_param) {
+      for (int64_t i = 0; i < D; ++i) {
+        Acc aw, ab;
+        for (int t = 0; t < nt; ++t) { aw.add(part[t * 2 * D + i]); ab.add(part[t * 2 * D + D + i]); }
+        dw[i] = aw.s; db[i] = ab.s;
+      }
+    }
+    return;
+  }
+  // channel layouts: per-(group, segment) sums, then reduced per channel
+  const int64_t ns = sh.nseg();
+  std::vector<float> segw(need_param ? G * ns : 0), segb(need_param ? G * ns : 0);
+  at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t gi = g0; gi < g1; ++gi)
+      backward_group(dy, x, dx, sh, gi, stats[gi], w, center, need_dx,
+                     need_param ? segw.data() + gi * ns : nullptr, need_param ? segb.data() + gi * ns : nullptr,
+                     nullptr, nullptr);
+  });
+  if (!need_param) return;
+  if (sh.layout == kChannels) {
+    for (int64_t c = 0; c < sh.C; ++c) {
+      Acc aw, ab;
+      for (int64_t j = 0; j < ns; ++j) { aw.add(segw[c * ns + j]); ab.add(segb[c * ns + j]); }
+      dw[c] = aw.s; db[c] = ab.s;
+    }
+  } else {  // GROUPS: group gi = n * G + g, segment j is channel g * Cg + j
+    for (int64_t c = 0; c < sh.C; ++c) {
+      const int64_t g = c / sh.Cg, j = c % sh.Cg;
+      Acc aw, ab;
+      for (int64_t n = 0; n < sh.N; ++n) { aw.add(segw[(n * sh.G + g) * ns + j]); ab.add(segb[(n * sh.G + g) * ns + j]); }
+      dw[c] = aw.s; db[c] = ab.s;
+    }
+  }
+}
+
+// ---- given statistics (batch / instance norm eval): y = ((x - mean) * rstd) * w + b, per channel ----
+
+template <typename T>
+void eval_forward_impl(const T* x, T* y, const float* mean, const float* rstd, const float* w, const float* b,
+                       int64_t N, int64_t C, int64_t S) {
+  at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)), [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t c = row % C;
+      const float mu = mean[c], rs = rstd[c], wc = w[c], bc = b[c];
+      const T* xp = x + row * S;
+      T* yp = y + row * S;
+      float big = 0.f;  // max |x - mean|: inf when the difference overflowed somewhere
+#pragma omp simd reduction(max : big)
+      for (int64_t i = 0; i < S; ++i) {
+        const float diff = static_cast<float>(xp[i]) - mu;
+        big = std::max(big, std::abs(diff));
+        yp[i] = static_cast<T>((diff * rs) * wc + bc);
+      }
+      if (big > FLT_MAX) {  // x - mean left the range (opposite signs near the top): take it in halves there
+        for (int64_t i = 0; i < S; ++i) {
+          const float v = static_cast<float>(xp[i]);
+          if (std::isinf(v - mu) && std::isfinite(v)) yp[i] = static_cast<T>(((v * 0.5f - mu * 0.5f) * rs * 2.f) * wc + bc);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const float* rstd, const float* w,
+                        int64_t N, int64_t C, int64_t S, bool need_dx, bool need_param, float* dw, float* db) {
+  std::vector<float> segw(need_param ? N * C : 0), segb(need_param ? N * C : 0);
+  at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)), [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t c = row % C;
+      const float mu = mean[c], rs = rstd[c], wc = w[c];
+      const T* dyp = dy + row * S;
+      const T* xp = x + row * S;
+      if (need_dx) {
+        T* dxp = dx + row * S;
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) dxp[i] = static_cast<T>((static_cast<float>(dyp[i]) * wc) * rs);
+      }
+      if (need_param) {
+        Acc aw, ab;
+        for (int64_t i0 = 0; i0 < S; i0 += kChunk) {
+          const int64_t i1 = std::min(S, i0 + kChunk);
+          float tw = 0.f, tb = 0.f;
+          lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
+            const float d = static_cast<float>(dyp[i]);
+            const float v = static_cast<float>(xp[i]);
+            const float diff = v - mu;
+            const float xh = std::abs(diff) > FLT_MAX ? (v * 0.5f - mu * 0.5f) * rs * 2.f : diff * rs;
+            a = d * xh;
+            b = d;
+          }, tw, tb);
+          aw.add(tw); ab.add(tb);
+        }
+        segw[row] = aw.s; segb[row] = ab.s;
+      }
+    }
+  });
+  if (need_param) {
+    for (int64_t c = 0; c < C; ++c) {
+      Acc aw, ab;
+      for (int64_t n = 0; n < N; ++n) { aw.add(segw[n * C + c]); ab.add(segb[n * C + c]); }
+      dw[c] = aw.s; db[c] = ab.s;
+    }
+  }
+}
+
+template <typename F>
+void dispatch_dtype(const torch::Tensor& x, const char* name, F f) {
+  switch (x.scalar_type()) {
+    case at::kFloat: f(float()); break;
+    case at::kBFloat16: f(c10::BFloat16()); break;
+    case at::kHalf: f(c10::Half()); break;
+    default: TORCH_CHECK(false, name, ": expected float32, bfloat16 or float16 input, got ", x.scalar_type());
+  }
+}
+
+Shape make_shape(const torch::Tensor& x, int64_t layout, int64_t groups) {
+  Shape sh{layout, 0, 0, 0, 1, 1};
+  if (layout == kRows) {
+    TORCH_CHECK(x.dim() == 2, "expected a (rows, D) tensor");
+    sh.N = x.size(0); sh.S = x.size(1);
+  } else {
+    TORCH_CHECK(x.dim() == 3, "expected an (N, C, S) tensor");
+    sh.N = x.size(0); sh.C = x.size(1); sh.S = x.size(2);
+    if (layout == kGroups) {
+      TORCH_CHECK(groups >= 1 && sh.C % groups == 0, "groups must divide C");
+      sh.G = groups; sh.Cg = sh.C / groups;
+    }
+  }
+  return sh;
+}
+
+void check_param(const torch::Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, what,
+              ": expected a contiguous float32 tensor of ", n, " elements");
+}
+
+}  // namespace nk_norm
+
+// Forward with statistics of x. layout: 0 rows (R, D), 1 groups (N, C, S), 2 channels (N, C, S).
+// weight, bias: float32, D (rows) or C values (pass ones / zeros for none). Returns (y, stats (groups, 8)).
+std::vector<torch::Tensor> stats_forward(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, int64_t layout,
+                                         int64_t groups, double eps, bool center) {
+  using namespace nk_norm;
+  TORCH_CHECK(x.is_contiguous(), "stats_forward: expected a contiguous input");
+  const Shape sh = make_shape(x, layout, groups);
+  const int64_t np = layout == kRows ? sh.S : sh.C;
+  check_param(weight, np, "weight");
+  check_param(bias, np, "bias");
+  auto y = torch::empty_like(x);
+  auto stats = torch::empty({sh.groups(), 8}, x.options().dtype(at::kFloat));
+  dispatch_dtype(x, "stats_forward", [&](auto tag) {
+    using T = decltype(tag);
+    stats_forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), reinterpret_cast<Stat*>(stats.data_ptr<float>()), sh,
+                    weight.data_ptr<float>(), bias.data_ptr<float>(), eps, center);
+  });
+  return {y, stats};
+}
+
+// Backward of stats_forward. Returns (dx or empty, dweight (float32) or empty, dbias (float32) or empty).
+std::vector<torch::Tensor> stats_backward(torch::Tensor dy, torch::Tensor x, torch::Tensor weight, torch::Tensor stats,
+                                          int64_t layout, int64_t groups, bool center, bool need_dx, bool need_param) {
+  using namespace nk_norm;
+  TORCH_CHECK(x.is_contiguous() && dy.is_contiguous() && dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "stats_backward: expected contiguous dy and x of one shape and dtype");
+  const Shape sh = make_shape(x, layout, groups);
+  const int64_t np = layout == kRows ? sh.S : sh.C;
+  check_param(weight, np, "weight");
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == 8 * sh.groups(), "stats");
+  auto dx = need_dx ? torch::empty_like(x) : torch::empty({0}, x.options());
+  auto fopt = x.options().dtype(at::kFloat);
+  auto dw = need_param ? torch::empty({np}, fopt) : torch::empty({0}, fopt);
+  auto db = need_param ? torch::empty({np}, fopt) : torch::empty({0}, fopt);
+  dispatch_dtype(x, "stats_backward", [&](auto tag) {
+    using T = decltype(tag);
+    stats_backward_impl<T>(dy.data_ptr<T>(), x.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr,
+                     reinterpret_cast<const Stat*>(stats.data_ptr<float>()), sh, weight.data_ptr<float>(), center,
+                     need_dx, need_param, need_param ? dw.data_ptr<float>() : nullptr,
+                     need_param ? db.data_ptr<float>() : nullptr);
+  });
+  return {dx, dw, db};
+}
+
+// y = (x - mean) * rstd * weight + bias per channel of x (N, C, S); mean, rstd, weight, bias float32 (C,).
+torch::Tensor eval_forward(torch::Tensor x, torch::Tensor mean, torch::Tensor rstd, torch::Tensor weight, torch::Tensor bias) {
+  using namespace nk_norm;
+  TORCH_CHECK(x.is_contiguous() && x.dim() == 3, "eval_forward: expected a contiguous (N, C, S) input");
+  const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
+  check_param(mean, C, "mean"); check_param(rstd, C, "rstd"); check_param(weight, C, "weight"); check_param(bias, C, "bias");
+  auto y = torch::empty_like(x);
+  dispatch_dtype(x, "eval_forward", [&](auto tag) {
+    using T = decltype(tag);
+    eval_forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                         weight.data_ptr<float>(), bias.data_ptr<float>(), N, C, S);
+  });
+  return y;
+}
+
+// Backward of eval_forward: (dx or empty, dweight or empty, dbias or empty), parameter grads in float32.
+std::vector<torch::Tensor> eval_backward(torch::Tensor dy, torch::Tensor x, torch::Tensor mean, torch::Tensor rstd,
+                                         torch::Tensor weight, bool need_dx, bool need_param) {
+  using namespace nk_norm;
+  TORCH_CHECK(x.is_contiguous() && dy.is_contiguous() && x.dim() == 3 && dy.sizes() == x.sizes() &&
+              dy.scalar_type() == x.scalar_type(), "eval_backward: expected contiguous (N, C, S) dy and x");
+  const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
+  check_param(mean, C, "mean"); check_param(rstd, C, "rstd"); check_param(weight, C, "weight");
+  auto dx = need_dx ? torch::empty_like(x) : torch::empty({0}, x.options());
+  auto fopt = x.options().dtype(at::kFloat);
+  auto dw = need_param ? torch::empty({C}, fopt) : torch::empty({0}, fopt);
+  auto db = need_param ? torch::empty({C}, fopt) : torch::empty({0}, fopt);
+  dispatch_dtype(x, "eval_backward", [&](auto tag) {
+    using T = decltype(tag);
+    eval_backward_impl<T>(dy.data_ptr<T>(), x.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr, mean.data_ptr<float>(),
+                          rstd.data_ptr<float>(), weight.data_ptr<float>(), N, C, S, need_dx, need_param,
+                          need_param ? dw.data_ptr<float>() : nullptr, need_param ? db.data_ptr<float>() : nullptr);
+  });
+  return {dx, dw, db};
+}
