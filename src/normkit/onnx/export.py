@@ -38,7 +38,10 @@ from .harden import PENDING, HardenReport, _harden_graph, finalize
 
 MIN_OPSET, MAX_OPSET = 18, 23
 DEFAULT_OPSET = 18
-_BN = (BatchNorm1d, BatchNorm2d, BatchNorm3d, _FrozenBatchNorm)
+from .. import nn as _nnk
+
+# eval-mode batch norm with running statistics (SyncBatchNorm too: in eval it is plain batch norm)
+_BN = (BatchNorm1d, BatchNorm2d, BatchNorm3d, _FrozenBatchNorm) + ((_nnk.SyncBatchNorm,) if hasattr(_nnk, "SyncBatchNorm") else ())
 _IN = (InstanceNorm1d, InstanceNorm2d, InstanceNorm3d)
 # torch classes that are normalization layers: anything of these left after convert is not exportable
 _TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm,
