@@ -16,6 +16,7 @@ import traceback
 
 import torch
 import torch.distributed as dist
+import torch.fx
 import torch.multiprocessing as mp
 
 # ------------------------------------------------------------------------------------------- launcher
@@ -96,6 +97,8 @@ CASES = {
     "f32_constant": dict(dtype=torch.float32, C=2, spatial=(3,), sizes={2: [2, 3], 3: [1, 2, 2]}, momentum=0.1, offset=1e7, scale=0.0),
     "f16": dict(dtype=torch.float16, C=3, spatial=(4, 3), sizes={2: [3, 2]}, momentum=0.1, offset=300.0),
     "bf16": dict(dtype=torch.bfloat16, C=3, spatial=(4, 3), sizes={2: [2, 3]}, momentum=0.1, scale=1e30),
+    # through torch.fx graphs (one traced in training mode, one in eval): they synchronize as the module does
+    "f64_fx": dict(dtype=torch.float64, C=3, spatial=(4,), sizes={2: [2, 3]}, momentum=None, fx=True),
 }
 
 
@@ -164,13 +167,14 @@ def run_case(name, rank, world_size, counter, group=None, sizes=None):
             m.bias.copy_(bias)
     out = {"steps": [], "collectives_train": []}
     sl = rank_slice(sizes, rank)
+    forward = torch.fx.symbolic_trace(m) if spec.get("fx") else m  # (the graph shares m's parameters and buffers)
     for x_full, dy_full in steps[:2]:
         x = x_full[sl].clone()
         if spec.get("channels_last"):
             x = x.to(memory_format=torch.channels_last)
         x.requires_grad_()
         counter.take()
-        y = m(x)
+        y = forward(x)
         y.backward(dy_full[sl])
         out["collectives_train"].append(counter.take())
         rec = {"y": y.detach(), "dx": x.grad, "y_channels_last": y.is_contiguous(memory_format=torch.channels_last)}
@@ -181,9 +185,10 @@ def run_case(name, rank, world_size, counter, group=None, sizes=None):
     out["running_mean"], out["running_var"] = m.running_mean.clone(), m.running_var.clone()
     out["num_batches_tracked"] = int(m.num_batches_tracked)
     m.eval()
+    forward = torch.fx.symbolic_trace(m) if spec.get("fx") else m
     counter.take()
     with torch.no_grad():
-        out["eval_y"] = m(steps[2][0][sl])
+        out["eval_y"] = forward(steps[2][0][sl])
     out["collectives_eval"] = counter.take()
     return out
 

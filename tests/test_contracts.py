@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import normkit.functional as nf
 import oracle
-from normkit._checks import MixedDtypeError, NormArgumentError, UnsupportedDtypeError
+from normkit import MixedDtypeError, NormArgumentError, UnsupportedDtypeError
 from conftest import PARITY_TOL, REL_TOL, assert_rel_close
 
 x4 = torch.randn(2, 6, 3, 3)

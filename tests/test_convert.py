@@ -178,7 +178,8 @@ def randomize_bn(model):
                                            (nn.Conv3d(3, 5, 1, groups=1), nn.BatchNorm3d(5, affine=False), (2, 3, 3, 4, 4)),
                                            (nn.Linear(6, 5), nn.BatchNorm1d(5), (4, 6)),
                                            (nn.Conv2d(4, 8, 3, groups=2), nnk.BatchNorm2d(8), (2, 4, 6, 6)),
-                                           (nn.Conv2d(4, 8, 1), nnk.FrozenBatchNorm2d(8), (2, 4, 3, 3))])
+                                           (nn.Conv2d(4, 8, 1), nnk.FrozenBatchNorm2d(8), (2, 4, 3, 3)),
+                                           (nn.Conv2d(3, 5, 3), nnk.SyncBatchNorm(5), (2, 3, 6, 6))])
 def test_fold_sequential_pairs(conv, bn, shape):
     model = randomize_bn(nn.Sequential(conv, bn, nn.ReLU()))
     folded, report = check_fold(model, torch.randn(shape))

@@ -31,6 +31,9 @@ MODULES = {
     "LocalResponseNorm": (lambda: nnk.LocalResponseNorm(3), (2, 5, 4, 4)),
     "LocalResponseNorm-caffe": (lambda: nnk.LocalResponseNorm(3, convention="caffe"), (2, 5, 4, 4)),
     "FrozenBatchNorm2d": (lambda: frozen(), (3, 4, 5, 5)),
+    # torch.distributed not initialized in this process: SyncBatchNorm normalizes the local batch
+    "SyncBatchNorm": (lambda: nnk.SyncBatchNorm(4), (3, 4, 5, 5)),
+    "SyncBatchNorm-3d-momentum-None": (lambda: nnk.SyncBatchNorm(4, momentum=None), (3, 4, 5)),
 }
 MODES = ["train", "eval"]
 
@@ -174,11 +177,12 @@ def test_compile_converted_cnn(fullgraph, mode):
 
 
 # ------------------------------------------------------------------------------------ TorchScript
-@pytest.mark.parametrize("name", ["BatchNorm2d", "LayerNorm", "FrozenBatchNorm2d", "LocalResponseNorm"])
+@pytest.mark.parametrize("name", ["BatchNorm2d", "LayerNorm", "FrozenBatchNorm2d", "LocalResponseNorm", "SyncBatchNorm"])
 def test_torchscript_refuses_with_one_clear_error(name):
     module, _ = build(name, "eval")
     with pytest.raises(RuntimeError, match=r"cannot be compiled by TorchScript.*torch\.export\.export"):
         torch.jit.script(module)
     with pytest.raises(RuntimeError, match=f"normkit.nn.{type(module).__name__} cannot be compiled"):
         torch.jit.script(nn.Sequential(nn.Identity(), module))  # found inside a model too
-    torch.jit.script(normkit.revert(nn.Sequential(module)) if name != "FrozenBatchNorm2d" else nn.Identity())
+    if name not in ("FrozenBatchNorm2d", "SyncBatchNorm"):  # (no torch twin; torch's SyncBatchNorm does not script)
+        torch.jit.script(normkit.revert(nn.Sequential(module)))

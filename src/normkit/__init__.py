@@ -1,6 +1,7 @@
 """normkit: hand-written, numerically robust normalization operators for PyTorch."""
 
 from . import functional, nn
+from ._checks import MixedDtypeError, NormArgumentError, UnsupportedDtypeError
 from ._stats import Moments, merge_moments, moments
 from .convert import convert, fold_batchnorm, revert
 from .robust import robust
@@ -8,7 +9,7 @@ from .robust import robust
 __version__ = "0.1.0"
 
 __all__ = ["functional", "nn", "convert", "revert", "fold_batchnorm", "robust", "Moments", "merge_moments", "moments", "__version__",
-           "export_onnx", "harden_onnx", "verify_onnx"]
+           "NormArgumentError", "UnsupportedDtypeError", "MixedDtypeError", "export_onnx", "harden_onnx", "verify_onnx"]
 
 _ONNX_NAMES = ("export_onnx", "harden_onnx", "verify_onnx")
 

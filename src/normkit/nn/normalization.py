@@ -24,7 +24,8 @@ class GroupNorm(NotScriptable, nn.GroupNorm):
 
 
 class RMSNorm(NotScriptable, nn.RMSNorm):
-    """Drop-in for ``torch.nn.RMSNorm`` (``eps=None`` is ``torch.finfo(input.dtype).eps``)."""
+    """Drop-in for ``torch.nn.RMSNorm``. ``eps=None`` is, as in torch 2.13, the eps of the compute dtype:
+    ``torch.finfo(torch.float32).eps`` for float16, bfloat16 and float32 input, float64's own for float64."""
 
     def forward(self, input: Tensor) -> Tensor:
         return nf.rms_norm(input, self.normalized_shape, self.weight, self.eps)

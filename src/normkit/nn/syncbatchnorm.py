@@ -21,6 +21,7 @@ cannot run or is not robust:
 from __future__ import annotations
 
 import torch.distributed as dist
+import torch.fx
 from torch import Tensor, nn
 
 from ..ops.sync_batch_norm import sync_batch_norm
@@ -29,6 +30,52 @@ from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_module
 
 _BY_INPUT_DIM = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}
 _BY_DIM = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
+
+
+def _check_input_dim(input: Tensor) -> None:
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+def _check_non_zero_input_channels(input: Tensor) -> None:
+    if input.size(1) == 0:
+        raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+
+
+def _sync_group(process_group):
+    """The process group to synchronize over, or None when there is nothing to synchronize with."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def sync_batch_norm_module(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                           weight: Tensor | None, bias: Tensor | None, num_batches_tracked: Tensor | None, *,
+                           training: bool, track_running_stats: bool, momentum: float | None, eps: float,
+                           process_group=None, name: str = "SyncBatchNorm") -> Tensor:
+    """Everything ``SyncBatchNorm.forward`` does (input checks, choosing the group, step count, momentum=None),
+    as one function, fx-wrapped like :func:`batch_norm_module`: torch.fx records a SyncBatchNorm call as one
+    node, and whether to synchronize is decided when the node runs (the ``torch.distributed`` state then).
+    Without a group of two or more ranks in training mode it is :func:`batch_norm_module` on the local batch.
+    (A ``process_group`` object, when given, is kept in the fx graph as an opaque constant.)"""
+    _check_input_dim(input)
+    _check_non_zero_input_channels(input)
+    group = _sync_group(process_group) if training else None
+    if group is None:  # eval, no torch.distributed, or a group of one: exactly normkit's BatchNorm
+        return batch_norm_module(input, running_mean, running_var, weight, bias, num_batches_tracked,
+                                 ranks=(input.dim(),), training=training, track_running_stats=track_running_stats,
+                                 momentum=momentum, eps=eps)
+    step_momentum = 0.0 if momentum is None else momentum
+    if track_running_stats and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average
+            step_momentum = 1.0 / float(num_batches_tracked)
+    stats = (running_mean, running_var) if track_running_stats else (None, None)
+    return sync_batch_norm(input, *stats, weight, bias, step_momentum, eps, group, name)
+
+
+torch.fx.wrap("sync_batch_norm_module")
 
 
 class SyncBatchNorm(NotScriptable, nn.modules.batchnorm._BatchNorm):
@@ -58,39 +105,22 @@ class SyncBatchNorm(NotScriptable, nn.modules.batchnorm._BatchNorm):
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        _check_input_dim(input)
 
     def _check_non_zero_input_channels(self, input: Tensor) -> None:
-        if input.size(1) == 0:
-            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+        _check_non_zero_input_channels(input)
 
     def _name(self) -> str:
         return self.layer_name or f"SyncBatchNorm({self.num_features})"
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        self._check_non_zero_input_channels(input)
-        self.last_input_dim = input.dim()  # lets revert_sync_batchnorm pick BatchNorm1d/2d/3d
-        group = self._sync_group() if self.training else None
-        if group is None:  # eval, no torch.distributed, or a group of one: exactly normkit's BatchNorm
-            return batch_norm_module(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                     self.num_batches_tracked, ranks=(input.dim(),), training=self.training,
-                                     track_running_stats=self.track_running_stats, momentum=self.momentum, eps=self.eps)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
-        stats = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
-        return sync_batch_norm(input, *stats, self.weight, self.bias, momentum, self.eps, group, self._name())
-
-    def _sync_group(self):
-        """The process group to synchronize over, or None when there is nothing to synchronize with."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        group = self.process_group if self.process_group is not None else dist.group.WORLD
-        return group if dist.get_world_size(group) > 1 else None
+        y = sync_batch_norm_module(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                   self.num_batches_tracked, training=self.training,
+                                   track_running_stats=self.track_running_stats, momentum=self.momentum, eps=self.eps,
+                                   process_group=self.process_group, name=self._name())
+        if isinstance(input, Tensor):  # not under torch.fx (a Proxy): lets revert_sync_batchnorm pick BatchNorm1d/2d/3d
+            self.last_input_dim = input.dim()
+        return y
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
