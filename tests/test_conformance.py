@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import normkit.functional as nf
 import oracle
-from conftest import PARITY_TOL, assert_matches_torch_or_oracle, assert_rel_close
+from conftest import PARITY_TOL, REL_TOL, assert_matches_torch_or_oracle, assert_rel_close
 
 # ---------------------------------------------------------------------------------------------- OpInfo
 OPINFO = {
@@ -216,6 +216,7 @@ shapes = st.lists(st.integers(1, 6), min_size=2, max_size=4).map(tuple)
 def test_property_matches_oracle(shape, data, dtype):
     """Random shapes, group counts, eps and parameters: every op agrees with the oracle, gradients too."""
     n, c = shape[0], shape[1]
+    torch.manual_seed(data.draw(st.integers(0, 2**32 - 1), label="seed"))  # hypothesis replays what it drew
     eps = data.draw(st.sampled_from([0.0, 1e-12, 1e-5, 0.1]))
     scale = data.draw(st.sampled_from([1e-20, 1.0, 1e20]))
     x = (torch.randn(shape, dtype=torch.float64) * scale + data.draw(st.sampled_from([0.0, 3.0]))).to(dtype)
@@ -239,7 +240,17 @@ def test_property_matches_oracle(shape, data, dtype):
         assert_rel_close(y, ref["y"], dtype, f"op {i} y")
         if eps > 0:  # with eps=0 the gradient of a near-constant group is ill-posed
             y.backward(dy)
-            assert_rel_close(weight.grad, ref["dweight"], dtype, f"op {i} dweight")
+            # dweight = sum(dy * x_hat) over the other dims: a sum whose terms may cancel, so its error is
+            # bounded by the size of the terms (each x_hat carries its own rounding), not of the result
+            trailing = i >= len(calls) - 2  # layer/RMS norm: weight over the last dim, else over channels
+            wl_b = oracle.ld(weight) if trailing else oracle.ld(weight).reshape(1, -1, *([1] * (len(shape) - 2)))
+            terms = np.abs(np.asarray(dyl * ref["y"] / wl_b, dtype=np.float64))
+            size = terms.reshape(-1, weight.numel()).sum(0) if trailing else \
+                terms.swapaxes(0, 1).reshape(weight.numel(), -1).sum(1)
+            err = np.abs(weight.grad.double().numpy() - np.asarray(ref["dweight"], dtype=np.float64))
+            assert (err <= REL_TOL[dtype] * size + 1e-300).all(), (
+                f"op {i} dweight ({dtype}): error {err.max():.3e} above {REL_TOL[dtype]:.0e} x the size of its terms "
+                f"{size[err.argmax()]:.3e}; got {weight.grad.tolist()}, ref {np.asarray(ref['dweight'], dtype=np.float64).tolist()}")
 
 
 @settings(max_examples=60, deadline=None)
