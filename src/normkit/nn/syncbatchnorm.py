@@ -137,13 +137,7 @@ class SyncBatchNorm(NotScriptable, nn.modules.batchnorm._BatchNorm):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                       process_group, **({} if module.bias is not None or not module.affine else {"bias": False}))
-            if module.affine:
-                out.weight = module.weight
-                out.bias = module.bias
-            out.running_mean = module.running_mean
-            out.running_var = module.running_var
-            out.num_batches_tracked = module.num_batches_tracked
-            out.training = module.training
+            _adopt_state(out, module)
             out.layer_name = prefix or None
             if isinstance(module, SyncBatchNorm):
                 out.layer_name = module.layer_name or out.layer_name
@@ -151,8 +145,6 @@ class SyncBatchNorm(NotScriptable, nn.modules.batchnorm._BatchNorm):
             elif not isinstance(module, nn.SyncBatchNorm):  # a BatchNormNd: remember N for the way back
                 out.reverts_to = next(dim for dim, bn in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d), (None, nn.Module))
                                       if isinstance(module, bn))
-            if hasattr(module, "qconfig"):
-                out.qconfig = module.qconfig
         for name, child in module.named_children():
             out.add_module(name, cls._convert(child, process_group, f"{prefix}.{name}" if prefix else name))
         return out
@@ -182,18 +174,24 @@ class SyncBatchNorm(NotScriptable, nn.modules.batchnorm._BatchNorm):
             out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                       device=_device_of(module), dtype=_dtype_of(module),
                       **({} if module.bias is not None or not module.affine else {"bias": False}))
-            if module.affine:
-                out.weight = module.weight
-                out.bias = module.bias
-            out.running_mean = module.running_mean
-            out.running_var = module.running_var
-            out.num_batches_tracked = module.num_batches_tracked
-            out.training = module.training
-            if hasattr(module, "qconfig"):
-                out.qconfig = module.qconfig
+            _adopt_state(out, module)
         for name, child in module.named_children():
             out.add_module(name, SyncBatchNorm._revert(child, dim, f"{prefix}.{name}" if prefix else name))
         return out
+
+
+def _adopt_state(out: nn.Module, module: nn.Module) -> None:
+    """``out`` takes over ``module``'s parameters and buffers (shared, not copied), its training mode and
+    its ``qconfig``: the two directions of the SyncBatchNorm conversion move state the same way."""
+    if module.affine:
+        out.weight = module.weight
+        out.bias = module.bias
+    out.running_mean = module.running_mean
+    out.running_var = module.running_var
+    out.num_batches_tracked = module.num_batches_tracked
+    out.training = module.training
+    if hasattr(module, "qconfig"):
+        out.qconfig = module.qconfig
 
 
 def _device_of(m: nn.Module):
