@@ -20,7 +20,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/run.py
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

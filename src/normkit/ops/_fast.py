@@ -186,7 +186,8 @@ def _why_not(x: Tensor, *others: Tensor | None) -> str | None:
         return "empty"
     if not x.is_contiguous():
         return "non-contiguous input"
-    if not all(_plain(t) for t in (x, *others)) or torch.autograd.forward_ad._current_level >= 0:
+    if not torch.compiler.is_compiling() and (
+            not all(_plain(t) for t in (x, *others)) or torch.autograd.forward_ad._current_level >= 0):
         return "torch.func transform or forward AD"
     if any(t is not None and (t.device != x.device) for t in others):
         return "parameters on another device"

@@ -430,7 +430,27 @@ void stats_backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, cons
   }
 }
 
-// ---- given statistics (batch / instance norm eval): y = ((x - mean) * rstd) * w + b, per channel ----
+// ---- given statistics (batch / instance norm eval) ----
+// y = (x - mean) * (w * rstd) + b, where w * rstd enters split as m * 2**q (_stats.mul_product): m is the
+// product of the two mantissas, so neither x * rstd nor w * rstd is ever formed where it could overflow and
+// y does not. x - mean is taken in halves where it overflows (_stats.centered).
+
+struct Factor {  // w * rstd = m * 2**q; f = m * 2**q as one float when that is exact (normal or zero), else slow
+  float m, f; int q; bool one;
+  Factor(float w, float rs) {
+    const int ew = exponent_of(std::abs(w)), er = exponent_of(std::abs(rs));
+    m = (w * std::ldexp(1.f, -ew)) * (rs * std::ldexp(1.f, -er));
+    q = ew + er;
+    f = std::ldexp(m, q);
+    one = m == 0.f || (std::isfinite(f) && std::abs(f) >= FLT_MIN);
+  }
+};
+
+// v * m * 2**q (1 <= |m| < 4) with no intermediate overflow where the result is finite: for q < 0 the value
+// is first scaled down by 2**-4 (exact for the large values where it matters; tiny ones give 0 either way)
+inline float apply_split(float v, float m, int q) {
+  return q < 0 ? std::ldexp((v * 0.0625f) * m, q + 4) : std::ldexp(v * m, q);
+}
 
 template <typename T>
 void eval_forward_impl(const T* x, T* y, const float* mean, const float* rstd, const float* w, const float* b,
@@ -438,20 +458,30 @@ void eval_forward_impl(const T* x, T* y, const float* mean, const float* rstd, c
   at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)), [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t c = row % C;
-      const float mu = mean[c], rs = rstd[c], wc = w[c], bc = b[c];
+      const float mu = mean[c], bc = b[c];
+      const Factor fa(w[c], rstd[c]);
       const T* xp = x + row * S;
       T* yp = y + row * S;
       float big = 0.f;  // max |x - mean|: inf when the difference overflowed somewhere
+      if (fa.one) {
+        const float f = fa.f;
 #pragma omp simd reduction(max : big)
-      for (int64_t i = 0; i < S; ++i) {
-        const float diff = static_cast<float>(xp[i]) - mu;
-        big = std::max(big, std::abs(diff));
-        yp[i] = static_cast<T>((diff * rs) * wc + bc);
+        for (int64_t i = 0; i < S; ++i) {
+          const float diff = static_cast<float>(xp[i]) - mu;
+          big = std::max(big, std::abs(diff));
+          yp[i] = static_cast<T>(diff * f + bc);
+        }
+      } else {
+        for (int64_t i = 0; i < S; ++i) {
+          const float diff = static_cast<float>(xp[i]) - mu;
+          big = std::max(big, std::abs(diff));
+          yp[i] = static_cast<T>(apply_split(diff, fa.m, fa.q) + bc);
+        }
       }
-      if (big > FLT_MAX) {  // x - mean left the range (opposite signs near the top): take it in halves there
+      if (big > FLT_MAX && std::isfinite(mu)) {  // x - mean left the range (opposite signs near the top): halves
         for (int64_t i = 0; i < S; ++i) {
           const float v = static_cast<float>(xp[i]);
-          if (std::isinf(v - mu) && std::isfinite(v)) yp[i] = static_cast<T>(((v * 0.5f - mu * 0.5f) * rs * 2.f) * wc + bc);
+          if (std::isinf(v - mu) && std::isfinite(v)) yp[i] = static_cast<T>(apply_split(v * 0.5f - mu * 0.5f, fa.m, fa.q + 1) + bc);
         }
       }
     }
@@ -465,13 +495,19 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
   at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)), [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t c = row % C;
-      const float mu = mean[c], rs = rstd[c], wc = w[c];
+      const float mu = mean[c], rs = rstd[c];
       const T* dyp = dy + row * S;
       const T* xp = x + row * S;
-      if (need_dx) {
+      if (need_dx) {  // dx = dy * (w * rstd), the factor split as in forward
+        const Factor fa(w[c], rs);
         T* dxp = dx + row * S;
+        if (fa.one) {
+          const float f = fa.f;
 #pragma omp simd
-        for (int64_t i = 0; i < S; ++i) dxp[i] = static_cast<T>((static_cast<float>(dyp[i]) * wc) * rs);
+          for (int64_t i = 0; i < S; ++i) dxp[i] = static_cast<T>(static_cast<float>(dyp[i]) * f);
+        } else {
+          for (int64_t i = 0; i < S; ++i) dxp[i] = static_cast<T>(apply_split(static_cast<float>(dyp[i]), fa.m, fa.q));
+        }
       }
       if (need_param) {
         Acc aw, ab;
@@ -482,7 +518,7 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
             const float d = static_cast<float>(dyp[i]);
             const float v = static_cast<float>(xp[i]);
             const float diff = v - mu;
-            const float xh = std::abs(diff) > FLT_MAX ? (v * 0.5f - mu * 0.5f) * rs * 2.f : diff * rs;
+            const float xh = std::abs(diff) > FLT_MAX ? std::ldexp((v * 0.5f - mu * 0.5f) * rs, 1) : diff * rs;
             a = d * xh;
             b = d;
           }, tw, tb);
