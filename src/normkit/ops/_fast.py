@@ -59,7 +59,7 @@ def stats_norm(x: Tensor, weight: Tensor, bias: Tensor, layout: int, groups: int
 
 @stats_norm.register_fake
 def _(x, weight, bias, layout, groups, eps, center):
-    return torch.empty_like(x), x.new_empty((_n_groups(x.shape, layout, groups), 8), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty((_n_groups(x.shape, layout, groups), 8), dtype=torch.float32)
 
 
 @torch.library.custom_op("normkit::stats_norm_backward", mutates_args=())
@@ -73,7 +73,7 @@ def stats_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, stats: Tensor, la
 @stats_norm_backward.register_fake
 def _(dy, x, weight, stats, layout, groups, center, need_dx, need_param):
     n = _n_params(x.shape, layout) if need_param else 0
-    return (torch.empty_like(x) if need_dx else x.new_empty((0,)),
+    return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
             x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32))
 
 
@@ -123,7 +123,7 @@ def affine_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tens
 
 @affine_eval.register_fake
 def _(x, mean, var, weight, bias, eps):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("normkit::affine_eval_backward", mutates_args=())
@@ -138,7 +138,7 @@ def affine_eval_backward(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weigh
 @affine_eval_backward.register_fake
 def _(dy, x, mean, var, weight, eps, need_dx, need_param):
     n = x.shape[1] if need_param else 0
-    return (torch.empty_like(x) if need_dx else x.new_empty((0,)),
+    return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
             x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32))
 
 

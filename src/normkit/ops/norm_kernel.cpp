@@ -580,7 +580,7 @@ std::vector<torch::Tensor> stats_forward(torch::Tensor x, torch::Tensor weight, 
   const int64_t np = layout == kRows ? sh.S : sh.C;
   check_param(weight, np, "weight");
   check_param(bias, np, "bias");
-  auto y = torch::empty_like(x);
+  auto y = torch::empty(x.sizes(), x.options());
   auto stats = torch::empty({sh.groups(), 8}, x.options().dtype(at::kFloat));
   dispatch_dtype(x, "stats_forward", [&](auto tag) {
     using T = decltype(tag);
@@ -600,7 +600,7 @@ std::vector<torch::Tensor> stats_backward(torch::Tensor dy, torch::Tensor x, tor
   const int64_t np = layout == kRows ? sh.S : sh.C;
   check_param(weight, np, "weight");
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == 8 * sh.groups(), "stats");
-  auto dx = need_dx ? torch::empty_like(x) : torch::empty({0}, x.options());
+  auto dx = need_dx ? torch::empty(x.sizes(), x.options()) : torch::empty({0}, x.options());
   auto fopt = x.options().dtype(at::kFloat);
   auto dw = need_param ? torch::empty({np}, fopt) : torch::empty({0}, fopt);
   auto db = need_param ? torch::empty({np}, fopt) : torch::empty({0}, fopt);
@@ -620,7 +620,7 @@ torch::Tensor eval_forward(torch::Tensor x, torch::Tensor mean, torch::Tensor rs
   TORCH_CHECK(x.is_contiguous() && x.dim() == 3, "eval_forward: expected a contiguous (N, C, S) input");
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
   check_param(mean, C, "mean"); check_param(rstd, C, "rstd"); check_param(weight, C, "weight"); check_param(bias, C, "bias");
-  auto y = torch::empty_like(x);
+  auto y = torch::empty(x.sizes(), x.options());
   dispatch_dtype(x, "eval_forward", [&](auto tag) {
     using T = decltype(tag);
     eval_forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
@@ -637,7 +637,7 @@ std::vector<torch::Tensor> eval_backward(torch::Tensor dy, torch::Tensor x, torc
               dy.scalar_type() == x.scalar_type(), "eval_backward: expected contiguous (N, C, S) dy and x");
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
   check_param(mean, C, "mean"); check_param(rstd, C, "rstd"); check_param(weight, C, "weight");
-  auto dx = need_dx ? torch::empty_like(x) : torch::empty({0}, x.options());
+  auto dx = need_dx ? torch::empty(x.sizes(), x.options()) : torch::empty({0}, x.options());
   auto fopt = x.options().dtype(at::kFloat);
   auto dw = need_param ? torch::empty({C}, fopt) : torch::empty({0}, fopt);
   auto db = need_param ? torch::empty({C}, fopt) : torch::empty({0}, fopt);
