@@ -150,3 +150,53 @@ def _suite():
 
 
 CASES = _suite()
+
+
+# ---- whole models: the torch model against normkit.convert(model), eval forward and one train step ----
+
+def _resnet18():
+    try:
+        from normkit.models import get  # the zoo, where it has landed
+
+        return get("resnet18").build(seed=0)
+    except Exception:
+        pass
+    from torch import nn
+
+    def block(cin, cout, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                             nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    for cin, cout, stride in ((64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1),
+                              (256, 512, 2), (512, 512, 1)):
+        layers.append(block(cin, cout, stride))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)]
+    return nn.Sequential(*layers)  # ResNet-18's shapes and norm layers (without the skip connections)
+
+
+def _transformer_block():
+    try:
+        from normkit.models import transformer_block
+
+        return transformer_block(d_model=768, n_heads=12, norm="layer")
+    except Exception:
+        return torch.nn.TransformerEncoderLayer(768, 12, 3072, dropout=0.0, batch_first=True, norm_first=True)
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    model: str
+    shape: tuple
+    build: Callable
+    modes: tuple = ("eval", "train step")
+    dtype: torch.dtype = torch.float32
+    op: str = "model"
+    layout: str = "contiguous"
+
+    @property
+    def name(self) -> str:
+        return f"model {self.model} {tuple(self.shape)}"
+
+
+MODEL_CASES = [ModelCase("resnet18", (8, 3, 224, 224), _resnet18),
+               ModelCase("transformer_block", (8, 197, 768), _transformer_block)]

@@ -8,7 +8,7 @@ fwd+bwd: that plus read x and dy, write dx -- over the copy bandwidth of a preal
 interleaved with the case), the bytes each keeps for backward, and which backend served normkit. Writes
 ``benchmarks/results/latest.{json,md,png}``.
 
-    python -m benchmarks                      # the whole suite (a few minutes on 2 cores)
+    python -m benchmarks                      # the whole suite, whole models included (minutes on 2 cores)
     python -m benchmarks --quick              # float32, contiguous, one shape per op, fewer repeats
     python -m benchmarks --only layer_norm --only rms --mode fwd --providers normkit,torch
 """
@@ -28,7 +28,7 @@ import torch
 import normkit
 from normkit import _native
 
-from .cases import CASES, Case
+from .cases import CASES, MODEL_CASES, Case, ModelCase
 
 PROVIDERS = ("normkit", "normkit-eager", "torch", "onnxruntime")
 RESULTS = Path(__file__).parent / "results"
@@ -198,6 +198,47 @@ def run_case(case: Case, modes, providers, repeat, warmup, threads):
     return rows
 
 
+def run_model_case(case: ModelCase, modes, providers, repeat, warmup):
+    """The torch model against ``normkit.convert(model)`` (default backend): eval forward and a train step."""
+    import copy
+
+    torch.manual_seed(0)
+    base = case.build()
+    models = {}
+    if "torch" in providers:
+        models["torch"] = copy.deepcopy(base)
+    if "normkit" in providers:
+        models["normkit"] = normkit.convert(base)
+    x = torch.randn(case.shape)
+    rows = []
+    for mode in modes:
+        fns = {}
+        for name, model in models.items():
+            if mode == "eval":
+                model.eval()
+
+                def run(model=model):
+                    with torch.no_grad():
+                        model(x)
+            else:
+                model.train()
+
+                def run(model=model):
+                    model.zero_grad(set_to_none=True)
+                    model(x).float().square().mean().backward()
+            fns[name] = run
+        samples = interleaved(fns, repeat, warmup)
+        ms = {k: _median_ms(v) for k, v in samples.items()}
+        row = {"case": case.name, "op": "model", "shape": list(case.shape), "layout": "contiguous", "dtype": "float32",
+               "mode": mode, "ms": {k: round(v, 2) for k, v in ms.items()},
+               "spread": {k: round(_spread(v), 3) for k, v in samples.items()}, "skipped": {}}
+        if "normkit" in ms and "torch" in ms:
+            row["normkit/torch"] = round(ms["normkit"] / ms["torch"], 3)
+        rows.append(row)
+        _print_row(row)
+    return rows
+
+
 # ---- output ---------------------------------------------------------------------------------------------
 
 def _fmt(v, spec=".2f"):
@@ -285,6 +326,10 @@ def select(args) -> list[Case]:
         cases = quick
     if args.dtype:
         cases = [c for c in cases if str(c.dtype).replace("torch.", "") in args.dtype]
+    if not args.quick and not args.dtype and not args.mode:
+        cases = cases + MODEL_CASES  # whole models: full runs only (a train step takes seconds)
+    if args.no_models:
+        cases = [c for c in cases if not isinstance(c, ModelCase)]
     for text in args.only or []:
         cases = [c for c in cases if text in c.name]
     return cases
@@ -304,6 +349,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS), help="directory for latest.json / latest.md / latest.png")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    ap.add_argument("--no-models", action="store_true", help="skip the whole-model cases")
     args = ap.parse_args(argv)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     unknown = [p for p in providers if p not in PROVIDERS]
@@ -330,7 +376,10 @@ def main(argv=None) -> int:
 
     rows = []
     for case in cases:
-        rows += run_case(case, args.mode or list(case.modes), providers, repeat, args.warmup, args.threads)
+        if isinstance(case, ModelCase):
+            rows += run_model_case(case, list(case.modes), providers, max(3, repeat // 2), 1)
+        else:
+            rows += run_case(case, args.mode or list(case.modes), providers, repeat, args.warmup, args.threads)
     out = {"machine": cpu_name(), "threads": args.threads, "torch": torch.__version__, "normkit": normkit.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeat": repeat, "build": build,
            "native_status": _native.status(), "rows": rows}

@@ -126,6 +126,38 @@ inline float lane_max(int64_t n, F f) {  // max of f(i) >= 0 over [0, n)
   return m;
 }
 
+// K reductions of f(i, v[K]) over [i0, i1) in one pass: slots [0, nmax) take the max (of values >= 0), the
+// others the sum; 32 lanes per slot. out[k] receives the results.
+template <int K, int NMAX, typename F>
+inline void lane_reduce(int64_t i0, int64_t i1, F f, float* out) {
+  constexpr int W = 32;
+  float acc[K][W] = {};
+  int64_t i = i0;
+  for (; i + W <= i1; i += W) {
+#pragma omp simd
+    for (int j = 0; j < W; ++j) {
+      float v[K];
+      f(i + j, v);
+      for (int k = 0; k < K; ++k) acc[k][j] = k < NMAX ? std::max(acc[k][j], v[k]) : acc[k][j] + v[k];
+    }
+  }
+  float tail[K] = {};
+  for (; i < i1; ++i) {
+    float v[K];
+    f(i, v);
+    for (int k = 0; k < K; ++k) tail[k] = k < NMAX ? std::max(tail[k], v[k]) : tail[k] + v[k];
+  }
+  for (int k = 0; k < K; ++k) {
+    for (int w = W / 2; w > 0; w /= 2)
+      for (int j = 0; j < w; ++j) acc[k][j] = k < NMAX ? std::max(acc[k][j], acc[k][j + w]) : acc[k][j] + acc[k][j + w];
+    out[k] = k < NMAX ? std::max(acc[k][0], tail[k]) : acc[k][0] + tail[k];
+  }
+}
+
+// The plain (unscaled) formulas are used for a group when a cheap check proves them safe: every value and
+// every square of a difference of two values stays normal and finite in float32, for up to 2**24 values.
+constexpr float kPlainLo = 0x1p-50f, kPlainHi = 0x1p50f, kTinyVar = 0x1p-100f;
+
 template <typename T>
 inline float amax_seg(const T* p, int64_t n) {
   return lane_max(n, [p](int64_t i) { return std::abs(static_cast<float>(p[i])); });
@@ -168,21 +200,51 @@ inline void inv_std(float a, int e, float eps_m, int eps_q, bool eps_zero, float
 template <typename T>
 Stat group_stats(const T* x, const Shape& sh, int64_t gi, float eps_m, int eps_q, bool eps_zero, bool center) {
   const int64_t base = sh.base(gi), ns = sh.nseg(), L = sh.S, st = sh.stride();
-  float amax = 0.f;
-  for (int64_t j = 0; j < ns; ++j) amax = std::max(amax, amax_seg(x + base + j * st, L));
-  const int e = exponent_of(amax);
-  const float s = std::ldexp(1.f, -e);
   const float n = static_cast<float>(sh.count());
-  const float piv = center ? static_cast<float>(x[base]) * s : 0.f;
-  float mean_d = 0.f;
-  if (center) {
-    Acc acc;
-    for (int64_t j = 0; j < ns; ++j) sum_shifted(x + base + j * st, L, s, piv, acc);
-    mean_d = acc.s / n;
+  // One pass: max |x| and the first two moments of d = x - pivot, unscaled.
+  const float piv0 = center ? static_cast<float>(x[base]) : 0.f;
+  float amax = 0.f;
+  Acc s1, s2;
+  for (int64_t j = 0; j < ns; ++j) {
+    const T* p = x + base + j * st;
+    for (int64_t i0 = 0; i0 < L; i0 += kChunk) {
+      float o[3];
+      lane_reduce<3, 1>(i0, std::min(L, i0 + kChunk), [=](int64_t i, float* v) {
+        const float xv = static_cast<float>(p[i]);
+        const float d = xv - piv0;
+        v[0] = std::abs(xv); v[1] = d; v[2] = d * d;
+      }, o);
+      amax = std::max(amax, o[0]); s1.add(o[1]); s2.add(o[2]);
+    }
   }
-  Acc q;
-  for (int64_t j = 0; j < ns; ++j) sum_sq(x + base + j * st, L, s, piv, mean_d, q);
-  const float a = q.s / n;
+  // Plain when no value or square can leave float32's normal range and the shifted one-pass variance
+  // sum(d^2) - sum(d)^2/n keeps at least 1/16 of sum(d^2) (at most 4 bits lost to cancellation).
+  bool plain = sh.count() <= (int64_t(1) << 24) && amax >= kPlainLo && amax <= kPlainHi && std::isfinite(s2.s);
+  float mean_d = 0.f, m2 = s2.s;
+  if (plain && center) {
+    mean_d = s1.s / n;
+    m2 = s2.s - s1.s * mean_d;
+    plain = m2 >= s2.s * 0.0625f && (m2 == 0.f ? s2.s == 0.f : m2 >= n * kTinyVar);
+  } else if (plain) {
+    plain = m2 >= n * kTinyVar;
+  }
+  int e = 0;
+  float piv = piv0;
+  if (!plain) {  // the robust recipe: scale by 2**-e, shift, two passes
+    e = exponent_of(amax);
+    const float sc = std::ldexp(1.f, -e);
+    piv = center ? piv0 * sc : 0.f;
+    mean_d = 0.f;
+    if (center) {
+      Acc acc;
+      for (int64_t j = 0; j < ns; ++j) sum_shifted(x + base + j * st, L, sc, piv, acc);
+      mean_d = acc.s / n;
+    }
+    Acc q;
+    for (int64_t j = 0; j < ns; ++j) sum_sq(x + base + j * st, L, sc, piv, mean_d, q);
+    m2 = q.s;
+  }
+  const float a = std::max(m2, 0.f) / n;
   Stat out{};
   float r; int k;
   inv_std(a, e, eps_m, eps_q, eps_zero, r, k);
@@ -258,92 +320,79 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
   const float n = static_cast<float>(sh.count());
   auto wc_of = [&](int64_t j) { return rows ? 1.f : w[sh.channel(gi, j)]; };
   const float* wel = rows ? w : nullptr;
+  const bool param = dw_seg || dw_el;
+  const float g0 = center ? static_cast<float>(dy[base]) * (rows ? w[0] : wc_of(0)) : 0.f;  // g's first value
 
-  // parameter-gradient sums (these need no scaling: they are what eager computes too)
-  if (dw_seg || db_seg || dw_el || db_el) {
-    for (int64_t j = 0; j < ns; ++j) {
-      const T* dyp = dy + base + j * stride;
-      const T* xp = x + base + j * stride;
-      if (rows) {
-        if (m != 0.f) {
-#pragma omp simd
-          for (int64_t i = 0; i < L; ++i) {
-            const float d = static_cast<float>(dyp[i]);
-            dw_el[i] += d * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
-            db_el[i] += d;
-          }
-        } else {
-          for (int64_t i = 0; i < L; ++i) {
-            const float d = static_cast<float>(dyp[i]);
-            dw_el[i] += d * h.slow(static_cast<float>(xp[i]));
-            db_el[i] += d;
-          }
-        }
-      } else {
-        Acc aw, ab;
-        for (int64_t i0 = 0; i0 < L; i0 += kChunk) {
-          const int64_t i1 = std::min(L, i0 + kChunk);
-          float tw = 0.f, tb = 0.f;
-          if (m != 0.f) {
-            lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
-              const float d = static_cast<float>(dyp[i]);
-              a = d * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
-              b = d;
-            }, tw, tb);
-          } else {
-            for (int64_t i = i0; i < i1; ++i) {
-              const float d = static_cast<float>(dyp[i]);
-              tw += d * h.slow(static_cast<float>(xp[i]));
-              tb += d;
-            }
-          }
-          aw.add(tw); ab.add(tb);
-        }
-        dw_seg[j] = aw.s; db_seg[j] = ab.s;
-      }
-    }
-  }
-  if (!need_dx) return;
-
-  // g = dy * w, scaled by 2**-eg and shifted by its first value (as _stats.standardize_backward)
+  // Pass 1, one read of dy and x: max |g|, sum(g - g0) and sum((g - g0) * x_hat) unscaled, parameter sums.
   float gmax = 0.f;
-  for (int64_t j = 0; j < ns; ++j) gmax = std::max(gmax, amax_seg_w(dy + base + j * stride, L, wel, wc_of(j)));
-  const int eg = exponent_of(gmax);
-  const float sg = std::ldexp(1.f, -eg);
-  const float g0 = center ? static_cast<float>(dy[base]) * (rows ? w[0] : wc_of(0)) * sg : 0.f;
   Acc a1, a2;
   for (int64_t j = 0; j < ns; ++j) {
     const T* dyp = dy + base + j * stride;
     const T* xp = x + base + j * stride;
     const float wc = wc_of(j);
+    Acc aw, ab;
     for (int64_t i0 = 0; i0 < L; i0 += kChunk) {
       const int64_t i1 = std::min(L, i0 + kChunk);
-      float t1 = 0.f, t2 = 0.f;
-      if (m != 0.f && wel) {
-        lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
-          const float gs = static_cast<float>(dyp[i]) * wel[i] * sg - g0;
-          a = gs;
-          b = gs * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
-        }, t1, t2);
+      float o[5] = {};
+      if (m != 0.f && rows) {
+        lane_reduce<3, 1>(i0, i1, [=](int64_t i, float* v) {
+          const float d = static_cast<float>(dyp[i]);
+          const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
+          const float g = d * wel[i], gs = g - g0;
+          v[0] = std::abs(g); v[1] = gs; v[2] = gs * xh;
+          if (param) { dw_el[i] += d * xh; db_el[i] += d; }
+        }, o);
       } else if (m != 0.f) {
-        lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
-          const float gs = static_cast<float>(dyp[i]) * wc * sg - g0;
-          a = gs;
-          b = gs * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
-        }, t1, t2);
+        lane_reduce<5, 1>(i0, i1, [=](int64_t i, float* v) {
+          const float d = static_cast<float>(dyp[i]);
+          const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
+          const float g = d * wc, gs = g - g0;
+          v[0] = std::abs(g); v[1] = gs; v[2] = gs * xh; v[3] = d * xh; v[4] = d;
+        }, o);
       } else {
         for (int64_t i = i0; i < i1; ++i) {
-          const float gs = static_cast<float>(dyp[i]) * (wel ? wel[i] : wc) * sg - g0;
-          t1 += gs;
-          t2 += gs * h.slow(static_cast<float>(xp[i]));
+          const float d = static_cast<float>(dyp[i]);
+          const float xh = h.slow(static_cast<float>(xp[i]));
+          const float g = d * (wel ? wel[i] : wc), gs = g - g0;
+          o[0] = std::max(o[0], std::abs(g)); o[1] += gs; o[2] += gs * xh;
+          if (rows && param) { dw_el[i] += d * xh; db_el[i] += d; }
+          o[3] += d * xh; o[4] += d;
         }
       }
-      a1.add(t1); a2.add(t2);
+      gmax = std::max(gmax, o[0]); a1.add(o[1]); a2.add(o[2]); aw.add(o[3]); ab.add(o[4]);
+    }
+    if (!rows && param) { dw_seg[j] = aw.s; db_seg[j] = ab.s; }
+  }
+  if (!need_dx) return;
+
+  // The unscaled sums are those of _stats.standardize_backward times 2**eg exactly, as long as no term can
+  // over- or underflow: |g| within 2**+-50. Otherwise redo them scaled by 2**-eg (the robust recipe).
+  int eg = 0;
+  float sg = 1.f, g0s = g0;
+  if (!(gmax >= kPlainLo && gmax <= kPlainHi)) {
+    eg = exponent_of(gmax);
+    sg = std::ldexp(1.f, -eg);
+    g0s = g0 * sg;
+    a1 = Acc(); a2 = Acc();
+    for (int64_t j = 0; j < ns; ++j) {
+      const T* dyp = dy + base + j * stride;
+      const T* xp = x + base + j * stride;
+      const float wc = wc_of(j);
+      for (int64_t i0 = 0; i0 < L; i0 += kChunk) {
+        float t1 = 0.f, t2 = 0.f;
+        for (int64_t i = i0; i < std::min(L, i0 + kChunk); ++i) {
+          const float gs = static_cast<float>(dyp[i]) * (wel ? wel[i] : wc) * sg - g0s;
+          t1 += gs;
+          t2 += gs * (m != 0.f ? ((static_cast<float>(xp[i]) * s - piv) - md) * m : h.slow(static_cast<float>(xp[i])));
+        }
+        a1.add(t1); a2.add(t2);
+      }
     }
   }
   const float mg = center ? a1.s / n : 0.f, mgx = a2.s / n;
   const int q2 = static_cast<int>(st.k) + eg;
   const float m2 = multiplier(st.r, q2);
+  // Pass 2: dx = (gs - mean(gs) - x_hat * mean(gs * x_hat)) * r * 2**(k + eg)
   for (int64_t j = 0; j < ns; ++j) {
     const T* dyp = dy + base + j * stride;
     const T* xp = x + base + j * stride;
@@ -352,20 +401,20 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
     if (m != 0.f && m2 != 0.f && wel) {
 #pragma omp simd
       for (int64_t i = 0; i < L; ++i) {
-        const float gs = static_cast<float>(dyp[i]) * wel[i] * sg - g0;
+        const float gs = static_cast<float>(dyp[i]) * wel[i] * sg - g0s;
         const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
         dxp[i] = static_cast<T>(((gs - mg) - xh * mgx) * m2);
       }
     } else if (m != 0.f && m2 != 0.f) {
 #pragma omp simd
       for (int64_t i = 0; i < L; ++i) {
-        const float gs = static_cast<float>(dyp[i]) * wc * sg - g0;
+        const float gs = static_cast<float>(dyp[i]) * wc * sg - g0s;
         const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
         dxp[i] = static_cast<T>(((gs - mg) - xh * mgx) * m2);
       }
     } else {
       for (int64_t i = 0; i < L; ++i) {
-        const float gs = static_cast<float>(dyp[i]) * (wel ? wel[i] : wc) * sg - g0;
+        const float gs = static_cast<float>(dyp[i]) * (wel ? wel[i] : wc) * sg - g0s;
         const float xh = m != 0.f ? ((static_cast<float>(xp[i]) * s - piv) - md) * m : h.slow(static_cast<float>(xp[i]));
         dxp[i] = static_cast<T>(pow2(((gs - mg) - xh * mgx) * st.r, q2));
       }
@@ -498,33 +547,31 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
       const float mu = mean[c], rs = rstd[c];
       const T* dyp = dy + row * S;
       const T* xp = x + row * S;
-      if (need_dx) {  // dx = dy * (w * rstd), the factor split as in forward
-        const Factor fa(w[c], rs);
-        T* dxp = dx + row * S;
-        if (fa.one) {
-          const float f = fa.f;
-#pragma omp simd
-          for (int64_t i = 0; i < S; ++i) dxp[i] = static_cast<T>(static_cast<float>(dyp[i]) * f);
-        } else {
-          for (int64_t i = 0; i < S; ++i) dxp[i] = static_cast<T>(apply_split(static_cast<float>(dyp[i]), fa.m, fa.q));
-        }
+      const Factor fa(w[c], rs);  // dx = dy * (w * rstd), the factor split as in forward
+      T* dxp = need_dx ? dx + row * S : nullptr;
+      if (need_dx && !fa.one) {
+        for (int64_t i = 0; i < S; ++i) dxp[i] = static_cast<T>(apply_split(static_cast<float>(dyp[i]), fa.m, fa.q));
       }
-      if (need_param) {
+      const bool fused_dx = need_dx && fa.one;
+      const float f = fa.f;
+      if (need_param) {  // one pass: dx (when a single factor) and sum(dy * x_hat), sum(dy)
         Acc aw, ab;
         for (int64_t i0 = 0; i0 < S; i0 += kChunk) {
-          const int64_t i1 = std::min(S, i0 + kChunk);
-          float tw = 0.f, tb = 0.f;
-          lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
+          float o[2];
+          lane_reduce<2, 0>(i0, std::min(S, i0 + kChunk), [=](int64_t i, float* v) {
             const float d = static_cast<float>(dyp[i]);
-            const float v = static_cast<float>(xp[i]);
-            const float diff = v - mu;
-            const float xh = std::abs(diff) > FLT_MAX ? std::ldexp((v * 0.5f - mu * 0.5f) * rs, 1) : diff * rs;
-            a = d * xh;
-            b = d;
-          }, tw, tb);
-          aw.add(tw); ab.add(tb);
+            const float xv = static_cast<float>(xp[i]);
+            const float diff = xv - mu;
+            const float xh = std::abs(diff) > FLT_MAX ? ((xv * 0.5f - mu * 0.5f) * rs) * 2.f : diff * rs;
+            if (fused_dx) dxp[i] = static_cast<T>(d * f);
+            v[0] = d * xh; v[1] = d;
+          }, o);
+          aw.add(o[0]); ab.add(o[1]);
         }
         segw[row] = aw.s; segb[row] = ab.s;
+      } else if (fused_dx) {
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) dxp[i] = static_cast<T>(static_cast<float>(dyp[i]) * f);
       }
     }
   });
