@@ -27,7 +27,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", action="append", choices=list(DTYPES), help="restrict to this dtype (repeatable)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    sub.add_parser("build", help="compile the native kernels now (once per machine and torch version)")
+    sub.add_parser("bench", help="run the benchmark suite from a checkout (python -m benchmarks ARGS)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command in ("build", "bench"):
+        return _native_command(args.command, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command is None:
         parser.print_help()
         return 2
@@ -37,6 +43,28 @@ def main(argv=None) -> int:
     else:
         print(check.report(rows))
     return 0 if all(r.normkit_ok for r in rows) else 1
+
+
+def _native_command(command: str, rest: list[str]) -> int:
+    """``normkit build``: compile the kernels, print the status; ``normkit bench ARGS``: the benchmark runner."""
+    if command == "build":
+        from . import _native
+
+        try:
+            print(json.dumps(_native.build(force="--force" in rest), indent=1))
+        except RuntimeError as exc:
+            print(f"normkit: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    import os
+
+    sys.path.insert(0, os.getcwd())
+    try:
+        from benchmarks.runner import main as bench_main
+    except ImportError:
+        print("normkit: bench runs from a normkit checkout (the benchmarks/ folder); cd there first", file=sys.stderr)
+        return 2
+    return bench_main(rest)
 
 
 if __name__ == "__main__":

@@ -77,8 +77,9 @@ inline float multiplier(float r, int q) {
 
 constexpr int kLanes = 64;  // independent float accumulators: 4 AVX-512 (8 AVX2) registers, no long dependency chain
 
+template <int W = kLanes>
 inline float reduce_lanes(float* acc) {  // pairwise: also the more accurate order
-  for (int w = kLanes / 2; w > 0; w /= 2)
+  for (int w = W / 2; w > 0; w /= 2)
     for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
   return acc[0];
 }
@@ -126,32 +127,49 @@ inline float lane_max(int64_t n, F f) {  // max of f(i) >= 0 over [0, n)
   return m;
 }
 
-// K reductions of f(i, v[K]) over [i0, i1) in one pass: slots [0, nmax) take the max (of values >= 0), the
-// others the sum; 32 lanes per slot. out[k] receives the results.
-template <int K, int NMAX, typename F>
-inline void lane_reduce(int64_t i0, int64_t i1, F f, float* out) {
+// One pass, several reductions of f(i, ...) over [i0, i1) with 32 lanes each: a max (of values >= 0) and
+// sums. (Written out per arity: outputs through scalar references vectorize; a small array would not.)
+template <typename F>
+inline void lane_max_sum2(int64_t i0, int64_t i1, F f, float* out) {
   constexpr int W = 32;
-  float acc[K][W] = {};
+  float am[W] = {}, a1[W] = {}, a2[W] = {};
   int64_t i = i0;
   for (; i + W <= i1; i += W) {
 #pragma omp simd
     for (int j = 0; j < W; ++j) {
-      float v[K];
-      f(i + j, v);
-      for (int k = 0; k < K; ++k) acc[k][j] = k < NMAX ? std::max(acc[k][j], v[k]) : acc[k][j] + v[k];
+      float m, s1, s2;
+      f(i + j, m, s1, s2);
+      am[j] = std::max(am[j], m); a1[j] += s1; a2[j] += s2;
     }
   }
-  float tail[K] = {};
+  float m = 0.f, t1 = 0.f, t2 = 0.f;
+  for (; i < i1; ++i) { float vm, v1, v2; f(i, vm, v1, v2); m = std::max(m, vm); t1 += v1; t2 += v2; }
+  for (int j = 0; j < W; ++j) m = std::max(m, am[j]);
+  out[0] = m; out[1] = reduce_lanes<W>(a1) + t1; out[2] = reduce_lanes<W>(a2) + t2;
+}
+
+template <typename F>
+inline void lane_max_sum4(int64_t i0, int64_t i1, F f, float* out) {
+  constexpr int W = 32;
+  float am[W] = {}, a1[W] = {}, a2[W] = {}, a3[W] = {}, a4[W] = {};
+  int64_t i = i0;
+  for (; i + W <= i1; i += W) {
+#pragma omp simd
+    for (int j = 0; j < W; ++j) {
+      float m, s1, s2, s3, s4;
+      f(i + j, m, s1, s2, s3, s4);
+      am[j] = std::max(am[j], m); a1[j] += s1; a2[j] += s2; a3[j] += s3; a4[j] += s4;
+    }
+  }
+  float m = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f, t4 = 0.f;
   for (; i < i1; ++i) {
-    float v[K];
-    f(i, v);
-    for (int k = 0; k < K; ++k) tail[k] = k < NMAX ? std::max(tail[k], v[k]) : tail[k] + v[k];
+    float vm, v1, v2, v3, v4;
+    f(i, vm, v1, v2, v3, v4);
+    m = std::max(m, vm); t1 += v1; t2 += v2; t3 += v3; t4 += v4;
   }
-  for (int k = 0; k < K; ++k) {
-    for (int w = W / 2; w > 0; w /= 2)
-      for (int j = 0; j < w; ++j) acc[k][j] = k < NMAX ? std::max(acc[k][j], acc[k][j + w]) : acc[k][j] + acc[k][j + w];
-    out[k] = k < NMAX ? std::max(acc[k][0], tail[k]) : acc[k][0] + tail[k];
-  }
+  for (int j = 0; j < W; ++j) m = std::max(m, am[j]);
+  out[0] = m; out[1] = reduce_lanes<W>(a1) + t1; out[2] = reduce_lanes<W>(a2) + t2;
+  out[3] = reduce_lanes<W>(a3) + t3; out[4] = reduce_lanes<W>(a4) + t4;
 }
 
 // The plain (unscaled) formulas are used for a group when a cheap check proves them safe: every value and
@@ -209,10 +227,10 @@ Stat group_stats(const T* x, const Shape& sh, int64_t gi, float eps_m, int eps_q
     const T* p = x + base + j * st;
     for (int64_t i0 = 0; i0 < L; i0 += kChunk) {
       float o[3];
-      lane_reduce<3, 1>(i0, std::min(L, i0 + kChunk), [=](int64_t i, float* v) {
+      lane_max_sum2(i0, std::min(L, i0 + kChunk), [=](int64_t i, float& vm, float& v1, float& v2) {
         const float xv = static_cast<float>(p[i]);
         const float d = xv - piv0;
-        v[0] = std::abs(xv); v[1] = d; v[2] = d * d;
+        vm = std::abs(xv); v1 = d; v2 = d * d;
       }, o);
       amax = std::max(amax, o[0]); s1.add(o[1]); s2.add(o[2]);
     }
@@ -335,19 +353,27 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
       const int64_t i1 = std::min(L, i0 + kChunk);
       float o[5] = {};
       if (m != 0.f && rows) {
-        lane_reduce<3, 1>(i0, i1, [=](int64_t i, float* v) {
-          const float d = static_cast<float>(dyp[i]);
-          const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
-          const float g = d * wel[i], gs = g - g0;
-          v[0] = std::abs(g); v[1] = gs; v[2] = gs * xh;
-          if (param) { dw_el[i] += d * xh; db_el[i] += d; }
-        }, o);
+        if (param) {
+          lane_max_sum2(i0, i1, [=](int64_t i, float& vm, float& v1, float& v2) {
+            const float d = static_cast<float>(dyp[i]);
+            const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
+            const float g = d * wel[i], gs = g - g0;
+            vm = std::abs(g); v1 = gs; v2 = gs * xh;
+            dw_el[i] += d * xh; db_el[i] += d;
+          }, o);
+        } else {
+          lane_max_sum2(i0, i1, [=](int64_t i, float& vm, float& v1, float& v2) {
+            const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
+            const float g = static_cast<float>(dyp[i]) * wel[i], gs = g - g0;
+            vm = std::abs(g); v1 = gs; v2 = gs * xh;
+          }, o);
+        }
       } else if (m != 0.f) {
-        lane_reduce<5, 1>(i0, i1, [=](int64_t i, float* v) {
+        lane_max_sum4(i0, i1, [=](int64_t i, float& vm, float& v1, float& v2, float& v3, float& v4) {
           const float d = static_cast<float>(dyp[i]);
           const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
           const float g = d * wc, gs = g - g0;
-          v[0] = std::abs(g); v[1] = gs; v[2] = gs * xh; v[3] = d * xh; v[4] = d;
+          vm = std::abs(g); v1 = gs; v2 = gs * xh; v3 = d * xh; v4 = d;
         }, o);
       } else {
         for (int64_t i = i0; i < i1; ++i) {
@@ -558,14 +584,21 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
         Acc aw, ab;
         for (int64_t i0 = 0; i0 < S; i0 += kChunk) {
           float o[2];
-          lane_reduce<2, 0>(i0, std::min(S, i0 + kChunk), [=](int64_t i, float* v) {
+          auto term = [=](int64_t i, float& a, float& b) {
             const float d = static_cast<float>(dyp[i]);
             const float xv = static_cast<float>(xp[i]);
             const float diff = xv - mu;
             const float xh = std::abs(diff) > FLT_MAX ? ((xv * 0.5f - mu * 0.5f) * rs) * 2.f : diff * rs;
-            if (fused_dx) dxp[i] = static_cast<T>(d * f);
-            v[0] = d * xh; v[1] = d;
-          }, o);
+            a = d * xh; b = d;
+          };
+          if (fused_dx) {
+            lane_sum2(i0, std::min(S, i0 + kChunk), [=](int64_t i, float& a, float& b) {
+              term(i, a, b);
+              dxp[i] = static_cast<T>(static_cast<float>(dyp[i]) * f);
+            }, o[0], o[1]);
+          } else {
+            lane_sum2(i0, std::min(S, i0 + kChunk), term, o[0], o[1]);
+          }
           aw.add(o[0]); ab.add(o[1]);
         }
         segw[row] = aw.s; segb[row] = ab.s;
