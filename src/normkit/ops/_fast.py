@@ -239,8 +239,9 @@ def _plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims, center: b
 
 
 def _op_name(layout: int, center: bool) -> str:
-    return {ROWS: "layer_norm" if center else "rms_norm", GROUPS: "group_norm/instance_norm",
-            CHANNELS: "batch_norm (train)"}[layout]
+    return {ROWS: "rows: layer_norm (or affine-free instance/group norm)" if center else "rows: rms_norm",
+            GROUPS: "groups: group_norm/instance_norm",
+            CHANNELS: "channels: batch_norm (train)"}[layout]
 
 
 def standardize_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims, eps: float, center: bool = True):

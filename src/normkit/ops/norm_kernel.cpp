@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -50,6 +51,24 @@ struct Shape {
   int64_t channel(int64_t gi, int64_t j) const { return layout == kGroups ? (gi % G) * Cg + j : gi; }
   int64_t count() const { return nseg() * S; }
 };
+
+// Loads and stores in float32. bfloat16 is converted with bit operations (which vectorize; c10's conversion
+// operators do not): the same round-to-nearest-even and quiet NaN as c10::BFloat16.
+inline float ld(float v) { return v; }
+inline float ld(c10::Half v) { return static_cast<float>(v); }
+inline float ld(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <typename T> inline T to_t(float v) { return static_cast<T>(v); }
+template <> inline c10::BFloat16 to_t<c10::BFloat16>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint16_t r = std::isnan(v) ? uint16_t(0x7FC0) : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return c10::BFloat16(r, c10::BFloat16::from_bits());
+}
 
 struct Acc {  // Kahan-compensated sum of chunk totals
   float s = 0.f, c = 0.f;
@@ -178,20 +197,20 @@ constexpr float kPlainLo = 0x1p-50f, kPlainHi = 0x1p50f, kTinyVar = 0x1p-100f;
 
 template <typename T>
 inline float amax_seg(const T* p, int64_t n) {
-  return lane_max(n, [p](int64_t i) { return std::abs(static_cast<float>(p[i])); });
+  return lane_max(n, [p](int64_t i) { return std::abs(ld(p[i])); });
 }
 
 template <typename T>
 inline float amax_seg_w(const T* p, int64_t n, const float* w, float wc) {  // max |p * w|; w per element or wc
-  if (w) return lane_max(n, [p, w](int64_t i) { return std::abs(static_cast<float>(p[i]) * w[i]); });
-  return lane_max(n, [p, wc](int64_t i) { return std::abs(static_cast<float>(p[i]) * wc); });
+  if (w) return lane_max(n, [p, w](int64_t i) { return std::abs(ld(p[i]) * w[i]); });
+  return lane_max(n, [p, wc](int64_t i) { return std::abs(ld(p[i]) * wc); });
 }
 
 // acc += sum(x * s - shift), in chunks
 template <typename T>
 inline void sum_shifted(const T* p, int64_t n, float s, float shift, Acc& acc) {
   for (int64_t i0 = 0; i0 < n; i0 += kChunk)
-    acc.add(lane_sum(i0, std::min(n, i0 + kChunk), [=](int64_t i) { return static_cast<float>(p[i]) * s - shift; }));
+    acc.add(lane_sum(i0, std::min(n, i0 + kChunk), [=](int64_t i) { return ld(p[i]) * s - shift; }));
 }
 
 // acc += sum(((x * s - shift) - mean)**2)
@@ -199,7 +218,7 @@ template <typename T>
 inline void sum_sq(const T* p, int64_t n, float s, float shift, float mean, Acc& acc) {
   for (int64_t i0 = 0; i0 < n; i0 += kChunk)
     acc.add(lane_sum(i0, std::min(n, i0 + kChunk), [=](int64_t i) {
-      const float c = (static_cast<float>(p[i]) * s - shift) - mean;
+      const float c = (ld(p[i]) * s - shift) - mean;
       return c * c;
     }));
 }
@@ -220,7 +239,7 @@ Stat group_stats(const T* x, const Shape& sh, int64_t gi, float eps_m, int eps_q
   const int64_t base = sh.base(gi), ns = sh.nseg(), L = sh.S, st = sh.stride();
   const float n = static_cast<float>(sh.count());
   // One pass: max |x| and the first two moments of d = x - pivot, unscaled.
-  const float piv0 = center ? static_cast<float>(x[base]) : 0.f;
+  const float piv0 = center ? ld(x[base]) : 0.f;
   float amax = 0.f;
   Acc s1, s2;
   for (int64_t j = 0; j < ns; ++j) {
@@ -228,7 +247,7 @@ Stat group_stats(const T* x, const Shape& sh, int64_t gi, float eps_m, int eps_q
     for (int64_t i0 = 0; i0 < L; i0 += kChunk) {
       float o[3];
       lane_max_sum2(i0, std::min(L, i0 + kChunk), [=](int64_t i, float& vm, float& v1, float& v2) {
-        const float xv = static_cast<float>(p[i]);
+        const float xv = ld(p[i]);
         const float d = xv - piv0;
         vm = std::abs(xv); v1 = d; v2 = d * d;
       }, o);
@@ -287,15 +306,15 @@ inline void output_seg(const T* x, T* y, int64_t L, const XHat& h, const float* 
   if (m != 0.f) {
     if (wp) {
 #pragma omp simd
-      for (int64_t i = 0; i < L; ++i) y[i] = static_cast<T>((((static_cast<float>(x[i]) * s - piv) - md) * m) * wp[i] + bp[i]);
+      for (int64_t i = 0; i < L; ++i) y[i] = to_t<T>((((ld(x[i]) * s - piv) - md) * m) * wp[i] + bp[i]);
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < L; ++i) y[i] = static_cast<T>((((static_cast<float>(x[i]) * s - piv) - md) * m) * wc + bc);
+      for (int64_t i = 0; i < L; ++i) y[i] = to_t<T>((((ld(x[i]) * s - piv) - md) * m) * wc + bc);
     }
   } else {
     for (int64_t i = 0; i < L; ++i) {
-      const float xh = h.slow(static_cast<float>(x[i]));
-      y[i] = static_cast<T>(wp ? xh * wp[i] + bp[i] : xh * wc + bc);
+      const float xh = h.slow(ld(x[i]));
+      y[i] = to_t<T>(wp ? xh * wp[i] + bp[i] : xh * wc + bc);
     }
   }
 }
@@ -339,7 +358,7 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
   auto wc_of = [&](int64_t j) { return rows ? 1.f : w[sh.channel(gi, j)]; };
   const float* wel = rows ? w : nullptr;
   const bool param = dw_seg || dw_el;
-  const float g0 = center ? static_cast<float>(dy[base]) * (rows ? w[0] : wc_of(0)) : 0.f;  // g's first value
+  const float g0 = center ? ld(dy[base]) * (rows ? w[0] : wc_of(0)) : 0.f;  // g's first value
 
   // Pass 1, one read of dy and x: max |g|, sum(g - g0) and sum((g - g0) * x_hat) unscaled, parameter sums.
   float gmax = 0.f;
@@ -355,30 +374,30 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
       if (m != 0.f && rows) {
         if (param) {
           lane_max_sum2(i0, i1, [=](int64_t i, float& vm, float& v1, float& v2) {
-            const float d = static_cast<float>(dyp[i]);
-            const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
+            const float d = ld(dyp[i]);
+            const float xh = ((ld(xp[i]) * s - piv) - md) * m;
             const float g = d * wel[i], gs = g - g0;
             vm = std::abs(g); v1 = gs; v2 = gs * xh;
             dw_el[i] += d * xh; db_el[i] += d;
           }, o);
         } else {
           lane_max_sum2(i0, i1, [=](int64_t i, float& vm, float& v1, float& v2) {
-            const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
-            const float g = static_cast<float>(dyp[i]) * wel[i], gs = g - g0;
+            const float xh = ((ld(xp[i]) * s - piv) - md) * m;
+            const float g = ld(dyp[i]) * wel[i], gs = g - g0;
             vm = std::abs(g); v1 = gs; v2 = gs * xh;
           }, o);
         }
       } else if (m != 0.f) {
         lane_max_sum4(i0, i1, [=](int64_t i, float& vm, float& v1, float& v2, float& v3, float& v4) {
-          const float d = static_cast<float>(dyp[i]);
-          const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
+          const float d = ld(dyp[i]);
+          const float xh = ((ld(xp[i]) * s - piv) - md) * m;
           const float g = d * wc, gs = g - g0;
           vm = std::abs(g); v1 = gs; v2 = gs * xh; v3 = d * xh; v4 = d;
         }, o);
       } else {
         for (int64_t i = i0; i < i1; ++i) {
-          const float d = static_cast<float>(dyp[i]);
-          const float xh = h.slow(static_cast<float>(xp[i]));
+          const float d = ld(dyp[i]);
+          const float xh = h.slow(ld(xp[i]));
           const float g = d * (wel ? wel[i] : wc), gs = g - g0;
           o[0] = std::max(o[0], std::abs(g)); o[1] += gs; o[2] += gs * xh;
           if (rows && param) { dw_el[i] += d * xh; db_el[i] += d; }
@@ -407,9 +426,9 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
       for (int64_t i0 = 0; i0 < L; i0 += kChunk) {
         float t1 = 0.f, t2 = 0.f;
         for (int64_t i = i0; i < std::min(L, i0 + kChunk); ++i) {
-          const float gs = static_cast<float>(dyp[i]) * (wel ? wel[i] : wc) * sg - g0s;
+          const float gs = ld(dyp[i]) * (wel ? wel[i] : wc) * sg - g0s;
           t1 += gs;
-          t2 += gs * (m != 0.f ? ((static_cast<float>(xp[i]) * s - piv) - md) * m : h.slow(static_cast<float>(xp[i])));
+          t2 += gs * (m != 0.f ? ((ld(xp[i]) * s - piv) - md) * m : h.slow(ld(xp[i])));
         }
         a1.add(t1); a2.add(t2);
       }
@@ -427,22 +446,22 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
     if (m != 0.f && m2 != 0.f && wel) {
 #pragma omp simd
       for (int64_t i = 0; i < L; ++i) {
-        const float gs = static_cast<float>(dyp[i]) * wel[i] * sg - g0s;
-        const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
-        dxp[i] = static_cast<T>(((gs - mg) - xh * mgx) * m2);
+        const float gs = ld(dyp[i]) * wel[i] * sg - g0s;
+        const float xh = ((ld(xp[i]) * s - piv) - md) * m;
+        dxp[i] = to_t<T>(((gs - mg) - xh * mgx) * m2);
       }
     } else if (m != 0.f && m2 != 0.f) {
 #pragma omp simd
       for (int64_t i = 0; i < L; ++i) {
-        const float gs = static_cast<float>(dyp[i]) * wc * sg - g0s;
-        const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
-        dxp[i] = static_cast<T>(((gs - mg) - xh * mgx) * m2);
+        const float gs = ld(dyp[i]) * wc * sg - g0s;
+        const float xh = ((ld(xp[i]) * s - piv) - md) * m;
+        dxp[i] = to_t<T>(((gs - mg) - xh * mgx) * m2);
       }
     } else {
       for (int64_t i = 0; i < L; ++i) {
-        const float gs = static_cast<float>(dyp[i]) * (wel ? wel[i] : wc) * sg - g0s;
-        const float xh = m != 0.f ? ((static_cast<float>(xp[i]) * s - piv) - md) * m : h.slow(static_cast<float>(xp[i]));
-        dxp[i] = static_cast<T>(pow2(((gs - mg) - xh * mgx) * st.r, q2));
+        const float gs = ld(dyp[i]) * (wel ? wel[i] : wc) * sg - g0s;
+        const float xh = m != 0.f ? ((ld(xp[i]) * s - piv) - md) * m : h.slow(ld(xp[i]));
+        dxp[i] = to_t<T>(pow2(((gs - mg) - xh * mgx) * st.r, q2));
       }
     }
   }
@@ -542,21 +561,21 @@ void eval_forward_impl(const T* x, T* y, const float* mean, const float* rstd, c
         const float f = fa.f;
 #pragma omp simd reduction(max : big)
         for (int64_t i = 0; i < S; ++i) {
-          const float diff = static_cast<float>(xp[i]) - mu;
+          const float diff = ld(xp[i]) - mu;
           big = std::max(big, std::abs(diff));
-          yp[i] = static_cast<T>(diff * f + bc);
+          yp[i] = to_t<T>(diff * f + bc);
         }
       } else {
         for (int64_t i = 0; i < S; ++i) {
-          const float diff = static_cast<float>(xp[i]) - mu;
+          const float diff = ld(xp[i]) - mu;
           big = std::max(big, std::abs(diff));
-          yp[i] = static_cast<T>(apply_split(diff, fa.m, fa.q) + bc);
+          yp[i] = to_t<T>(apply_split(diff, fa.m, fa.q) + bc);
         }
       }
       if (big > FLT_MAX && std::isfinite(mu)) {  // x - mean left the range (opposite signs near the top): halves
         for (int64_t i = 0; i < S; ++i) {
-          const float v = static_cast<float>(xp[i]);
-          if (std::isinf(v - mu) && std::isfinite(v)) yp[i] = static_cast<T>(apply_split(v * 0.5f - mu * 0.5f, fa.m, fa.q + 1) + bc);
+          const float v = ld(xp[i]);
+          if (std::isinf(v - mu) && std::isfinite(v)) yp[i] = to_t<T>(apply_split(v * 0.5f - mu * 0.5f, fa.m, fa.q + 1) + bc);
         }
       }
     }
@@ -576,7 +595,7 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
       const Factor fa(w[c], rs);  // dx = dy * (w * rstd), the factor split as in forward
       T* dxp = need_dx ? dx + row * S : nullptr;
       if (need_dx && !fa.one) {
-        for (int64_t i = 0; i < S; ++i) dxp[i] = static_cast<T>(apply_split(static_cast<float>(dyp[i]), fa.m, fa.q));
+        for (int64_t i = 0; i < S; ++i) dxp[i] = to_t<T>(apply_split(ld(dyp[i]), fa.m, fa.q));
       }
       const bool fused_dx = need_dx && fa.one;
       const float f = fa.f;
@@ -585,8 +604,8 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
         for (int64_t i0 = 0; i0 < S; i0 += kChunk) {
           float o[2];
           auto term = [=](int64_t i, float& a, float& b) {
-            const float d = static_cast<float>(dyp[i]);
-            const float xv = static_cast<float>(xp[i]);
+            const float d = ld(dyp[i]);
+            const float xv = ld(xp[i]);
             const float diff = xv - mu;
             const float xh = std::abs(diff) > FLT_MAX ? ((xv * 0.5f - mu * 0.5f) * rs) * 2.f : diff * rs;
             a = d * xh; b = d;
@@ -594,7 +613,7 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
           if (fused_dx) {
             lane_sum2(i0, std::min(S, i0 + kChunk), [=](int64_t i, float& a, float& b) {
               term(i, a, b);
-              dxp[i] = static_cast<T>(static_cast<float>(dyp[i]) * f);
+              dxp[i] = to_t<T>(ld(dyp[i]) * f);
             }, o[0], o[1]);
           } else {
             lane_sum2(i0, std::min(S, i0 + kChunk), term, o[0], o[1]);
@@ -604,7 +623,7 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
         segw[row] = aw.s; segb[row] = ab.s;
       } else if (fused_dx) {
 #pragma omp simd
-        for (int64_t i = 0; i < S; ++i) dxp[i] = static_cast<T>(static_cast<float>(dyp[i]) * f);
+        for (int64_t i = 0; i < S; ++i) dxp[i] = to_t<T>(ld(dyp[i]) * f);
       }
     }
   });
