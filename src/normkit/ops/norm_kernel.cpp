@@ -70,6 +70,17 @@ template <> inline c10::BFloat16 to_t<c10::BFloat16>(float v) {
   return c10::BFloat16(r, c10::BFloat16::from_bits());
 }
 
+// p[i] = v in T; bfloat16 as raw bits (a store of the class type kept some loops from vectorizing)
+inline uint16_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t r = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : u + 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(r >> 16);
+}
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(c10::Half* p, int64_t i, float v) { p[i] = static_cast<c10::Half>(v); }
+inline void store(c10::BFloat16* p, int64_t i, float v) { reinterpret_cast<uint16_t*>(p)[i] = bf16_bits(v); }
+
 struct Acc {  // Kahan-compensated sum of chunk totals
   float s = 0.f, c = 0.f;
   inline void add(float v) { const float y = v - c; const float t = s + y; c = (t - s) - y; s = t; }
@@ -306,10 +317,10 @@ inline void output_seg(const T* x, T* y, int64_t L, const XHat& h, const float* 
   if (m != 0.f) {
     if (wp) {
 #pragma omp simd
-      for (int64_t i = 0; i < L; ++i) y[i] = to_t<T>((((ld(x[i]) * s - piv) - md) * m) * wp[i] + bp[i]);
+      for (int64_t i = 0; i < L; ++i) store(y, i, (((ld(x[i]) * s - piv) - md) * m) * wp[i] + bp[i]);
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < L; ++i) y[i] = to_t<T>((((ld(x[i]) * s - piv) - md) * m) * wc + bc);
+      for (int64_t i = 0; i < L; ++i) store(y, i, (((ld(x[i]) * s - piv) - md) * m) * wc + bc);
     }
   } else {
     for (int64_t i = 0; i < L; ++i) {
@@ -563,7 +574,7 @@ void eval_forward_impl(const T* x, T* y, const float* mean, const float* rstd, c
         for (int64_t i = 0; i < S; ++i) {
           const float diff = ld(xp[i]) - mu;
           big = std::max(big, std::abs(diff));
-          yp[i] = to_t<T>(diff * f + bc);
+          store(yp, i, diff * f + bc);
         }
       } else {
         for (int64_t i = 0; i < S; ++i) {
