@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench native clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,14 +13,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
-demo: $(VENV)/.installed
+# the native kernels, compiled ahead of time (cached per machine); where that fails, the eager path serves
+native: $(VENV)/.installed
+	-$(VENV)/bin/normkit build
+
+demo: native
 	$(VENV)/bin/normkit check
 
-test: $(VENV)/.installed
+test: native
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/run.py
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -42,6 +42,8 @@ COMMANDS = [
             "normkit.onnx.export_command"),
     Command("harden", "rewrite the normalization nodes of an ONNX file as robust subgraphs, optionally verified",
             "normkit.onnx.harden_command"),
+    Command("build", "compile the native CPU kernels now (once per machine, torch version and source) and show their status",
+            "normkit.build_command"),
 ]
 
 

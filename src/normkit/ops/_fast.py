@@ -7,7 +7,8 @@ kernels compute the same robust statistics as :mod:`normkit._stats` (power-of-tw
 two-pass moments, ``rstd = r * 2**k``), so the two paths agree within the core's tolerances.
 
 A kernel serves when: the backend is not ``"eager"`` (:func:`normkit.set_backend`, ``NORMKIT_NATIVE=0``) and the
-kernels are built; the input is a contiguous CPU tensor of float32, bfloat16 or float16 with elements; no
+kernels are built; the input is a CPU tensor of float32, bfloat16 or float16 with elements (a non-contiguous
+one, e.g. channels_last, is first copied to contiguous: a native channels-last kernel is still to do); no
 ``torch.func`` transform or forward-mode AD is active on it; and the reduction is one of
 
 * trailing dims (layer / RMS norm, and any affine-free trailing standardization): rows ``(R, D)``;
@@ -59,7 +60,7 @@ def stats_norm(x: Tensor, weight: Tensor, bias: Tensor, layout: int, groups: int
 
 @stats_norm.register_fake
 def _(x, weight, bias, layout, groups, eps, center):
-    return torch.empty_like(x), x.new_empty((_n_groups(x.shape, layout, groups), 8), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty((_n_groups(x.shape, layout, groups), 8), dtype=torch.float32)
 
 
 @torch.library.custom_op("normkit::stats_norm_backward", mutates_args=())
@@ -73,7 +74,7 @@ def stats_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, stats: Tensor, la
 @stats_norm_backward.register_fake
 def _(dy, x, weight, stats, layout, groups, center, need_dx, need_param):
     n = _n_params(x.shape, layout) if need_param else 0
-    return (torch.empty_like(x) if need_dx else x.new_empty((0,)),
+    return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
             x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32))
 
 
@@ -123,7 +124,7 @@ def affine_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tens
 
 @affine_eval.register_fake
 def _(x, mean, var, weight, bias, eps):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("normkit::affine_eval_backward", mutates_args=())
@@ -138,7 +139,7 @@ def affine_eval_backward(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weigh
 @affine_eval_backward.register_fake
 def _(dy, x, mean, var, weight, eps, need_dx, need_param):
     n = x.shape[1] if need_param else 0
-    return (torch.empty_like(x) if need_dx else x.new_empty((0,)),
+    return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
             x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32))
 
 
@@ -184,9 +185,8 @@ def _why_not(x: Tensor, *others: Tensor | None) -> str | None:
         return f"dtype {x.dtype}"
     if x.numel() == 0:
         return "empty"
-    if not x.is_contiguous():
-        return "non-contiguous input"
-    if not all(_plain(t) for t in (x, *others)) or torch.autograd.forward_ad._current_level >= 0:
+    if not torch.compiler.is_compiling() and (
+            not all(_plain(t) for t in (x, *others)) or torch.autograd.forward_ad._current_level >= 0):
         return "torch.func transform or forward AD"
     if any(t is not None and (t.device != x.device) for t in others):
         return "parameters on another device"
@@ -239,14 +239,18 @@ def _plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims, center: b
 
 
 def _op_name(layout: int, center: bool) -> str:
-    return {ROWS: "layer_norm" if center else "rms_norm", GROUPS: "group_norm/instance_norm",
-            CHANNELS: "batch_norm (train)"}[layout]
+    return {ROWS: "rows: layer_norm (or affine-free instance/group norm)" if center else "rows: rms_norm",
+            GROUPS: "groups: group_norm/instance_norm",
+            CHANNELS: "channels: batch_norm (train)"}[layout]
 
 
 def standardize_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims, eps: float, center: bool = True):
     """``(y, mean, var)`` as :func:`normkit.ops._normalize.standardize_affine` returns them, from a native
     kernel; ``None`` where none applies (the caller then runs the eager path)."""
     why = _why_not(x, weight, bias)
+    copied = why is None and not x.is_contiguous()
+    if copied:  # channels_last or a strided view: the kernels read (N, C, S) rows, so copy once (autograd-tracked)
+        x = x.contiguous()
     plan = why if why is not None else _plan(x, weight, bias, dims, center)
     if isinstance(plan, str):
         _native.note("layer/rms/group/instance/batch norm", f"eager ({plan})")
@@ -255,7 +259,7 @@ def standardize_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, di
     if _native.load("norm_kernel") is None:
         _native.note(_op_name(layout, center), "eager (kernels unavailable)")
         return None
-    _native.note(_op_name(layout, center), "native")
+    _native.note(_op_name(layout, center), "native (input copied to contiguous)" if copied else "native")
     y, stats = stats_norm(xv, _param(weight, n_params, 1.0), _param(bias, n_params, 0.0), layout, groups, float(eps), center)
     nd = x.dim()
     keep = [1 if (i in {d % nd for d in dims}) else n for i, n in enumerate(x.shape)]
@@ -277,7 +281,8 @@ def stats_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bi
     if why is not None:
         _native.note("batch_norm/instance_norm (eval)", f"eager ({why})")
         return None
-    _native.note("batch_norm/instance_norm (eval)", "native")
+    _native.note("batch_norm/instance_norm (eval)", "native" if x.is_contiguous() else "native (input copied to contiguous)")
+    x = x.contiguous()
     c = x.shape[1]
     m = mean.detach().reshape(c).to(torch.float32).contiguous()
     v = var.detach().reshape(c).to(torch.float32).contiguous()

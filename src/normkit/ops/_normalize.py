@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
+from . import _fast
 from .._stats import affine_with_stats, compute_dtype, mul_product, normalize_with_stats, standardize, standardize_backward, standardize_jvp
 
 
@@ -220,11 +221,18 @@ def torch_layout(y: Tensor, input: Tensor) -> Tensor:
 
 
 def standardize_affine(x, weight, bias, dims, eps, center=True):
-    """Apply :class:`StandardizeAffine`; returns ``(y, mean, var)`` with biased ``var`` (keepdim shape)."""
+    """Apply :class:`StandardizeAffine`; returns ``(y, mean, var)`` with biased ``var`` (keepdim shape).
+    A fused native kernel serves instead where one applies (:mod:`normkit.ops._fast`)."""
+    fast = _fast.standardize_affine(x, weight, bias, dims, eps, center)
+    if fast is not None:
+        return fast
     y, _, _, _, mean, var = _pick(StandardizeAffine, StandardizeAffineJvp).apply(x, weight, bias, tuple(dims), float(eps), center)
     return y, mean, var
 
 
 def stats_affine(x, mean, var, weight, bias, eps):
-    """Apply :class:`StatsAffine`; returns ``y``."""
+    """Apply :class:`StatsAffine`; returns ``y``. A fused native kernel serves instead where one applies."""
+    fast = _fast.stats_affine(x, mean, var, weight, bias, eps)
+    if fast is not None:
+        return fast
     return _pick(StatsAffine, StatsAffineJvp).apply(x, mean, var, weight, bias, float(eps))[0]

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -50,6 +51,35 @@ struct Shape {
   int64_t channel(int64_t gi, int64_t j) const { return layout == kGroups ? (gi % G) * Cg + j : gi; }
   int64_t count() const { return nseg() * S; }
 };
+
+// Loads and stores in float32. bfloat16 is converted with bit operations (which vectorize; c10's conversion
+// operators do not): the same round-to-nearest-even and quiet NaN as c10::BFloat16.
+inline float ld(float v) { return v; }
+inline float ld(c10::Half v) { return static_cast<float>(v); }
+inline float ld(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <typename T> inline T to_t(float v) { return static_cast<T>(v); }
+template <> inline c10::BFloat16 to_t<c10::BFloat16>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint16_t r = std::isnan(v) ? uint16_t(0x7FC0) : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return c10::BFloat16(r, c10::BFloat16::from_bits());
+}
+
+// p[i] = v in T; bfloat16 as raw bits (a store of the class type kept some loops from vectorizing)
+inline uint16_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t r = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : u + 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(r >> 16);
+}
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(c10::Half* p, int64_t i, float v) { p[i] = static_cast<c10::Half>(v); }
+inline void store(c10::BFloat16* p, int64_t i, float v) { reinterpret_cast<uint16_t*>(p)[i] = bf16_bits(v); }
 
 struct Acc {  // Kahan-compensated sum of chunk totals
   float s = 0.f, c = 0.f;
@@ -77,8 +107,9 @@ inline float multiplier(float r, int q) {
 
 constexpr int kLanes = 64;  // independent float accumulators: 4 AVX-512 (8 AVX2) registers, no long dependency chain
 
+template <int W = kLanes>
 inline float reduce_lanes(float* acc) {  // pairwise: also the more accurate order
-  for (int w = kLanes / 2; w > 0; w /= 2)
+  for (int w = W / 2; w > 0; w /= 2)
     for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
   return acc[0];
 }
@@ -126,22 +157,71 @@ inline float lane_max(int64_t n, F f) {  // max of f(i) >= 0 over [0, n)
   return m;
 }
 
+// One pass, several reductions of f(i, ...) over [i0, i1) with 32 lanes each: a max (of values >= 0) and
+// sums. (Written out per arity: outputs through scalar references vectorize; a small array would not.)
+template <typename F>
+inline void lane_max_sum2(int64_t i0, int64_t i1, F f, float* out) {
+  constexpr int W = 32;
+  float am[W] = {}, a1[W] = {}, a2[W] = {};
+  int64_t i = i0;
+  for (; i + W <= i1; i += W) {
+#pragma omp simd
+    for (int j = 0; j < W; ++j) {
+      float m, s1, s2;
+      f(i + j, m, s1, s2);
+      am[j] = std::max(am[j], m); a1[j] += s1; a2[j] += s2;
+    }
+  }
+  float m = 0.f, t1 = 0.f, t2 = 0.f;
+  for (; i < i1; ++i) { float vm, v1, v2; f(i, vm, v1, v2); m = std::max(m, vm); t1 += v1; t2 += v2; }
+  for (int j = 0; j < W; ++j) m = std::max(m, am[j]);
+  out[0] = m; out[1] = reduce_lanes<W>(a1) + t1; out[2] = reduce_lanes<W>(a2) + t2;
+}
+
+template <typename F>
+inline void lane_max_sum4(int64_t i0, int64_t i1, F f, float* out) {
+  constexpr int W = 32;
+  float am[W] = {}, a1[W] = {}, a2[W] = {}, a3[W] = {}, a4[W] = {};
+  int64_t i = i0;
+  for (; i + W <= i1; i += W) {
+#pragma omp simd
+    for (int j = 0; j < W; ++j) {
+      float m, s1, s2, s3, s4;
+      f(i + j, m, s1, s2, s3, s4);
+      am[j] = std::max(am[j], m); a1[j] += s1; a2[j] += s2; a3[j] += s3; a4[j] += s4;
+    }
+  }
+  float m = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f, t4 = 0.f;
+  for (; i < i1; ++i) {
+    float vm, v1, v2, v3, v4;
+    f(i, vm, v1, v2, v3, v4);
+    m = std::max(m, vm); t1 += v1; t2 += v2; t3 += v3; t4 += v4;
+  }
+  for (int j = 0; j < W; ++j) m = std::max(m, am[j]);
+  out[0] = m; out[1] = reduce_lanes<W>(a1) + t1; out[2] = reduce_lanes<W>(a2) + t2;
+  out[3] = reduce_lanes<W>(a3) + t3; out[4] = reduce_lanes<W>(a4) + t4;
+}
+
+// The plain (unscaled) formulas are used for a group when a cheap check proves them safe: every value and
+// every square of a difference of two values stays normal and finite in float32, for up to 2**24 values.
+constexpr float kPlainLo = 0x1p-50f, kPlainHi = 0x1p50f, kTinyVar = 0x1p-100f;
+
 template <typename T>
 inline float amax_seg(const T* p, int64_t n) {
-  return lane_max(n, [p](int64_t i) { return std::abs(static_cast<float>(p[i])); });
+  return lane_max(n, [p](int64_t i) { return std::abs(ld(p[i])); });
 }
 
 template <typename T>
 inline float amax_seg_w(const T* p, int64_t n, const float* w, float wc) {  // max |p * w|; w per element or wc
-  if (w) return lane_max(n, [p, w](int64_t i) { return std::abs(static_cast<float>(p[i]) * w[i]); });
-  return lane_max(n, [p, wc](int64_t i) { return std::abs(static_cast<float>(p[i]) * wc); });
+  if (w) return lane_max(n, [p, w](int64_t i) { return std::abs(ld(p[i]) * w[i]); });
+  return lane_max(n, [p, wc](int64_t i) { return std::abs(ld(p[i]) * wc); });
 }
 
 // acc += sum(x * s - shift), in chunks
 template <typename T>
 inline void sum_shifted(const T* p, int64_t n, float s, float shift, Acc& acc) {
   for (int64_t i0 = 0; i0 < n; i0 += kChunk)
-    acc.add(lane_sum(i0, std::min(n, i0 + kChunk), [=](int64_t i) { return static_cast<float>(p[i]) * s - shift; }));
+    acc.add(lane_sum(i0, std::min(n, i0 + kChunk), [=](int64_t i) { return ld(p[i]) * s - shift; }));
 }
 
 // acc += sum(((x * s - shift) - mean)**2)
@@ -149,7 +229,7 @@ template <typename T>
 inline void sum_sq(const T* p, int64_t n, float s, float shift, float mean, Acc& acc) {
   for (int64_t i0 = 0; i0 < n; i0 += kChunk)
     acc.add(lane_sum(i0, std::min(n, i0 + kChunk), [=](int64_t i) {
-      const float c = (static_cast<float>(p[i]) * s - shift) - mean;
+      const float c = (ld(p[i]) * s - shift) - mean;
       return c * c;
     }));
 }
@@ -168,21 +248,51 @@ inline void inv_std(float a, int e, float eps_m, int eps_q, bool eps_zero, float
 template <typename T>
 Stat group_stats(const T* x, const Shape& sh, int64_t gi, float eps_m, int eps_q, bool eps_zero, bool center) {
   const int64_t base = sh.base(gi), ns = sh.nseg(), L = sh.S, st = sh.stride();
-  float amax = 0.f;
-  for (int64_t j = 0; j < ns; ++j) amax = std::max(amax, amax_seg(x + base + j * st, L));
-  const int e = exponent_of(amax);
-  const float s = std::ldexp(1.f, -e);
   const float n = static_cast<float>(sh.count());
-  const float piv = center ? static_cast<float>(x[base]) * s : 0.f;
-  float mean_d = 0.f;
-  if (center) {
-    Acc acc;
-    for (int64_t j = 0; j < ns; ++j) sum_shifted(x + base + j * st, L, s, piv, acc);
-    mean_d = acc.s / n;
+  // One pass: max |x| and the first two moments of d = x - pivot, unscaled.
+  const float piv0 = center ? ld(x[base]) : 0.f;
+  float amax = 0.f;
+  Acc s1, s2;
+  for (int64_t j = 0; j < ns; ++j) {
+    const T* p = x + base + j * st;
+    for (int64_t i0 = 0; i0 < L; i0 += kChunk) {
+      float o[3];
+      lane_max_sum2(i0, std::min(L, i0 + kChunk), [=](int64_t i, float& vm, float& v1, float& v2) {
+        const float xv = ld(p[i]);
+        const float d = xv - piv0;
+        vm = std::abs(xv); v1 = d; v2 = d * d;
+      }, o);
+      amax = std::max(amax, o[0]); s1.add(o[1]); s2.add(o[2]);
+    }
   }
-  Acc q;
-  for (int64_t j = 0; j < ns; ++j) sum_sq(x + base + j * st, L, s, piv, mean_d, q);
-  const float a = q.s / n;
+  // Plain when no value or square can leave float32's normal range and the shifted one-pass variance
+  // sum(d^2) - sum(d)^2/n keeps at least 1/16 of sum(d^2) (at most 4 bits lost to cancellation).
+  bool plain = sh.count() <= (int64_t(1) << 24) && amax >= kPlainLo && amax <= kPlainHi && std::isfinite(s2.s);
+  float mean_d = 0.f, m2 = s2.s;
+  if (plain && center) {
+    mean_d = s1.s / n;
+    m2 = s2.s - s1.s * mean_d;
+    plain = m2 >= s2.s * 0.0625f && (m2 == 0.f ? s2.s == 0.f : m2 >= n * kTinyVar);
+  } else if (plain) {
+    plain = m2 >= n * kTinyVar;
+  }
+  int e = 0;
+  float piv = piv0;
+  if (!plain) {  // the robust recipe: scale by 2**-e, shift, two passes
+    e = exponent_of(amax);
+    const float sc = std::ldexp(1.f, -e);
+    piv = center ? piv0 * sc : 0.f;
+    mean_d = 0.f;
+    if (center) {
+      Acc acc;
+      for (int64_t j = 0; j < ns; ++j) sum_shifted(x + base + j * st, L, sc, piv, acc);
+      mean_d = acc.s / n;
+    }
+    Acc q;
+    for (int64_t j = 0; j < ns; ++j) sum_sq(x + base + j * st, L, sc, piv, mean_d, q);
+    m2 = q.s;
+  }
+  const float a = std::max(m2, 0.f) / n;
   Stat out{};
   float r; int k;
   inv_std(a, e, eps_m, eps_q, eps_zero, r, k);
@@ -207,15 +317,15 @@ inline void output_seg(const T* x, T* y, int64_t L, const XHat& h, const float* 
   if (m != 0.f) {
     if (wp) {
 #pragma omp simd
-      for (int64_t i = 0; i < L; ++i) y[i] = static_cast<T>((((static_cast<float>(x[i]) * s - piv) - md) * m) * wp[i] + bp[i]);
+      for (int64_t i = 0; i < L; ++i) store(y, i, (((ld(x[i]) * s - piv) - md) * m) * wp[i] + bp[i]);
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < L; ++i) y[i] = static_cast<T>((((static_cast<float>(x[i]) * s - piv) - md) * m) * wc + bc);
+      for (int64_t i = 0; i < L; ++i) store(y, i, (((ld(x[i]) * s - piv) - md) * m) * wc + bc);
     }
   } else {
     for (int64_t i = 0; i < L; ++i) {
-      const float xh = h.slow(static_cast<float>(x[i]));
-      y[i] = static_cast<T>(wp ? xh * wp[i] + bp[i] : xh * wc + bc);
+      const float xh = h.slow(ld(x[i]));
+      y[i] = to_t<T>(wp ? xh * wp[i] + bp[i] : xh * wc + bc);
     }
   }
 }
@@ -258,92 +368,87 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
   const float n = static_cast<float>(sh.count());
   auto wc_of = [&](int64_t j) { return rows ? 1.f : w[sh.channel(gi, j)]; };
   const float* wel = rows ? w : nullptr;
+  const bool param = dw_seg || dw_el;
+  const float g0 = center ? ld(dy[base]) * (rows ? w[0] : wc_of(0)) : 0.f;  // g's first value
 
-  // parameter-gradient sums (these need no scaling: they are what eager computes too)
-  if (dw_seg || db_seg || dw_el || db_el) {
-    for (int64_t j = 0; j < ns; ++j) {
-      const T* dyp = dy + base + j * stride;
-      const T* xp = x + base + j * stride;
-      if (rows) {
-        if (m != 0.f) {
-#pragma omp simd
-          for (int64_t i = 0; i < L; ++i) {
-            const float d = static_cast<float>(dyp[i]);
-            dw_el[i] += d * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
-            db_el[i] += d;
-          }
-        } else {
-          for (int64_t i = 0; i < L; ++i) {
-            const float d = static_cast<float>(dyp[i]);
-            dw_el[i] += d * h.slow(static_cast<float>(xp[i]));
-            db_el[i] += d;
-          }
-        }
-      } else {
-        Acc aw, ab;
-        for (int64_t i0 = 0; i0 < L; i0 += kChunk) {
-          const int64_t i1 = std::min(L, i0 + kChunk);
-          float tw = 0.f, tb = 0.f;
-          if (m != 0.f) {
-            lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
-              const float d = static_cast<float>(dyp[i]);
-              a = d * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
-              b = d;
-            }, tw, tb);
-          } else {
-            for (int64_t i = i0; i < i1; ++i) {
-              const float d = static_cast<float>(dyp[i]);
-              tw += d * h.slow(static_cast<float>(xp[i]));
-              tb += d;
-            }
-          }
-          aw.add(tw); ab.add(tb);
-        }
-        dw_seg[j] = aw.s; db_seg[j] = ab.s;
-      }
-    }
-  }
-  if (!need_dx) return;
-
-  // g = dy * w, scaled by 2**-eg and shifted by its first value (as _stats.standardize_backward)
+  // Pass 1, one read of dy and x: max |g|, sum(g - g0) and sum((g - g0) * x_hat) unscaled, parameter sums.
   float gmax = 0.f;
-  for (int64_t j = 0; j < ns; ++j) gmax = std::max(gmax, amax_seg_w(dy + base + j * stride, L, wel, wc_of(j)));
-  const int eg = exponent_of(gmax);
-  const float sg = std::ldexp(1.f, -eg);
-  const float g0 = center ? static_cast<float>(dy[base]) * (rows ? w[0] : wc_of(0)) * sg : 0.f;
   Acc a1, a2;
   for (int64_t j = 0; j < ns; ++j) {
     const T* dyp = dy + base + j * stride;
     const T* xp = x + base + j * stride;
     const float wc = wc_of(j);
+    Acc aw, ab;
     for (int64_t i0 = 0; i0 < L; i0 += kChunk) {
       const int64_t i1 = std::min(L, i0 + kChunk);
-      float t1 = 0.f, t2 = 0.f;
-      if (m != 0.f && wel) {
-        lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
-          const float gs = static_cast<float>(dyp[i]) * wel[i] * sg - g0;
-          a = gs;
-          b = gs * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
-        }, t1, t2);
+      float o[5] = {};
+      if (m != 0.f && rows) {
+        if (param) {
+          lane_max_sum2(i0, i1, [=](int64_t i, float& vm, float& v1, float& v2) {
+            const float d = ld(dyp[i]);
+            const float xh = ((ld(xp[i]) * s - piv) - md) * m;
+            const float g = d * wel[i], gs = g - g0;
+            vm = std::abs(g); v1 = gs; v2 = gs * xh;
+            dw_el[i] += d * xh; db_el[i] += d;
+          }, o);
+        } else {
+          lane_max_sum2(i0, i1, [=](int64_t i, float& vm, float& v1, float& v2) {
+            const float xh = ((ld(xp[i]) * s - piv) - md) * m;
+            const float g = ld(dyp[i]) * wel[i], gs = g - g0;
+            vm = std::abs(g); v1 = gs; v2 = gs * xh;
+          }, o);
+        }
       } else if (m != 0.f) {
-        lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
-          const float gs = static_cast<float>(dyp[i]) * wc * sg - g0;
-          a = gs;
-          b = gs * (((static_cast<float>(xp[i]) * s - piv) - md) * m);
-        }, t1, t2);
+        lane_max_sum4(i0, i1, [=](int64_t i, float& vm, float& v1, float& v2, float& v3, float& v4) {
+          const float d = ld(dyp[i]);
+          const float xh = ((ld(xp[i]) * s - piv) - md) * m;
+          const float g = d * wc, gs = g - g0;
+          vm = std::abs(g); v1 = gs; v2 = gs * xh; v3 = d * xh; v4 = d;
+        }, o);
       } else {
         for (int64_t i = i0; i < i1; ++i) {
-          const float gs = static_cast<float>(dyp[i]) * (wel ? wel[i] : wc) * sg - g0;
-          t1 += gs;
-          t2 += gs * h.slow(static_cast<float>(xp[i]));
+          const float d = ld(dyp[i]);
+          const float xh = h.slow(ld(xp[i]));
+          const float g = d * (wel ? wel[i] : wc), gs = g - g0;
+          o[0] = std::max(o[0], std::abs(g)); o[1] += gs; o[2] += gs * xh;
+          if (rows && param) { dw_el[i] += d * xh; db_el[i] += d; }
+          o[3] += d * xh; o[4] += d;
         }
       }
-      a1.add(t1); a2.add(t2);
+      gmax = std::max(gmax, o[0]); a1.add(o[1]); a2.add(o[2]); aw.add(o[3]); ab.add(o[4]);
+    }
+    if (!rows && param) { dw_seg[j] = aw.s; db_seg[j] = ab.s; }
+  }
+  if (!need_dx) return;
+
+  // The unscaled sums are those of _stats.standardize_backward times 2**eg exactly, as long as no term can
+  // over- or underflow: |g| within 2**+-50. Otherwise redo them scaled by 2**-eg (the robust recipe).
+  int eg = 0;
+  float sg = 1.f, g0s = g0;
+  if (!(gmax >= kPlainLo && gmax <= kPlainHi)) {
+    eg = exponent_of(gmax);
+    sg = std::ldexp(1.f, -eg);
+    g0s = g0 * sg;
+    a1 = Acc(); a2 = Acc();
+    for (int64_t j = 0; j < ns; ++j) {
+      const T* dyp = dy + base + j * stride;
+      const T* xp = x + base + j * stride;
+      const float wc = wc_of(j);
+      for (int64_t i0 = 0; i0 < L; i0 += kChunk) {
+        float t1 = 0.f, t2 = 0.f;
+        for (int64_t i = i0; i < std::min(L, i0 + kChunk); ++i) {
+          const float gs = ld(dyp[i]) * (wel ? wel[i] : wc) * sg - g0s;
+          t1 += gs;
+          t2 += gs * (m != 0.f ? ((ld(xp[i]) * s - piv) - md) * m : h.slow(ld(xp[i])));
+        }
+        a1.add(t1); a2.add(t2);
+      }
     }
   }
   const float mg = center ? a1.s / n : 0.f, mgx = a2.s / n;
   const int q2 = static_cast<int>(st.k) + eg;
   const float m2 = multiplier(st.r, q2);
+  // Pass 2: dx = (gs - mean(gs) - x_hat * mean(gs * x_hat)) * r * 2**(k + eg)
   for (int64_t j = 0; j < ns; ++j) {
     const T* dyp = dy + base + j * stride;
     const T* xp = x + base + j * stride;
@@ -352,22 +457,22 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
     if (m != 0.f && m2 != 0.f && wel) {
 #pragma omp simd
       for (int64_t i = 0; i < L; ++i) {
-        const float gs = static_cast<float>(dyp[i]) * wel[i] * sg - g0;
-        const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
-        dxp[i] = static_cast<T>(((gs - mg) - xh * mgx) * m2);
+        const float gs = ld(dyp[i]) * wel[i] * sg - g0s;
+        const float xh = ((ld(xp[i]) * s - piv) - md) * m;
+        dxp[i] = to_t<T>(((gs - mg) - xh * mgx) * m2);
       }
     } else if (m != 0.f && m2 != 0.f) {
 #pragma omp simd
       for (int64_t i = 0; i < L; ++i) {
-        const float gs = static_cast<float>(dyp[i]) * wc * sg - g0;
-        const float xh = ((static_cast<float>(xp[i]) * s - piv) - md) * m;
-        dxp[i] = static_cast<T>(((gs - mg) - xh * mgx) * m2);
+        const float gs = ld(dyp[i]) * wc * sg - g0s;
+        const float xh = ((ld(xp[i]) * s - piv) - md) * m;
+        dxp[i] = to_t<T>(((gs - mg) - xh * mgx) * m2);
       }
     } else {
       for (int64_t i = 0; i < L; ++i) {
-        const float gs = static_cast<float>(dyp[i]) * (wel ? wel[i] : wc) * sg - g0;
-        const float xh = m != 0.f ? ((static_cast<float>(xp[i]) * s - piv) - md) * m : h.slow(static_cast<float>(xp[i]));
-        dxp[i] = static_cast<T>(pow2(((gs - mg) - xh * mgx) * st.r, q2));
+        const float gs = ld(dyp[i]) * (wel ? wel[i] : wc) * sg - g0s;
+        const float xh = m != 0.f ? ((ld(xp[i]) * s - piv) - md) * m : h.slow(ld(xp[i]));
+        dxp[i] = to_t<T>(pow2(((gs - mg) - xh * mgx) * st.r, q2));
       }
     }
   }
@@ -430,7 +535,27 @@ void stats_backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, cons
   }
 }
 
-// ---- given statistics (batch / instance norm eval): y = ((x - mean) * rstd) * w + b, per channel ----
+// ---- given statistics (batch / instance norm eval) ----
+// y = (x - mean) * (w * rstd) + b, where w * rstd enters split as m * 2**q (_stats.mul_product): m is the
+// product of the two mantissas, so neither x * rstd nor w * rstd is ever formed where it could overflow and
+// y does not. x - mean is taken in halves where it overflows (_stats.centered).
+
+struct Factor {  // w * rstd = m * 2**q; f = m * 2**q as one float when that is exact (normal or zero), else slow
+  float m, f; int q; bool one;
+  Factor(float w, float rs) {
+    const int ew = exponent_of(std::abs(w)), er = exponent_of(std::abs(rs));
+    m = (w * std::ldexp(1.f, -ew)) * (rs * std::ldexp(1.f, -er));
+    q = ew + er;
+    f = std::ldexp(m, q);
+    one = m == 0.f || (std::isfinite(f) && std::abs(f) >= FLT_MIN);
+  }
+};
+
+// v * m * 2**q (1 <= |m| < 4) with no intermediate overflow where the result is finite: for q < 0 the value
+// is first scaled down by 2**-4 (exact for the large values where it matters; tiny ones give 0 either way)
+inline float apply_split(float v, float m, int q) {
+  return q < 0 ? std::ldexp((v * 0.0625f) * m, q + 4) : std::ldexp(v * m, q);
+}
 
 template <typename T>
 void eval_forward_impl(const T* x, T* y, const float* mean, const float* rstd, const float* w, const float* b,
@@ -438,20 +563,30 @@ void eval_forward_impl(const T* x, T* y, const float* mean, const float* rstd, c
   at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)), [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t c = row % C;
-      const float mu = mean[c], rs = rstd[c], wc = w[c], bc = b[c];
+      const float mu = mean[c], bc = b[c];
+      const Factor fa(w[c], rstd[c]);
       const T* xp = x + row * S;
       T* yp = y + row * S;
       float big = 0.f;  // max |x - mean|: inf when the difference overflowed somewhere
+      if (fa.one) {
+        const float f = fa.f;
 #pragma omp simd reduction(max : big)
-      for (int64_t i = 0; i < S; ++i) {
-        const float diff = static_cast<float>(xp[i]) - mu;
-        big = std::max(big, std::abs(diff));
-        yp[i] = static_cast<T>((diff * rs) * wc + bc);
-      }
-      if (big > FLT_MAX) {  // x - mean left the range (opposite signs near the top): take it in halves there
         for (int64_t i = 0; i < S; ++i) {
-          const float v = static_cast<float>(xp[i]);
-          if (std::isinf(v - mu) && std::isfinite(v)) yp[i] = static_cast<T>(((v * 0.5f - mu * 0.5f) * rs * 2.f) * wc + bc);
+          const float diff = ld(xp[i]) - mu;
+          big = std::max(big, std::abs(diff));
+          store(yp, i, diff * f + bc);
+        }
+      } else {
+        for (int64_t i = 0; i < S; ++i) {
+          const float diff = ld(xp[i]) - mu;
+          big = std::max(big, std::abs(diff));
+          yp[i] = to_t<T>(apply_split(diff, fa.m, fa.q) + bc);
+        }
+      }
+      if (big > FLT_MAX && std::isfinite(mu)) {  // x - mean left the range (opposite signs near the top): halves
+        for (int64_t i = 0; i < S; ++i) {
+          const float v = ld(xp[i]);
+          if (std::isinf(v - mu) && std::isfinite(v)) yp[i] = to_t<T>(apply_split(v * 0.5f - mu * 0.5f, fa.m, fa.q + 1) + bc);
         }
       }
     }
@@ -465,30 +600,41 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
   at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)), [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t c = row % C;
-      const float mu = mean[c], rs = rstd[c], wc = w[c];
+      const float mu = mean[c], rs = rstd[c];
       const T* dyp = dy + row * S;
       const T* xp = x + row * S;
-      if (need_dx) {
-        T* dxp = dx + row * S;
-#pragma omp simd
-        for (int64_t i = 0; i < S; ++i) dxp[i] = static_cast<T>((static_cast<float>(dyp[i]) * wc) * rs);
+      const Factor fa(w[c], rs);  // dx = dy * (w * rstd), the factor split as in forward
+      T* dxp = need_dx ? dx + row * S : nullptr;
+      if (need_dx && !fa.one) {
+        for (int64_t i = 0; i < S; ++i) dxp[i] = to_t<T>(apply_split(ld(dyp[i]), fa.m, fa.q));
       }
-      if (need_param) {
+      const bool fused_dx = need_dx && fa.one;
+      const float f = fa.f;
+      if (need_param) {  // one pass: dx (when a single factor) and sum(dy * x_hat), sum(dy)
         Acc aw, ab;
         for (int64_t i0 = 0; i0 < S; i0 += kChunk) {
-          const int64_t i1 = std::min(S, i0 + kChunk);
-          float tw = 0.f, tb = 0.f;
-          lane_sum2(i0, i1, [=](int64_t i, float& a, float& b) {
-            const float d = static_cast<float>(dyp[i]);
-            const float v = static_cast<float>(xp[i]);
-            const float diff = v - mu;
-            const float xh = std::abs(diff) > FLT_MAX ? (v * 0.5f - mu * 0.5f) * rs * 2.f : diff * rs;
-            a = d * xh;
-            b = d;
-          }, tw, tb);
-          aw.add(tw); ab.add(tb);
+          float o[2];
+          auto term = [=](int64_t i, float& a, float& b) {
+            const float d = ld(dyp[i]);
+            const float xv = ld(xp[i]);
+            const float diff = xv - mu;
+            const float xh = std::abs(diff) > FLT_MAX ? ((xv * 0.5f - mu * 0.5f) * rs) * 2.f : diff * rs;
+            a = d * xh; b = d;
+          };
+          if (fused_dx) {
+            lane_sum2(i0, std::min(S, i0 + kChunk), [=](int64_t i, float& a, float& b) {
+              term(i, a, b);
+              dxp[i] = to_t<T>(ld(dyp[i]) * f);
+            }, o[0], o[1]);
+          } else {
+            lane_sum2(i0, std::min(S, i0 + kChunk), term, o[0], o[1]);
+          }
+          aw.add(o[0]); ab.add(o[1]);
         }
         segw[row] = aw.s; segb[row] = ab.s;
+      } else if (fused_dx) {
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) dxp[i] = to_t<T>(ld(dyp[i]) * f);
       }
     }
   });
@@ -544,7 +690,7 @@ std::vector<torch::Tensor> stats_forward(torch::Tensor x, torch::Tensor weight, 
   const int64_t np = layout == kRows ? sh.S : sh.C;
   check_param(weight, np, "weight");
   check_param(bias, np, "bias");
-  auto y = torch::empty_like(x);
+  auto y = torch::empty(x.sizes(), x.options());
   auto stats = torch::empty({sh.groups(), 8}, x.options().dtype(at::kFloat));
   dispatch_dtype(x, "stats_forward", [&](auto tag) {
     using T = decltype(tag);
@@ -564,7 +710,7 @@ std::vector<torch::Tensor> stats_backward(torch::Tensor dy, torch::Tensor x, tor
   const int64_t np = layout == kRows ? sh.S : sh.C;
   check_param(weight, np, "weight");
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == 8 * sh.groups(), "stats");
-  auto dx = need_dx ? torch::empty_like(x) : torch::empty({0}, x.options());
+  auto dx = need_dx ? torch::empty(x.sizes(), x.options()) : torch::empty({0}, x.options());
   auto fopt = x.options().dtype(at::kFloat);
   auto dw = need_param ? torch::empty({np}, fopt) : torch::empty({0}, fopt);
   auto db = need_param ? torch::empty({np}, fopt) : torch::empty({0}, fopt);
@@ -584,7 +730,7 @@ torch::Tensor eval_forward(torch::Tensor x, torch::Tensor mean, torch::Tensor rs
   TORCH_CHECK(x.is_contiguous() && x.dim() == 3, "eval_forward: expected a contiguous (N, C, S) input");
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
   check_param(mean, C, "mean"); check_param(rstd, C, "rstd"); check_param(weight, C, "weight"); check_param(bias, C, "bias");
-  auto y = torch::empty_like(x);
+  auto y = torch::empty(x.sizes(), x.options());
   dispatch_dtype(x, "eval_forward", [&](auto tag) {
     using T = decltype(tag);
     eval_forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
@@ -601,7 +747,7 @@ std::vector<torch::Tensor> eval_backward(torch::Tensor dy, torch::Tensor x, torc
               dy.scalar_type() == x.scalar_type(), "eval_backward: expected contiguous (N, C, S) dy and x");
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
   check_param(mean, C, "mean"); check_param(rstd, C, "rstd"); check_param(weight, C, "weight");
-  auto dx = need_dx ? torch::empty_like(x) : torch::empty({0}, x.options());
+  auto dx = need_dx ? torch::empty(x.sizes(), x.options()) : torch::empty({0}, x.options());
   auto fopt = x.options().dtype(at::kFloat);
   auto dw = need_param ? torch::empty({C}, fopt) : torch::empty({0}, fopt);
   auto db = need_param ? torch::empty({C}, fopt) : torch::empty({0}, fopt);

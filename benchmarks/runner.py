@@ -1,0 +1,393 @@
+"""normkit benchmarks: normkit (default backend), normkit's eager reference, torch and ONNX Runtime, timed in one
+process, interleaved, medians after warm-up.
+
+Per case and mode (fwd, fwd+bwd) it reports each provider's median time and its spread (interquartile range
+over the median: how noisy the machine was), normkit / torch and normkit / ONNX Runtime ratios, normkit's
+achieved GB/s and its multiple of the memory-traffic floor (bytes that must move -- fwd: read x, write y;
+fwd+bwd: that plus read x and dy, write dx -- over the copy bandwidth of a preallocated tensor copy timed
+interleaved with the case), the bytes each keeps for backward, and which backend served normkit. Writes
+``benchmarks/results/latest.{json,md,png}``.
+
+    python -m benchmarks                      # the whole suite, whole models included (minutes on 2 cores)
+    python -m benchmarks --quick              # float32, contiguous, one shape per op, fewer repeats
+    python -m benchmarks --only layer_norm --only rms --mode fwd --providers normkit,torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import normkit
+from normkit import _native
+
+from .cases import CASES, MODEL_CASES, Case, ModelCase
+
+PROVIDERS = ("normkit", "normkit-eager", "torch", "onnxruntime")
+RESULTS = Path(__file__).parent / "results"
+
+
+# ---- providers ------------------------------------------------------------------------------------------
+
+def _with_backend(name, f):
+    def run(x, p):
+        _native.set_backend(name)
+        try:
+            return f(x, p)
+        finally:
+            _native.set_backend("auto")
+    return run
+
+
+def _ort_forward(case: Case, x: torch.Tensor, p: dict, threads: int):
+    """A callable running the op's one-node ONNX model in ONNX Runtime, or a reason string."""
+    if case.spec.onnx is None:
+        return "no ONNX form"
+    if case.dtype != torch.float32:
+        return "float32 only"
+    try:
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        nodes, inits, opset = case.spec.onnx(tuple(x.shape), p)
+        graph = helper.make_graph(
+            nodes, "norm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))],
+            [numpy_helper.from_array(v.float().numpy(), k) for k, v in inits.items()])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = min(model.ir_version, 10)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        xn = np.ascontiguousarray(x.float().numpy()) if case.layout == "contiguous" else x.float().contiguous().numpy()
+        sess.run(None, {"x": xn})
+    except Exception as exc:  # an op this ONNX Runtime lacks is reported, not fatal
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    return lambda: sess.run(None, {"x": xn})
+
+
+def _timed_callable(mode, f, x, p):
+    """A no-argument callable for ``mode``, or a reason string when the provider cannot run the case."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                f(x, p)
+        try:
+            run()
+        except Exception as exc:
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        return run
+    xg = x.detach().clone().requires_grad_()
+    pg = {k: (v.detach().clone().requires_grad_() if k in ("weight", "bias") else v.clone()) for k, v in p.items()}
+    dy = torch.randn_like(x)
+
+    def run():
+        xg.grad = None
+        for v in pg.values():
+            v.grad = None
+        f(xg, pg).backward(dy)
+    try:
+        run()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    return run
+
+
+def saved_bytes(f, x, p) -> int | None:
+    """Bytes autograd keeps for backward after one training forward (distinct storages)."""
+    xg = x.detach().clone().requires_grad_()
+    pg = {k: (v.detach().clone().requires_grad_() if k in ("weight", "bias") else v.clone()) for k, v in p.items()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = f(xg, pg)
+    except Exception:
+        return None
+    del y
+    return sum(seen.values())
+
+
+# ---- timing ---------------------------------------------------------------------------------------------
+
+def interleaved(fns: dict, repeat: int, warmup: int) -> dict:
+    """Time each callable ``repeat`` times, rotating the order each round; seconds per call, all samples."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {k: [] for k in fns}
+    keys = list(fns)
+    for r in range(repeat):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            samples[k].append(time.perf_counter() - t0)
+    return samples
+
+
+def _median_ms(s):
+    return statistics.median(s) * 1e3
+
+
+def _spread(s):
+    if len(s) < 4:
+        return float("nan")
+    q = statistics.quantiles(s, n=4)
+    return (q[2] - q[0]) / statistics.median(s)
+
+
+def run_case(case: Case, modes, providers, repeat, warmup, threads):
+    x = case.make_input()
+    p = case.spec.params(x)
+    nbytes = x.numel() * x.element_size()
+    src = torch.empty(nbytes // 4 or 1)
+    dst = torch.empty_like(src)
+    makers = {"normkit": _with_backend("auto", case.spec.normkit),
+              "normkit-eager": _with_backend("eager", case.spec.normkit),
+              "torch": case.spec.torch}
+    rows = []
+    for mode in modes:
+        fns, skipped = {}, {}
+        for name in providers:
+            if name == "onnxruntime":
+                fn = _ort_forward(case, x, p, threads) if mode == "fwd" else "forward only"
+            else:
+                _native._last_path.clear()
+                fn = _timed_callable(mode, makers[name], x, p)
+                if name == "normkit":
+                    backend = "; ".join(f"{k}: {v}" for k, v in _native._last_path.items()) or "native (LRN kernel) or eager"
+            (skipped if isinstance(fn, str) else fns)[name] = fn
+        fns["copy"] = lambda: dst.copy_(src)
+        samples = interleaved(fns, repeat, warmup)
+        ms = {k: _median_ms(v) for k, v in samples.items()}
+        bw = 2 * nbytes / (ms["copy"] / 1e3)  # bytes read + written per second
+        passes = 2 if mode == "fwd" else 5
+        floor_ms = passes * nbytes / bw * 1e3
+        row = {"case": case.name, "op": case.op, "shape": list(case.shape), "layout": case.layout,
+               "dtype": str(case.dtype).replace("torch.", ""), "mode": mode,
+               "ms": {k: round(v, 3) for k, v in ms.items() if k != "copy"},
+               "spread": {k: round(_spread(v), 3) for k, v in samples.items()},
+               "skipped": skipped, "copy_GBps": round(bw / 1e9, 1), "floor_ms": round(floor_ms, 3),
+               "normkit_backend": backend if "normkit" in providers else None}
+        if "normkit" in ms:
+            row["normkit_GBps"] = round(passes * nbytes / (ms["normkit"] / 1e3) / 1e9, 1)
+            row["normkit_x_floor"] = round(ms["normkit"] / floor_ms, 2)
+            for other in ("torch", "onnxruntime", "normkit-eager"):
+                if other in ms:
+                    row[f"normkit/{other}"] = round(ms["normkit"] / ms[other], 3)
+        if "torch" in ms:
+            row["torch_x_floor"] = round(ms["torch"] / floor_ms, 2)
+        if mode != "fwd":
+            kept = {k: saved_bytes(makers[k], x, p) for k in ("normkit", "torch", "normkit-eager") if k in providers}
+            row["saved_MB"] = {k: round(v / 2**20, 1) for k, v in kept.items() if v is not None}
+        rows.append(row)
+        _print_row(row)
+    return rows
+
+
+def run_model_case(case: ModelCase, modes, providers, repeat, warmup):
+    """The torch model against ``normkit.convert(model)`` (default backend): eval forward and a train step."""
+    import copy
+
+    torch.manual_seed(0)
+    base = case.build()
+    models = {}
+    if "torch" in providers:
+        models["torch"] = copy.deepcopy(base)
+    if "normkit" in providers:
+        models["normkit"] = normkit.convert(base)
+    x = torch.randn(case.shape)
+    rows = []
+    for mode in modes:
+        fns = {}
+        for name, model in models.items():
+            if mode == "eval":
+                model.eval()
+
+                def run(model=model):
+                    with torch.no_grad():
+                        model(x)
+            else:
+                model.train()
+
+                def run(model=model):
+                    model.zero_grad(set_to_none=True)
+                    model(x).float().square().mean().backward()
+            fns[name] = run
+        samples = interleaved(fns, repeat, warmup)
+        ms = {k: _median_ms(v) for k, v in samples.items()}
+        row = {"case": case.name, "op": "model", "shape": list(case.shape), "layout": "contiguous", "dtype": "float32",
+               "mode": mode, "ms": {k: round(v, 2) for k, v in ms.items()},
+               "spread": {k: round(_spread(v), 3) for k, v in samples.items()}, "skipped": {}}
+        if "normkit" in ms and "torch" in ms:
+            row["normkit/torch"] = round(ms["normkit"] / ms["torch"], 3)
+        rows.append(row)
+        _print_row(row)
+    return rows
+
+
+# ---- output ---------------------------------------------------------------------------------------------
+
+def _fmt(v, spec=".2f"):
+    return "—" if v is None else format(v, spec)
+
+
+def _print_row(r):
+    ms = r["ms"]
+    cols = "  ".join(f"{k} {v:7.2f}" for k, v in ms.items())
+    print(f"{r['case']:<52}{r['mode']:<8} {cols}  | nk/torch {_fmt(r.get('normkit/torch'))}  "
+          f"floor x{_fmt(r.get('normkit_x_floor'), '.1f')}  spread {max(r['spread'].values()):.0%}", flush=True)
+
+
+def markdown(out) -> str:
+    lines = [f"Machine: {out['machine']}, {out['threads']} threads, torch {out['torch']}, normkit {out['normkit']}, "
+             f"{out['date']}. Medians of {out['repeat']} interleaved runs; spread = interquartile range / median "
+             f"(largest over the providers of the row). Ratios below 1: normkit faster.", "",
+             "| case | mode | normkit ms | torch ms | normkit / torch | normkit / eager | normkit / ORT | x floor (normkit, torch) | saved MB (normkit / torch) | spread | normkit backend |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        ms, saved = r["ms"], r.get("saved_MB", {})
+        sv = f"{saved['normkit']} / {saved['torch']}" if "normkit" in saved and "torch" in saved else "—"
+        lines.append(
+            f"| {r['case']} | {r['mode']} | {_fmt(ms.get('normkit'))} | {_fmt(ms.get('torch'))} | "
+            f"{_fmt(r.get('normkit/torch'))} | {_fmt(r.get('normkit/normkit-eager'))} | {_fmt(r.get('normkit/onnxruntime'))} | "
+            f"{_fmt(r.get('normkit_x_floor'), '.1f')}, {_fmt(r.get('torch_x_floor'), '.1f')} | {sv} | "
+            f"{max(r['spread'].values()):.0%} | {r.get('normkit_backend') or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(out, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in out["rows"] if "normkit/torch" in r or "normkit_x_floor" in r]
+    if not rows:
+        return
+    labels = [f"{r['case']} {r['mode']}" for r in rows]
+    ys = range(len(rows))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(15, 0.32 * len(rows) + 1.8), sharey=True)
+    a1.barh(ys, [r.get("normkit/torch", float("nan")) for r in rows], color="tab:blue", label="normkit / torch")
+    a1.scatter([r["ms"]["normkit-eager"] / r["ms"]["torch"] if "torch" in r["ms"] and "normkit-eager" in r["ms"]
+                else float("nan") for r in rows], ys,
+               marker="|", color="tab:red", s=120, label="normkit eager / torch")
+    a1.scatter([r["ms"]["onnxruntime"] / r["ms"]["torch"] if "onnxruntime" in r["ms"] and "torch" in r["ms"] else float("nan")
+                for r in rows], ys, marker="x", color="tab:green", label="ONNX Runtime / torch")
+    a1.axvline(1.0, color="k", lw=0.8)
+    a1.set_xscale("log")
+    a1.set_xlabel("time / torch's time (log; < 1 is faster)")
+    a1.set_yticks(list(ys), labels, fontsize=7)
+    a1.invert_yaxis()
+    a1.legend(fontsize=7, loc="lower right")
+    a2.barh(ys, [r.get("normkit_x_floor", float("nan")) for r in rows], color="tab:blue", label="normkit")
+    a2.scatter([r.get("torch_x_floor", float("nan")) for r in rows], ys, marker="|", color="k", s=120, label="torch")
+    a2.axvline(3.0, color="tab:red", lw=0.8, ls="--", label="3x target")
+    a2.axvline(1.0, color="k", lw=0.8)
+    a2.set_xlabel("time / memory-traffic floor")
+    a2.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"normkit benchmarks: {out['machine']}, {out['threads']} threads, torch {out['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def select(args) -> list[Case]:
+    cases = CASES
+    if args.quick:
+        seen, quick = set(), []
+        for c in cases:
+            if c.dtype == torch.float32 and c.layout == "contiguous" and c.op not in seen:
+                seen.add(c.op)
+                quick.append(c)
+        cases = quick
+    if args.dtype:
+        cases = [c for c in cases if str(c.dtype).replace("torch.", "") in args.dtype]
+    if not args.quick and not args.dtype and not args.mode:
+        cases = cases + MODEL_CASES  # whole models: full runs only (a train step takes seconds)
+    if args.no_models:
+        cases = [c for c in cases if not isinstance(c, ModelCase)]
+    for text in args.only or []:
+        cases = [c for c in cases if text in c.name]
+    return cases
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="float32, contiguous, one case per op, 5 repeats")
+    ap.add_argument("--only", action="append", help="keep cases whose name contains this text (repeatable: all must match)")
+    ap.add_argument("--dtype", action="append", choices=["float32", "bfloat16"])
+    ap.add_argument("--mode", action="append", choices=["fwd", "fwd+bwd"])
+    ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated, of {PROVIDERS}")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=None, help="timed runs per provider (default 9; 5 with --quick)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS), help="directory for latest.json / latest.md / latest.png")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    ap.add_argument("--no-models", action="store_true", help="skip the whole-model cases")
+    args = ap.parse_args(argv)
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        ap.error(f"unknown provider(s) {unknown}; choose from {PROVIDERS}")
+    cases = select(args)
+    if args.list:
+        print("\n".join(c.name for c in cases))
+        return 0
+    if not cases:
+        ap.error("no case matches the filters (see --list)")
+    repeat = args.repeat or (5 if args.quick else 9)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    t0 = time.perf_counter()
+    try:
+        _native.build()
+        build = {"ok": True, "first_call_s": round(time.perf_counter() - t0, 2),
+                 "compiled_now": _native._build_seconds is not None and _native._build_seconds > 5}
+    except RuntimeError as exc:
+        build = {"ok": False, "error": str(exc)[:300]}
+    print(f"native kernels: {build}", file=sys.stderr)
+
+    rows = []
+    for case in cases:
+        if isinstance(case, ModelCase):
+            rows += run_model_case(case, list(case.modes), providers, max(3, repeat // 2), 1)
+        else:
+            rows += run_case(case, args.mode or list(case.modes), providers, repeat, args.warmup, args.threads)
+    out = {"machine": cpu_name(), "threads": args.threads, "torch": torch.__version__, "normkit": normkit.__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeat": repeat, "build": build,
+           "native_status": _native.status(), "rows": rows}
+    dest = Path(args.out)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "latest.json").write_text(json.dumps(out, indent=1))
+    (dest / "latest.md").write_text(markdown(out))
+    if not args.no_plot:
+        plot(out, dest / "latest.png")
+    print(f"wrote {dest / 'latest.json'}, latest.md" + ("" if args.no_plot else ", latest.png"))
+    return 0
