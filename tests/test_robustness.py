@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import normkit
 import normkit.functional as nf
 import oracle
 from cases import OPS, OPS_BY_NAME, run_normkit, run_oracle
@@ -51,6 +52,16 @@ def check_case(op, x, p, dy, dtype, label):
     ref = run_oracle(op, x, p, dy)
     for key, value in got.items():
         assert_rel_close(value, ref[key], dtype, f"{op.name} {label}: {key}")
+
+
+@pytest.fixture(autouse=True, params=["auto", "eager"])
+def backend(request):
+    """Every robustness case twice: through the native kernels where they serve (the default) and through
+    the pure-torch reference path, which also runs under export, compile, torch.func and on GPUs."""
+    previous = normkit.get_backend()
+    normkit.set_backend(request.param)
+    yield request.param
+    normkit.set_backend(previous)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
