@@ -5,12 +5,15 @@ and eval-mode batch norm that never overflows in an intermediate where its resul
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import normkit.functional as nf
+import normkit.nn as nnk
 import oracle
 from normkit import MixedDtypeError, NormArgumentError, UnsupportedDtypeError
 from conftest import PARITY_TOL, REL_TOL, assert_rel_close
@@ -229,6 +232,29 @@ def test_torch_export(op, mode, strict):
         assert_rel_close(program(x), eager(x), torch.float32, f"{op} {mode} step {step}")
         for name in ("running_mean", "running_var") if op in ("batch_norm", "instance_norm") else ():
             assert_rel_close(getattr(program, name), getattr(eager, name), torch.float32, f"{op} {mode} {name}")
+
+
+def test_exported_program_is_the_portable_reference(tmp_path):
+    """torch.export keeps the pure-torch decomposition (no normkit custom op, no torch norm kernel), so the
+    program runs without normkit and torch.onnx.export turns it into primitive ONNX ops that ONNX Runtime
+    runs finite and accurate at input scale 1e20, where torch's own float32 kernels give NaN."""
+    import onnxruntime as ort
+
+    model = torch.nn.Sequential(nnk.BatchNorm2d(6), nnk.GroupNorm(3, 6), nnk.LayerNorm(5), nnk.RMSNorm(5),
+                                nnk.InstanceNorm2d(6, affine=True)).train()
+    x4 = torch.randn(4, 6, 3, 5)
+    program = torch.export.export(model, (x4,)).module()
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("normkit" in op or (op.startswith("aten.") and "norm" in op) for op in ops), ops
+    path = tmp_path / "norms.onnx"
+    torch.onnx.export(model.eval(), (x4,), str(path), dynamo=True)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # run the graph as written
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for scale in (1.0, 1e20):
+        x = x4 * scale
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        assert_rel_close(got, copy.deepcopy(model).double()(x.double()), torch.float32, f"ONNX Runtime at scale {scale:g}")
 
 
 @pytest.mark.slow

@@ -51,3 +51,30 @@ def test_local_response_norm_on_cuda(dtype):
         ref = oracle.lrn(oracle.ld(x), (1,), 2, 2, 1e-4 / 5, 2.0, 0.75, oracle.ld(dy))  # torch window, size 5
         assert_rel_close(y.detach().cpu(), ref["y"], dtype, f"lrn y at scale {scale:g}")
         assert_rel_close(xc.grad.cpu(), ref["dx"], dtype, f"lrn dx at scale {scale:g}")
+
+
+AUTOCAST_CALLS = {
+    "batch_norm": lambda L, x, w: L.batch_norm(x, None, None, w, w, True),
+    "instance_norm": lambda L, x, w: L.instance_norm(x, weight=w, bias=w),
+    "layer_norm": lambda L, x, w: L.layer_norm(x, x.shape[-1:], None, None),
+    "group_norm": lambda L, x, w: L.group_norm(x, 3, w, w),
+    "rms_norm": lambda L, x, w: L.rms_norm(x, x.shape[-1:]),
+    "local_response_norm": lambda L, x, w: L.local_response_norm(x, 3),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("op", list(AUTOCAST_CALLS))
+def test_cuda_autocast_dtype_as_torch(op, dtype):
+    """Under CUDA float16 autocast each op returns the dtype torch's returns (torch runs layer and group norm
+    in float32 there), within that dtype's tolerance of the float64 answer (torch's own autocast LRN rounds
+    its intermediates to float16 and is off by 3e-4 in float32 output)."""
+    import torch.nn.functional as F
+
+    x = torch.randn(4, 6, 5, 7, device="cuda", dtype=dtype)
+    w = torch.linspace(0.5, 1.5, 6, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        mine, theirs = AUTOCAST_CALLS[op](nf, x, w), AUTOCAST_CALLS[op](F, x, w)
+    assert mine.dtype == theirs.dtype, f"{op}: {mine.dtype}, torch {theirs.dtype}"
+    exact = AUTOCAST_CALLS[op](F, x.double(), w.double())  # no autocast: the float64 answer
+    assert_rel_close(mine.cpu(), exact.cpu(), mine.dtype, op)

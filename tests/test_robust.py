@@ -170,7 +170,8 @@ def test_export_under_robust_bakes_normkit_into_the_program():
     with normkit.robust():
         program = torch.export.export(model, (x,)).module()
     ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    assert not any("norm" in op for op in ops), ops  # no torch normalization kernel in the program
+    # no torch normalization kernel in the program (normkit's own fused op, normkit.stats_norm, may be)
+    assert not any(op.startswith("aten.") and "norm" in op for op in ops), ops
     with torch.no_grad():
         assert_rel_close(program(x), copy.deepcopy(model).double()(x.double()), torch.float32, "exported under robust()")
 

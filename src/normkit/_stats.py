@@ -44,6 +44,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# (device, op) pairs that torch's autocast runs in float32 (its float32 cast lists; measured with CUDA
+# float16 autocast, torch 2.11): normkit's ops return the dtype torch's return.
+AUTOCAST_FLOAT32 = {("cuda", "layer_norm"), ("cuda", "group_norm")}
+
+
+def autocast_inputs(op: str, *tensors):
+    """``tensors`` as torch's autocast hands them to ``op``: cast to float32 where autocast is on for their
+    device and lists ``op`` there (:data:`AUTOCAST_FLOAT32`), unchanged otherwise (``None`` stays ``None``)."""
+    x = tensors[0]
+    if not isinstance(x, Tensor) or (x.device.type, op) not in AUTOCAST_FLOAT32 or not torch.is_autocast_enabled(x.device.type):
+        return tensors
+    return tuple(t.float() if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def _max_exponent(dtype: torch.dtype) -> int:
     """Largest ``E`` such that ``2**E`` and ``2**-E`` are both normal in ``dtype`` (126 for float32)."""
     return -int(math.log2(torch.finfo(dtype).tiny))

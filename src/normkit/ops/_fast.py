@@ -185,6 +185,8 @@ def _why_not(x: Tensor, *others: Tensor | None) -> str | None:
         return f"dtype {x.dtype}"
     if x.numel() == 0:
         return "empty"
+    if torch.compiler.is_exporting():  # the program keeps the reference decomposition: portable, ONNX-exportable
+        return "exporting"
     if not torch.compiler.is_compiling() and (
             not all(_plain(t) for t in (x, *others)) or torch.autograd.forward_ad._current_level >= 0):
         return "torch.func transform or forward AD"

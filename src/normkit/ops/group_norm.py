@@ -17,12 +17,14 @@ from __future__ import annotations
 import numbers
 
 from .. import _checks
+from .._stats import autocast_inputs
 from ._normalize import empty_output, standardize_affine, torch_layout
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     """``torch.nn.functional.group_norm``: same signature and semantics."""
     op = "group_norm"
+    input, weight, bias = autocast_inputs(op, input, weight, bias)
     _checks.check_floating(op, input)
     _checks.check_min_dim(op, input, 2, "(N, C, *)")
     n, c = input.shape[:2]

@@ -18,6 +18,7 @@ output. Forward-mode AD, export and compile: see :mod:`normkit.ops._normalize`.
 from __future__ import annotations
 
 from .. import _checks
+from .._stats import autocast_inputs
 from ._normalize import empty_output, standardize_affine
 
 
@@ -38,4 +39,5 @@ def normalize_trailing(op, input, normalized_shape, weight, bias, eps, center, s
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """``torch.nn.functional.layer_norm``: same signature and semantics (a contiguous output, as torch's)."""
+    input, weight, bias = autocast_inputs("layer_norm", input, weight, bias)
     return normalize_trailing("layer_norm", input, normalized_shape, weight, bias, eps, center=True).contiguous()
