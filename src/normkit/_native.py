@@ -132,8 +132,12 @@ def build(force: bool = False) -> dict:
 
 
 def note(op: str, path: str) -> None:
-    """Record which path ``op`` took on its last call (for :func:`status` and the benchmarks)."""
-    _last_path[op] = path
+    """Record which path ``op`` took on its last call (for :func:`status` and the benchmarks); not while
+    a graph is compiled, where the write would be a side effect Dynamo has to replay."""
+    import torch
+
+    if not torch.compiler.is_compiling():
+        _last_path[op] = path
 
 
 def status() -> dict:
