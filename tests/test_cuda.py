@@ -63,7 +63,7 @@ AUTOCAST_CALLS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("op", list(AUTOCAST_CALLS))
 def test_cuda_autocast_dtype_as_torch(op, dtype):
     """Under CUDA float16 autocast each op returns the dtype torch's returns (torch runs layer and group norm
@@ -72,7 +72,8 @@ def test_cuda_autocast_dtype_as_torch(op, dtype):
     import torch.nn.functional as F
 
     x = torch.randn(4, 6, 5, 7, device="cuda", dtype=dtype)
-    w = torch.linspace(0.5, 1.5, 6, device="cuda")
+    # float32 parameters, as an autocast model has them; float64 input needs float64 ones (torch refuses a mix)
+    w = torch.linspace(0.5, 1.5, 6, device="cuda", dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     with torch.autocast("cuda", dtype=torch.float16):
         mine, theirs = AUTOCAST_CALLS[op](nf, x, w), AUTOCAST_CALLS[op](F, x, w)
     assert mine.dtype == theirs.dtype, f"{op}: {mine.dtype}, torch {theirs.dtype}"

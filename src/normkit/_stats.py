@@ -44,18 +44,27 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# (device, op) pairs that torch's autocast runs in float32 (its float32 cast lists; measured with CUDA
-# float16 autocast, torch 2.11): normkit's ops return the dtype torch's return.
-AUTOCAST_FLOAT32 = {("cuda", "layer_norm"), ("cuda", "group_norm")}
+# torch's autocast runs these ops in float32 on these devices (its float32 cast lists), for inputs of at
+# least this many dims: (device, op) -> min dims. Measured: CUDA float16 autocast with torch 2.11 (layer and
+# group norm; LRN, whose `pow` is listed), CPU bfloat16 autocast with torch 2.13 (LRN of 4 or more dims,
+# whose `avg_pool3d` is listed). normkit's ops return the dtype torch's return.
+AUTOCAST_FLOAT32 = {("cuda", "layer_norm"): 0, ("cuda", "group_norm"): 0,
+                    ("cuda", "local_response_norm"): 0, ("cpu", "local_response_norm"): 4}
 
 
 def autocast_inputs(op: str, *tensors):
-    """``tensors`` as torch's autocast hands them to ``op``: cast to float32 where autocast is on for their
-    device and lists ``op`` there (:data:`AUTOCAST_FLOAT32`), unchanged otherwise (``None`` stays ``None``)."""
+    """``tensors`` as torch's autocast hands them to ``op``: float16/bfloat16 tensors cast to float32 where
+    autocast is on for the first tensor's device and lists ``op`` there (:data:`AUTOCAST_FLOAT32`), the rest
+    unchanged (``None`` stays ``None``; float64 is never cast, as in torch). Half inputs compute in float32
+    anyway, so casting up front costs no accuracy."""
     x = tensors[0]
-    if not isinstance(x, Tensor) or (x.device.type, op) not in AUTOCAST_FLOAT32 or not torch.is_autocast_enabled(x.device.type):
+    if not isinstance(x, Tensor):
         return tensors
-    return tuple(t.float() if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+    min_dim = AUTOCAST_FLOAT32.get((x.device.type, op))
+    if min_dim is None or x.dim() < min_dim or not torch.is_autocast_enabled(x.device.type):
+        return tensors
+    return tuple(t.float() if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+                 for t in tensors)
 
 
 def _max_exponent(dtype: torch.dtype) -> int:

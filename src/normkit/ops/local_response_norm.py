@@ -55,7 +55,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from .. import _checks, _native
-from .._stats import compute_dtype, mul_pow2
+from .._stats import autocast_inputs, compute_dtype, mul_pow2
 
 CONVENTIONS = ("torch", "onnx", "caffe", "tf")
 REGIONS = ("across_channels", "within_channel")
@@ -409,21 +409,8 @@ class LocalResponseNormFunction(LocalResponseNormReverse):
         return LocalResponseNormFunction.apply(x.movedim(in_dims[0], 0), win.batched()), 0
 
 
-def _autocast_input(input: Tensor) -> Tensor:
-    """Under autocast, the input that gives the dtype torch's ``F.local_response_norm`` returns (measured):
-    float32 for float16/bfloat16 input on CUDA (``pow`` is a float32 autocast op there, torch 2.11) and on
-    CPU for input of 4 or more dims (``avg_pool3d`` is; torch 2.13), else the input's dtype. Half inputs
-    compute in float32 anyway, so casting the input up costs no accuracy."""
-    device = input.device.type
-    if input.dtype not in (torch.float16, torch.bfloat16) or device not in ("cpu", "cuda"):
-        return input
-    if not torch.is_autocast_enabled(device) or (device == "cpu" and input.dim() < 4):
-        return input
-    return input.float()
-
-
 def _apply(input: Tensor, win: Window) -> Tensor:
-    input = _autocast_input(input)
+    (input,) = autocast_inputs("local_response_norm", input)  # torch's autocast dtype
     if input.numel() == 0:
         return input.clone()
     fn = LocalResponseNormReverse if torch.compiler.is_compiling() else LocalResponseNormFunction
