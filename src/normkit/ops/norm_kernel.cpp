@@ -737,6 +737,16 @@ Shape make_shape(const torch::Tensor& x, int64_t layout, int64_t groups) {
   return sh;
 }
 
+// The outputs of a backward entry point: dx (x's shape and dtype) and float32 dweight, dbias of n values,
+// each an empty tensor where it is not needed.
+inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> grad_buffers(const torch::Tensor& x, int64_t n,
+                                                                            bool need_dx, bool need_param) {
+  auto fopt = x.options().dtype(at::kFloat);
+  return {need_dx ? torch::empty(x.sizes(), x.options()) : torch::empty({0}, x.options()),
+          need_param ? torch::empty({n}, fopt) : torch::empty({0}, fopt),
+          need_param ? torch::empty({n}, fopt) : torch::empty({0}, fopt)};
+}
+
 void check_param(const torch::Tensor& t, int64_t n, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, what,
               ": expected a contiguous float32 tensor of ", n, " elements");
@@ -774,10 +784,8 @@ std::vector<torch::Tensor> stats_backward(torch::Tensor dy, torch::Tensor x, tor
   const int64_t np = layout == kRows ? sh.S : sh.C;
   check_param(weight, np, "weight");
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == 8 * sh.groups(), "stats");
-  auto dx = need_dx ? torch::empty(x.sizes(), x.options()) : torch::empty({0}, x.options());
-  auto fopt = x.options().dtype(at::kFloat);
-  auto dw = need_param ? torch::empty({np}, fopt) : torch::empty({0}, fopt);
-  auto db = need_param ? torch::empty({np}, fopt) : torch::empty({0}, fopt);
+  torch::Tensor dx, dw, db;  // not a structured binding: the lambda below captures them (C++17)
+  std::tie(dx, dw, db) = nk_norm::grad_buffers(x, np, need_dx, need_param);
   dispatch_dtype(x, "stats_backward", [&](auto tag) {
     using T = decltype(tag);
     stats_backward_impl<T>(dy.data_ptr<T>(), x.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr,
@@ -811,10 +819,8 @@ std::vector<torch::Tensor> eval_backward(torch::Tensor dy, torch::Tensor x, torc
               dy.scalar_type() == x.scalar_type(), "eval_backward: expected contiguous (N, C, S) dy and x");
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
   check_param(mean, C, "mean"); check_param(rstd, C, "rstd"); check_param(weight, C, "weight");
-  auto dx = need_dx ? torch::empty(x.sizes(), x.options()) : torch::empty({0}, x.options());
-  auto fopt = x.options().dtype(at::kFloat);
-  auto dw = need_param ? torch::empty({C}, fopt) : torch::empty({0}, fopt);
-  auto db = need_param ? torch::empty({C}, fopt) : torch::empty({0}, fopt);
+  torch::Tensor dx, dw, db;  // not a structured binding: the lambda below captures them (C++17)
+  std::tie(dx, dw, db) = nk_norm::grad_buffers(x, C, need_dx, need_param);
   dispatch_dtype(x, "eval_backward", [&](auto tag) {
     using T = decltype(tag);
     eval_backward_impl<T>(dy.data_ptr<T>(), x.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr, mean.data_ptr<float>(),
