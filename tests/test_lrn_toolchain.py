@@ -214,8 +214,46 @@ def test_torch_compile_fullgraph():
         assert_rel_close(dx, ref, torch.float32, f"compiled backward at {scale:g}")
 
 
+def test_torch_compile_graph_holds_one_op_per_call():
+    """Dynamo records each entry point as one ``normkit::local_response_norm`` node (run at call time by the
+    eager code: the cheap check and the native kernel), not the traced robust decomposition."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = AllEntries()
+    x = torch.randn(2, 5, 3, 4)
+    torch._dynamo.reset()
+    out = torch.compile(model, fullgraph=True, backend=backend)(x)
+    (gm,) = graphs
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.normkit.local_response_norm.default) == len(NAMES)
+    assert not {torch.where, torch.frexp, torch.log2} & set(targets)
+    for name, got, ref in zip(NAMES, out, model(x)):
+        assert torch.equal(got, ref), name
+
+
+@pytest.mark.parametrize("robust", PATHS, ids=["fast", "robust"])
+def test_custom_op_registration(robust):
+    """torch.library.opcheck: schema, fake kernel, autograd registration and dispatch of both ops."""
+    k = 0.0 if robust else 1.0
+    x = torch.randn(2, 5, 3, 4, requires_grad=True)
+    torch.library.opcheck(L.lrn_op, (x, [1], 1, 1, 0.5, k, 0.75))
+    torch.library.opcheck(L.lrn_backward_op, (torch.randn(2, 5, 3, 4), x.detach(), [1], 1, 1, 0.5, k, 0.75))
+
+
+def test_torch_compile_vmap():
+    """vmap inside a compiled function reaches the op's vmap rule: the batch joins the op's leading dims."""
+    f = entry("local_response_norm", robust=False)
+    xs = torch.randn(3, 2, 5, 3, 4)
+    got = torch.compile(vmap(f), fullgraph=True, backend="eager")(xs * 1e20)
+    assert_rel_close(got, vmap(f)(xs.double() * 1e20), torch.float32, "compiled vmap")
+
+
 def test_torch_compile_inductor():
-    """The default backend (inductor) generates code for the robust graph, and it runs."""
+    """The default backend (inductor) compiles a model around the op, and it runs."""
     compiled = torch.compile(nnk.LocalResponseNorm(3, 1e-4, 0.75, 2.0), fullgraph=True)
     x = torch.randn(2, 6, 3, 4)
     with torch.no_grad():

@@ -36,11 +36,13 @@ Forward-mode AD (closed form, the same pairs as backward)::
 
     dy_i = dx_i * d_i**(-beta) - 2 * c * beta * x_i * d_i**(-beta - 1) * sum_{j in W(i)} x_j * dx_j
 
-Tool chain: the check reads ``max|x|`` back to the host only in plain eager mode on CPU. While a graph is
-traced (torch.compile, torch.export, ``jit.trace``, ``make_fx``), for fake, meta and functorch-wrapped
-tensors and on accelerators, the robust path runs unconditionally: branch-free (``torch.where`` per
-element), no host sync, no ``frexp`` (ONNX lacks it), no float64 for lower-precision input. ``vmap`` moves
-the batch dimension in front and runs one plain call on the whole batch.
+Tool chain: the check reads ``max|x|`` back to the host only in plain eager mode on CPU. torch.compile
+records one ``normkit::local_response_norm`` custom op (with its backward op), which runs this eager code
+at call time, check and native kernel included. While a graph is traced otherwise (torch.export,
+``jit.trace``, ``make_fx``), for fake, meta and functorch-wrapped tensors and on accelerators, the robust
+path runs unconditionally: branch-free (``torch.where`` per element), no host sync, no ``frexp`` (ONNX
+lacks it), no float64 for lower-precision input. ``vmap`` moves the batch dimension in front and runs one
+plain call on the whole batch.
 """
 
 from __future__ import annotations
@@ -409,12 +411,68 @@ class LocalResponseNormFunction(LocalResponseNormReverse):
         return LocalResponseNormFunction.apply(x.movedim(in_dims[0], 0), win.batched()), 0
 
 
+# ------------------------------------------------------------------------------------ one op for compile
+# Under torch.compile the graph holds one ``normkit::local_response_norm`` node, run at call time by the
+# same eager code as above: the cheap check and the native kernel serve compiled models too, where tracing
+# the Function would inline the branch-free robust path (several times slower). torch.export keeps the
+# decomposition instead, so exported programs and ONNX graphs carry no custom op.
+
+@torch.library.custom_op("normkit::local_response_norm", mutates_args=())
+def lrn_op(x: Tensor, dims: list[int], lo: int, hi: int, c: float, k: float, beta: float) -> Tensor:
+    """``y = lrn(x)`` for the window ``Window(dims, lo, hi, c, k, beta)``, in ``x``'s dtype."""
+    return LocalResponseNormReverse.forward(x, Window(tuple(dims), lo, hi, c, k, beta))
+
+
+@lrn_op.register_fake
+def _(x, dims, lo, hi, c, k, beta):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("normkit::local_response_norm_backward", mutates_args=())
+def lrn_backward_op(dy: Tensor, x: Tensor, dims: list[int], lo: int, hi: int, c: float, k: float, beta: float) -> Tensor:
+    """``dx`` of :func:`lrn_op` given ``dy``, in ``x``'s dtype."""
+    ct = compute_dtype(x.dtype)
+    return lrn_backward(dy.to(ct), x.to(ct), Window(tuple(dims), lo, hi, c, k, beta)).to(x.dtype)
+
+
+@lrn_backward_op.register_fake
+def _(dy, x, dims, lo, hi, c, k, beta):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _lrn_op_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.args = inputs[1:]
+
+
+def _lrn_op_backward(ctx, dy):
+    (x,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # double backward: the differentiable robust form
+        ct = compute_dtype(x.dtype)
+        dx = _robust_backward(dy.to(ct), x.to(ct), Window(tuple(ctx.args[0]), *ctx.args[1:])).to(x.dtype)
+    else:
+        dx = lrn_backward_op(dy, x, *ctx.args)
+    return (dx,) + (None,) * 6
+
+
+lrn_op.register_autograd(_lrn_op_backward, setup_context=_lrn_op_setup)
+
+
+@lrn_op.register_vmap
+def _(info, in_dims, x, dims, lo, hi, c, k, beta):
+    moved = x.movedim(in_dims[0], 0) if in_dims[0] is not None else x.expand(info.batch_size, *x.shape)
+    return lrn_op(moved, [d + 1 for d in dims], lo, hi, c, k, beta), 0
+
+
 def _apply(input: Tensor, win: Window) -> Tensor:
     (input,) = autocast_inputs("local_response_norm", input)  # torch's autocast dtype
     if input.numel() == 0:
         return input.clone()
-    fn = LocalResponseNormReverse if torch.compiler.is_compiling() else LocalResponseNormFunction
-    return fn.apply(input, win)
+    if torch.compiler.is_exporting():
+        return LocalResponseNormReverse.apply(input, win)
+    if torch.compiler.is_compiling():
+        return lrn_op(input, list(win.dims), win.lo, win.hi, win.c, win.k, win.beta)
+    return LocalResponseNormFunction.apply(input, win)
 
 
 def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
