@@ -123,18 +123,23 @@ def saved_bytes(f, x, p) -> int | None:
 
 # ---- timing ---------------------------------------------------------------------------------------------
 
-def interleaved(fns: dict, repeat: int, warmup: int) -> dict:
-    """Time each callable ``repeat`` times, rotating the order each round; seconds per call, all samples."""
+def interleaved(fns: dict, repeat: int, warmup: int, budget_s: float = 0.0, max_rounds: int = 200) -> dict:
+    """Time each callable, rotating the order each round; seconds per call, all samples. At least ``repeat``
+    rounds, then more until ``budget_s`` seconds have gone by (at most ``max_rounds``): millisecond cases get
+    dozens of samples, so their medians stand against the machine's noise (page faults, other tenants)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples = {k: [] for k in fns}
     keys = list(fns)
-    for r in range(repeat):
+    start = time.perf_counter()
+    r = 0
+    while r < repeat or (time.perf_counter() - start < budget_s and r < max_rounds):
         for k in keys[r % len(keys):] + keys[:r % len(keys)]:
             t0 = time.perf_counter()
             fns[k]()
             samples[k].append(time.perf_counter() - t0)
+        r += 1
     return samples
 
 
@@ -149,7 +154,7 @@ def _spread(s):
     return (q[2] - q[0]) / statistics.median(s)
 
 
-def run_case(case: Case, modes, providers, repeat, warmup, threads):
+def run_case(case: Case, modes, providers, repeat, warmup, threads, budget_s=0.0):
     x = case.make_input()
     p = case.spec.params(x)
     nbytes = x.numel() * x.element_size()
@@ -171,7 +176,7 @@ def run_case(case: Case, modes, providers, repeat, warmup, threads):
                     backend = "; ".join(f"{k}: {v}" for k, v in _native._last_path.items()) or "native (LRN kernel) or eager"
             (skipped if isinstance(fn, str) else fns)[name] = fn
         fns["copy"] = lambda: dst.copy_(src)
-        samples = interleaved(fns, repeat, warmup)
+        samples = interleaved(fns, repeat, warmup, budget_s)
         ms = {k: _median_ms(v) for k, v in samples.items()}
         bw = 2 * nbytes / (ms["copy"] / 1e3)  # bytes read + written per second
         passes = 2 if mode == "fwd" else 5
@@ -180,7 +185,8 @@ def run_case(case: Case, modes, providers, repeat, warmup, threads):
                "dtype": str(case.dtype).replace("torch.", ""), "mode": mode,
                "ms": {k: round(v, 3) for k, v in ms.items() if k != "copy"},
                "spread": {k: round(_spread(v), 3) for k, v in samples.items()},
-               "skipped": skipped, "copy_GBps": round(bw / 1e9, 1), "floor_ms": round(floor_ms, 3),
+               "runs": min(len(v) for v in samples.values()), "skipped": skipped,
+               "copy_GBps": round(bw / 1e9, 1), "floor_ms": round(floor_ms, 3),
                "normkit_backend": backend if "normkit" in providers else None}
         if "normkit" in ms:
             row["normkit_GBps"] = round(passes * nbytes / (ms["normkit"] / 1e3) / 1e9, 1)
@@ -198,7 +204,7 @@ def run_case(case: Case, modes, providers, repeat, warmup, threads):
     return rows
 
 
-def run_model_case(case: ModelCase, modes, providers, repeat, warmup):
+def run_model_case(case: ModelCase, modes, providers, repeat, warmup, budget_s=0.0):
     """The torch model against ``normkit.convert(model)`` (default backend): eval forward and a train step."""
     import copy
 
@@ -227,11 +233,12 @@ def run_model_case(case: ModelCase, modes, providers, repeat, warmup):
                     model.zero_grad(set_to_none=True)
                     model(x).float().square().mean().backward()
             fns[name] = run
-        samples = interleaved(fns, repeat, warmup)
+        samples = interleaved(fns, repeat, warmup, budget_s)
         ms = {k: _median_ms(v) for k, v in samples.items()}
         row = {"case": case.name, "op": "model", "shape": list(case.shape), "layout": "contiguous", "dtype": "float32",
                "mode": mode, "ms": {k: round(v, 2) for k, v in ms.items()},
-               "spread": {k: round(_spread(v), 3) for k, v in samples.items()}, "skipped": {}}
+               "spread": {k: round(_spread(v), 3) for k, v in samples.items()},
+               "runs": min(len(v) for v in samples.values()), "skipped": {}}
         if "normkit" in ms and "torch" in ms:
             row["normkit/torch"] = round(ms["normkit"] / ms["torch"], 3)
         rows.append(row)
@@ -254,17 +261,18 @@ def _print_row(r):
 
 def markdown(out) -> str:
     lines = [f"Machine: {out['machine']}, {out['threads']} threads, torch {out['torch']}, normkit {out['normkit']}, "
-             f"{out['date']}. Medians of {out['repeat']} interleaved runs; spread = interquartile range / median "
+             f"{out['date']}. Medians of interleaved runs (at least {out['repeat']}, more until {out.get('budget_s', 0):g} s per "
+             f"case and mode, 20/3 of that for whole models, were spent: the runs column); spread = interquartile range / median "
              f"(largest over the providers of the row). Ratios below 1: normkit faster.", "",
-             "| case | mode | normkit ms | torch ms | normkit / torch | normkit / eager | normkit / ORT | x floor (normkit, torch) | saved MB (normkit / torch) | spread | normkit backend |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| case | mode | normkit ms | torch ms | normkit / torch | normkit / eager | normkit / ORT | x floor (normkit, torch) | saved MB (normkit / torch) | runs | spread | normkit backend |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         ms, saved = r["ms"], r.get("saved_MB", {})
         sv = f"{saved['normkit']} / {saved['torch']}" if "normkit" in saved and "torch" in saved else "—"
         lines.append(
             f"| {r['case']} | {r['mode']} | {_fmt(ms.get('normkit'))} | {_fmt(ms.get('torch'))} | "
             f"{_fmt(r.get('normkit/torch'))} | {_fmt(r.get('normkit/normkit-eager'))} | {_fmt(r.get('normkit/onnxruntime'))} | "
-            f"{_fmt(r.get('normkit_x_floor'), '.1f')}, {_fmt(r.get('torch_x_floor'), '.1f')} | {sv} | "
+            f"{_fmt(r.get('normkit_x_floor'), '.1f')}, {_fmt(r.get('torch_x_floor'), '.1f')} | {sv} | {r.get('runs', '—')} | "
             f"{max(r['spread'].values()):.0%} | {r.get('normkit_backend') or '—'} |")
     return "\n".join(lines) + "\n"
 
@@ -346,6 +354,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=None, help="timed runs per provider (default 9; 5 with --quick)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds of timing per case and mode: rounds go on past --repeat until it is spent "
+                         "(default 3, whole models 20; 0 with --quick)")
     ap.add_argument("--out", default=str(RESULTS), help="directory for latest.json / latest.md / latest.png")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--list", action="store_true", help="list the selected cases and exit")
@@ -362,6 +373,7 @@ def main(argv=None) -> int:
     if not cases:
         ap.error("no case matches the filters (see --list)")
     repeat = args.repeat or (5 if args.quick else 9)
+    budget = args.budget if args.budget is not None else (0.0 if args.quick else 3.0)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -377,11 +389,11 @@ def main(argv=None) -> int:
     rows = []
     for case in cases:
         if isinstance(case, ModelCase):
-            rows += run_model_case(case, list(case.modes), providers, max(3, repeat // 2), 1)
+            rows += run_model_case(case, list(case.modes), providers, repeat, 1, budget * 20 / 3)
         else:
-            rows += run_case(case, args.mode or list(case.modes), providers, repeat, args.warmup, args.threads)
+            rows += run_case(case, args.mode or list(case.modes), providers, repeat, args.warmup, args.threads, budget)
     out = {"machine": cpu_name(), "threads": args.threads, "torch": torch.__version__, "normkit": normkit.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeat": repeat, "build": build,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeat": repeat, "budget_s": budget, "build": build,
            "native_status": _native.status(), "rows": rows}
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
