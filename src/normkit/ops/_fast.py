@@ -11,9 +11,9 @@ kernels are built; the input is a CPU tensor of float32, bfloat16 or float16 wit
 one, e.g. channels_last, is first copied to contiguous: a native channels-last kernel is still to do); no
 ``torch.func`` transform or forward-mode AD is active on it; and the reduction is one of
 
-* trailing dims (layer / RMS norm, and any affine-free trailing standardization): rows ``(R, D)``;
-* dims ``2..`` with a per-channel affine ``(1, A, *lead, 1, ...)`` (instance norm, group norm's grouped view):
-  groups of consecutive channels ``(N, C, S)``;
+* trailing dims (layer / RMS norm): rows ``(R, D)``;
+* dims ``2..``, affine-free or with a per-channel affine ``(1, A, *lead, 1, ...)`` (instance norm, group
+  norm's grouped view): groups of consecutive channels ``(N, C, S)``;
 * dims ``(0, 2, ...)`` (batch norm in training): a group per channel, ``(N, C, S)`` with ``S >= 8``;
 * given statistics (batch / instance norm in eval): ``(N, C, S)`` with ``S >= 8``.
 
@@ -218,12 +218,15 @@ def _plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims, center: b
     nd = x.dim()
     dims = sorted(d % nd for d in dims)
     trailing = dims == list(range(nd - len(dims), nd))
+    spatial = nd >= 3 and dims == list(range(2, nd))  # instance norm, group norm's grouped view
+    if spatial and center and weight is None and bias is None:  # per-channel constants beat per-element ones
+        return GROUPS, x.reshape(x.shape[0], x.shape[1], -1), x.shape[1], x.shape[1]
     if trailing and all(p is None or tuple(p.shape) == tuple(x.shape[dims[0]:]) for p in (weight, bias)):
         d = math.prod(x.shape[dims[0]:])
-        return ROWS, x.reshape(-1, d), 1, d  # layer / RMS norm (and affine-free instance / group norm)
+        return ROWS, x.reshape(-1, d), 1, d  # layer / RMS norm (and other trailing standardizations)
     if not center:
         return "RMS over non-trailing dims"
-    if nd >= 3 and dims == list(range(2, nd)):
+    if spatial:
         leads = {_channel_split(x, p) for p in (weight, bias) if p is not None}
         if None in leads or len(leads) > 1:
             return "parameter shape"
@@ -241,7 +244,7 @@ def _plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims, center: b
 
 
 def _op_name(layout: int, center: bool) -> str:
-    return {ROWS: "rows: layer_norm (or affine-free instance/group norm)" if center else "rows: rms_norm",
+    return {ROWS: "rows: layer_norm" if center else "rows: rms_norm",
             GROUPS: "groups: group_norm/instance_norm",
             CHANNELS: "channels: batch_norm (train)"}[layout]
 

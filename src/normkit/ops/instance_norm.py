@@ -43,9 +43,11 @@ def instance_norm_stateless(input, running_mean=None, running_var=None, weight=N
     num_features = input.shape[1]
     y, mean, var = standardize_affine(input, w, b, tuple(range(2, input.dim())), eps)
     y = y.contiguous()
-    new_mean = momentum_update(running_mean, mean.reshape(-1, num_features).mean(0), momentum)
-    new_var = momentum_update(running_var, (var * (m / (m - 1))).reshape(-1, num_features).mean(0), momentum)
-    return y, new_mean, new_var
+    if running_mean is not None:
+        running_mean = momentum_update(running_mean, mean.reshape(-1, num_features).mean(0), momentum)
+    if running_var is not None:
+        running_var = momentum_update(running_var, (var * (m / (m - 1))).reshape(-1, num_features).mean(0), momentum)
+    return y, running_mean, running_var
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
