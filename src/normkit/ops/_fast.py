@@ -50,12 +50,14 @@ def _n_params(x_shape, layout: int) -> int:
 
 # ---- custom ops -------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("normkit::stats_norm", mutates_args=())
-def stats_norm(x: Tensor, weight: Tensor, bias: Tensor, layout: int, groups: int, eps: float, center: bool) -> tuple[Tensor, Tensor]:
+def _stats_norm(x: Tensor, weight: Tensor, bias: Tensor, layout: int, groups: int, eps: float, center: bool) -> tuple[Tensor, Tensor]:
     """``(y, stats)``: ``y = standardize(x) * weight + bias`` per group; ``stats`` (groups, 8) float32 holds
     ``e, pivot, mean_d, r, k, mean, var`` (see norm_kernel.cpp). weight/bias: float32 of D (rows) or C values."""
     y, stats = _native.load("norm_kernel").stats_forward(x, weight, bias, layout, groups, eps, center)
     return y, stats
+
+
+stats_norm = torch.library.custom_op("normkit::stats_norm", _stats_norm, mutates_args=())
 
 
 @stats_norm.register_fake
@@ -115,11 +117,13 @@ def _stats_norm_backward(ctx, dy, dstats):
 stats_norm.register_autograd(_stats_norm_backward, setup_context=_stats_norm_setup)
 
 
-@torch.library.custom_op("normkit::affine_eval", mutates_args=())
-def affine_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+def _affine_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """``y = (x - mean) * rsqrt(var + eps) * weight + bias`` per channel of ``x (N, C, S)``; params float32 (C,)."""
     rstd = torch.rsqrt(var + eps)
     return _native.load("norm_kernel").eval_forward(x, mean, rstd, weight, bias)
+
+
+affine_eval = torch.library.custom_op("normkit::affine_eval", _affine_eval, mutates_args=())
 
 
 @affine_eval.register_fake
@@ -166,6 +170,18 @@ def _affine_eval_backward(ctx, dy):
 
 
 affine_eval.register_autograd(_affine_eval_backward, setup_context=_affine_eval_setup)
+
+
+# ---- the same ops without the dispatcher ------------------------------------------------------------------
+
+def _route(op, impl, *tensors: Tensor | None):
+    """``impl`` (the op's own body) where no graph can be recorded and no gradient is needed: plain eager
+    tensors under no_grad or without requires_grad, where torch.library's dispatch would cost more than a
+    small layer's kernel; ``op`` itself otherwise (autograd, torch.compile, make_fx, tensor subclasses)."""
+    if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+            or type(tensors[0]) is not Tensor or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None):
+        return op
+    return impl
 
 
 # ---- dispatch -------------------------------------------------------------------------------------------
@@ -265,7 +281,7 @@ def standardize_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, di
         _native.note(_op_name(layout, center), "eager (kernels unavailable)")
         return None
     _native.note(_op_name(layout, center), "native (input copied to contiguous)" if copied else "native")
-    y, stats = stats_norm(xv, _param(weight, n_params, 1.0), _param(bias, n_params, 0.0), layout, groups, float(eps), center)
+    y, stats = _route(stats_norm, _stats_norm, xv, weight, bias)(xv, _param(weight, n_params, 1.0), _param(bias, n_params, 0.0), layout, groups, float(eps), center)
     nd = x.dim()
     keep = [1 if (i in {d % nd for d in dims}) else n for i, n in enumerate(x.shape)]
     return y.view(x.shape), stats[:, 5].reshape(keep), stats[:, 6].reshape(keep)
@@ -291,5 +307,5 @@ def stats_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bi
     c = x.shape[1]
     m = mean.detach().reshape(c).to(torch.float32).contiguous()
     v = var.detach().reshape(c).to(torch.float32).contiguous()
-    y = affine_eval(x.reshape(x.shape[0], c, -1), m, v, _param(weight, c, 1.0), _param(bias, c, 0.0), float(eps))
+    y = _route(affine_eval, _affine_eval, x, weight, bias)(x.reshape(x.shape[0], c, -1), m, v, _param(weight, c, 1.0), _param(bias, c, 0.0), float(eps))
     return y.view(x.shape)
