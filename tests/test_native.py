@@ -238,12 +238,29 @@ def test_opcheck(i):
     torch.library.opcheck(op, args)
 
 
-def test_custom_op_is_one_node_in_fx():
+@pytest.mark.parametrize("mode", ["real", "fake"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_custom_op_is_one_node_in_fx(mode, grad):
+    """Recorded as one op even where plain eager no-grad calls skip the dispatcher and run the kernel."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    gm = make_fx(lambda x: _fast.standardize_affine(x, None, None, (-1,), 1e-5, True)[0], tracing_mode="fake")(torch.randn(4, 8))
+    def f(x):
+        y = _fast.standardize_affine(x, None, None, (-1,), 1e-5, True)[0]
+        return y + _fast.stats_affine(x.view(2, 4, 8), torch.zeros(1, 4, 1), torch.ones(1, 4, 1), None, None, 1e-5).reshape(8, 8)
+    with torch.set_grad_enabled(grad):
+        gm = make_fx(f, tracing_mode=mode)(torch.randn(8, 8))
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-    assert any("normkit.stats_norm" in t for t in targets), targets
+    assert any("normkit.stats_norm" in t for t in targets) and any("normkit.affine_eval" in t for t in targets), targets
+
+
+def test_no_grad_calls_match_the_op():
+    """The dispatcher-free no-grad route and the custom op give identical results."""
+    x, w, b = torch.randn(4, 6, 9), torch.rand(6) + 0.5, torch.randn(6)
+    with torch.no_grad():
+        direct = _fast.standardize_affine(x, w.view(1, 6, 1), b.view(1, 6, 1), (0, 2), 1e-5, True)
+    via_op = _fast.standardize_affine(x, w.view(1, 6, 1).requires_grad_(), b.view(1, 6, 1), (0, 2), 1e-5, True)
+    for a, o in zip(direct, via_op):
+        assert torch.equal(a, o.detach())
 
 
 # ---- switching off and failing builds -----------------------------------------------------------------
