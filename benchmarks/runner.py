@@ -173,7 +173,7 @@ def run_case(case: Case, modes, providers, repeat, warmup, threads, budget_s=0.0
                 _native._last_path.clear()
                 fn = _timed_callable(mode, makers[name], x, p)
                 if name == "normkit":
-                    backend = "; ".join(f"{k}: {v}" for k, v in _native._last_path.items()) or "native (LRN kernel) or eager"
+                    backend = "; ".join(f"{k}: {v}" for k, v in _native._last_path.items()) or "—"
             (skipped if isinstance(fn, str) else fns)[name] = fn
         fns["copy"] = lambda: dst.copy_(src)
         samples = interleaved(fns, repeat, warmup, budget_s)

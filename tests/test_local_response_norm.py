@@ -264,6 +264,23 @@ def test_native_kernel_can_be_disabled(monkeypatch):
     assert _native.load("lrn_kernel") is None
     x = torch.randn(3, 17, 40, 41)
     assert_rel_close(nf.local_response_norm(x, 5), F.local_response_norm(x, 5), torch.float32, rel=PARITY_TOL[torch.float32])
+    assert _native.status()["ops"]["local_response_norm"] == "eager (plain formula: backend eager)"
+
+
+@needs_compiler
+def test_path_taken_is_reported():
+    """normkit.status() names the path of the last call: the kernel, the plain eager formula (and why the
+    kernel did not apply), or the robust path (the check could not prove the plain formula safe)."""
+    from normkit import _native
+
+    def path(x, k=1.0):
+        nf.local_response_norm(x, 5, 1e-4, 0.75, k)
+        return _native.status()["ops"]["local_response_norm"]
+    x = torch.randn(3, 17, 40, 41)
+    assert path(x) == "native"
+    assert path(x[:, :, :2, :2]) == f"eager (plain formula: fewer than {L.NATIVE_MIN_NUMEL} elements)"
+    assert path(x.transpose(2, 3)) == "eager (plain formula: not contiguous)"
+    assert path(x, k=0.0) == "eager (robust path)"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -31,6 +31,7 @@ _error: str | None = None
 _build_seconds: float | None = None
 _backend = "auto"  # "auto": native where it applies and builds; "native": the same, but a failed build raises; "eager"
 _last_path: dict[str, str] = {}  # op -> "native" | "eager (<reason>)" on its last call
+_seen: dict[str, set[str]] = {}  # op -> every path it took since paths_seen(reset=True)
 
 KERNELS = ("lrn_kernel", "norm_kernel")  # compiled into one extension module
 BACKENDS = ("auto", "native", "eager")
@@ -138,6 +139,16 @@ def note(op: str, path: str) -> None:
 
     if not torch.compiler.is_compiling():
         _last_path[op] = path
+        _seen.setdefault(op, set()).add(path)
+
+
+def paths_seen(reset: bool = False) -> dict[str, list[str]]:
+    """Every path each op took since the last reset (``normkit check`` reports them); ``reset=True``
+    returns them and starts afresh."""
+    seen = {op: sorted(paths) for op, paths in sorted(_seen.items())}
+    if reset:
+        _seen.clear()
+    return seen
 
 
 def status() -> dict:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from .. import _native
 from ..cli import UsageError
 from .cases import DTYPES, OP_NAMES
 
@@ -143,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--report needs matplotlib: pip install 'normkit[plot]'") from None
 
     t0, c0 = time.perf_counter(), time.process_time()
+    _native.paths_seen(reset=True)
     rows = []
     if not args.model:
         with progress_bar(sweep.count(args.op, dtypes, args.fast), "op sweep", show) as advance:
@@ -157,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
             except probe.ProbeInputError as e:
                 raise UsageError(f"{e}; pass --input-shape that the model accepts") from e
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    backend = report.backend_info(_native.status(), _native.paths_seen())
 
     if out_dir is not None:
         from . import plots
@@ -165,15 +168,15 @@ def run(args: argparse.Namespace) -> int:
         if rows:
             files += plots.op_plots(rows, out_dir)
         files += [plots.model_plot(m, out_dir) for m in results]
-        (out_dir / "results.json").write_text(report.dumps(rows, results, seed) + "\n")
-        (out_dir / "report.md").write_text(report.markdown(rows, results, files))
+        (out_dir / "results.json").write_text(report.dumps(rows, results, seed, backend) + "\n")
+        (out_dir / "report.md").write_text(report.markdown(rows, results, files, backend))
     if args.json:
-        print(report.dumps(rows, results, seed))
+        print(report.dumps(rows, results, seed, backend))
     elif show:
         if sys.stdout.isatty():
-            report.print_rich(rows, results)
+            report.print_rich(rows, results, backend)
         else:
-            print(report.text(rows, results))
+            print(report.text(rows, results, backend))
         print(f"({wall:.1f} s, {cpu:.1f} s CPU{f'; report in {out_dir}' if out_dir else ''})")
     ok = all(r.normkit_ok for r in rows) and all(m.normkit_ok for m in results)
     return 0 if ok else 1

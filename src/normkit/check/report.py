@@ -85,11 +85,24 @@ def headline(rows: list[Row], models: list[ModelResult]) -> str:
     return " ".join(parts)
 
 
+def backend_info(status: dict, paths: dict[str, list[str]]) -> dict:
+    """Which backend served normkit's ops in this run: the selected backend, the build state of the native
+    kernels, and every path each kernel family took (``native``, or ``eager (<why>)``)."""
+    return {"selected": status["backend"], "kernels": status["kernels"], "paths": paths}
+
+
+def backend_line(backend: dict | None) -> str:
+    if not backend:
+        return ""
+    paths = "; ".join(f"{op}: {', '.join(p)}" for op, p in backend["paths"].items()) or "no op ran"
+    return f"normkit backend {backend['selected']} (kernels {backend['kernels']}). Paths taken: {paths}"
+
+
 INTRO = ("error = max|out - ref| / max|ref| against a float64 reference on the same rounded input; "
          "'ok up to' = largest input magnitude up to which every magnitude passes")
 
 
-def text(rows: list[Row], models: list[ModelResult]) -> str:
+def text(rows: list[Row], models: list[ModelResult], backend: dict | None = None) -> str:
     out = [f"normkit check: torch {torch.__version__} vs normkit, forward", INTRO, ""]
     if rows:
         out += _plain_table(OP_HEADER, [op_cells(s) for s in summarize(rows)]) + [""]
@@ -98,10 +111,12 @@ def text(rows: list[Row], models: list[ModelResult]) -> str:
                    f"{', '.join(num(s) for s in m.scales)}: first failing layer (torch), judged layer by layer")
         out += ["  " + line for line in model_lines(m)] + [""]
     out.append(headline(rows, models))
+    if backend:
+        out.append(backend_line(backend))
     return "\n".join(out)
 
 
-def print_rich(rows: list[Row], models: list[ModelResult], file=None) -> None:
+def print_rich(rows: list[Row], models: list[ModelResult], backend: dict | None = None, file=None) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -132,6 +147,8 @@ def print_rich(rows: list[Row], models: list[ModelResult], file=None) -> None:
         console.print(t)
     ok = all(r.normkit_ok for r in rows) and all(m.normkit_ok for m in models)
     console.print(headline(rows, models), style="bold green" if ok else "bold red")
+    if backend:
+        console.print(escape(backend_line(backend)), style="dim")
 
 
 # ------------------------------------------------------------------------------------------- JSON
@@ -168,21 +185,21 @@ def model_dict(m: ModelResult) -> dict:
     }
 
 
-def as_dict(rows: list[Row], models: list[ModelResult], seed: int) -> dict:
+def as_dict(rows: list[Row], models: list[ModelResult], seed: int, backend: dict | None = None) -> dict:
     return strict({
-        "torch_version": torch.__version__, "seed": seed,
+        "torch_version": torch.__version__, "seed": seed, "backend": backend,
         "ok": all(r.normkit_ok for r in rows) and all(m.normkit_ok for m in models),
         "ops": {"rows": [_row_dict(r) for r in rows], "summary": [dataclasses.asdict(s) for s in summarize(rows)]},
         "models": [model_dict(m) for m in models],
     })
 
 
-def dumps(rows, models, seed: int) -> str:
-    return json.dumps(as_dict(rows, models, seed), indent=1, allow_nan=False)
+def dumps(rows, models, seed: int, backend: dict | None = None) -> str:
+    return json.dumps(as_dict(rows, models, seed, backend), indent=1, allow_nan=False)
 
 
 # ------------------------------------------------------------------------------------------- report.md
-def markdown(rows: list[Row], models: list[ModelResult], plots: list[str]) -> str:
+def markdown(rows: list[Row], models: list[ModelResult], plots: list[str], backend: dict | None = None) -> str:
     out = [f"# normkit check", "", f"torch {torch.__version__} vs normkit, forward. {INTRO}.", ""]
     if rows:
         out += ["## Operators", "", "| " + " | ".join(OP_HEADER) + " |", "|" + "---|" * len(OP_HEADER)]
@@ -206,5 +223,8 @@ def markdown(rows: list[Row], models: list[ModelResult], plots: list[str]) -> st
         out.append("")
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    if backend:
+        out += ["## Backend", "", f"Selected: {backend['selected']}; native kernels: {backend['kernels']}.", ""]
+        out += [f"- {op}: {', '.join(p)}" for op, p in backend["paths"].items()] + [""]
     out.append(headline(rows, models))
     return "\n".join(out) + "\n"

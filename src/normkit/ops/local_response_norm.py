@@ -329,26 +329,30 @@ NATIVE_MIN_ROW = 16  # elements after the window's dimension: shorter rows do no
 
 
 def _native_layout(x: Tensor, win: Window):
-    """``(kernel, x as a contiguous (N, C, S) view)`` when the fused CPU kernel applies, else None. Only
-    reached with values on hand (plain CPU tensors, never fake or vmap-batched ones)."""
-    if len(win.dims) != 1 or x.numel() < NATIVE_MIN_NUMEL or not x.is_contiguous():
-        return None
+    """``(kernel, x as a contiguous (N, C, S) view)`` when the fused CPU kernel applies, else the reason it
+    does not. Only reached with values on hand (plain CPU tensors, never fake or vmap-batched ones)."""
     d = win.dims[0]
-    if math.prod(x.shape[d + 1:]) < NATIVE_MIN_ROW:
-        return None
-    kernel = _native.load("lrn_kernel")
-    return None if kernel is None else (kernel, x.view(math.prod(x.shape[:d]), x.shape[d], -1))
+    why = ("a spatial window" if len(win.dims) != 1 else f"fewer than {NATIVE_MIN_NUMEL} elements"
+           if x.numel() < NATIVE_MIN_NUMEL else "not contiguous" if not x.is_contiguous()
+           else f"rows shorter than {NATIVE_MIN_ROW}" if math.prod(x.shape[d + 1:]) < NATIVE_MIN_ROW else None)
+    kernel = None if why is not None else _native.load("lrn_kernel")
+    if kernel is None:
+        return why or ("backend eager" if _native.get_backend() == "eager" else "kernels unavailable")
+    return kernel, x.view(math.prod(x.shape[:d]), x.shape[d], -1)
 
 
 def lrn_forward(x: Tensor, win: Window) -> Tensor:
     """``y = x * (k + c * sum_W x**2) ** -beta`` in the compute dtype of ``x`` (which it must already be)."""
     if not _fast_ok(x, win):
+        _native.note("local_response_norm", "eager (robust path)")
         return _robust_forward(x, win)
     native = _native_layout(x, win)
-    if native is not None:
-        kernel, x3 = native
-        return kernel.lrn_forward(x3, win.lo, win.hi, win.c, win.k, win.beta).view(x.shape)
-    return _fast_forward(x, win)
+    if isinstance(native, str):
+        _native.note("local_response_norm", f"eager (plain formula: {native})")
+        return _fast_forward(x, win)
+    _native.note("local_response_norm", "native")
+    kernel, x3 = native
+    return kernel.lrn_forward(x3, win.lo, win.hi, win.c, win.k, win.beta).view(x.shape)
 
 
 def lrn_backward(g: Tensor, x: Tensor, win: Window) -> Tensor:
@@ -357,7 +361,7 @@ def lrn_backward(g: Tensor, x: Tensor, win: Window) -> Tensor:
     if torch.is_grad_enabled() or not _fast_ok(x, win, x_limit=2.0**20, g=g):
         return _robust_backward(g, x, win)
     native = _native_layout(x, win)
-    if native is not None:
+    if not isinstance(native, str):
         kernel, x3 = native
         return kernel.lrn_backward(g.contiguous().view(x3.shape), x3, win.lo, win.hi, win.c, win.k, win.beta).view(x.shape)
     return _fast_backward(g, x, win)
