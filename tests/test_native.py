@@ -253,6 +253,22 @@ def test_custom_op_is_one_node_in_fx(mode, grad):
     assert any("normkit.stats_norm" in t for t in targets) and any("normkit.affine_eval" in t for t in targets), targets
 
 
+def test_backward_ops_are_recorded_in_fx():
+    """Backward calls the kernels directly in eager mode, but a traced backward records the backward ops."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, w):
+        y = _fast.standardize_affine(x, w.view(1, 4, 1), None, (0, 2), 1e-5, True)[0]
+        y = y + _fast.stats_affine(x, torch.zeros(1, 4, 1), torch.ones(1, 4, 1), w.view(1, 4, 1), None, 1e-5)
+        return torch.autograd.grad(y.square().sum(), (x, w))
+    x, w = torch.randn(2, 4, 9, requires_grad=True), torch.rand(4).add(0.5).requires_grad_()
+    gm = make_fx(f)(x, w)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert any("normkit.stats_norm_backward" in t for t in targets) and any("normkit.affine_eval_backward" in t for t in targets), targets
+    for got, ref in zip(gm(x, w), f(x, w)):
+        assert torch.equal(got, ref)
+
+
 def test_no_grad_calls_match_the_op():
     """The dispatcher-free no-grad route and the custom op give identical results."""
     x, w, b = torch.randn(4, 6, 9), torch.rand(6) + 0.5, torch.randn(6)

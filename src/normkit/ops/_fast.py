@@ -65,12 +65,14 @@ def _(x, weight, bias, layout, groups, eps, center):
     return x.new_empty(x.shape), x.new_empty((_n_groups(x.shape, layout, groups), 8), dtype=torch.float32)
 
 
-@torch.library.custom_op("normkit::stats_norm_backward", mutates_args=())
-def stats_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, stats: Tensor, layout: int, groups: int, center: bool,
-                        need_dx: bool, need_param: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _stats_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, stats: Tensor, layout: int, groups: int, center: bool,
+                    need_dx: bool, need_param: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)`` of :func:`stats_norm` (empty tensors where not asked for; parameter grads float32)."""
     dx, dw, db = _native.load("norm_kernel").stats_backward(dy, x, weight, stats, layout, groups, center, need_dx, need_param)
     return dx, dw, db
+
+
+stats_norm_backward = torch.library.custom_op("normkit::stats_norm_backward", _stats_norm_bwd, mutates_args=())
 
 
 @stats_norm_backward.register_fake
@@ -110,7 +112,8 @@ def _stats_norm_backward(ctx, dy, dstats):
         dw = (dyv * s.x_hat).sum_to_size(wv.shape).reshape(weight.shape) if need_w else None
         db = dyv.sum_to_size(wv.shape).reshape(weight.shape) if need_b else None
         return dx, dw, db, None, None, None, None
-    dx, dw, db = stats_norm_backward(dy.contiguous(), x, weight, stats, layout, groups, center, need_dx, need_w or need_b)
+    dx, dw, db = _route(stats_norm_backward, _stats_norm_bwd, dy)(
+        dy.contiguous(), x, weight, stats, layout, groups, center, need_dx, need_w or need_b)
     return dx if need_dx else None, dw if need_w else None, db if need_b else None, None, None, None, None
 
 
@@ -131,13 +134,15 @@ def _(x, mean, var, weight, bias, eps):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("normkit::affine_eval_backward", mutates_args=())
-def affine_eval_backward(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, eps: float,
-                         need_dx: bool, need_param: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _affine_eval_bwd(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, eps: float,
+                     need_dx: bool, need_param: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)`` of :func:`affine_eval` (empty where not asked for)."""
     rstd = torch.rsqrt(var + eps)
     dx, dw, db = _native.load("norm_kernel").eval_backward(dy, x, mean, rstd, weight, need_dx, need_param)
     return dx, dw, db
+
+
+affine_eval_backward = torch.library.custom_op("normkit::affine_eval_backward", _affine_eval_bwd, mutates_args=())
 
 
 @affine_eval_backward.register_fake
@@ -165,7 +170,8 @@ def _affine_eval_backward(ctx, dy):
         dw = (dyc * x_hat).sum_to_size(view(weight).shape).reshape(-1) if need_w else None
         db = dyc.sum_to_size(view(weight).shape).reshape(-1) if need_b else None
         return dx, None, None, dw, db, None
-    dx, dw, db = affine_eval_backward(dy.contiguous(), x, mean, var, weight, ctx.eps, need_dx, need_w or need_b)
+    dx, dw, db = _route(affine_eval_backward, _affine_eval_bwd, dy)(
+        dy.contiguous(), x, mean, var, weight, ctx.eps, need_dx, need_w or need_b)
     return dx if need_dx else None, None, None, dw if need_w else None, db if need_b else None, None
 
 
@@ -175,9 +181,10 @@ affine_eval.register_autograd(_affine_eval_backward, setup_context=_affine_eval_
 # ---- the same ops without the dispatcher ------------------------------------------------------------------
 
 def _route(op, impl, *tensors: Tensor | None):
-    """``impl`` (the op's own body) where no graph can be recorded and no gradient is needed: plain eager
-    tensors under no_grad or without requires_grad, where torch.library's dispatch would cost more than a
-    small layer's kernel; ``op`` itself otherwise (autograd, torch.compile, make_fx, tensor subclasses)."""
+    """``impl`` (the op's own body) where no graph can be recorded and no gradient is needed -- plain eager
+    tensors under no_grad or without requires_grad, and the backward ops as autograd runs them -- where
+    torch.library's dispatch (15-40 us) would cost as much as a small layer's kernel; ``op`` itself
+    otherwise (autograd through the forward ops, torch.compile, make_fx, tensor subclasses)."""
     if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
             or type(tensors[0]) is not Tensor or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None):
         return op
