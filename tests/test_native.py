@@ -1,7 +1,7 @@
-"""The native kernels (ops/norm_kernel.cpp through ops/_fast.py): same answers as the eager path and the
-float64 oracle on the robustness sweep and on awkward shapes, gradients included; the custom ops pass
-torch.library.opcheck; a training forward keeps only the input and O(groups) statistics; the eager
-fallback when disabled or when the build fails."""
+"""The native kernels (ops/norm_kernel.cpp, ops/channels_last_kernel.cpp through ops/_fast.py): same answers
+as the eager path and the float64 oracle on the robustness sweep and on awkward shapes, gradients included,
+contiguous and channels_last; the custom ops pass torch.library.opcheck; a training forward keeps only the
+input and O(groups) statistics; the eager fallback when disabled or when the build fails."""
 
 from __future__ import annotations
 
@@ -156,25 +156,145 @@ def test_tiny_eps_and_zero_groups(routed):
     assert _paths(routed) == {"native"}
 
 
-# ---- layouts the kernels do not take: the eager path serves, with the same answer ------------------------
+# ---- layouts the kernels do not take: copied to contiguous first, with the same answer ---------------------
 
-def test_channels_last_and_views_are_copied(routed):
-    """Non-contiguous inputs are copied to contiguous for the kernels; output layout and values as eager."""
-    x = torch.randn(2, 6, 5, 7)
-    cl = x.contiguous(memory_format=torch.channels_last)
+def test_strided_views_are_copied(routed):
+    """Non-contiguous inputs other than channels last are copied to contiguous for the kernels; output layout
+    and values as eager."""
+    cl = torch.randn(2, 6, 10, 7).contiguous(memory_format=torch.channels_last)[:, :, ::2]  # channels last, rows skipped
     w, b = torch.rand(6) + 0.5, torch.rand(6)
-    for f in (lambda t: nf.batch_norm(t, None, None, w, b, training=True), lambda t: nf.group_norm(t, 3, w, b),
-              lambda t: nf.instance_norm(t, weight=w, bias=b)):
+    for f, copied in ((lambda t: nf.batch_norm(t, None, None, w, b, training=True), True),
+                      (lambda t: nf.group_norm(t, 3, w, b), False),  # its grouped reshape already copies
+                      (lambda t: nf.instance_norm(t, weight=w, bias=b), True)):
         _native.set_backend("eager")
         ref = f(cl)
         _native.set_backend("auto")
         _native._last_path.clear()
         got = f(cl)
-        assert "native (input copied to contiguous)" in routed.values(), routed
+        assert ("native (input copied to contiguous)" if copied else "native") in routed.values(), routed
         assert got.stride() == ref.stride()
-        assert_rel_close(got, ref.double(), torch.float32, "channels_last")
+        assert_rel_close(got, ref.double(), torch.float32, "strided channels_last view")
     view = torch.randn(8, 12)[:, ::2]  # a non-contiguous view
     assert_rel_close(nf.layer_norm(view, (6,)), nf.layer_norm(view.contiguous(), (6,)).double(), torch.float32, "view")
+
+
+# ---- channels last: served in its own layout (ops/channels_last_kernel.cpp) ------------------------------
+
+CL_OPS = [OPS_BY_NAME[name] for name in ("batch_norm_train", "batch_norm_eval", "instance_norm", "group_norm")]
+# 99 = 64 + 32 + 3 channels: a full tile, a half tile and three scalar channels; group norm's 3 groups of 33
+# channels straddle the tiles
+CL_SHAPES = {"C=6": SHAPE, "C=99": (2, 99, 3, 4)}
+CL_NOTE = "native (channels_last)"
+
+
+def _channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+
+
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
+@pytest.mark.parametrize("op", CL_OPS, ids=lambda o: o.name)
+@pytest.mark.parametrize("shape", list(CL_SHAPES.values()), ids=list(CL_SHAPES))
+@pytest.mark.skipif(not oracle.EXTENDED, reason="the oracle needs x86-64 80-bit long double")
+def test_sweep_channels_last_vs_oracle(routed, op, dtype, shape):
+    """The robustness sweep (1e-30 .. the dtype's top, offsets to 1e7, constants) on channels_last inputs: output
+    and every gradient vs the oracle, served natively in that layout."""
+    for label, scale, make in sweep(dtype, shape):
+        x = _channels_last(make().to(dtype))
+        p = op.params(x, scale)
+        dy = torch.randn(shape, dtype=torch.float64).to(dtype)  # contiguous: the kernel gets it transposed
+        check_case(op, x, p, dy, dtype, f"channels_last {label}")
+    assert set(routed.values()) == {CL_NOTE}, routed
+
+
+CL_AWKWARD = [
+    ((1, 65, 4, 4), "N=1, 65 channels: a tile and a scalar channel"),
+    ((3, 7, 5, 3), "7 channels, scalar only"),
+    ((2, 32, 3, 3), "one tile of 32 channels"),
+    ((2, 96, 2, 2), "4 spatial values, below MIN_SEGMENT"),
+    ((3, 48, 1, 2), "2 spatial values"),
+    ((2, 16, 2, 3, 2), "channels_last_3d"),
+]
+
+
+@pytest.mark.parametrize("shape,why", CL_AWKWARD, ids=[a[1] for a in CL_AWKWARD])
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
+@pytest.mark.parametrize("op", CL_OPS, ids=lambda o: o.name)
+def test_channels_last_awkward_shapes_vs_eager_and_oracle(routed, op, dtype, shape, why):
+    if op.name == "group_norm" and shape[1] % 3:
+        pytest.skip("3 groups must divide the channels")
+    x = _channels_last((torch.randn(shape, dtype=torch.float64) * 3 + 1).to(dtype))
+    p = op.params(x, 1.0)
+    dy = _channels_last(torch.randn(shape, dtype=torch.float64).to(dtype))
+    fast = run_normkit(op, x, p, dy)
+    assert set(routed.values()) == {CL_NOTE}, routed
+    _native.set_backend("eager")
+    eager = run_normkit(op, x, p, dy)
+    ref = run_oracle(op, x, p, dy)
+    for key in fast:
+        if key == "dx" and _group_size(op.name, shape) <= 2:
+            continue  # groups of one or two: dx is pure cancellation (README, known differences)
+        assert_rel_close(fast[key], eager[key].double(), dtype, f"{op.name} {why} {key}: native vs eager",
+                         rel=2 * REL_TOL[dtype])
+        assert_rel_close(fast[key], ref[key], dtype, f"{op.name} {why} {key}: native vs oracle")
+
+
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,groups", [((2, 64, 5, 7), 1), ((2, 64, 5, 7), 32), ((2, 64, 5, 7), 64),
+                                          ((1, 96, 3, 3), 3), ((1, 96, 3, 3), 96), ((3, 70, 2, 3), 7)])
+def test_channels_last_group_counts_vs_oracle(routed, dtype, shape, groups):
+    """Groups of every width: the whole row, 2 channels, 1 channel, 32 channels across tiles, 10 channels."""
+    x = _channels_last((torch.randn(shape, dtype=torch.float64) * 2 - 1).to(dtype))
+    w = (torch.rand(shape[1], dtype=torch.float64) + 0.5).to(dtype)
+    b = torch.randn(shape[1], dtype=torch.float64).to(dtype)
+    dy = _channels_last(torch.randn(shape, dtype=torch.float64).to(dtype))
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    y = nf.group_norm(xg, groups, wg, bg)
+    y.backward(dy)
+    ref = oracle.group_norm(oracle.ld(x), groups, oracle.ld(w), oracle.ld(b), oracle.ld(dy), 1e-5)
+    for key, got in (("y", y.detach()), ("dx", xg.grad), ("dweight", wg.grad), ("dbias", bg.grad)):
+        assert_rel_close(got, ref[key], dtype, f"group_norm groups={groups} {key}")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert set(routed.values()) == {CL_NOTE}, routed
+
+
+def test_channels_last_keeps_torchs_output_layout(routed):
+    """The note says channels_last; outputs have torch's strides (channels_last kept by batch and group norm,
+    instance norm contiguous), in 4-D and 5-D."""
+    import torch.nn.functional as F
+
+    for shape in ((2, 6, 5, 7), (2, 6, 3, 4, 2)):
+        x = _channels_last(torch.randn(shape))
+        c = shape[1]
+        w, b, rm, rv = torch.rand(c) + 0.5, torch.rand(c), torch.randn(c), torch.rand(c) + 0.5
+        for name, call in (("batch_norm train", lambda m: m.batch_norm(x, None, None, w, b, training=True)),
+                           ("batch_norm eval", lambda m: m.batch_norm(x, rm, rv, w, b, training=False)),
+                           ("group_norm", lambda m: m.group_norm(x, 3, w, b)),
+                           ("instance_norm", lambda m: m.instance_norm(x, weight=w, bias=b)),
+                           ("instance_norm no affine", lambda m: m.instance_norm(x))):
+            _native._last_path.clear()
+            got = call(nf)
+            assert set(routed.values()) == {CL_NOTE}, (name, routed)
+            assert got.stride() == call(F).stride(), name
+
+
+def test_channels_last_ordinary_data_takes_the_plain_formula():
+    """Ordinary data gets the one-pass plain formula (e = 0 in the saved statistics). A wrong sum sends a group
+    to the robust passes, which still give the right answer, only slower: the value checks cannot see it."""
+    for n, s, c, groups in [(1, 3000, 128, 128), (4, 300, 64, 16), (2, 500, 7, 7), (3, 200, 99, 33), (1, 5000, 32, 32)]:
+        for dtype in NATIVE_DTYPES:
+            x = torch.randn(n, s, c).to(dtype)
+            _, stats = _fast.stats_norm(x, torch.ones(c), torch.zeros(c), _fast.GROUPS_CL, groups, 1e-5, True)
+            assert (stats[:, 0] == 0).all(), ((n, s, c, groups), dtype, stats[:, 0])
+
+
+def test_channels_last_large_channel_at_offset(routed):
+    """Batch norm over 2**20 channels_last values per channel at 1e4 over unit noise: chunked, compensated sums."""
+    op = OPS_BY_NAME["batch_norm_train"]
+    x = _channels_last((1e4 + torch.randn(64, 16, 128, 128, dtype=torch.float64)).float())
+    p = op.params(x, 1e4)
+    dy = torch.randn(x.shape)
+    check_case(op, x, p, dy, torch.float32, "2**20 channels_last values")
+    assert set(routed.values()) == {CL_NOTE}, routed
 
 
 def test_float64_and_empty_stay_eager(routed):
@@ -186,23 +306,28 @@ def test_float64_and_empty_stay_eager(routed):
 
 # ---- autograd, custom ops, memory ---------------------------------------------------------------------
 
-def test_double_backward_matches_eager(routed):
-    x = torch.randn(3, 6, 4, 4)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_double_backward_matches_eager(routed, layout):
+    x = torch.randn(3, 6, 4, 4).contiguous(memory_format=layout)
     w = torch.rand(6) + 0.5
 
-    def grads(backend):
+    def grads(backend, f):
         _native.set_backend(backend)
         xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        (gx,) = torch.autograd.grad(nf.group_norm(xg, 3, wg).pow(2).sum(), xg, create_graph=True)
+        (gx,) = torch.autograd.grad(f(xg, wg).pow(3).sum(), xg, create_graph=True)
         return torch.autograd.grad(gx.pow(2).sum(), (xg, wg))
 
-    for a, b in zip(grads("auto"), grads("eager")):
-        assert_rel_close(a, b.double(), torch.float32, "double backward")
+    rm, rv = torch.randn(6), torch.rand(6) + 0.5
+    for f in (lambda t, w: nf.group_norm(t, 3, w), lambda t, w: nf.batch_norm(t, None, None, w, training=True),
+              lambda t, w: nf.batch_norm(t, rm, rv, w, training=False)):
+        for a, b in zip(grads("auto", f), grads("eager", f)):
+            assert_rel_close(a, b.double(), torch.float32, "double backward")
 
 
-def test_saved_for_backward_is_input_plus_statistics(routed):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_saved_for_backward_is_input_plus_statistics(routed, layout):
     """A training forward keeps the input (no copy) and 8 floats per group, not a full-size x_hat."""
-    x = torch.randn(8, 16, 32, 32, requires_grad=True)
+    x = torch.randn(8, 16, 32, 32).contiguous(memory_format=layout).requires_grad_()
     w, b = torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
     saved = []
 
@@ -228,9 +353,17 @@ def _opcheck_samples():
     yield _fast.affine_eval, (torch.randn(2, 6, 9), torch.randn(6), torch.rand(6) + 1, torch.randn(6), torch.randn(6), 1e-5)
     yield _fast.affine_eval_backward, (torch.randn(2, 6, 9), torch.randn(2, 6, 9), torch.randn(6), torch.rand(6, dtype=f),
                                        torch.randn(6), 1e-5, True, False)
+    cl = _fast.GROUPS_CL  # channels last: x (N, S, C) for the statistics op, (R, C) for the given-statistics one
+    yield _fast.stats_norm, (torch.randn(2, 9, 6), torch.rand(6) + .5, torch.randn(6), cl, 3, 1e-5, True)
+    yield _fast.stats_norm, (torch.randn(1, 9, 20).to(torch.bfloat16), torch.rand(20) + .5, torch.randn(20), cl, 20, 1e-5, True)
+    stats = _fast.stats_norm(torch.randn(2, 9, 6), torch.ones(6), torch.zeros(6), cl, 3, 1e-5, True)[1]
+    yield _fast.stats_norm_backward, (torch.randn(2, 9, 6), torch.randn(2, 9, 6), torch.ones(6), stats, cl, 3, True, True, True)
+    yield _fast.affine_eval, (torch.randn(18, 6), torch.randn(6), torch.rand(6) + 1, torch.randn(6), torch.randn(6), 1e-5)
+    yield _fast.affine_eval_backward, (torch.randn(18, 6), torch.randn(18, 6), torch.randn(6), torch.rand(6, dtype=f),
+                                       torch.randn(6), 1e-5, True, True)
 
 
-@pytest.mark.parametrize("i", range(7))
+@pytest.mark.parametrize("i", range(12))
 def test_opcheck(i):
     op, args = list(_opcheck_samples())[i]
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and op in (_fast.stats_norm, _fast.affine_eval)

@@ -38,13 +38,13 @@ CONSTANTS = {
 }
 
 
-def sweep(dtype):
+def sweep(dtype, shape=SHAPE):
     for m in MAGNITUDES[dtype]:
-        yield f"magnitude {m:g}", m, lambda: (torch.rand(SHAPE, dtype=torch.float64) * 2 - 1) * m
+        yield f"magnitude {m:g}", m, lambda: (torch.rand(shape, dtype=torch.float64) * 2 - 1) * m
     for off, noise in OFFSETS[dtype]:
-        yield f"offset {off:g} noise {noise:g}", off, lambda: off + noise * torch.randn(SHAPE, dtype=torch.float64)
+        yield f"offset {off:g} noise {noise:g}", off, lambda: off + noise * torch.randn(shape, dtype=torch.float64)
     for c in CONSTANTS[dtype]:
-        yield f"constant {c:g}", abs(c) or 1.0, lambda: torch.full(SHAPE, c, dtype=torch.float64)
+        yield f"constant {c:g}", abs(c) or 1.0, lambda: torch.full(shape, c, dtype=torch.float64)
 
 
 def check_case(op, x, p, dy, dtype, label):

@@ -33,7 +33,8 @@ _backend = "auto"  # "auto": native where it applies and builds; "native": the s
 _last_path: dict[str, str] = {}  # op -> "native" | "eager (<reason>)" on its last call
 _seen: dict[str, set[str]] = {}  # op -> every path it took since paths_seen(reset=True)
 
-KERNELS = ("lrn_kernel", "norm_kernel")  # compiled into one extension module
+KERNELS = ("lrn_kernel", "norm_kernel", "channels_last_kernel")  # compiled into one extension module
+HEADERS = ("norm_common.h",)  # included by the kernels (ops/ is on the include path)
 BACKENDS = ("auto", "native", "eager")
 _DECL = re.compile(r"^(?:torch::Tensor|std::vector<torch::Tensor>) (\w+)\(", re.M)
 
@@ -56,6 +57,10 @@ def _sources() -> list[str]:
     return [(Path(__file__).parent / "ops" / f"{k}.cpp").read_text() for k in KERNELS]
 
 
+def _header_texts() -> list[str]:
+    return [(Path(__file__).parent / "ops" / h).read_text() for h in HEADERS]
+
+
 def _build_name(sources: list[str]) -> str:
     """Extension name: changes with the sources, the torch version and the CPU (a -march=native build)."""
     import torch
@@ -72,7 +77,7 @@ def _compile():
     if shutil.which("ninja") is None:  # the pip-installed ninja sits beside this interpreter's scripts
         os.environ["PATH"] = sysconfig.get_path("scripts") + os.pathsep + os.environ.get("PATH", "")
     sources = _sources()
-    name = _build_name(sources)
+    name = _build_name(sources + _header_texts())  # a header edit rebuilds too
     functions = [f for s in sources for f in _DECL.findall(s)]
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     cached = any(build_dir.glob(f"{name}*.so"))
@@ -84,6 +89,7 @@ def _compile():
     # the CPU. -fno-math-errno lets sqrt vectorize; -fopenmp makes at::parallel_for use torch's threads and
     # enables the `omp simd` reductions.
     module = cpp_extension.load_inline(name, cpp_sources=sources, functions=functions,
+                                       extra_include_paths=[str(Path(__file__).parent / "ops")],
                                        extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
                                        extra_ldflags=["-fopenmp"], verbose=False)
     _build_seconds = time.perf_counter() - t0

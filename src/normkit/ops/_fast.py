@@ -2,20 +2,27 @@
 
 :func:`standardize_affine` and :func:`stats_affine` take exactly the arguments of the functions of the same
 names in :mod:`normkit.ops._normalize` and return their result computed by a fused CPU kernel
-(``ops/norm_kernel.cpp``), or ``None`` where no kernel applies; the caller then runs its eager path. The
+(``ops/norm_kernel.cpp``, ``ops/channels_last_kernel.cpp``), or ``None`` where no kernel applies; the caller then
+runs its eager path. The
 kernels compute the same robust statistics as :mod:`normkit._stats` (power-of-two scaling, pivot shift,
 two-pass moments, ``rstd = r * 2**k``), so the two paths agree within the core's tolerances.
 
 A kernel serves when: the backend is not ``"eager"`` (:func:`normkit.set_backend`, ``NORMKIT_NATIVE=0``) and the
-kernels are built; the input is a CPU tensor of float32, bfloat16 or float16 with elements (a non-contiguous
-one, e.g. channels_last, is first copied to contiguous: a native channels-last kernel is still to do); no
-``torch.func`` transform or forward-mode AD is active on it; and the reduction is one of
+kernels are built; the input is a CPU tensor of float32, bfloat16 or float16 with elements; no ``torch.func``
+transform or forward-mode AD is active on it; and the reduction is one of
 
 * trailing dims (layer / RMS norm): rows ``(R, D)``;
 * dims ``2..``, affine-free or with a per-channel affine ``(1, A, *lead, 1, ...)`` (instance norm, group
   norm's grouped view): groups of consecutive channels ``(N, C, S)``;
 * dims ``(0, 2, ...)`` (batch norm in training): a group per channel, ``(N, C, S)`` with ``S >= 8``;
 * given statistics (batch / instance norm in eval): ``(N, C, S)`` with ``S >= 8``.
+
+Channels-last inputs (``channels_last``, ``channels_last_3d``, and group norm's grouped view of them: any
+input whose channel dims are innermost in memory) run natively in that layout, as the contiguous ``(N, S, C)``
+array ``x.permute(0, 2, ..., 1)`` is, with no copy and any ``S``: batch norm (train), instance and group norm
+as groups of ``S`` rows by ``Cg`` channels (``GROUPS_CL``; batch norm as one sample of ``N * S`` rows with a
+group per channel), eval as ``(N * S, C)``; the output keeps the input's strides. Any other non-contiguous
+input is first copied to contiguous.
 
 The kernels are ``torch.library`` custom ops (``normkit::stats_norm``, ``normkit::stats_norm_backward``,
 ``normkit::affine_eval``, ``normkit::affine_eval_backward``) with fake kernels, so fx, ``torch.compile`` and
@@ -35,17 +42,23 @@ from .. import _native
 from .._stats import compute_dtype, normalize_with_stats, standardize, standardize_backward
 
 ROWS, GROUPS, CHANNELS = 0, 1, 2
+GROUPS_CL = 3  # channels last: x (N, S, C), a group per (n, g) = S rows x C / groups channels (channels_last_kernel.cpp)
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_SEGMENT = 8  # channel layouts with fewer spatial values per (n, c) run eagerly (a kernel per value is no gain)
-_LAYOUT_NAMES = {ROWS: "rows", GROUPS: "groups", CHANNELS: "channels"}
+_LAYOUT_NAMES = {ROWS: "rows", GROUPS: "groups", CHANNELS: "channels", GROUPS_CL: "groups (channels last)"}
 
 
 def _n_groups(x_shape, layout: int, groups: int) -> int:
-    return x_shape[0] if layout == ROWS else x_shape[0] * groups if layout == GROUPS else x_shape[1]
+    return x_shape[0] if layout == ROWS else x_shape[0] * groups if layout in (GROUPS, GROUPS_CL) else x_shape[1]
 
 
 def _n_params(x_shape, layout: int) -> int:
-    return x_shape[1]  # D for rows, C for (N, C, S)
+    return x_shape[2] if layout == GROUPS_CL else x_shape[1]  # D for rows, C for (N, C, S) and (N, S, C)
+
+
+def _entry(name: str, channels_last: bool):
+    """The kernel function ``name`` of norm_kernel.cpp, or its ``name_cl`` twin of channels_last_kernel.cpp."""
+    return getattr(_native.load("channels_last_kernel"), f"{name}_cl") if channels_last else getattr(_native.load("norm_kernel"), name)
 
 
 # ---- custom ops -------------------------------------------------------------------------------------------
@@ -53,7 +66,7 @@ def _n_params(x_shape, layout: int) -> int:
 def _stats_norm(x: Tensor, weight: Tensor, bias: Tensor, layout: int, groups: int, eps: float, center: bool) -> tuple[Tensor, Tensor]:
     """``(y, stats)``: ``y = standardize(x) * weight + bias`` per group; ``stats`` (groups, 8) float32 holds
     ``e, pivot, mean_d, r, k, mean, var`` (see norm_kernel.cpp). weight/bias: float32 of D (rows) or C values."""
-    y, stats = _native.load("norm_kernel").stats_forward(x, weight, bias, layout, groups, eps, center)
+    y, stats = _entry("stats_forward", layout == GROUPS_CL)(x, weight, bias, layout, groups, eps, center)
     return y, stats
 
 
@@ -68,7 +81,7 @@ def _(x, weight, bias, layout, groups, eps, center):
 def _stats_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, stats: Tensor, layout: int, groups: int, center: bool,
                     need_dx: bool, need_param: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)`` of :func:`stats_norm` (empty tensors where not asked for; parameter grads float32)."""
-    dx, dw, db = _native.load("norm_kernel").stats_backward(dy, x, weight, stats, layout, groups, center, need_dx, need_param)
+    dx, dw, db = _entry("stats_backward", layout == GROUPS_CL)(dy, x, weight, stats, layout, groups, center, need_dx, need_param)
     return dx, dw, db
 
 
@@ -86,6 +99,9 @@ def _eager_view(x: Tensor, weight: Tensor, layout: int, groups: int):
     """``x`` and ``weight`` shaped for the eager formulas, and the reduced dims."""
     if layout == ROWS:
         return x, weight, (1,)
+    if layout == GROUPS_CL:
+        n, s, c = x.shape
+        return x.view(n, s, groups, c // groups), weight.view(1, 1, groups, c // groups), (1, 3)
     n, c, s = x.shape
     if layout == GROUPS:
         return x.view(n, groups, c // groups, s), weight.view(1, groups, c // groups, 1), (2, 3)
@@ -121,9 +137,10 @@ stats_norm.register_autograd(_stats_norm_backward, setup_context=_stats_norm_set
 
 
 def _affine_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """``y = (x - mean) * rsqrt(var + eps) * weight + bias`` per channel of ``x (N, C, S)``; params float32 (C,)."""
+    """``y = (x - mean) * rsqrt(var + eps) * weight + bias`` per channel of ``x (N, C, S)``, or of ``x (R, C)``
+    (channels last); params float32 (C,)."""
     rstd = torch.rsqrt(var + eps)
-    return _native.load("norm_kernel").eval_forward(x, mean, rstd, weight, bias)
+    return _entry("eval_forward", x.dim() == 2)(x, mean, rstd, weight, bias)
 
 
 affine_eval = torch.library.custom_op("normkit::affine_eval", _affine_eval, mutates_args=())
@@ -138,7 +155,7 @@ def _affine_eval_bwd(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: T
                      need_dx: bool, need_param: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)`` of :func:`affine_eval` (empty where not asked for)."""
     rstd = torch.rsqrt(var + eps)
-    dx, dw, db = _native.load("norm_kernel").eval_backward(dy, x, mean, rstd, weight, need_dx, need_param)
+    dx, dw, db = _entry("eval_backward", x.dim() == 2)(dy, x, mean, rstd, weight, need_dx, need_param)
     return dx, dw, db
 
 
@@ -163,7 +180,7 @@ def _affine_eval_backward(ctx, dy):
     need_dx, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     if torch.is_grad_enabled():  # double backward: x_hat as a differentiable function of x
         ct = compute_dtype(x.dtype)
-        view = (lambda t: t.view(1, -1, 1))
+        view = (lambda t: t.view(1, -1, *[1] * (x.dim() - 2)))  # (N, C, S) or channels-last (R, C)
         x_hat, rstd = normalize_with_stats(x.to(ct), view(mean), view(var), ctx.eps)
         dyc = dy.to(ct)
         dx = (dyc * view(weight) * rstd).to(x.dtype) if need_dx else None
@@ -269,13 +286,17 @@ def _plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims, center: b
 def _op_name(layout: int, center: bool) -> str:
     return {ROWS: "rows: layer_norm" if center else "rows: rms_norm",
             GROUPS: "groups: group_norm/instance_norm",
-            CHANNELS: "channels: batch_norm (train)"}[layout]
+            CHANNELS: "channels: batch_norm (train)", GROUPS_CL: "groups: group_norm/instance_norm"}[layout]
 
 
 def standardize_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims, eps: float, center: bool = True):
     """``(y, mean, var)`` as :func:`normkit.ops._normalize.standardize_affine` returns them, from a native
     kernel; ``None`` where none applies (the caller then runs the eager path)."""
     why = _why_not(x, weight, bias)
+    if why is None and not x.is_contiguous():
+        fast = _standardize_channels_last(x, weight, bias, dims, eps, center)
+        if fast is not None:
+            return fast
     copied = why is None and not x.is_contiguous()
     if copied:  # channels_last or a strided view: the kernels read (N, C, S) rows, so copy once (autograd-tracked)
         x = x.contiguous()
@@ -297,6 +318,10 @@ def standardize_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, di
 def stats_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
     """``y`` as :func:`normkit.ops._normalize.stats_affine` returns it, from a native kernel; else ``None``."""
     why = _why_not(x, mean, var, weight, bias)
+    if why is None and not x.is_contiguous():
+        fast = _stats_affine_channels_last(x, mean, var, weight, bias, eps)
+        if fast is not None:
+            return fast
     if why is None:
         nd = x.dim()
         cshape = (1, x.shape[1], *([1] * (nd - 2))) if nd >= 2 else None
@@ -316,3 +341,76 @@ def stats_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bi
     v = var.detach().reshape(c).to(torch.float32).contiguous()
     y = _route(affine_eval, _affine_eval, x, weight, bias)(x.reshape(x.shape[0], c, -1), m, v, _param(weight, c, 1.0), _param(bias, c, 0.0), float(eps))
     return y.view(x.shape)
+
+
+# ---- channels last -------------------------------------------------------------------------------------
+
+def _channels_minor(x: Tensor, lead: int):
+    """``(perm, x.permute(perm))`` when that view is contiguous: ``perm`` moves dims ``(1, 2, ..., 1 + lead)``
+    (the channel dims) after the spatial ones; else None."""
+    nd = x.dim()
+    perm = (0, *range(2 + lead, nd), 1, *range(2, 2 + lead))
+    xv = x.permute(perm)
+    return (perm, xv) if xv.is_contiguous() else None
+
+
+def _from_rows(y: Tensor, xv: Tensor, perm) -> Tensor:
+    """The kernel's output, laid out as ``xv = x.permute(perm)``, viewed back in ``x``'s shape and strides."""
+    inverse = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return y.view(xv.shape).permute(inverse)
+
+
+def _channels_last_plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims, center: bool):
+    """For an input whose channel dims are innermost in memory: ``(perm, xv, x rows (N', S, C), groups, op name)``
+    for layout ``GROUPS_CL``, or None (the caller's copy to contiguous then serves)."""
+    nd = x.dim()
+    if not center or nd < 3:
+        return None
+    dims = sorted(d % nd for d in dims)
+    if dims == [0, *range(2, nd)]:  # batch norm in training: one sample of N * S rows, a group per channel
+        if any(p is not None and tuple(p.shape) != (1, x.shape[1], *([1] * (nd - 2))) for p in (weight, bias)):
+            return None
+        found = _channels_minor(x, 0)
+        return None if found is None else (*found, found[1].reshape(1, -1, x.shape[1]), x.shape[1], _op_name(CHANNELS, center))
+    if dims != list(range(2, nd)):
+        return None
+    leads = {_channel_split(x, p) for p in (weight, bias) if p is not None}  # instance norm, group norm's grouped view
+    if None in leads or len(leads) > 1:
+        return None
+    for lead in (leads if leads else range(nd - 2)):  # without parameters: whichever split the strides show
+        found = _channels_minor(x, lead) if lead < nd - 2 else None
+        if found is not None:
+            a, cg = x.shape[1], math.prod(x.shape[2:2 + lead])
+            return (*found, found[1].reshape(x.shape[0], -1, a * cg), a, _op_name(GROUPS, center))
+    return None
+
+
+def _standardize_channels_last(x, weight, bias, dims, eps, center):
+    """:func:`standardize_affine` for a channels-last input, in its layout; None where that does not apply."""
+    plan = _channels_last_plan(x, weight, bias, dims, center)
+    if plan is None or _native.load("channels_last_kernel") is None:
+        return None
+    perm, xv, rows, groups, name = plan
+    n_params = rows.shape[2]
+    _native.note(name, "native (channels_last)")
+    y, stats = _route(stats_norm, _stats_norm, rows, weight, bias)(rows, _param(weight, n_params, 1.0), _param(bias, n_params, 0.0), GROUPS_CL, groups, float(eps), center)
+    nd = x.dim()
+    keep = [1 if (i in {d % nd for d in dims}) else n for i, n in enumerate(x.shape)]
+    return _from_rows(y, xv, perm), stats[:, 5].reshape(keep), stats[:, 6].reshape(keep)
+
+
+def _stats_affine_channels_last(x, mean, var, weight, bias, eps):
+    """:func:`stats_affine` for a channels-last input, as ``(N * S, C)`` rows; None where that does not apply."""
+    nd, c = x.dim(), x.shape[1] if x.dim() >= 2 else 0
+    found = _channels_minor(x, 0) if nd >= 3 else None
+    if found is None or any(p is not None and tuple(p.shape) != (1, c, *([1] * (nd - 2))) for p in (mean, var, weight, bias)):
+        return None
+    if _native.load("channels_last_kernel") is None:
+        return None
+    perm, xv = found
+    _native.note("batch_norm/instance_norm (eval)", "native (channels_last)")
+    y = _route(affine_eval, _affine_eval, xv, weight, bias)(xv.reshape(-1, c), _param(mean.detach(), c, 0.0), _param(var.detach(), c, 1.0), _param(weight, c, 1.0),
+                    _param(bias, c, 0.0), float(eps))
+    return _from_rows(y, xv, perm)

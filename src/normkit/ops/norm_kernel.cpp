@@ -22,25 +22,10 @@
 //   GROUPS x (N, C, S): a group per (n, g) = Cg consecutive channels, affine per channel (group, instance norm);
 //   CHANNELS x (N, C, S): a group per channel over N segments of S (batch norm in training).
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-#include <algorithm>
-#include <cfloat>
-#include <cmath>
-#include <cstring>
-#include <limits>
-#include <type_traits>
-#include <vector>
+#include "norm_common.h"
 
 namespace nk_norm {
 
-constexpr int64_t kChunk = 2048;
-constexpr int kMaxExp = 126;   // 2**126 and 2**-126 are normal floats
 constexpr int kRows = 0, kGroups = 1, kChannels = 2;
 
 struct Shape {
@@ -57,76 +42,6 @@ struct Shape {
   int64_t count() const { return nseg() * S; }
 };
 
-// Loads and stores in float32. bfloat16 is converted with bit operations (which vectorize; c10's conversion
-// operators do not): the same round-to-nearest-even and quiet NaN as c10::BFloat16.
-inline float ld(float v) { return v; }
-inline float ld(c10::Half v) { return static_cast<float>(v); }
-inline float ld(c10::BFloat16 v) {
-  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-template <typename T> inline T to_t(float v) { return static_cast<T>(v); }
-template <> inline c10::BFloat16 to_t<c10::BFloat16>(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  const uint16_t r = std::isnan(v) ? uint16_t(0x7FC0) : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-  return c10::BFloat16(r, c10::BFloat16::from_bits());
-}
-
-// p[i] = v in T; bfloat16 as raw bits (a store of the class type kept some loops from vectorizing)
-inline uint16_t bf16_bits(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  const uint32_t r = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : u + 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(r >> 16);
-}
-inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(c10::Half* p, int64_t i, float v) { p[i] = static_cast<c10::Half>(v); }
-inline void store(c10::BFloat16* p, int64_t i, float v) { reinterpret_cast<uint16_t*>(p)[i] = bf16_bits(v); }
-
-struct Acc {  // Kahan-compensated sum of chunk totals
-  float s = 0.f, c = 0.f;
-  inline void add(float v) { const float y = v - c; const float t = s + y; c = (t - s) - y; s = t; }
-};
-
-// Per group, saved for backward: e, pivot, mean_d, r, k, mean_x, var_x (biased), unused.
-struct Stat { float e, piv, mean_d, r, k, mean_x, var_x, pad; };
-static_assert(sizeof(Stat) == 8 * sizeof(float), "Stat is 8 floats");
-
-// std::ilogb(v): from the exponent bits when v is normal, else libm (0, subnormals, inf, NaN)
-inline int fast_ilogb(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  const int biased = static_cast<int>((u >> 23) & 0xFFu);
-  return biased != 0 && biased != 0xFF ? biased - 127 : static_cast<int>(std::ilogb(v));
-}
-
-inline int exponent_of(float amax) {  // floor(log2(amax)), clamped to the normal range; 0 gives the minimum
-  if (!(amax > 0.f)) return -kMaxExp;
-  if (std::isinf(amax)) return kMaxExp;
-  return std::min(std::max(fast_ilogb(amax), -kMaxExp), kMaxExp);
-}
-
-// 2**q for q in [-126, 127], built from its bits
-inline float exp2i(int q) {
-  const uint32_t u = static_cast<uint32_t>(q + 127) << 23;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-// t * 2**q for any integer q, with a single rounding. Where 2**q is a normal float, t * 2**q is that one
-// correctly rounded product, the value ldexp returns; the multiply replaces a libm call per group (with
-// rows of 64-1024 values these per-group calls were a noticeable part of the time).
-inline float pow2(float t, int q) { return (q >= -126 && q <= 127) ? t * exp2i(q) : std::ldexp(t, q); }
-
-// A per-group multiplier r * 2**q usable in one float multiply: finite and normal, else 0 (use ldexp per element)
-inline float multiplier(float r, int q) {
-  const float m = pow2(r, q);
-  return (std::isfinite(m) && m >= FLT_MIN) ? m : 0.f;
-}
 
 constexpr int kLanes = 64;  // independent float accumulators: 4 AVX-512 (8 AVX2) registers, no long dependency chain
 
@@ -225,10 +140,6 @@ inline void lane_max_sum4(int64_t i0, int64_t i1, F f, float* out) {
   out[3] = reduce_lanes<W>(a3) + t3; out[4] = reduce_lanes<W>(a4) + t4;
 }
 
-// The plain (unscaled) formulas are used for a group when a cheap check proves them safe: every value and
-// every square of a difference of two values stays normal and finite in float32, for up to 2**24 values.
-constexpr float kPlainLo = 0x1p-50f, kPlainHi = 0x1p50f, kTinyVar = 0x1p-100f;
-
 template <typename T>
 inline float amax_seg(const T* p, int64_t n) {
   return lane_max(n, [p](int64_t i) { return std::abs(ld(p[i])); });
@@ -257,19 +168,8 @@ inline void sum_sq(const T* p, int64_t n, float s, float shift, float mean, Acc&
     }));
 }
 
-// _stats.inv_std: 1/sqrt(a * 4**e + eps) = r * 2**k with both terms under the root at most about 4
-inline void inv_std(float a, int e, float eps_m, int eps_q, bool eps_zero, float& r, int& k) {
-  constexpr int bound = 3 * kMaxExp;
-  const double h_eps = eps_zero ? -std::numeric_limits<double>::infinity() : std::floor((eps_q - 1) / 2.0);
-  const double h_a = a > 0.f ? e + std::floor(fast_ilogb(a) / 2.0) : -std::numeric_limits<double>::infinity();
-  const int h = static_cast<int>(std::min<double>(std::max<double>(std::max(h_a, h_eps), -bound), bound));
-  const float u = pow2(a, 2 * (e - h)) + pow2(eps_m, eps_q - 2 * h);
-  r = 1.f / std::sqrt(u);
-  k = -h;
-}
-
 template <typename T>
-Stat group_stats(const T* x, const Shape& sh, int64_t gi, float eps_m, int eps_q, bool eps_zero, bool center) {
+Stat group_stats(const T* x, const Shape& sh, int64_t gi, const Eps& eps, bool center) {
   const int64_t base = sh.base(gi), ns = sh.nseg(), L = sh.S, st = sh.stride();
   const float n = static_cast<float>(sh.count());
   // One pass: max |x| and the first two moments of d = x - pivot, unscaled.
@@ -288,23 +188,12 @@ Stat group_stats(const T* x, const Shape& sh, int64_t gi, float eps_m, int eps_q
       amax = std::max(amax, o[0]); s1.add(o[1]); s2.add(o[2]);
     }
   }
-  // Plain when no value or square can leave float32's normal range and the shifted one-pass variance
-  // sum(d^2) - sum(d)^2/n keeps at least 1/16 of sum(d^2) (at most 4 bits lost to cancellation).
-  bool plain = sh.count() <= (int64_t(1) << 24) && amax >= kPlainLo && amax <= kPlainHi && std::isfinite(s2.s);
-  float mean_d = 0.f, m2 = s2.s;
-  if (plain && center) {
-    mean_d = s1.s / n;
-    m2 = s2.s - s1.s * mean_d;
-    plain = m2 >= s2.s * 0.0625f && (m2 == 0.f ? s2.s == 0.f : m2 >= n * kTinyVar);
-  } else if (plain) {
-    plain = m2 >= n * kTinyVar;
-  }
+  float mean_d, m2;
   int e = 0;
   float piv = piv0;
-  if (!plain) {  // the robust recipe: scale by 2**-e, shift, two passes
-    e = exponent_of(amax);
-    const float sc = pow2(1.f, -e);
-    piv = center ? piv0 * sc : 0.f;
+  if (!plain_moments(amax, s1.s, s2.s, sh.count(), center, mean_d, m2)) {  // robust: scale, shift, two passes
+    float sc;
+    robust_scale(amax, piv0, center, e, sc, piv);
     mean_d = 0.f;
     if (center) {
       Acc acc;
@@ -315,39 +204,10 @@ Stat group_stats(const T* x, const Shape& sh, int64_t gi, float eps_m, int eps_q
     for (int64_t j = 0; j < ns; ++j) sum_sq(x + base + j * st, L, sc, piv, mean_d, q);
     m2 = q.s;
   }
-  const float a = std::max(m2, 0.f) / n;
-  Stat out{};
-  float r; int k;
-  inv_std(a, e, eps_m, eps_q, eps_zero, r, k);
-  out.e = static_cast<float>(e); out.piv = piv; out.mean_d = mean_d; out.r = r; out.k = static_cast<float>(k);
-  out.mean_x = center ? pow2(piv + mean_d, e) : 0.f;
-  out.var_x = pow2(a, 2 * e);
-  return out;
+  return make_stat(m2, mean_d, piv, e, n, eps, center);
 }
-
-// x_hat for element v of a group with statistics st (m: the fast multiplier, or 0)
-struct XHat {
-  float s, piv, mean_d, r, m; int q;
-  explicit XHat(const Stat& st) : s(pow2(1.f, -static_cast<int>(st.e))), piv(st.piv), mean_d(st.mean_d), r(st.r),
-    m(multiplier(st.r, static_cast<int>(st.k + st.e))), q(static_cast<int>(st.k + st.e)) {}
-  inline float slow(float v) const { return pow2(((v * s - piv) - mean_d) * r, q); }
-};
 
 #if defined(__AVX512F__)
-// bfloat16 <-> float32 for 16 lanes, bit-exact with ld / bf16_bits (round to nearest even, NaN -> 0x7FC0).
-// Written out because GCC leaves the bfloat16 output loop below scalar when it is inlined into the kernels
-// (no zmm instructions in the built library; perf showed the scalar store loop taking most of the time).
-inline __m512 ld16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline void st16(c10::BFloat16* p, __m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-}
 
 // The fast path of output_seg for bfloat16: 16 lanes at a time, the same operations (and contractions to
 // fused multiply-adds) as the float loop, the rest through the scalar loop.
@@ -396,14 +256,12 @@ inline void output_seg(const T* x, T* y, int64_t L, const XHat& h, const float* 
 
 template <typename T>
 void stats_forward_impl(const T* x, T* y, Stat* stats, const Shape& sh, const float* w, const float* b, double eps, bool center) {
-  int eps_q = 0;
-  const float eps_m = static_cast<float>(std::frexp(eps, &eps_q));
-  const bool eps_zero = eps == 0.0;
+  const Eps eps_split(eps);
   const int64_t G = sh.groups();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, sh.count()));
   at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t gi = g0; gi < g1; ++gi) {
-      const Stat st = group_stats(x, sh, gi, eps_m, eps_q, eps_zero, center);
+      const Stat st = group_stats(x, sh, gi, eps_split, center);
       stats[gi] = st;
       const XHat h(st);
       const int64_t base = sh.base(gi), stride = sh.stride();
@@ -489,7 +347,7 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
   // over- or underflow: |g| within 2**+-50. Otherwise redo them scaled by 2**-eg (the robust recipe).
   int eg = 0;
   float sg = 1.f, g0s = g0;
-  if (!(gmax >= kPlainLo && gmax <= kPlainHi)) {
+  if (!plain_grad(gmax)) {
     eg = exponent_of(gmax);
     sg = std::ldexp(1.f, -eg);
     g0s = g0 * sg;
@@ -509,9 +367,9 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
       }
     }
   }
-  const float mg = center ? a1.s / n : 0.f, mgx = a2.s / n;
-  const int q2 = static_cast<int>(st.k) + eg;
-  const float m2 = multiplier(st.r, q2);
+  const DxCoef co(st, a1.s, a2.s, n, eg, center);
+  const float mg = co.mg, mgx = co.mgx, m2 = co.m2;
+  const int q2 = co.q2;
   // Pass 2: dx = (gs - mean(gs) - x_hat * mean(gs * x_hat)) * r * 2**(k + eg)
   for (int64_t j = 0; j < ns; ++j) {
     const T* dyp = dy + base + j * stride;
@@ -602,24 +460,7 @@ void stats_backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, cons
 // ---- given statistics (batch / instance norm eval) ----
 // y = (x - mean) * (w * rstd) + b, where w * rstd enters split as m * 2**q (_stats.mul_product): m is the
 // product of the two mantissas, so neither x * rstd nor w * rstd is ever formed where it could overflow and
-// y does not. x - mean is taken in halves where it overflows (_stats.centered).
-
-struct Factor {  // w * rstd = m * 2**q; f = m * 2**q as one float when that is exact (normal or zero), else slow
-  float m, f; int q; bool one;
-  Factor(float w, float rs) {
-    const int ew = exponent_of(std::abs(w)), er = exponent_of(std::abs(rs));
-    m = (w * std::ldexp(1.f, -ew)) * (rs * std::ldexp(1.f, -er));
-    q = ew + er;
-    f = std::ldexp(m, q);
-    one = m == 0.f || (std::isfinite(f) && std::abs(f) >= FLT_MIN);
-  }
-};
-
-// v * m * 2**q (1 <= |m| < 4) with no intermediate overflow where the result is finite: for q < 0 the value
-// is first scaled down by 2**-4 (exact for the large values where it matters; tiny ones give 0 either way)
-inline float apply_split(float v, float m, int q) {
-  return q < 0 ? std::ldexp((v * 0.0625f) * m, q + 4) : std::ldexp(v * m, q);
-}
+// y does not (Factor, apply_split). x - mean is taken in halves where it overflows (_stats.centered).
 
 template <typename T>
 void eval_forward_impl(const T* x, T* y, const float* mean, const float* rstd, const float* w, const float* b,
@@ -711,16 +552,6 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
   }
 }
 
-template <typename F>
-void dispatch_dtype(const torch::Tensor& x, const char* name, F f) {
-  switch (x.scalar_type()) {
-    case at::kFloat: f(float()); break;
-    case at::kBFloat16: f(c10::BFloat16()); break;
-    case at::kHalf: f(c10::Half()); break;
-    default: TORCH_CHECK(false, name, ": expected float32, bfloat16 or float16 input, got ", x.scalar_type());
-  }
-}
-
 Shape make_shape(const torch::Tensor& x, int64_t layout, int64_t groups) {
   Shape sh{layout, 0, 0, 0, 1, 1};
   if (layout == kRows) {
@@ -735,21 +566,6 @@ Shape make_shape(const torch::Tensor& x, int64_t layout, int64_t groups) {
     }
   }
   return sh;
-}
-
-// The outputs of a backward entry point: dx (x's shape and dtype) and float32 dweight, dbias of n values,
-// each an empty tensor where it is not needed.
-inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> grad_buffers(const torch::Tensor& x, int64_t n,
-                                                                            bool need_dx, bool need_param) {
-  auto fopt = x.options().dtype(at::kFloat);
-  return {need_dx ? torch::empty(x.sizes(), x.options()) : torch::empty({0}, x.options()),
-          need_param ? torch::empty({n}, fopt) : torch::empty({0}, fopt),
-          need_param ? torch::empty({n}, fopt) : torch::empty({0}, fopt)};
-}
-
-void check_param(const torch::Tensor& t, int64_t n, const char* what) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, what,
-              ": expected a contiguous float32 tensor of ", n, " elements");
 }
 
 }  // namespace nk_norm

@@ -1,0 +1,745 @@
+// Channels-last CPU kernels for batch norm (train and eval), group norm and instance norm. A channels_last
+// (N, C, *spatial) tensor is a contiguous (N, S, C) array -- x.permute(0, 2, 3, 1), or (0, 2, 3, 4, 1) for
+// channels_last_3d -- so the channels of one spatial position are adjacent: every loop below runs over rows
+// of C values and is vectorized across channels, with no copy to (N, C, S).
+//
+// Statistics of x (normkit::stats_norm layout 3, GROUPS_CL): x (N, S, C), a group per (n, g) = the S rows of
+// sample n times Cg = C / G consecutive channels; weight, bias per channel. Group norm (and instance norm,
+// Cg = 1) as they come; batch norm in training as one sample of N * S rows with G = C. The numerics are
+// norm_kernel.cpp's, group by group (its top comment has the formulas): one pass for max|x|, sum(d), sum(d^2)
+// with d = x - pivot, the pivot being the group's first element x[n, 0, g * Cg]; the plain formula where
+// plain_moments proves it safe, else the robust recipe (scale by 2**-e, shift, two more passes); the same 8
+// floats of Stat per group, so backward and the eager double backward read them unchanged. Backward keeps
+// only x and the statistics and recomputes x_hat:
+//   dx = ((gs - mean(gs)) - x_hat * mean(gs * x_hat)) * r * 2**(k + eg),  dw_c = sum(dy * x_hat),  db_c = sum(dy)
+//
+// Column sums: per-channel accumulators live in registers over blocks of kBlock rows (tiles of 64 or 32, 16,
+// 8 or 1 channels); each block's totals are added to per-channel Kahan sums. Rows are cut into chunks (about
+// 2**17 values; a function of S and C only, so results do not depend on the thread count) whose totals are
+// added in order with Kahan compensation, then a group's Cg channel totals the same way: a channel of 10^5
+// values sums about as accurately as in norm_kernel.cpp. Work runs per sample (its passes then reread data
+// still in cache) when there are at least two samples per thread, else per (sample, chunk).
+//
+// Given statistics (eval; x (R, C), R = N * S): y = (x - mean_c) * (w_c * rstd_c) + b_c with w * rstd split as
+// Factor / apply_split (no intermediate overflow) and x - mean halved where it overflows, exactly as
+// eval_forward_impl; backward dx = dy * (w * rstd), dw_c = sum(dy * x_hat), db_c = sum(dy).
+//
+// Channels that need per-element ldexp (a multiplier outside the normal range: x_hat's, dx's, or eval's
+// split factor, or an eval mean near the top of float32) take a scalar path, one channel at a time.
+// float32, bfloat16 and float16 are read and written in their own type and computed in float32.
+
+#include "norm_common.h"
+
+#include <array>
+#include <functional>
+
+namespace nk_cl {
+
+using namespace nk_norm;
+
+constexpr int64_t kBlock = 64;  // rows summed in registers before a compensated add
+
+// Vectors of 16 float lanes (GCC vector extensions: AVX-512 registers where built for it, pairs of AVX2 ones
+// otherwise). The tiles below are written with them rather than left to the auto-vectorizer, which kept some
+// accumulators in memory or a whole tile scalar.
+typedef float V __attribute__((vector_size(64)));
+typedef uint32_t VU __attribute__((vector_size(64)));
+typedef int32_t VI __attribute__((vector_size(64)));
+typedef uint16_t VH __attribute__((vector_size(32)));
+constexpr int kLanes16 = 16;
+
+// Loads and stores of 16 values of T as float lanes, bit-exact with ld / store
+inline V vload(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
+inline V vload(const c10::BFloat16* p) {
+  VH h;
+  std::memcpy(&h, p, sizeof(VH));
+  return (V)(__builtin_convertvector(h, VU) << 16);
+}
+inline V vload(const c10::Half* p) {
+#if defined(__AVX512F__)
+  return (V)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  V v;
+  for (int i = 0; i < kLanes16; ++i) v[i] = ld(p[i]);
+  return v;
+#endif
+}
+inline void vstore(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+inline void vstore(c10::BFloat16* p, V v) {  // bf16_bits per lane: round to nearest even, NaN -> 0x7FC0
+  const VU u = (VU)v;
+  VU r = u + 0x7FFFu + ((u >> 16) & 1u);
+  r = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? VU{} + 0x7FC00000u : r;
+  const VH h = __builtin_convertvector(r >> 16, VH);
+  std::memcpy(p, &h, sizeof(VH));
+}
+inline void vstore(c10::Half* p, V v) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#else
+  for (int i = 0; i < kLanes16; ++i) store(p, i, v[i]);
+#endif
+}
+
+// One element (Vt = float) or 16 lanes (Vt = V) of T at p
+template <typename Vt, typename T>
+inline Vt load(const T* p) {
+  if constexpr (std::is_same<Vt, float>::value) return ld(*p);
+  else return vload(p);
+}
+template <typename T>
+inline void put(T* p, float v) { store(p, 0, v); }
+template <typename T>
+inline void put(T* p, V v) { vstore(p, v); }
+inline float vabs(float v) { return std::abs(v); }
+inline V vabs(V v) { return (V)((VU)v & 0x7FFFFFFFu); }
+inline float vmax(float a, float b) { return std::max(a, b); }
+inline V vmax(V a, V b) { return a < b ? b : a; }  // std::max's choice per lane (NaN in b is dropped)
+
+// What a pass's element function f(t, r, c, k, j, ...) computes on: Vt lanes (float or V) of channels c..,
+// with S the scalar slow branch (per-element ldexp and the like; only with Vt = float)
+template <typename Vt, bool S>
+struct Lane {
+  using type = Vt;
+  static constexpr bool slow = S;
+};
+template <typename L> using lane_t = typename L::type;
+
+// The per-channel constants of a tile: k[i][j] is constant i for lane j (one channel or 16 of them) --
+// a copy next to the loop, held in registers over long blocks of rows, or (short blocks) loads from the arrays.
+template <typename Vt, int NC, int U, bool Copy>
+struct Consts {
+  Vt k[NC][U];
+  Consts(const float* const* cs, int64_t c0) {
+    for (int i = 0; i < NC; ++i)
+      for (int u = 0; u < U; ++u) k[i][u] = load<Vt>(cs[i] + c0 + u * int64_t(sizeof(Vt) / sizeof(float)));
+  }
+};
+template <typename Vt, int NC, int U>
+struct Consts<Vt, NC, U, false> {
+  struct Row {
+    const float* p;
+    Vt operator[](int u) const { return load<Vt>(p + u * int64_t(sizeof(Vt) / sizeof(float))); }
+  };
+  struct View {
+    const float* p[NC];  // the arrays' addresses at c0, held locally (not reloaded after each store)
+    Row operator[](int i) const { return Row{p[i]}; }
+  } k;
+  Consts(const float* const* cs, int64_t c0) {
+    for (int i = 0; i < NC; ++i) k.p[i] = cs[i] + c0;
+  }
+};
+
+// Rows [r0, r1), U lane groups of channels from c0 (U vectors of 16 channels, or one channel with Vt =
+// float). Per lane group f(t, r, c, k, j, m, v1, .., v4, o) gives (with Mx) a value m >= 0 whose max is kept,
+// K summands and (with Out) the output y[r * C + c ..] = o. Each channel's running max and sums, pm[c] and
+// ps[i * C + c], are held in registers over the rows.
+template <typename Vt, int U, int NC, int K, bool Mx, bool Out, bool S, bool Copy, typename T, typename F>
+inline void reduce_tile(int64_t r0, int64_t r1, int64_t c0, int64_t C, const float* const* cs, F& f, float* pm,
+                        float* ps, T* y) {
+  constexpr int64_t L = sizeof(Vt) / sizeof(float);
+  const Consts<Vt, NC, U, Copy> kc(cs, c0);
+  Vt am[U], a1[U], a2[U], a3[U], a4[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    const int64_t c = c0 + u * L;
+    if constexpr (Mx) am[u] = load<Vt>(pm + c);
+    if constexpr (K >= 1) a1[u] = load<Vt>(ps + c);
+    if constexpr (K >= 2) a2[u] = load<Vt>(ps + C + c);
+    if constexpr (K >= 3) a3[u] = load<Vt>(ps + 2 * C + c);
+    if constexpr (K >= 4) a4[u] = load<Vt>(ps + 3 * C + c);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const int64_t c = c0 + u * L;
+      Vt m{}, v1{}, v2{}, v3{}, v4{}, o{};
+      f(Lane<Vt, S>(), r, c, kc.k, u, m, v1, v2, v3, v4, o);
+      if constexpr (Mx) am[u] = vmax(am[u], m);
+      if constexpr (K >= 1) a1[u] += v1;
+      if constexpr (K >= 2) a2[u] += v2;
+      if constexpr (K >= 3) a3[u] += v3;
+      if constexpr (K >= 4) a4[u] += v4;
+      if constexpr (Out) put(y + r * C + c, o);
+    }
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    const int64_t c = c0 + u * L;
+    if constexpr (Mx) put(pm + c, am[u]);
+    if constexpr (K >= 1) put(ps + c, a1[u]);
+    if constexpr (K >= 2) put(ps + C + c, a2[u]);
+    if constexpr (K >= 3) put(ps + 2 * C + c, a3[u]);
+    if constexpr (K >= 4) put(ps + 3 * C + c, a4[u]);
+  }
+}
+
+// A block's maxima into mx and its sums into the Kahan accumulators, which restart from 0
+__attribute__((noinline)) inline void flush_block(int64_t C, int K, bool mx_too, const float* pm, float* ps, float* mx,
+                                                  Acc* acc) {
+  if (mx_too)
+    for (int64_t c = 0; c < C; ++c) mx[c] = std::max(mx[c], pm[c]);
+  for (int64_t i = 0; i < K * C; ++i) {
+    acc[i].add(ps[i]);
+    ps[i] = 0.f;
+  }
+}
+
+// reduce_tile over rows [r0, r1) of every channel, in tiles of 64, 32 and 16 channels; the last C % 16
+// channels, and every channel flagged in slow (may be null), one at a time (the flagged ones through f's
+// scalar slow branch). Each channel's sum over a block of kBlock rows is added to its Kahan accumulator
+// acc[i * C + c], its max to mx[c]. A row that is one tile (C = 16, 32, 64) streams through with the tile's
+// constants and sums in registers; wider rows are read a few rows at a time across all their tiles, so that
+// memory is still read in order (tile by tile over long blocks, a strided pattern, took twice the time).
+template <int NC, int K, bool Mx, bool Out, typename T, typename F>
+void reduce_rows(int64_t r0, int64_t r1, int64_t C, const float* const* cs, const uint8_t* slow, F f, float* mx,
+                 Acc* acc, T* y) {
+  const bool one_tile = C == 64 || C == 32 || C == 16;
+  const int64_t block = K > 0 ? kBlock : (one_tile ? r1 - r0 : 8);  // an elementwise pass has no sums to flush
+  const int64_t sub = one_tile ? block : 8;
+  std::vector<float> part(static_cast<size_t>((K + 1) * C), 0.f);
+  float* pm = part.data();
+  float* ps = part.data() + C;
+  // the tiles: (first channel, vectors: 4, 2, 1, or 0 for one scalar channel); a vector tile holding a slow
+  // channel is run channel by channel
+  std::vector<std::pair<int64_t, int>> tiles;
+  {
+    auto any_slow = [&](int64_t c0, int64_t w) {
+      for (int64_t c = c0; slow && c < c0 + w; ++c) if (slow[c]) return true;
+      return false;
+    };
+    int64_t c0 = 0;
+    auto add = [&](int u) {
+      if (any_slow(c0, u * kLanes16)) for (int64_t c = c0; c < c0 + u * kLanes16; ++c) tiles.emplace_back(c, 0);
+      else tiles.emplace_back(c0, u);
+      c0 += u * kLanes16;
+    };
+    while (c0 + 64 <= C) add(4);
+    if (c0 + 32 <= C) add(2);
+    if (c0 + 16 <= C) add(1);
+    for (; c0 < C; ++c0) tiles.emplace_back(c0, 0);
+  }
+  auto run = [&](auto copy, int64_t s0, int64_t s1) {
+    constexpr bool Copy = decltype(copy)::value;
+    for (const auto& [c0, u] : tiles) {
+      if (u == 4) reduce_tile<V, 4, NC, K, Mx, Out, false, Copy>(s0, s1, c0, C, cs, f, pm, ps, y);
+      else if (u == 2) reduce_tile<V, 2, NC, K, Mx, Out, false, Copy>(s0, s1, c0, C, cs, f, pm, ps, y);
+      else if (u == 1) reduce_tile<V, 1, NC, K, Mx, Out, false, Copy>(s0, s1, c0, C, cs, f, pm, ps, y);
+      else if (slow && slow[c0]) reduce_tile<float, 1, NC, K, Mx, Out, true, false>(s0, s1, c0, C, cs, f, pm, ps, y);
+      else reduce_tile<float, 1, NC, K, Mx, Out, false, false>(s0, s1, c0, C, cs, f, pm, ps, y);
+    }
+  };
+  for (int64_t b0 = r0; b0 < r1; b0 += block) {
+    const int64_t b1 = std::min(r1, b0 + block);
+    for (int64_t s0 = b0; s0 < b1; s0 += sub) {
+      if (one_tile) run(std::true_type(), s0, std::min(b1, s0 + sub));
+      else run(std::false_type(), s0, std::min(b1, s0 + sub));
+    }
+    if constexpr (K >= 1) flush_block(C, K, Mx, pm, ps, mx, acc);
+  }
+}
+
+// One chunk's column totals: tot[c] the max (0 without Mx), tot[(i + 1) * C + c] sum i (and y, with Out)
+template <int NC, int K, bool Mx, bool Out = false, typename T = float, typename F>
+void chunk_totals(int64_t r0, int64_t r1, int64_t C, const float* const* cs, const uint8_t* slow, F f, float* tot,
+                  T* y = nullptr) {
+  std::vector<Acc> acc(K * C);
+  std::fill(tot, tot + C, 0.f);
+  reduce_rows<NC, K, Mx, Out>(r0, r1, C, cs, slow, f, tot, acc.data(), y);
+  for (int i = 0; i < K; ++i)
+    for (int64_t c = 0; c < C; ++c) tot[(i + 1) * C + c] = acc[i * C + c].s;
+}
+
+// An elementwise pass: y[r * C + c] = f(slow, r, c, k, j) over rows [r0, r1)
+template <int NC, typename T, typename F>
+void map_rows(int64_t r0, int64_t r1, int64_t C, const float* const* cs, const uint8_t* slow, F f, T* y) {
+  auto g = [&f](auto t, int64_t r, int64_t c, const auto& k, int j, auto&, auto&, auto&, auto&, auto&, auto& o) {
+    o = f(t, r, c, k, j);
+  };
+  reduce_rows<NC, 0, false, true>(r0, r1, C, cs, slow, g, nullptr, nullptr, y);
+}
+
+// The totals of one sample's nch chunks (chunk_totals', `stride` floats apart) added in chunk order, into tot
+inline void combine_chunks(const float* part, int64_t stride, int64_t nch, int K, int64_t C, float* tot) {
+  for (int64_t c = 0; c < C; ++c) {
+    float m = 0.f;
+    for (int64_t ch = 0; ch < nch; ++ch) m = std::max(m, part[ch * stride + c]);
+    tot[c] = m;
+  }
+  for (int i = 1; i <= K; ++i)
+    for (int64_t c = 0; c < C; ++c) {
+      Acc a;
+      for (int64_t ch = 0; ch < nch; ++ch) a.add(part[ch * stride + i * C + c]);
+      tot[i * C + c] = a.s;
+    }
+}
+
+// Over a group's channels [c0, c0 + cg) of one row of totals: the compensated sum and the max
+inline float group_sum(const float* t, int64_t c0, int64_t cg) {
+  Acc a;
+  for (int64_t c = c0; c < c0 + cg; ++c) a.add(t[c]);
+  return a.s;
+}
+inline float group_max(const float* t, int64_t c0, int64_t cg) {
+  float m = 0.f;
+  for (int64_t c = c0; c < c0 + cg; ++c) m = std::max(m, t[c]);
+  return m;
+}
+
+// x (N, S, C), G groups of Cg channels; rows cut into nch chunks of `rows` rows (about 2**17 values each)
+struct Geo {
+  int64_t N, S, C, G, Cg, rows, nch;
+  Geo(int64_t n, int64_t s, int64_t c, int64_t g) : N(n), S(s), C(c), G(g), Cg(c / g) {
+    const int64_t want = (int64_t(1) << 17) / std::max<int64_t>(C, 1) / kBlock * kBlock;
+    rows = std::min<int64_t>(kChunk, std::max<int64_t>(kBlock, want));
+    nch = std::max<int64_t>(1, (S + rows - 1) / rows);
+  }
+  int64_t r0(int64_t ch) const { return ch * rows; }
+  int64_t r1(int64_t ch) const { return std::min(S, (ch + 1) * rows); }
+};
+
+// A step of a kernel: per chunk f(n, ch) or per sample f(n, 0)
+struct Step {
+  bool per_chunk;
+  std::function<void(int64_t, int64_t)> f;
+};
+
+// Runs the steps in order for every sample: a whole sample on one thread when there are at least two samples
+// per thread (its later passes then find its data in cache), else step by step, parallel over (sample, chunk).
+// Either way every sum is taken in the same order.
+inline void run_steps(const Geo& g, std::initializer_list<Step> steps) {
+  if (g.N >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (const Step& s : steps)
+          for (int64_t ch = 0; ch < (s.per_chunk ? g.nch : 1); ++ch) s.f(n, ch);
+    });
+    return;
+  }
+  for (const Step& s : steps) {
+    const int64_t per = s.per_chunk ? g.nch : 1;
+    at::parallel_for(0, g.N * per, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) s.f(i / per, i % per);
+    });
+  }
+}
+
+// x_hat of element v of channel k[.][j], constants (s, piv, mean_d, m, r, q) from index X on
+template <int X, bool S, typename Vt, typename K>
+inline Vt x_hat(Vt v, const K& k, int j) {
+  const Vt d = (v * k[X][j] - k[X + 1][j]) - k[X + 2][j];
+  if constexpr (S) {
+    return k[X + 3][j] != 0.f ? d * k[X + 3][j] : pow2(d * k[X + 4][j], static_cast<int>(k[X + 5][j]));
+  } else {
+    return d * k[X + 3][j];
+  }
+}
+
+// Per-channel x_hat constants of a sample from its groups' statistics: s, piv, mean_d, m, r, q; slow where m is 0
+inline void xhat_consts(const Stat* st, const Geo& g, float* const* out, uint8_t* slow) {
+  for (int64_t c = 0; c < g.C; ++c) {
+    const XHat h(st[c / g.Cg]);
+    out[0][c] = h.s; out[1][c] = h.piv; out[2][c] = h.mean_d; out[3][c] = h.m; out[4][c] = h.r;
+    out[5][c] = static_cast<float>(h.q);
+    slow[c] = h.m == 0.f;
+  }
+}
+
+// A set of per-sample, per-channel float arrays: a(i, n) is array i of sample n (C floats)
+struct Planes {
+  int64_t C, N;
+  std::vector<float> v;
+  Planes(int64_t count, int64_t n, int64_t c) : C(c), N(n), v(static_cast<size_t>(count * n * c), 0.f) {}
+  float* a(int64_t i, int64_t n) { return v.data() + (i * N + n) * C; }
+};
+
+template <typename T>
+void forward_impl(const T* x, T* y, Stat* stats, const Geo& g, const float* w, const float* b, double eps, bool center) {
+  const int64_t N = g.N, S = g.S, C = g.C, G = g.G, Cg = g.Cg, nch = g.nch;
+  const Eps eps_split(eps);
+  const float count = static_cast<float>(S * Cg);
+  // per sample and channel: 0 pivot (first pass), 1 scale, 2 pivot, 3 mean_d (robust passes), 4..9 x_hat
+  Planes pl(10, N, C);
+  std::vector<float> part(static_cast<size_t>(N * nch * 3 * C));
+  std::vector<uint8_t> slow(N * C), robust(N * G), any_robust(N);
+  std::vector<int> ex(N * G, 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) pl.a(0, n)[c] = center ? ld(x[n * S * C + (c / Cg) * Cg]) : 0.f;
+  auto xs = [&](int64_t n) { return x + n * S * C; };
+  auto chunk_part = [&](int64_t n, int64_t ch) { return part.data() + (n * nch + ch) * 3 * C; };
+
+  // one pass: max |x|, sum(d), sum(d^2) with d = x - pivot
+  auto moments = [&](int64_t n, int64_t ch) {
+    const T* xp = xs(n);
+    const float* cs[1] = {pl.a(0, n)};
+    chunk_totals<1, 2, true>(g.r0(ch), g.r1(ch), C, cs, nullptr,
+        [xp, C](auto t, int64_t r, int64_t c, const auto& k, int j, auto& m, auto& v1, auto& v2, auto&, auto&, auto&) {
+          const auto v = load<lane_t<decltype(t)>>(xp + r * C + c);
+          const auto d = v - k[0][j];
+          m = vabs(v); v1 = d; v2 = d * d;
+        }, chunk_part(n, ch));
+  };
+  // plain groups are done; robust ones get their scale and pivot
+  auto decide = [&](int64_t n, int64_t) {
+    std::vector<float> tot(3 * C);
+    combine_chunks(chunk_part(n, 0), 3 * C, nch, 2, C, tot.data());
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const int64_t c0 = gi * Cg;
+      const float amax = group_max(tot.data(), c0, Cg), piv0 = pl.a(0, n)[c0];
+      float mean_d, m2;
+      float sc = 1.f, piv = piv0;
+      if (plain_moments(amax, group_sum(tot.data() + C, c0, Cg), group_sum(tot.data() + 2 * C, c0, Cg),
+                        S * Cg, center, mean_d, m2)) {
+        stats[n * G + gi] = make_stat(m2, mean_d, piv0, 0, count, eps_split, center);
+      } else {
+        robust_scale(amax, piv0, center, ex[n * G + gi], sc, piv);
+        robust[n * G + gi] = any_robust[n] = 1;
+      }
+      for (int64_t c = c0; c < c0 + Cg; ++c) { pl.a(1, n)[c] = sc; pl.a(2, n)[c] = piv; pl.a(3, n)[c] = 0.f; }
+    }
+  };
+  // the robust recipe's passes: sum(x * s - piv), then sum((x * s - piv - mean_d)^2)
+  auto robust_pass = [&](int64_t n, int64_t ch, bool second) {
+    if (!any_robust[n]) return;
+    const T* xp = xs(n);
+    const float* cs[3] = {pl.a(1, n), pl.a(2, n), pl.a(3, n)};
+    chunk_totals<3, 1, false>(g.r0(ch), g.r1(ch), C, cs, nullptr,
+        [xp, C, second](auto t, int64_t r, int64_t c, const auto& k, int j, auto&, auto& v1, auto&, auto&, auto&, auto&) {
+          const auto d = load<lane_t<decltype(t)>>(xp + r * C + c) * k[0][j] - k[1][j];
+          v1 = second ? (d - k[2][j]) * (d - k[2][j]) : d;
+        }, chunk_part(n, ch));
+  };
+  auto robust_finish = [&](int64_t n, bool second) {
+    if (!any_robust[n]) return;
+    std::vector<float> tot(2 * C);
+    combine_chunks(chunk_part(n, 0), 3 * C, nch, 1, C, tot.data());
+    for (int64_t gi = 0; gi < G; ++gi) {
+      if (!robust[n * G + gi]) continue;
+      const int64_t c0 = gi * Cg;
+      const float sum = group_sum(tot.data() + C, c0, Cg);
+      if (!second) {
+        const float mean_d = center ? sum / count : 0.f;
+        for (int64_t c = c0; c < c0 + Cg; ++c) pl.a(3, n)[c] = mean_d;
+      } else {
+        stats[n * G + gi] = make_stat(sum, pl.a(3, n)[c0], pl.a(2, n)[c0], ex[n * G + gi], count, eps_split, center);
+      }
+    }
+  };
+  auto output_consts = [&](int64_t n, int64_t) {
+    float* out[6] = {pl.a(4, n), pl.a(5, n), pl.a(6, n), pl.a(7, n), pl.a(8, n), pl.a(9, n)};
+    xhat_consts(stats + n * G, g, out, slow.data() + n * C);
+  };
+  auto output = [&](int64_t n, int64_t ch) {
+    const T* xp = xs(n);
+    const float* cs[8] = {pl.a(4, n), pl.a(5, n), pl.a(6, n), pl.a(7, n), pl.a(8, n), pl.a(9, n), w, b};
+    map_rows<8>(g.r0(ch), g.r1(ch), C, cs, slow.data() + n * C,
+        [xp, C](auto t, int64_t r, int64_t c, const auto& k, int j) {
+          return x_hat<0, decltype(t)::slow>(load<lane_t<decltype(t)>>(xp + r * C + c), k, j) * k[6][j] + k[7][j];
+        }, y + n * S * C);
+  };
+  run_steps(g, {{true, moments}, {false, decide},
+                {true, [&](int64_t n, int64_t ch) { robust_pass(n, ch, false); }},
+                {false, [&](int64_t n, int64_t) { robust_finish(n, false); }},
+                {true, [&](int64_t n, int64_t ch) { robust_pass(n, ch, true); }},
+                {false, [&](int64_t n, int64_t) { robust_finish(n, true); }},
+                {false, output_consts}, {true, output}});
+}
+
+template <typename T>
+void backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Geo& g, const float* w, bool center,
+                   bool need_dx, bool need_param, float* dw, float* db) {
+  const int64_t N = g.N, S = g.S, C = g.C, G = g.G, Cg = g.Cg, nch = g.nch;
+  const float count = static_cast<float>(S * Cg);
+  // per sample and channel: 0..5 x_hat (s, piv, mean_d, m, r, q), 6 g0 (g's first value in the group), 7 sg
+  // (2**-eg), 8 g0 * sg, 9 mean(gs), 10 mean(gs * x_hat), 11 dx multiplier m2, 12 its exponent q2, 13 dw, 14 db
+  Planes pl(15, N, C);
+  std::vector<float> part(static_cast<size_t>(N * nch * 5 * C)), gsum(2 * N * G);
+  std::vector<uint8_t> slow_x(N * C), slow_dx(N * C), robust(N * G), any_robust(N);
+  std::vector<int> eg(N * G, 0);
+  auto chunk_part = [&](int64_t n, int64_t ch) { return part.data() + (n * nch + ch) * 5 * C; };
+  auto xhat_planes = [&](int64_t n) { return std::array<float*, 6>{pl.a(0, n), pl.a(1, n), pl.a(2, n), pl.a(3, n), pl.a(4, n), pl.a(5, n)}; };
+
+  auto consts = [&](int64_t n, int64_t) {
+    auto out = xhat_planes(n);
+    xhat_consts(stats + n * G, g, out.data(), slow_x.data() + n * C);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t first = (c / Cg) * Cg;
+      pl.a(6, n)[c] = center ? ld(dy[n * S * C + first]) * w[first] : 0.f;
+    }
+  };
+  // one read of dy and x: max |dy| (max |g| = max |dy| * |w| exactly: rounding is monotonic), sum(g - g0),
+  // sum((g - g0) * x_hat) unscaled, sum(dy * x_hat), sum(dy)
+  auto sums = [&](int64_t n, int64_t ch) {
+    const T* dyp = dy + n * S * C;
+    const T* xp = x + n * S * C;
+    auto xh = xhat_planes(n);
+    const float* cs[8] = {xh[0], xh[1], xh[2], xh[3], xh[4], xh[5], w, pl.a(6, n)};
+    chunk_totals<8, 4, true>(g.r0(ch), g.r1(ch), C, cs, slow_x.data() + n * C,
+        [dyp, xp, C](auto t, int64_t r, int64_t c, const auto& k, int j, auto& m, auto& v1, auto& v2, auto& v3,
+                     auto& v4, auto&) {
+          using Vt = lane_t<decltype(t)>;
+          const Vt d = load<Vt>(dyp + r * C + c);
+          const Vt xv = x_hat<0, decltype(t)::slow>(load<Vt>(xp + r * C + c), k, j);
+          const Vt gs = d * k[6][j] - k[7][j];
+          m = vabs(d); v1 = gs; v2 = gs * xv; v3 = d * xv; v4 = d;
+        }, chunk_part(n, ch));
+  };
+  // parameter sums per (n, c); the groups whose |g| leaves [2**-50, 2**50] get their sums again, scaled
+  auto decide = [&](int64_t n, int64_t) {
+    std::vector<float> tot(5 * C);
+    combine_chunks(chunk_part(n, 0), 5 * C, nch, 4, C, tot.data());
+    std::copy(tot.begin() + 3 * C, tot.begin() + 4 * C, pl.a(13, n));
+    std::copy(tot.begin() + 4 * C, tot.begin() + 5 * C, pl.a(14, n));
+    if (!need_dx) return;
+    for (int64_t c = 0; c < C; ++c) tot[c] *= std::abs(w[c]);  // max |g| per channel
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const int64_t c0 = gi * Cg;
+      const float gmax = group_max(tot.data(), c0, Cg);
+      gsum[2 * (n * G + gi)] = group_sum(tot.data() + C, c0, Cg);
+      gsum[2 * (n * G + gi) + 1] = group_sum(tot.data() + 2 * C, c0, Cg);
+      float sg = 1.f;
+      if (!plain_grad(gmax)) {
+        eg[n * G + gi] = exponent_of(gmax);
+        sg = std::ldexp(1.f, -eg[n * G + gi]);
+        robust[n * G + gi] = any_robust[n] = 1;
+      }
+      for (int64_t c = c0; c < c0 + Cg; ++c) { pl.a(7, n)[c] = sg; pl.a(8, n)[c] = pl.a(6, n)[c] * sg; }
+    }
+  };
+  auto robust_sums = [&](int64_t n, int64_t ch) {
+    if (!need_dx || !any_robust[n]) return;
+    const T* dyp = dy + n * S * C;
+    const T* xp = x + n * S * C;
+    auto xh = xhat_planes(n);
+    const float* cs[9] = {xh[0], xh[1], xh[2], xh[3], xh[4], xh[5], w, pl.a(7, n), pl.a(8, n)};
+    chunk_totals<9, 2, false>(g.r0(ch), g.r1(ch), C, cs, slow_x.data() + n * C,
+        [dyp, xp, C](auto t, int64_t r, int64_t c, const auto& k, int j, auto&, auto& v1, auto& v2, auto&, auto&,
+                     auto&) {
+          using Vt = lane_t<decltype(t)>;
+          const Vt gs = load<Vt>(dyp + r * C + c) * k[6][j] * k[7][j] - k[8][j];
+          v1 = gs; v2 = gs * x_hat<0, decltype(t)::slow>(load<Vt>(xp + r * C + c), k, j);
+        }, chunk_part(n, ch));
+  };
+  auto coefs = [&](int64_t n, int64_t) {
+    if (!need_dx) return;
+    std::vector<float> tot(3 * C);
+    if (any_robust[n]) combine_chunks(chunk_part(n, 0), 5 * C, nch, 2, C, tot.data());
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const int64_t c0 = gi * Cg;
+      if (robust[n * G + gi]) {
+        gsum[2 * (n * G + gi)] = group_sum(tot.data() + C, c0, Cg);
+        gsum[2 * (n * G + gi) + 1] = group_sum(tot.data() + 2 * C, c0, Cg);
+      }
+      const DxCoef co(stats[n * G + gi], gsum[2 * (n * G + gi)], gsum[2 * (n * G + gi) + 1], count, eg[n * G + gi], center);
+      for (int64_t c = c0; c < c0 + Cg; ++c) {
+        pl.a(9, n)[c] = co.mg; pl.a(10, n)[c] = co.mgx; pl.a(11, n)[c] = co.m2; pl.a(12, n)[c] = static_cast<float>(co.q2);
+        slow_dx[n * C + c] = slow_x[n * C + c] || co.m2 == 0.f;
+      }
+    }
+  };
+  // dx = ((gs - mean(gs)) - x_hat * mean(gs * x_hat)) * r * 2**(k + eg)
+  auto grad = [&](int64_t n, int64_t ch) {
+    if (!need_dx) return;
+    const T* dyp = dy + n * S * C;
+    const T* xp = x + n * S * C;
+    auto xh = xhat_planes(n);
+    const float* cs[13] = {xh[0], xh[1], xh[2], xh[3], xh[4], xh[5], w, pl.a(7, n), pl.a(8, n), pl.a(9, n), pl.a(10, n),
+                           pl.a(11, n), pl.a(12, n)};
+    map_rows<13>(g.r0(ch), g.r1(ch), C, cs, slow_dx.data() + n * C,
+        [dyp, xp, C](auto t, int64_t r, int64_t c, const auto& k, int j) {
+          using Vt = lane_t<decltype(t)>;
+          const Vt gs = load<Vt>(dyp + r * C + c) * k[6][j] * k[7][j] - k[8][j];
+          const Vt u = (gs - k[9][j]) - x_hat<0, decltype(t)::slow>(load<Vt>(xp + r * C + c), k, j) * k[10][j];
+          if constexpr (decltype(t)::slow) return pow2(u * k[4][j], static_cast<int>(k[12][j]));
+          else return u * k[11][j];
+        }, dx + n * S * C);
+  };
+  run_steps(g, {{false, consts}, {true, sums}, {false, decide}, {true, robust_sums}, {false, coefs}, {true, grad}});
+  if (need_param) {
+    for (int64_t c = 0; c < C; ++c) {
+      Acc aw, ab;
+      for (int64_t n = 0; n < N; ++n) { aw.add(pl.a(13, n)[c]); ab.add(pl.a(14, n)[c]); }
+      dw[c] = aw.s; db[c] = ab.s;
+    }
+  }
+}
+
+// ---- given statistics (batch norm eval) on x (R, C) ----
+
+// Per channel: 0 mean, 1 rstd, 2 the factor w * rstd as one float, 3..4 its split (m, q), 5 bias, 6 whether
+// the factor is one float (Factor::one). Slow where it is not, or where x - mean can overflow for a finite x:
+// |mean| >= 2**103, the half ulp of FLT_MAX.
+inline void eval_consts(const float* mean, const float* rstd, const float* w, const float* b, int64_t C, Planes& pl,
+                        std::vector<uint8_t>& slow) {
+  for (int64_t c = 0; c < C; ++c) {
+    const Factor fa(w[c], rstd[c]);
+    pl.a(0, 0)[c] = mean[c]; pl.a(1, 0)[c] = rstd[c]; pl.a(2, 0)[c] = fa.f; pl.a(3, 0)[c] = fa.m;
+    pl.a(4, 0)[c] = static_cast<float>(fa.q); pl.a(5, 0)[c] = b ? b[c] : 0.f; pl.a(6, 0)[c] = fa.one ? 1.f : 0.f;
+    slow[c] = !fa.one || !(std::abs(mean[c]) < 0x1p103f);
+  }
+}
+
+inline std::array<const float*, 7> eval_planes(Planes& pl) {
+  return {pl.a(0, 0), pl.a(1, 0), pl.a(2, 0), pl.a(3, 0), pl.a(4, 0), pl.a(5, 0), pl.a(6, 0)};
+}
+
+template <typename T>
+void eval_forward_impl(const T* x, T* y, const float* mean, const float* rstd, const float* w, const float* b,
+                       int64_t R, int64_t C) {
+  const Geo g(1, R, C, 1);
+  Planes pl(7, 1, C);
+  std::vector<uint8_t> slow(C);
+  eval_consts(mean, rstd, w, b, C, pl, slow);
+  const auto cs = eval_planes(pl);
+  run_steps(g, {{true, [&](int64_t, int64_t ch) {
+    map_rows<7>(g.r0(ch), g.r1(ch), C, cs.data(), slow.data(), [x, C](auto t, int64_t r, int64_t c, const auto& k, int j) {
+      using Vt = lane_t<decltype(t)>;
+      const Vt v = load<Vt>(x + r * C + c), mu = k[0][j], diff = v - mu;
+      if constexpr (decltype(t)::slow) {  // eval_forward_impl's split factor and halves, element by element
+        const int q = static_cast<int>(k[4][j]);
+        float out = k[6][j] != 0.f ? diff * k[2][j] + k[5][j] : apply_split(diff, k[3][j], q) + k[5][j];
+        if (std::isinf(diff) && std::isfinite(v) && std::isfinite(mu)) out = apply_split(v * 0.5f - mu * 0.5f, k[3][j], q + 1) + k[5][j];
+        return out;
+      } else {
+        return diff * k[2][j] + k[5][j];
+      }
+    }, y);
+  }}});
+}
+
+template <typename T>
+void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const float* rstd, const float* w,
+                        int64_t R, int64_t C, bool need_dx, bool need_param, float* dw, float* db) {
+  const Geo g(1, R, C, 1);
+  Planes pl(7, 1, C);
+  std::vector<uint8_t> slow(C);
+  eval_consts(mean, rstd, w, nullptr, C, pl, slow);
+  const auto cs = eval_planes(pl);
+  auto dx_of = [](auto t, auto d, const auto& k, int j) {  // dy * (w * rstd), split where it is not one float
+    if constexpr (decltype(t)::slow) return k[6][j] != 0.f ? d * k[2][j] : apply_split(d, k[3][j], static_cast<int>(k[4][j]));
+    else return d * k[2][j];
+  };
+  if (need_param) {  // one pass: sum(dy * x_hat), sum(dy), and dx when asked
+    std::vector<float> part(static_cast<size_t>(g.nch * 3 * C));
+    auto pass = [&](auto out) {
+      constexpr bool Out = decltype(out)::value;
+      run_steps(g, {{true, [&](int64_t, int64_t ch) {
+        chunk_totals<7, 2, false, Out>(g.r0(ch), g.r1(ch), C, cs.data(), slow.data(),
+            [dy, x, C, dx_of](auto t, int64_t r, int64_t c, const auto& k, int j, auto&, auto& v1, auto& v2, auto&,
+                              auto&, auto& o) {
+              using Vt = lane_t<decltype(t)>;
+              const Vt d = load<Vt>(dy + r * C + c), xv = load<Vt>(x + r * C + c), mu = k[0][j], rs = k[1][j];
+              const Vt diff = xv - mu;
+              Vt xh = diff * rs;
+              if constexpr (decltype(t)::slow) {  // x - mean taken in halves where it overflows
+                if (std::abs(diff) > FLT_MAX) xh = ((xv * 0.5f - mu * 0.5f) * rs) * 2.f;
+              }
+              v1 = d * xh; v2 = d; o = dx_of(t, d, k, j);  // o is dropped without Out
+            }, part.data() + ch * 3 * C, dx);
+      }}});
+    };
+    if (need_dx) pass(std::true_type());
+    else pass(std::false_type());
+    std::vector<float> tot(3 * C);
+    combine_chunks(part.data(), 3 * C, g.nch, 2, C, tot.data());
+    std::copy(tot.begin() + C, tot.begin() + 2 * C, dw);
+    std::copy(tot.begin() + 2 * C, tot.begin() + 3 * C, db);
+  } else if (need_dx) {
+    run_steps(g, {{true, [&](int64_t, int64_t ch) {
+      map_rows<7>(g.r0(ch), g.r1(ch), C, cs.data(), slow.data(), [dy, C, dx_of](auto t, int64_t r, int64_t c,
+                                                                                const auto& k, int j) {
+        return dx_of(t, load<lane_t<decltype(t)>>(dy + r * C + c), k, j);
+      }, dx);
+    }}});
+  }
+}
+
+inline void check_rows(const torch::Tensor& x, int64_t dim, const char* what) {
+  TORCH_CHECK(x.is_contiguous() && x.dim() == dim, what, ": expected a contiguous ", dim == 3 ? "(N, S, C)" : "(R, C)",
+              " tensor (the channels-last input permuted so that channels come last)");
+}
+
+}  // namespace nk_cl
+
+// Forward with statistics of x (N, S, C), layout 3 (GROUPS_CL): a group per (n, g) = S rows x C / groups
+// channels; weight, bias float32 (C,). Returns (y (N, S, C), stats (N * groups, 8)) as stats_forward does.
+std::vector<torch::Tensor> stats_forward_cl(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, int64_t layout,
+                                            int64_t groups, double eps, bool center) {
+  using namespace nk_cl;
+  TORCH_CHECK(layout == 3, "stats_forward_cl: layout 3 (groups, channels last) expected, got ", layout);
+  check_rows(x, 3, "stats_forward_cl");
+  const int64_t N = x.size(0), S = x.size(1), C = x.size(2);
+  TORCH_CHECK(groups >= 1 && C % groups == 0, "stats_forward_cl: groups must divide C");
+  check_param(weight, C, "weight");
+  check_param(bias, C, "bias");
+  auto y = torch::empty(x.sizes(), x.options());
+  auto stats = torch::empty({N * groups, 8}, x.options().dtype(at::kFloat));
+  const Geo g(N, S, C, groups);
+  dispatch_dtype(x, "stats_forward_cl", [&](auto tag) {
+    using T = decltype(tag);
+    forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), reinterpret_cast<Stat*>(stats.data_ptr<float>()), g,
+                    weight.data_ptr<float>(), bias.data_ptr<float>(), eps, center);
+  });
+  return {y, stats};
+}
+
+// Backward of stats_forward_cl: (dx or empty, dweight (float32) or empty, dbias (float32) or empty).
+std::vector<torch::Tensor> stats_backward_cl(torch::Tensor dy, torch::Tensor x, torch::Tensor weight, torch::Tensor stats,
+                                             int64_t layout, int64_t groups, bool center, bool need_dx, bool need_param) {
+  using namespace nk_cl;
+  TORCH_CHECK(layout == 3, "stats_backward_cl: layout 3 (groups, channels last) expected, got ", layout);
+  check_rows(x, 3, "stats_backward_cl");
+  TORCH_CHECK(dy.is_contiguous() && dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "stats_backward_cl: expected contiguous dy of x's shape and dtype");
+  const int64_t N = x.size(0), S = x.size(1), C = x.size(2);
+  TORCH_CHECK(groups >= 1 && C % groups == 0, "stats_backward_cl: groups must divide C");
+  check_param(weight, C, "weight");
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == 8 * N * groups, "stats");
+  torch::Tensor dx, dw, db;  // not a structured binding: the lambda below captures them (C++17)
+  std::tie(dx, dw, db) = grad_buffers(x, C, need_dx, need_param);
+  const Geo g(N, S, C, groups);
+  dispatch_dtype(x, "stats_backward_cl", [&](auto tag) {
+    using T = decltype(tag);
+    backward_impl<T>(dy.data_ptr<T>(), x.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr,
+                     reinterpret_cast<const Stat*>(stats.data_ptr<float>()), g, weight.data_ptr<float>(), center,
+                     need_dx, need_param, need_param ? dw.data_ptr<float>() : nullptr,
+                     need_param ? db.data_ptr<float>() : nullptr);
+  });
+  return {dx, dw, db};
+}
+
+// y = (x - mean) * rstd * weight + bias per channel of x (R, C); mean, rstd, weight, bias float32 (C,).
+torch::Tensor eval_forward_cl(torch::Tensor x, torch::Tensor mean, torch::Tensor rstd, torch::Tensor weight,
+                              torch::Tensor bias) {
+  using namespace nk_cl;
+  check_rows(x, 2, "eval_forward_cl");
+  const int64_t R = x.size(0), C = x.size(1);
+  check_param(mean, C, "mean"); check_param(rstd, C, "rstd"); check_param(weight, C, "weight"); check_param(bias, C, "bias");
+  auto y = torch::empty(x.sizes(), x.options());
+  dispatch_dtype(x, "eval_forward_cl", [&](auto tag) {
+    using T = decltype(tag);
+    nk_cl::eval_forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                                weight.data_ptr<float>(), bias.data_ptr<float>(), R, C);
+  });
+  return y;
+}
+
+// Backward of eval_forward_cl: (dx or empty, dweight or empty, dbias or empty), parameter grads in float32.
+std::vector<torch::Tensor> eval_backward_cl(torch::Tensor dy, torch::Tensor x, torch::Tensor mean, torch::Tensor rstd,
+                                            torch::Tensor weight, bool need_dx, bool need_param) {
+  using namespace nk_cl;
+  check_rows(x, 2, "eval_backward_cl");
+  TORCH_CHECK(dy.is_contiguous() && dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "eval_backward_cl: expected contiguous dy of x's shape and dtype");
+  const int64_t R = x.size(0), C = x.size(1);
+  check_param(mean, C, "mean"); check_param(rstd, C, "rstd"); check_param(weight, C, "weight");
+  torch::Tensor dx, dw, db;  // not a structured binding: the lambda below captures them (C++17)
+  std::tie(dx, dw, db) = grad_buffers(x, C, need_dx, need_param);
+  dispatch_dtype(x, "eval_backward_cl", [&](auto tag) {
+    using T = decltype(tag);
+    nk_cl::eval_backward_impl<T>(dy.data_ptr<T>(), x.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr,
+                                 mean.data_ptr<float>(), rstd.data_ptr<float>(), weight.data_ptr<float>(), R, C,
+                                 need_dx, need_param, need_param ? dw.data_ptr<float>() : nullptr,
+                                 need_param ? db.data_ptr<float>() : nullptr);
+  });
+  return {dx, dw, db};
+}
