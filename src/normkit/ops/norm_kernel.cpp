@@ -21,6 +21,8 @@
 // Layouts (all contiguous):  ROWS x (R, D): a group per row, affine per element (layer / RMS norm);
 //   GROUPS x (N, C, S): a group per (n, g) = Cg consecutive channels, affine per channel (group, instance norm);
 //   CHANNELS x (N, C, S): a group per channel over N segments of S (batch norm in training).
+// Channels-last inputs have their own kernels (channels_last_kernel.cpp, layout 3); the steps of a group that
+// both use (plain_moments, robust_scale, make_stat, DxCoef, XHat, Factor) live in norm_common.h.
 
 #include "norm_common.h"
 
