@@ -288,6 +288,24 @@ def test_channels_last_ordinary_data_takes_the_plain_formula():
             assert (stats[:, 0] == 0).all(), ((n, s, c, groups), dtype, stats[:, 0])
 
 
+def test_channels_last_results_do_not_depend_on_the_thread_count():
+    """Per sample on one thread, per (sample, chunk) on two: the same sums in the same order, bit for bit."""
+    x = torch.randn(3, 5000, 48) * 3 + 1  # 3 samples of 2 chunks; 1 thread: per sample, 2 threads: per chunk
+    dy = torch.randn(x.shape)
+    w, b = torch.rand(48) + 0.5, torch.randn(48)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y, stats = _fast.stats_norm(x, w, b, _fast.GROUPS_CL, 12, 1e-5, True)
+            results.append((y, stats, *_fast.stats_norm_backward(dy, x, w, stats, _fast.GROUPS_CL, 12, True, True, True)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
 def test_channels_last_large_outputs_match_eager(routed):
     """Outputs of 16 MiB and more are written with non-temporal stores (where AVX-512 is built): the same values
     as the eager path, forward and backward."""

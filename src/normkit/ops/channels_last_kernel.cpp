@@ -342,10 +342,11 @@ struct Geo {
   int64_t r1(int64_t ch) const { return std::min(S, (ch + 1) * rows); }
 };
 
-// A step of a kernel: per chunk f(n, ch) or per sample f(n, 0)
+// A step of a kernel: per chunk f(n, ch) or per sample f(n, 0); for the samples where active(n) (all if none)
 struct Step {
   bool per_chunk;
   std::function<void(int64_t, int64_t)> f;
+  std::function<bool(int64_t)> active = nullptr;
 };
 
 // Runs the steps in order for every sample: a whole sample on one thread when there are at least two samples
@@ -356,14 +357,19 @@ inline void run_steps(const Geo& g, std::initializer_list<Step> steps) {
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
         for (const Step& s : steps)
-          for (int64_t ch = 0; ch < (s.per_chunk ? g.nch : 1); ++ch) s.f(n, ch);
+          if (!s.active || s.active(n))
+            for (int64_t ch = 0; ch < (s.per_chunk ? g.nch : 1); ++ch) s.f(n, ch);
     });
     return;
   }
   for (const Step& s : steps) {
+    bool any = !s.active;
+    for (int64_t n = 0; n < g.N && !any; ++n) any = s.active(n);
+    if (!any) continue;  // no parallel region for a step with nothing to do (the robust passes, mostly)
     const int64_t per = s.per_chunk ? g.nch : 1;
     at::parallel_for(0, g.N * per, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) s.f(i / per, i % per);
+      for (int64_t i = i0; i < i1; ++i)
+        if (!s.active || s.active(i / per)) s.f(i / per, i % per);
     });
   }
 }
@@ -482,11 +488,12 @@ void forward_impl(const T* x, T* y, Stat* stats, const Geo& g, const float* w, c
           return x_hat<0, decltype(t)::slow>(load<lane_t<decltype(t)>>(xp + r * C + c), k, j) * k[6][j] + k[7][j];
         }, y + n * S * C, nt);
   };
+  auto robust_sample = [&](int64_t n) { return any_robust[n] != 0; };
   run_steps(g, {{true, moments}, {false, decide},
-                {true, [&](int64_t n, int64_t ch) { robust_pass(n, ch, false); }},
-                {false, [&](int64_t n, int64_t) { robust_finish(n, false); }},
-                {true, [&](int64_t n, int64_t ch) { robust_pass(n, ch, true); }},
-                {false, [&](int64_t n, int64_t) { robust_finish(n, true); }},
+                {true, [&](int64_t n, int64_t ch) { robust_pass(n, ch, false); }, robust_sample},
+                {false, [&](int64_t n, int64_t) { robust_finish(n, false); }, robust_sample},
+                {true, [&](int64_t n, int64_t ch) { robust_pass(n, ch, true); }, robust_sample},
+                {false, [&](int64_t n, int64_t) { robust_finish(n, true); }, robust_sample},
                 {false, output_consts}, {true, output}});
 }
 
@@ -600,7 +607,10 @@ void backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Geo&
           else return u * k[11][j];
         }, dx + n * S * C, nt);
   };
-  run_steps(g, {{false, consts}, {true, sums}, {false, decide}, {true, robust_sums}, {false, coefs}, {true, grad}});
+  auto robust_sample = [&](int64_t n) { return need_dx && any_robust[n] != 0; };
+  auto with_dx = [&](int64_t) { return need_dx; };
+  run_steps(g, {{false, consts}, {true, sums}, {false, decide}, {true, robust_sums, robust_sample},
+                {false, coefs, with_dx}, {true, grad, with_dx}});
   if (need_param) {
     for (int64_t c = 0; c < C; ++c) {
       Acc aw, ab;
