@@ -19,9 +19,9 @@
 // do not depend on the thread count) whose totals are added in order with Kahan compensation, then a group's
 // Cg channel totals the same way: a channel of 10^5 values sums about as accurately as in norm_kernel.cpp.
 // Rows of one tile (C = 16, 32, 64) stream through with the tile's constants in registers; wider rows are
-// read 8 rows at a time across all their tiles, so memory is still read in order. Work runs per sample (its
-// later passes then reread it from cache) when there are at least two samples per thread, else per (sample,
-// chunk). Outputs of 16 MiB and more are written with non-temporal stores.
+// read a row (elementwise) or 8 rows (sums) at a time across all their tiles, so memory is still read in
+// order. Work runs per sample (its later passes then reread it from cache) when there are at least two samples
+// per thread, else per (sample, chunk). Outputs of 16 MiB and more are written with non-temporal stores.
 //
 // Given statistics (eval; x (R, C), R = N * S): y = (x - mean_c) * (w_c * rstd_c) + b_c with w * rstd split as
 // Factor / apply_split (no intermediate overflow) and x - mean halved where it overflows, exactly as
@@ -231,14 +231,17 @@ __attribute__((noinline)) inline void flush_block(int64_t C, int K, bool mx_too,
 // channels, and every channel flagged in slow (may be null), one at a time (the flagged ones through f's
 // scalar slow branch). Each channel's sum over a block of kBlock rows is added to its Kahan accumulator
 // acc[i * C + c], its max to mx[c]. A row that is one tile (C = 16, 32, 64) streams through with the tile's
-// constants and sums in registers; wider rows are read a few rows at a time across all their tiles, so that
-// memory is still read in order (tile by tile over long blocks, a strided pattern, took twice the time).
+// constants and sums in registers; wider rows are read one row (elementwise) or 8 rows (sums) at a time across
+// all their tiles, so that memory is still read in order (tile by tile over long blocks, a strided pattern,
+// took twice the time).
 template <int NC, int K, bool Mx, bool Out, typename T, typename F>
 void reduce_rows_tiled(int64_t r0, int64_t r1, int64_t C, const float* const* cs, const uint8_t* slow, F& f,
                        float* mx, Acc* acc, T* y, bool nt) {
   const bool one_tile = C == 64 || C == 32 || C == 16;
-  const int64_t block = K > 0 ? kBlock : (one_tile ? r1 - r0 : 8);  // an elementwise pass has no sums to flush
-  const int64_t sub = one_tile ? block : 8;
+  // an elementwise pass has no sums to flush, and reads wide rows one at a time; sums over wide rows are held
+  // over 8 rows between their loads and stores
+  const int64_t block = K > 0 ? kBlock : (one_tile ? r1 - r0 : 1);
+  const int64_t sub = one_tile ? block : (K > 0 ? 8 : 1);
   std::vector<float> part(static_cast<size_t>((K + 1) * C), 0.f);
   float* pm = part.data();
   float* ps = part.data() + C;
