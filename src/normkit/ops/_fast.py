@@ -2,10 +2,10 @@
 
 :func:`standardize_affine` and :func:`stats_affine` take exactly the arguments of the functions of the same
 names in :mod:`normkit.ops._normalize` and return their result computed by a fused CPU kernel
-(``ops/norm_kernel.cpp``, ``ops/channels_last_kernel.cpp``), or ``None`` where no kernel applies; the caller then
-runs its eager path. The
-kernels compute the same robust statistics as :mod:`normkit._stats` (power-of-two scaling, pivot shift,
-two-pass moments, ``rstd = r * 2**k``), so the two paths agree within the core's tolerances.
+(``ops/norm_kernel.cpp``, ``ops/channels_last_kernel.cpp``), or ``None`` where no kernel applies; the caller
+then runs its eager path. The kernels compute the same robust statistics as :mod:`normkit._stats`
+(power-of-two scaling, pivot shift, two-pass moments, ``rstd = r * 2**k``), so the two paths agree within the
+core's tolerances.
 
 A kernel serves when: the backend is not ``"eager"`` (:func:`normkit.set_backend`, ``NORMKIT_NATIVE=0``) and the
 kernels are built; the input is a CPU tensor of float32, bfloat16 or float16 with elements; no ``torch.func``
@@ -58,7 +58,9 @@ def _n_params(x_shape, layout: int) -> int:
 
 def _entry(name: str, channels_last: bool):
     """The kernel function ``name`` of norm_kernel.cpp, or its ``name_cl`` twin of channels_last_kernel.cpp."""
-    return getattr(_native.load("channels_last_kernel"), f"{name}_cl") if channels_last else getattr(_native.load("norm_kernel"), name)
+    if channels_last:
+        return getattr(_native.load("channels_last_kernel"), f"{name}_cl")
+    return getattr(_native.load("norm_kernel"), name)
 
 
 # ---- custom ops -------------------------------------------------------------------------------------------
@@ -298,7 +300,7 @@ def standardize_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, di
         if fast is not None:
             return fast
     copied = why is None and not x.is_contiguous()
-    if copied:  # channels_last or a strided view: the kernels read (N, C, S) rows, so copy once (autograd-tracked)
+    if copied:  # a strided view (channels last ran above): kernels read (N, C, S) rows, so copy once (autograd-tracked)
         x = x.contiguous()
     plan = why if why is not None else _plan(x, weight, bias, dims, center)
     if isinstance(plan, str):
@@ -373,7 +375,9 @@ def _channels_last_plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, d
         if any(p is not None and tuple(p.shape) != (1, x.shape[1], *([1] * (nd - 2))) for p in (weight, bias)):
             return None
         found = _channels_minor(x, 0)
-        return None if found is None else (*found, found[1].reshape(1, -1, x.shape[1]), x.shape[1], _op_name(CHANNELS, center))
+        if found is None:
+            return None
+        return (*found, found[1].reshape(1, -1, x.shape[1]), x.shape[1], _op_name(CHANNELS, center))
     if dims != list(range(2, nd)):
         return None
     leads = {_channel_split(x, p) for p in (weight, bias) if p is not None}  # instance norm, group norm's grouped view

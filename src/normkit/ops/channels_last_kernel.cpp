@@ -19,9 +19,9 @@
 // do not depend on the thread count) whose totals are added in order with Kahan compensation, then a group's
 // Cg channel totals the same way: a channel of 10^5 values sums about as accurately as in norm_kernel.cpp.
 // Rows of one tile (C = 16, 32, 64) stream through with the tile's constants in registers; wider rows are
-// read 8 rows at a time across all their tiles, so memory is still read in order. Work runs per sample (its
-// later passes then reread it from cache) when there are at least two samples per thread, else per (sample,
-// chunk). Outputs of 16 MiB and more are written with non-temporal stores.
+// read a row (elementwise) or 8 rows (sums) at a time across all their tiles, so memory is still read in
+// order. Work runs per sample (its later passes then reread it from cache) when there are at least two samples
+// per thread, else per (sample, chunk). Outputs of 16 MiB and more are written with non-temporal stores.
 //
 // Given statistics (eval; x (R, C), R = N * S): y = (x - mean_c) * (w_c * rstd_c) + b_c with w * rstd split as
 // Factor / apply_split (no intermediate overflow) and x - mean halved where it overflows, exactly as
@@ -35,6 +35,7 @@
 
 #include <array>
 #include <functional>
+#include <numeric>
 
 namespace nk_cl {
 
@@ -169,9 +170,9 @@ struct Consts<Vt, NC, U, false> {
 };
 
 // Rows [r0, r1), U lane groups of channels from c0 (U vectors of 16 channels, or one channel with Vt =
-// float). Per lane group f(t, r, c, k, j, m, v1, .., v4, o) gives (with Mx) a value m >= 0 whose max is kept,
-// K summands and (with Out) the output y[r * C + c ..] = o. Each channel's running max and sums, pm[c] and
-// ps[i * C + c], are held in registers over the rows.
+// float). Per lane group f(t, i, k, j, m, v1, .., v4, o), i = r * C + c the flat index, gives (with Mx) a value
+// m >= 0 whose max is kept, K summands and (with Out) the output y[i ..] = o. Each channel's running max and
+// sums, pm[c] and ps[i * C + c], are held in registers over the rows.
 template <typename Vt, int U, int NC, int K, bool Mx, bool Out, bool S, bool Copy, typename T, typename F>
 inline void reduce_tile(int64_t r0, int64_t r1, int64_t c0, int64_t C, const float* const* cs, F& f, float* pm,
                         float* ps, T* y, bool nt) {
@@ -192,7 +193,7 @@ inline void reduce_tile(int64_t r0, int64_t r1, int64_t c0, int64_t C, const flo
     for (int u = 0; u < U; ++u) {
       const int64_t c = c0 + u * L;
       Vt m{}, v1{}, v2{}, v3{}, v4{}, o{};
-      f(Lane<Vt, S>(), r, c, kc.k, u, m, v1, v2, v3, v4, o);
+      f(Lane<Vt, S>(), r * C + c, kc.k, u, m, v1, v2, v3, v4, o);
       if constexpr (Mx) am[u] = vmax(am[u], m);
       if constexpr (K >= 1) a1[u] += v1;
       if constexpr (K >= 2) a2[u] += v2;
@@ -230,14 +231,17 @@ __attribute__((noinline)) inline void flush_block(int64_t C, int K, bool mx_too,
 // channels, and every channel flagged in slow (may be null), one at a time (the flagged ones through f's
 // scalar slow branch). Each channel's sum over a block of kBlock rows is added to its Kahan accumulator
 // acc[i * C + c], its max to mx[c]. A row that is one tile (C = 16, 32, 64) streams through with the tile's
-// constants and sums in registers; wider rows are read a few rows at a time across all their tiles, so that
-// memory is still read in order (tile by tile over long blocks, a strided pattern, took twice the time).
+// constants and sums in registers; wider rows are read one row (elementwise) or 8 rows (sums) at a time across
+// all their tiles, so that memory is still read in order (tile by tile over long blocks, a strided pattern,
+// took twice the time).
 template <int NC, int K, bool Mx, bool Out, typename T, typename F>
-void reduce_rows(int64_t r0, int64_t r1, int64_t C, const float* const* cs, const uint8_t* slow, F f, float* mx,
-                 Acc* acc, T* y, bool nt) {
+void reduce_rows_tiled(int64_t r0, int64_t r1, int64_t C, const float* const* cs, const uint8_t* slow, F& f,
+                       float* mx, Acc* acc, T* y, bool nt) {
   const bool one_tile = C == 64 || C == 32 || C == 16;
-  const int64_t block = K > 0 ? kBlock : (one_tile ? r1 - r0 : 8);  // an elementwise pass has no sums to flush
-  const int64_t sub = one_tile ? block : 8;
+  // an elementwise pass has no sums to flush, and reads wide rows one at a time; sums over wide rows are held
+  // over 8 rows between their loads and stores
+  const int64_t block = K > 0 ? kBlock : (one_tile ? r1 - r0 : 1);
+  const int64_t sub = one_tile ? block : (K > 0 ? 8 : 1);
   std::vector<float> part(static_cast<size_t>((K + 1) * C), 0.f);
   float* pm = part.data();
   float* ps = part.data() + C;
@@ -283,6 +287,42 @@ void reduce_rows(int64_t r0, int64_t r1, int64_t C, const float* const* cs, cons
 #endif
 }
 
+// reduce_rows_tiled, with fewer than 16 channels widened first: q = 16 / gcd(C, 16) consecutive rows are one
+// row of L = q * C channels (a multiple of 16: vector tiles only) whose constants repeat every C lanes; lane
+// c' stands for channel c' % C, and its sums and max are folded into that channel's. Leftover rows (fewer
+// than q) and slow channels run on the C-wide rows.
+template <int NC, int K, bool Mx, bool Out, typename T, typename F>
+void reduce_rows(int64_t r0, int64_t r1, int64_t C, const float* const* cs, const uint8_t* slow, F f, float* mx,
+                 Acc* acc, T* y, bool nt) {
+  const int64_t q = kLanes16 / std::gcd<int64_t>(C, kLanes16);
+  bool any_slow = false;
+  for (int64_t c = 0; slow && c < C; ++c) any_slow = any_slow || slow[c];
+  if (C >= kLanes16 || q == 1 || any_slow || r0 % q != 0 || r1 - r0 < q) {
+    reduce_rows_tiled<NC, K, Mx, Out>(r0, r1, C, cs, slow, f, mx, acc, y, nt);
+    return;
+  }
+  const int64_t L = q * C, rw = (r1 - r0) / q * q;
+  std::vector<float> wide(static_cast<size_t>(NC * L));
+  const float* wcs[NC > 0 ? NC : 1];
+  for (int i = 0; i < NC; ++i) {
+    for (int64_t c = 0; c < L; ++c) wide[i * L + c] = cs[i][c % C];
+    wcs[i] = wide.data() + i * L;
+  }
+  std::vector<float> wmx(static_cast<size_t>(L), 0.f);
+  std::vector<Acc> wacc(static_cast<size_t>(K * L));
+  reduce_rows_tiled<NC, K, Mx, Out>(r0 / q, r0 / q + rw / q, L, wcs, nullptr, f, wmx.data(), wacc.data(), y,
+                                    nt && L % kLanes16 == 0);
+  if constexpr (K >= 1) {
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t w = c; w < L; w += C) {
+        if constexpr (Mx) mx[c] = std::max(mx[c], wmx[w]);
+        for (int i = 0; i < K; ++i) acc[i * C + c].add(wacc[i * L + w].s);
+      }
+    }
+  }
+  if (rw < r1 - r0) reduce_rows_tiled<NC, K, Mx, Out>(r0 + rw, r1, C, cs, slow, f, mx, acc, y, false);
+}
+
 // One chunk's column totals: tot[c] the max (0 without Mx), tot[(i + 1) * C + c] sum i (and y, with Out)
 template <int NC, int K, bool Mx, bool Out = false, typename T = float, typename F>
 void chunk_totals(int64_t r0, int64_t r1, int64_t C, const float* const* cs, const uint8_t* slow, F f, float* tot,
@@ -294,11 +334,11 @@ void chunk_totals(int64_t r0, int64_t r1, int64_t C, const float* const* cs, con
     for (int64_t c = 0; c < C; ++c) tot[(i + 1) * C + c] = acc[i * C + c].s;
 }
 
-// An elementwise pass: y[r * C + c] = f(slow, r, c, k, j) over rows [r0, r1)
+// An elementwise pass: y[i] = f(t, i, k, j) over rows [r0, r1) (i = r * C + c)
 template <int NC, typename T, typename F>
 void map_rows(int64_t r0, int64_t r1, int64_t C, const float* const* cs, const uint8_t* slow, F f, T* y, bool nt) {
-  auto g = [&f](auto t, int64_t r, int64_t c, const auto& k, int j, auto&, auto&, auto&, auto&, auto&, auto& o) {
-    o = f(t, r, c, k, j);
+  auto g = [&f](auto t, int64_t i, const auto& k, int j, auto&, auto&, auto&, auto&, auto&, auto& o) {
+    o = f(t, i, k, j);
   };
   reduce_rows<NC, 0, false, true>(r0, r1, C, cs, slow, g, nullptr, nullptr, y, nt);
 }
@@ -423,8 +463,8 @@ void forward_impl(const T* x, T* y, Stat* stats, const Geo& g, const float* w, c
     const T* xp = xs(n);
     const float* cs[1] = {pl.a(0, n)};
     chunk_totals<1, 2, true>(g.r0(ch), g.r1(ch), C, cs, nullptr,
-        [xp, C](auto t, int64_t r, int64_t c, const auto& k, int j, auto& m, auto& v1, auto& v2, auto&, auto&, auto&) {
-          const auto v = load<lane_t<decltype(t)>>(xp + r * C + c);
+        [xp](auto t, int64_t i, const auto& k, int j, auto& m, auto& v1, auto& v2, auto&, auto&, auto&) {
+          const auto v = load<lane_t<decltype(t)>>(xp + i);
           const auto d = v - k[0][j];
           m = vabs(v); v1 = d; v2 = d * d;
         }, chunk_part(n, ch));
@@ -454,8 +494,8 @@ void forward_impl(const T* x, T* y, Stat* stats, const Geo& g, const float* w, c
     const T* xp = xs(n);
     const float* cs[3] = {pl.a(1, n), pl.a(2, n), pl.a(3, n)};
     chunk_totals<3, 1, false>(g.r0(ch), g.r1(ch), C, cs, nullptr,
-        [xp, C, second](auto t, int64_t r, int64_t c, const auto& k, int j, auto&, auto& v1, auto&, auto&, auto&, auto&) {
-          const auto d = load<lane_t<decltype(t)>>(xp + r * C + c) * k[0][j] - k[1][j];
+        [xp, second](auto t, int64_t i, const auto& k, int j, auto&, auto& v1, auto&, auto&, auto&, auto&) {
+          const auto d = load<lane_t<decltype(t)>>(xp + i) * k[0][j] - k[1][j];
           v1 = second ? (d - k[2][j]) * (d - k[2][j]) : d;
         }, chunk_part(n, ch));
   };
@@ -484,8 +524,8 @@ void forward_impl(const T* x, T* y, Stat* stats, const Geo& g, const float* w, c
     const T* xp = xs(n);
     const float* cs[8] = {pl.a(4, n), pl.a(5, n), pl.a(6, n), pl.a(7, n), pl.a(8, n), pl.a(9, n), w, b};
     map_rows<8>(g.r0(ch), g.r1(ch), C, cs, slow.data() + n * C,
-        [xp, C](auto t, int64_t r, int64_t c, const auto& k, int j) {
-          return x_hat<0, decltype(t)::slow>(load<lane_t<decltype(t)>>(xp + r * C + c), k, j) * k[6][j] + k[7][j];
+        [xp](auto t, int64_t i, const auto& k, int j) {
+          return x_hat<0, decltype(t)::slow>(load<lane_t<decltype(t)>>(xp + i), k, j) * k[6][j] + k[7][j];
         }, y + n * S * C, nt);
   };
   auto robust_sample = [&](int64_t n) { return any_robust[n] != 0; };
@@ -527,11 +567,11 @@ void backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Geo&
     auto xh = xhat_planes(n);
     const float* cs[8] = {xh[0], xh[1], xh[2], xh[3], xh[4], xh[5], w, pl.a(6, n)};
     chunk_totals<8, 4, true>(g.r0(ch), g.r1(ch), C, cs, slow_x.data() + n * C,
-        [dyp, xp, C](auto t, int64_t r, int64_t c, const auto& k, int j, auto& m, auto& v1, auto& v2, auto& v3,
+        [dyp, xp](auto t, int64_t i, const auto& k, int j, auto& m, auto& v1, auto& v2, auto& v3,
                      auto& v4, auto&) {
           using Vt = lane_t<decltype(t)>;
-          const Vt d = load<Vt>(dyp + r * C + c);
-          const Vt xv = x_hat<0, decltype(t)::slow>(load<Vt>(xp + r * C + c), k, j);
+          const Vt d = load<Vt>(dyp + i);
+          const Vt xv = x_hat<0, decltype(t)::slow>(load<Vt>(xp + i), k, j);
           const Vt gs = d * k[6][j] - k[7][j];
           m = vabs(d); v1 = gs; v2 = gs * xv; v3 = d * xv; v4 = d;
         }, chunk_part(n, ch));
@@ -565,11 +605,11 @@ void backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Geo&
     auto xh = xhat_planes(n);
     const float* cs[9] = {xh[0], xh[1], xh[2], xh[3], xh[4], xh[5], w, pl.a(7, n), pl.a(8, n)};
     chunk_totals<9, 2, false>(g.r0(ch), g.r1(ch), C, cs, slow_x.data() + n * C,
-        [dyp, xp, C](auto t, int64_t r, int64_t c, const auto& k, int j, auto&, auto& v1, auto& v2, auto&, auto&,
+        [dyp, xp](auto t, int64_t i, const auto& k, int j, auto&, auto& v1, auto& v2, auto&, auto&,
                      auto&) {
           using Vt = lane_t<decltype(t)>;
-          const Vt gs = load<Vt>(dyp + r * C + c) * k[6][j] * k[7][j] - k[8][j];
-          v1 = gs; v2 = gs * x_hat<0, decltype(t)::slow>(load<Vt>(xp + r * C + c), k, j);
+          const Vt gs = load<Vt>(dyp + i) * k[6][j] * k[7][j] - k[8][j];
+          v1 = gs; v2 = gs * x_hat<0, decltype(t)::slow>(load<Vt>(xp + i), k, j);
         }, chunk_part(n, ch));
   };
   auto coefs = [&](int64_t n, int64_t) {
@@ -599,10 +639,10 @@ void backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Geo&
     const float* cs[13] = {xh[0], xh[1], xh[2], xh[3], xh[4], xh[5], w, pl.a(7, n), pl.a(8, n), pl.a(9, n), pl.a(10, n),
                            pl.a(11, n), pl.a(12, n)};
     map_rows<13>(g.r0(ch), g.r1(ch), C, cs, slow_dx.data() + n * C,
-        [dyp, xp, C](auto t, int64_t r, int64_t c, const auto& k, int j) {
+        [dyp, xp](auto t, int64_t i, const auto& k, int j) {
           using Vt = lane_t<decltype(t)>;
-          const Vt gs = load<Vt>(dyp + r * C + c) * k[6][j] * k[7][j] - k[8][j];
-          const Vt u = (gs - k[9][j]) - x_hat<0, decltype(t)::slow>(load<Vt>(xp + r * C + c), k, j) * k[10][j];
+          const Vt gs = load<Vt>(dyp + i) * k[6][j] * k[7][j] - k[8][j];
+          const Vt u = (gs - k[9][j]) - x_hat<0, decltype(t)::slow>(load<Vt>(xp + i), k, j) * k[10][j];
           if constexpr (decltype(t)::slow) return pow2(u * k[4][j], static_cast<int>(k[12][j]));
           else return u * k[11][j];
         }, dx + n * S * C, nt);
@@ -648,9 +688,9 @@ void eval_forward_impl(const T* x, T* y, const float* mean, const float* rstd, c
   eval_consts(mean, rstd, w, b, C, pl, slow);
   const auto cs = eval_planes(pl);
   run_steps(g, {{true, [&](int64_t, int64_t ch) {
-    map_rows<7>(g.r0(ch), g.r1(ch), C, cs.data(), slow.data(), [x, C](auto t, int64_t r, int64_t c, const auto& k, int j) {
+    map_rows<7>(g.r0(ch), g.r1(ch), C, cs.data(), slow.data(), [x](auto t, int64_t i, const auto& k, int j) {
       using Vt = lane_t<decltype(t)>;
-      const Vt v = load<Vt>(x + r * C + c), mu = k[0][j], diff = v - mu;
+      const Vt v = load<Vt>(x + i), mu = k[0][j], diff = v - mu;
       if constexpr (decltype(t)::slow) {  // eval_forward_impl's split factor and halves, element by element
         const int q = static_cast<int>(k[4][j]);
         float out = k[6][j] != 0.f ? diff * k[2][j] + k[5][j] : apply_split(diff, k[3][j], q) + k[5][j];
@@ -681,10 +721,10 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
       constexpr bool Out = decltype(out)::value;
       run_steps(g, {{true, [&](int64_t, int64_t ch) {
         chunk_totals<7, 2, false, Out>(g.r0(ch), g.r1(ch), C, cs.data(), slow.data(),
-            [dy, x, C, dx_of](auto t, int64_t r, int64_t c, const auto& k, int j, auto&, auto& v1, auto& v2, auto&,
+            [dy, x, dx_of](auto t, int64_t i, const auto& k, int j, auto&, auto& v1, auto& v2, auto&,
                               auto&, auto& o) {
               using Vt = lane_t<decltype(t)>;
-              const Vt d = load<Vt>(dy + r * C + c), xv = load<Vt>(x + r * C + c), mu = k[0][j], rs = k[1][j];
+              const Vt d = load<Vt>(dy + i), xv = load<Vt>(x + i), mu = k[0][j], rs = k[1][j];
               const Vt diff = xv - mu;
               Vt xh = diff * rs;
               if constexpr (decltype(t)::slow) {  // x - mean taken in halves where it overflows
@@ -702,9 +742,9 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
     std::copy(tot.begin() + 2 * C, tot.begin() + 3 * C, db);
   } else if (need_dx) {
     run_steps(g, {{true, [&](int64_t, int64_t ch) {
-      map_rows<7>(g.r0(ch), g.r1(ch), C, cs.data(), slow.data(), [dy, C, dx_of](auto t, int64_t r, int64_t c,
+      map_rows<7>(g.r0(ch), g.r1(ch), C, cs.data(), slow.data(), [dy, dx_of](auto t, int64_t i,
                                                                                 const auto& k, int j) {
-        return dx_of(t, load<lane_t<decltype(t)>>(dy + r * C + c), k, j);
+        return dx_of(t, load<lane_t<decltype(t)>>(dy + i), k, j);
       }, dx, streaming(dx, C, R * C));
     }}});
   }
