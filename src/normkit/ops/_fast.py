@@ -204,8 +204,9 @@ def _route(op, impl, *tensors: Tensor | None):
     tensors under no_grad or without requires_grad, and the backward ops as autograd runs them -- where
     torch.library's dispatch (15-40 us) would cost as much as a small layer's kernel; ``op`` itself
     otherwise (autograd through the forward ops, torch.compile, make_fx, tensor subclasses)."""
-    if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
-            or type(tensors[0]) is not Tensor or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None):
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    tracing = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None  # make_fx
+    if torch.compiler.is_compiling() or needs_grad or tracing or type(tensors[0]) is not Tensor:
         return op
     return impl
 
@@ -311,7 +312,8 @@ def standardize_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, di
         _native.note(_op_name(layout, center), "eager (kernels unavailable)")
         return None
     _native.note(_op_name(layout, center), "native (input copied to contiguous)" if copied else "native")
-    y, stats = _route(stats_norm, _stats_norm, xv, weight, bias)(xv, _param(weight, n_params, 1.0), _param(bias, n_params, 0.0), layout, groups, float(eps), center)
+    y, stats = _route(stats_norm, _stats_norm, xv, weight, bias)(
+        xv, _param(weight, n_params, 1.0), _param(bias, n_params, 0.0), layout, groups, float(eps), center)
     nd = x.dim()
     keep = [1 if (i in {d % nd for d in dims}) else n for i, n in enumerate(x.shape)]
     return y.view(x.shape), stats[:, 5].reshape(keep), stats[:, 6].reshape(keep)
@@ -341,7 +343,8 @@ def stats_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bi
     c = x.shape[1]
     m = mean.detach().reshape(c).to(torch.float32).contiguous()
     v = var.detach().reshape(c).to(torch.float32).contiguous()
-    y = _route(affine_eval, _affine_eval, x, weight, bias)(x.reshape(x.shape[0], c, -1), m, v, _param(weight, c, 1.0), _param(bias, c, 0.0), float(eps))
+    y = _route(affine_eval, _affine_eval, x, weight, bias)(
+        x.reshape(x.shape[0], c, -1), m, v, _param(weight, c, 1.0), _param(bias, c, 0.0), float(eps))
     return y.view(x.shape)
 
 
@@ -399,7 +402,8 @@ def _standardize_channels_last(x, weight, bias, dims, eps, center):
     perm, xv, rows, groups, name = plan
     n_params = rows.shape[2]
     _native.note(name, "native (channels_last)")
-    y, stats = _route(stats_norm, _stats_norm, rows, weight, bias)(rows, _param(weight, n_params, 1.0), _param(bias, n_params, 0.0), GROUPS_CL, groups, float(eps), center)
+    y, stats = _route(stats_norm, _stats_norm, rows, weight, bias)(
+        rows, _param(weight, n_params, 1.0), _param(bias, n_params, 0.0), GROUPS_CL, groups, float(eps), center)
     nd = x.dim()
     keep = [1 if (i in {d % nd for d in dims}) else n for i, n in enumerate(x.shape)]
     return _from_rows(y, xv, perm), stats[:, 5].reshape(keep), stats[:, 6].reshape(keep)
@@ -415,6 +419,7 @@ def _stats_affine_channels_last(x, mean, var, weight, bias, eps):
         return None
     perm, xv = found
     _native.note("batch_norm/instance_norm (eval)", "native (channels_last)")
-    y = _route(affine_eval, _affine_eval, xv, weight, bias)(xv.reshape(-1, c), _param(mean.detach(), c, 0.0), _param(var.detach(), c, 1.0), _param(weight, c, 1.0),
-                    _param(bias, c, 0.0), float(eps))
+    y = _route(affine_eval, _affine_eval, xv, weight, bias)(
+        xv.reshape(-1, c), _param(mean.detach(), c, 0.0), _param(var.detach(), c, 1.0), _param(weight, c, 1.0),
+        _param(bias, c, 0.0), float(eps))
     return _from_rows(y, xv, perm)
