@@ -462,6 +462,19 @@ def test_set_backend_eager_serves_eagerly(routed):
         _native.set_backend("fast")
 
 
+def test_first_kernel_use_inside_torch_compile():
+    """A compiled function may be the first to want the kernels: the loader runs once at trace time (its lock
+    is never traced) and the graph holds the custom op."""
+    code = ("import torch, normkit.functional as nf; graphs = []\n"
+            "def backend(gm, inputs):\n    graphs.append(gm); return gm.forward\n"
+            "f = torch.compile(lambda x: nf.layer_norm(x, (8,)), fullgraph=True, backend=backend)\n"
+            "x = torch.randn(4, 8)\n"
+            "assert torch.allclose(f(x), torch.nn.functional.layer_norm(x, (8,)), atol=1e-6)\n"
+            "assert any('stats_norm' in str(n.target) for n in graphs[0].graph.nodes); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
 def test_env_switch_disables_without_building():
     code = ("import torch, normkit._native as n, normkit.ops._fast as f; "
             "assert f.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None; "

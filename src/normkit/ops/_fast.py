@@ -204,14 +204,21 @@ def _route(op, impl, *tensors: Tensor | None):
     tensors under no_grad or without requires_grad, and the backward ops as autograd runs them -- where
     torch.library's dispatch (15-40 us) would cost as much as a small layer's kernel; ``op`` itself
     otherwise (autograd through the forward ops, torch.compile, make_fx, tensor subclasses)."""
+    if torch.compiler.is_compiling():  # first: Dynamo cannot trace the checks below
+        return op
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     tracing = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None  # make_fx
-    if torch.compiler.is_compiling() or needs_grad or tracing or type(tensors[0]) is not Tensor:
-        return op
-    return impl
+    return op if needs_grad or tracing or type(tensors[0]) is not Tensor else impl
 
 
 # ---- dispatch -------------------------------------------------------------------------------------------
+
+@torch.compiler.assume_constant_result
+def _kernels_built() -> bool:
+    """Whether the kernels are loaded (building them on first use). torch.compile runs this once while it
+    traces and keeps the answer as a constant: the loader's lock and build are never traced."""
+    return _native.load("norm_kernel") is not None
+
 
 def _plain(t: Tensor | None) -> bool:
     """Not a torch.func-wrapped tensor (vmap / grad / jvp run the eager path, which has their rules)."""
@@ -308,7 +315,7 @@ def standardize_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, di
         _native.note("layer/rms/group/instance/batch norm", f"eager ({plan})")
         return None
     layout, xv, groups, n_params = plan
-    if _native.load("norm_kernel") is None:
+    if not _kernels_built():
         _native.note(_op_name(layout, center), "eager (kernels unavailable)")
         return None
     _native.note(_op_name(layout, center), "native (input copied to contiguous)" if copied else "native")
@@ -333,7 +340,7 @@ def stats_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bi
             why = f"fewer than {MIN_SEGMENT} values per (n, c)"
         elif any(p is not None and tuple(p.shape) != cshape for p in (mean, var, weight, bias)):
             why = "parameter shape"
-        elif _native.load("norm_kernel") is None:
+        elif not _kernels_built():
             why = "kernels unavailable"
     if why is not None:
         _native.note("batch_norm/instance_norm (eval)", f"eager ({why})")
@@ -397,7 +404,7 @@ def _channels_last_plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, d
 def _standardize_channels_last(x, weight, bias, dims, eps, center):
     """:func:`standardize_affine` for a channels-last input, in its layout; None where that does not apply."""
     plan = _channels_last_plan(x, weight, bias, dims, center)
-    if plan is None or _native.load("channels_last_kernel") is None:
+    if plan is None or not _kernels_built():
         return None
     perm, xv, rows, groups, name = plan
     n_params = rows.shape[2]
@@ -415,7 +422,7 @@ def _stats_affine_channels_last(x, mean, var, weight, bias, eps):
     found = _channels_minor(x, 0) if nd >= 3 else None
     if found is None or any(p is not None and tuple(p.shape) != (1, c, *([1] * (nd - 2))) for p in (mean, var, weight, bias)):
         return None
-    if _native.load("channels_last_kernel") is None:
+    if not _kernels_built():
         return None
     perm, xv = found
     _native.note("batch_norm/instance_norm (eval)", "native (channels_last)")
