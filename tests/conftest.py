@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -83,3 +85,9 @@ def assert_matches_torch_or_oracle(out, torch_out, oracle_out, dtype, what):
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+# Tests of a native kernel itself: skipped where none can run (the eager path is tested everywhere else).
+needs_native = pytest.mark.skipif(
+    shutil.which("c++") is None or os.environ.get("NORMKIT_NATIVE", "1") == "0",
+    reason="native kernels unavailable here (no C++ compiler) or switched off (NORMKIT_NATIVE=0)")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import normkit.functional as nf
 import oracle
-from conftest import DTYPES, PARITY_TOL, assert_rel_close
+from conftest import DTYPES, PARITY_TOL, assert_rel_close, needs_native
 from normkit.ops import local_response_norm as L
 
 SIZES = range(1, 10)
@@ -230,11 +230,9 @@ def test_no_pooling_kernel_and_no_float64(k):
 
 
 # ------------------------------------------------------------------------------ native kernel
-needs_compiler = pytest.mark.skipif(__import__("shutil").which("c++") is None,
-                                    reason="no C++ compiler: the native kernel cannot be built (the eager path is tested above)")
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("beta", [0.75, 0.5, 1.0, 0.6])
 def test_native_kernel_matches_torch_and_eager(dtype, beta):
@@ -267,7 +265,7 @@ def test_native_kernel_can_be_disabled(monkeypatch):
     assert _native.status()["ops"]["local_response_norm"] == "eager (plain formula: backend eager)"
 
 
-@needs_compiler
+@needs_native
 def test_path_taken_is_reported():
     """normkit.status() names the path of the last call: the kernel, the plain eager formula (and why the
     kernel did not apply), or the robust path (the check could not prove the plain formula safe)."""

@@ -17,7 +17,7 @@ from torch.func import hessian, jacfwd, jacrev, jvp, vmap
 
 import normkit.functional as nf
 import normkit.nn as nnk
-from conftest import REL_TOL, assert_rel_close
+from conftest import REL_TOL, assert_rel_close, needs_native
 from normkit.ops import local_response_norm as L
 
 
@@ -126,7 +126,7 @@ def test_jvp_robust_at_extreme_magnitudes(mag):
         assert_rel_close(dy, ref, torch.float32, f"{name} jvp at {mag:g}")
 
 
-@pytest.mark.skipif(__import__("shutil").which("c++") is None, reason="no C++ compiler: no native kernel to test")
+@needs_native
 def test_vmap_hands_the_native_kernel_plain_tensors(monkeypatch):
     """A vmapped call runs the whole batch as one plain call: the fused kernel sees an ordinary tensor."""
     from normkit import _native
