@@ -102,6 +102,16 @@ AWKWARD = [
 ]
 
 
+def _assert_matches(fast, eager, ref, op, shape, why, dtype):
+    """Native outputs and gradients against the eager path and the float64 oracle."""
+    for key in fast:
+        if key == "dx" and _group_size(op.name, shape) <= 2:
+            continue  # groups of one or two: dx is pure cancellation (README, known differences)
+        assert_rel_close(fast[key], eager[key].double(), dtype, f"{op.name} {why} {key}: native vs eager",
+                         rel=2 * REL_TOL[dtype])
+        assert_rel_close(fast[key], ref[key], dtype, f"{op.name} {why} {key}: native vs oracle")
+
+
 @pytest.mark.parametrize("shape,why", AWKWARD, ids=[a[1] for a in AWKWARD])
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
@@ -116,12 +126,7 @@ def test_awkward_shapes_vs_eager_and_oracle(routed, op, dtype, shape, why):
     dy = torch.randn(shape, dtype=torch.float64).to(dtype)
     fast, eager = _both(op, x, p, dy)
     ref = run_oracle(op, x, p, dy)
-    for key in fast:
-        if key == "dx" and _group_size(op.name, shape) <= 2:
-            continue  # groups of one or two: dx is pure cancellation (README, known differences)
-        assert_rel_close(fast[key], eager[key].double(), dtype, f"{op.name} {why} {key}: native vs eager",
-                         rel=2 * REL_TOL[dtype])
-        assert_rel_close(fast[key], ref[key], dtype, f"{op.name} {why} {key}: native vs oracle")
+    _assert_matches(fast, eager, ref, op, shape, why, dtype)
 
 
 def _group_size(name, shape):
@@ -230,12 +235,7 @@ def test_channels_last_awkward_shapes_vs_eager_and_oracle(routed, op, dtype, sha
     _native.set_backend("eager")
     eager = run_normkit(op, x, p, dy)
     ref = run_oracle(op, x, p, dy)
-    for key in fast:
-        if key == "dx" and _group_size(op.name, shape) <= 2:
-            continue  # groups of one or two: dx is pure cancellation (README, known differences)
-        assert_rel_close(fast[key], eager[key].double(), dtype, f"{op.name} {why} {key}: native vs eager",
-                         rel=2 * REL_TOL[dtype])
-        assert_rel_close(fast[key], ref[key], dtype, f"{op.name} {why} {key}: native vs oracle")
+    _assert_matches(fast, eager, ref, op, shape, why, dtype)
 
 
 @pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
