@@ -45,7 +45,6 @@ ROWS, GROUPS, CHANNELS = 0, 1, 2
 GROUPS_CL = 3  # channels last: x (N, S, C), a group per (n, g) = S rows x C / groups channels (channels_last_kernel.cpp)
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_SEGMENT = 8  # channel layouts with fewer spatial values per (n, c) run eagerly (a kernel per value is no gain)
-_LAYOUT_NAMES = {ROWS: "rows", GROUPS: "groups", CHANNELS: "channels", GROUPS_CL: "groups (channels last)"}
 
 
 def _n_groups(x_shape, layout: int, groups: int) -> int:
@@ -252,6 +251,19 @@ def _param(t: Tensor | None, n: int, fill: float) -> Tensor:
     return t.reshape(n).to(torch.float32).contiguous()
 
 
+def _per_channel(x: Tensor, *params: Tensor | None) -> bool:
+    """Every given parameter is shaped ``(1, C, 1, ...)`` against ``x (N, C, *)``."""
+    shape = (1, x.shape[1], *([1] * (x.dim() - 2)))
+    return all(p is None or tuple(p.shape) == shape for p in params)
+
+
+def _moments(stats: Tensor, x: Tensor, dims) -> tuple[Tensor, Tensor]:
+    """The mean and biased variance the kernels saved in ``stats``, in ``x``'s shape with ``dims`` kept as 1."""
+    reduced = {d % x.dim() for d in dims}
+    keep = [1 if i in reduced else n for i, n in enumerate(x.shape)]
+    return stats[:, 5].reshape(keep), stats[:, 6].reshape(keep)
+
+
 def _channel_split(x: Tensor, p: Tensor) -> int | None:
     """For a parameter ``p`` shaped ``(1, A, *lead, 1, ...)`` against ``x (N, A, *lead, ...)``: ``len(lead)``, else None."""
     if p.dim() != x.dim() or p.shape[0] != 1 or p.shape[1] != x.shape[1]:
@@ -287,7 +299,7 @@ def _plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims, center: b
         s = math.prod(x.shape[2:])
         if s < MIN_SEGMENT:
             return f"fewer than {MIN_SEGMENT} values per (n, c)"
-        if any(p is not None and tuple(p.shape) != (1, x.shape[1], *([1] * (nd - 2))) for p in (weight, bias)):
+        if not _per_channel(x, weight, bias):
             return "parameter shape"
         return CHANNELS, x.reshape(x.shape[0], x.shape[1], s), 1, x.shape[1]  # batch norm in training
     return "reduction pattern"
@@ -321,9 +333,7 @@ def standardize_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, di
     _native.note(_op_name(layout, center), "native (input copied to contiguous)" if copied else "native")
     y, stats = _route(stats_norm, _stats_norm, xv, weight, bias)(
         xv, _param(weight, n_params, 1.0), _param(bias, n_params, 0.0), layout, groups, float(eps), center)
-    nd = x.dim()
-    keep = [1 if (i in {d % nd for d in dims}) else n for i, n in enumerate(x.shape)]
-    return y.view(x.shape), stats[:, 5].reshape(keep), stats[:, 6].reshape(keep)
+    return (y.view(x.shape), *_moments(stats, x, dims))
 
 
 def stats_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
@@ -334,11 +344,9 @@ def stats_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bi
         if fast is not None:
             return fast
     if why is None:
-        nd = x.dim()
-        cshape = (1, x.shape[1], *([1] * (nd - 2))) if nd >= 2 else None
-        if nd < 3 or math.prod(x.shape[2:]) < MIN_SEGMENT:
+        if x.dim() < 3 or math.prod(x.shape[2:]) < MIN_SEGMENT:
             why = f"fewer than {MIN_SEGMENT} values per (n, c)"
-        elif any(p is not None and tuple(p.shape) != cshape for p in (mean, var, weight, bias)):
+        elif not _per_channel(x, mean, var, weight, bias):
             why = "parameter shape"
         elif not _kernels_built():
             why = "kernels unavailable"
@@ -348,10 +356,9 @@ def stats_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bi
     _native.note("batch_norm/instance_norm (eval)", "native" if x.is_contiguous() else "native (input copied to contiguous)")
     x = x.contiguous()
     c = x.shape[1]
-    m = mean.detach().reshape(c).to(torch.float32).contiguous()
-    v = var.detach().reshape(c).to(torch.float32).contiguous()
     y = _route(affine_eval, _affine_eval, x, weight, bias)(
-        x.reshape(x.shape[0], c, -1), m, v, _param(weight, c, 1.0), _param(bias, c, 0.0), float(eps))
+        x.reshape(x.shape[0], c, -1), _param(mean.detach(), c, 0.0), _param(var.detach(), c, 1.0),
+        _param(weight, c, 1.0), _param(bias, c, 0.0), float(eps))
     return y.view(x.shape)
 
 
@@ -382,7 +389,7 @@ def _channels_last_plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, d
         return None
     dims = sorted(d % nd for d in dims)
     if dims == [0, *range(2, nd)]:  # batch norm in training: one sample of N * S rows, a group per channel
-        if any(p is not None and tuple(p.shape) != (1, x.shape[1], *([1] * (nd - 2))) for p in (weight, bias)):
+        if not _per_channel(x, weight, bias):
             return None
         found = _channels_minor(x, 0)
         if found is None:
@@ -411,17 +418,15 @@ def _standardize_channels_last(x, weight, bias, dims, eps, center):
     _native.note(name, "native (channels_last)")
     y, stats = _route(stats_norm, _stats_norm, rows, weight, bias)(
         rows, _param(weight, n_params, 1.0), _param(bias, n_params, 0.0), GROUPS_CL, groups, float(eps), center)
-    nd = x.dim()
-    keep = [1 if (i in {d % nd for d in dims}) else n for i, n in enumerate(x.shape)]
-    return _from_rows(y, xv, perm), stats[:, 5].reshape(keep), stats[:, 6].reshape(keep)
+    return (_from_rows(y, xv, perm), *_moments(stats, x, dims))
 
 
 def _stats_affine_channels_last(x, mean, var, weight, bias, eps):
     """:func:`stats_affine` for a channels-last input, as ``(N * S, C)`` rows; None where that does not apply."""
-    nd, c = x.dim(), x.shape[1] if x.dim() >= 2 else 0
-    found = _channels_minor(x, 0) if nd >= 3 else None
-    if found is None or any(p is not None and tuple(p.shape) != (1, c, *([1] * (nd - 2))) for p in (mean, var, weight, bias)):
+    found = _channels_minor(x, 0) if x.dim() >= 3 else None
+    if found is None or not _per_channel(x, mean, var, weight, bias):
         return None
+    c = x.shape[1]
     if not _kernels_built():
         return None
     perm, xv = found

@@ -373,6 +373,12 @@ def lrn_jvp(dx: Tensor, x: Tensor, win: Window) -> Tensor:
     return _robust_linear(dx, x, win, adjoint=False)
 
 
+def lrn_backward_as(dy: Tensor, x: Tensor, win: Window) -> Tensor:
+    """:func:`lrn_backward` for ``x`` in its own dtype: computed in the compute dtype, ``dx`` in ``x``'s."""
+    ct = compute_dtype(x.dtype)
+    return lrn_backward(dy.to(ct), x.to(ct), win).to(x.dtype)
+
+
 class LocalResponseNormReverse(torch.autograd.Function):
     """``y = lrn(x)`` with the hand-written backward above. When a graph is being built, backward runs in
     differentiable ops (the exponents are detached constants), so double backward is exact. This is the
@@ -390,8 +396,7 @@ class LocalResponseNormReverse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        ct = compute_dtype(x.dtype)
-        return lrn_backward(dy.to(ct), x.to(ct), ctx.win).to(x.dtype), None
+        return lrn_backward_as(dy, x, ctx.win), None
 
 
 class LocalResponseNormFunction(LocalResponseNormReverse):
@@ -435,8 +440,7 @@ def _(x, dims, lo, hi, c, k, beta):
 @torch.library.custom_op("normkit::local_response_norm_backward", mutates_args=())
 def lrn_backward_op(dy: Tensor, x: Tensor, dims: list[int], lo: int, hi: int, c: float, k: float, beta: float) -> Tensor:
     """``dx`` of :func:`lrn_op` given ``dy``, in ``x``'s dtype."""
-    ct = compute_dtype(x.dtype)
-    return lrn_backward(dy.to(ct), x.to(ct), Window(tuple(dims), lo, hi, c, k, beta)).to(x.dtype)
+    return lrn_backward_as(dy, x, Window(tuple(dims), lo, hi, c, k, beta))
 
 
 @lrn_backward_op.register_fake
@@ -451,9 +455,8 @@ def _lrn_op_setup(ctx, inputs, output):
 
 def _lrn_op_backward(ctx, dy):
     (x,) = ctx.saved_tensors
-    if torch.is_grad_enabled():  # double backward: the differentiable robust form
-        ct = compute_dtype(x.dtype)
-        dx = _robust_backward(dy.to(ct), x.to(ct), Window(tuple(ctx.args[0]), *ctx.args[1:])).to(x.dtype)
+    if torch.is_grad_enabled():  # double backward: lrn_backward takes its differentiable robust form
+        dx = lrn_backward_as(dy, x, Window(tuple(ctx.args[0]), *ctx.args[1:]))
     else:
         dx = lrn_backward_op(dy, x, *ctx.args)
     return (dx,) + (None,) * 6
