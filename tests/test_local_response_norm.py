@@ -319,3 +319,30 @@ def test_robust_path_on_subnormal_input(dtype, mag):
     got = run(lambda t: nf.local_response_norm(t, 3, 1e-4, 0.75, 0.0), x, dy)
     for key in ref:
         assert_rel_close(got[key], ref[key], dtype, f"magnitude {mag:g}: {key}")
+
+
+# ------------------------------------------------------------------------- regressions (issue 18)
+@pytest.mark.parametrize("backend", ["eager", "native"])
+@pytest.mark.parametrize("alpha", [0.0, 1e-30])
+def test_plain_backward_cannot_overflow_where_float64_is_finite(backend, alpha):
+    """The plain formula's backward forms ``g x d**(-beta-1)`` before ``c x``: at ``x = 2**10``,
+    ``g = 2**30``, ``k = 2**-40``, ``beta = 1.25`` that is ``2**130``, past float32, while ``dx`` itself
+    is 1.2e24. It used to give NaN (``alpha = 0``: inf * 0) and -inf, through the eager formula and the
+    native kernel alike; the safety check of the plain formula must cover backward too."""
+    from normkit import _native
+
+    if backend == "native" and _native.load("lrn_kernel") is None:
+        pytest.skip("native kernels unavailable here (no compiler, or NORMKIT_NATIVE=0)")
+    shape = (2, 6, 5, 5) if backend == "eager" else (2, 6, 80, 80)  # the kernel takes inputs of 2**16 elements up
+    x = torch.full(shape, 2.0**10)
+    dy = torch.full(shape, 2.0**30)
+    previous = _native.get_backend()
+    _native.set_backend("eager" if backend == "eager" else "auto")
+    try:
+        got = run(lambda t: nf.local_response_norm(t, 3, alpha, 1.25, 2.0**-40), x, dy)
+    finally:
+        _native.set_backend(previous)
+    ref = oracle.lrn(oracle.ld(x), (1,), 1, 1, alpha / 3, 2.0**-40, 1.25, oracle.ld(dy))
+    assert abs(float(ref["dx"].max()) / 1.2089258e24 - 1) < 1e-6  # the float64 answer of the issue
+    for key in ref:
+        assert_rel_close(got[key], ref[key], torch.float32, f"alpha {alpha}: {key}")

@@ -509,3 +509,32 @@ def test_lrn_kernel_shares_the_module():
     assert hasattr(_native.load("lrn_kernel"), "lrn_forward") and hasattr(_native.load("norm_kernel"), "stats_forward")
     x = torch.randn(2, 16, 40, 40)
     assert_rel_close(nf.local_response_norm(x, 5), torch.nn.functional.local_response_norm(x, 5).double(), torch.float32)
+
+
+# ---- the kernels' own argument checks (issue 18: an empty input used to crash the process) ----------------
+
+BAD_CALLS = [
+    ("empty rows", "torch.ops.normkit.stats_norm(torch.empty(2, 0), torch.ones(0), torch.zeros(0), 0, 1, 1e-5, True)"),
+    ("no rows", "torch.ops.normkit.stats_norm(torch.empty(0, 4), torch.ones(4), torch.zeros(4), 0, 1, 1e-5, True)"),
+    ("empty channels", "torch.ops.normkit.stats_norm(torch.empty(2, 3, 0), torch.ones(3), torch.zeros(3), 2, 1, 1e-5, True)"),
+    ("empty eval", "torch.ops.normkit.affine_eval(torch.empty(2, 3, 0), torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(3), 1e-5)"),
+    ("weight size", "torch.ops.normkit.stats_norm(torch.randn(2, 4), torch.ones(3), torch.zeros(4), 0, 1, 1e-5, True)"),
+    ("float64", "torch.ops.normkit.stats_norm(torch.randn(2, 4).double(), torch.ones(4), torch.zeros(4), 0, 1, 1e-5, True)"),
+    ("layout", "torch.ops.normkit.stats_norm(torch.randn(2, 4), torch.ones(4), torch.zeros(4), 7, 1, 1e-5, True)"),
+    ("empty lrn", "normkit._native.load('lrn_kernel').lrn_forward(torch.empty(2, 0, 3), 1, 1, 1e-4, 1.0, 0.75)"),
+    ("empty cl", "normkit._native.load('norm_kernel').stats_forward_cl(torch.empty(1, 0, 4), torch.ones(4), torch.zeros(4), 3, 2, 1e-5, True)"),
+]
+
+
+@pytest.mark.parametrize("what,call", BAD_CALLS, ids=[b[0] for b in BAD_CALLS])
+def test_kernels_refuse_bad_arguments_with_an_error(what, call):
+    """Called directly with sizes, dtypes or layouts they do not take, the C++ entry points raise a
+    RuntimeError naming the problem (TORCH_CHECK before any memory is read) instead of crashing. In a
+    subprocess: a crash must fail this test, not the whole run."""
+    code = ("import torch, normkit._native, normkit.ops._fast\n"
+            f"try:\n    {call}\nexcept RuntimeError as e:\n    print('refused:', str(e).splitlines()[0])\n"
+            "else:\n    print('accepted')\n")
+    env = {**os.environ, "NORMKIT_NATIVE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, f"{what}: exit status {out.returncode}\n{out.stderr[-2000:]}"
+    assert "refused:" in out.stdout, out.stdout
