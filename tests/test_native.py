@@ -1,4 +1,4 @@
-"""The native kernels (ops/norm_kernel.cpp, ops/channels_last_kernel.cpp through ops/_fast.py): same answers
+"""The native kernels (ops/norm_kernel.cpp, ops/channels_last_kernel.cpp through ops/_kernels.py and ops/_plan.py): same answers
 as the eager path and the float64 oracle on the robustness sweep and on awkward shapes, gradients included,
 contiguous and channels_last; the custom ops pass torch.library.opcheck; a training forward keeps only the
 input and O(groups) statistics; the eager fallback when disabled or when the build fails."""
@@ -16,7 +16,7 @@ import torch
 import normkit
 import normkit.functional as nf
 from normkit import _native
-from normkit.ops import _fast, _normalize, batch_norm, group_norm, instance_norm, layer_norm
+from normkit.ops import _kernels, _plan
 
 import oracle
 from cases import OPS, OPS_BY_NAME, run_normkit, run_oracle
@@ -38,21 +38,9 @@ def _built():
 
 
 @pytest.fixture
-def routed(monkeypatch):
-    """The functional API with the fast path in front of the eager one (as ops/_normalize.py wires it), and
-    a record of which path served: returns the set of paths taken."""
-    def sa(x, w, b, dims, eps, center=True):
-        out = _fast.standardize_affine(x, w, b, dims, eps, center)
-        return out if out is not None else _normalize.standardize_affine(x, w, b, dims, eps, center)
-
-    def st(x, mean, var, w, b, eps):
-        out = _fast.stats_affine(x, mean, var, w, b, eps)
-        return out if out is not None else _normalize.stats_affine(x, mean, var, w, b, eps)
-
-    for mod in (batch_norm, instance_norm, layer_norm, group_norm):
-        monkeypatch.setattr(mod, "standardize_affine", sa)
-        if hasattr(mod, "stats_affine"):
-            monkeypatch.setattr(mod, "stats_affine", st)
+def routed():
+    """The functional API with the native kernels on (as ops/_normalize.py wires them: a kernel where
+    ops/_plan.py finds one, else the eager path), and a record of which path served: returns the record."""
     _native.set_backend("auto")
     _native._last_path.clear()
     yield _native._last_path
@@ -284,7 +272,7 @@ def test_channels_last_ordinary_data_takes_the_plain_formula():
     for n, s, c, groups in [(1, 3000, 128, 128), (4, 300, 64, 16), (2, 500, 7, 7), (3, 200, 99, 33), (1, 5000, 32, 32)]:
         for dtype in NATIVE_DTYPES:
             x = (torch.rand(n, s, c) * 2 - 1).to(dtype)
-            _, stats = _fast.stats_norm(x, torch.ones(c), torch.zeros(c), _fast.GROUPS_CL, groups, 1e-5, True)
+            _, stats = _kernels.stats_norm(x, torch.ones(c), torch.zeros(c), _kernels.GROUPS_CL, groups, 1e-5, True)
             assert (stats[:, 0] == 0).all(), ((n, s, c, groups), dtype, stats[:, 0])
 
 
@@ -298,8 +286,8 @@ def test_channels_last_results_do_not_depend_on_the_thread_count():
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            y, stats = _fast.stats_norm(x, w, b, _fast.GROUPS_CL, 12, 1e-5, True)
-            results.append((y, stats, *_fast.stats_norm_backward(dy, x, w, stats, _fast.GROUPS_CL, 12, True, True, True)))
+            y, stats = _kernels.stats_norm(x, w, b, _kernels.GROUPS_CL, 12, 1e-5, True)
+            results.append((y, stats, *_kernels.stats_norm_backward(dy, x, w, stats, _kernels.GROUPS_CL, 12, True, True, True)))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results):
@@ -384,29 +372,29 @@ def test_saved_for_backward_is_input_plus_statistics(routed, layout):
 
 def _opcheck_samples():
     f = torch.float32
-    yield _fast.stats_norm, (torch.randn(5, 7), torch.rand(7) + .5, torch.randn(7), 0, 1, 1e-5, True)
-    yield _fast.stats_norm, (torch.randn(3, 7).to(torch.bfloat16), torch.rand(7) + .5, torch.randn(7), 0, 1, 1e-5, False)
-    yield _fast.stats_norm, (torch.randn(2, 6, 9), torch.rand(6) + .5, torch.randn(6), 1, 3, 1e-5, True)
-    yield _fast.stats_norm, (torch.randn(2, 6, 9), torch.rand(6) + .5, torch.randn(6), 2, 1, 1e-5, True)
-    stats = _fast.stats_norm(torch.randn(2, 6, 9), torch.ones(6), torch.zeros(6), 2, 1, 1e-5, True)[1]
-    yield _fast.stats_norm_backward, (torch.randn(2, 6, 9), torch.randn(2, 6, 9), torch.ones(6), stats, 2, 1, True, True, True)
-    yield _fast.affine_eval, (torch.randn(2, 6, 9), torch.randn(6), torch.rand(6) + 1, torch.randn(6), torch.randn(6), 1e-5)
-    yield _fast.affine_eval_backward, (torch.randn(2, 6, 9), torch.randn(2, 6, 9), torch.randn(6), torch.rand(6, dtype=f),
+    yield _kernels.stats_norm, (torch.randn(5, 7), torch.rand(7) + .5, torch.randn(7), 0, 1, 1e-5, True)
+    yield _kernels.stats_norm, (torch.randn(3, 7).to(torch.bfloat16), torch.rand(7) + .5, torch.randn(7), 0, 1, 1e-5, False)
+    yield _kernels.stats_norm, (torch.randn(2, 6, 9), torch.rand(6) + .5, torch.randn(6), 1, 3, 1e-5, True)
+    yield _kernels.stats_norm, (torch.randn(2, 6, 9), torch.rand(6) + .5, torch.randn(6), 2, 1, 1e-5, True)
+    stats = _kernels.stats_norm(torch.randn(2, 6, 9), torch.ones(6), torch.zeros(6), 2, 1, 1e-5, True)[1]
+    yield _kernels.stats_norm_backward, (torch.randn(2, 6, 9), torch.randn(2, 6, 9), torch.ones(6), stats, 2, 1, True, True, True)
+    yield _kernels.affine_eval, (torch.randn(2, 6, 9), torch.randn(6), torch.rand(6) + 1, torch.randn(6), torch.randn(6), 1e-5)
+    yield _kernels.affine_eval_backward, (torch.randn(2, 6, 9), torch.randn(2, 6, 9), torch.randn(6), torch.rand(6, dtype=f),
                                        torch.randn(6), 1e-5, True, False)
-    cl = _fast.GROUPS_CL  # channels last: x (N, S, C) for the statistics op, (R, C) for the given-statistics one
-    yield _fast.stats_norm, (torch.randn(2, 9, 6), torch.rand(6) + .5, torch.randn(6), cl, 3, 1e-5, True)
-    yield _fast.stats_norm, (torch.randn(1, 9, 20).to(torch.bfloat16), torch.rand(20) + .5, torch.randn(20), cl, 20, 1e-5, True)
-    stats = _fast.stats_norm(torch.randn(2, 9, 6), torch.ones(6), torch.zeros(6), cl, 3, 1e-5, True)[1]
-    yield _fast.stats_norm_backward, (torch.randn(2, 9, 6), torch.randn(2, 9, 6), torch.ones(6), stats, cl, 3, True, True, True)
-    yield _fast.affine_eval, (torch.randn(18, 6), torch.randn(6), torch.rand(6) + 1, torch.randn(6), torch.randn(6), 1e-5)
-    yield _fast.affine_eval_backward, (torch.randn(18, 6), torch.randn(18, 6), torch.randn(6), torch.rand(6, dtype=f),
+    cl = _kernels.GROUPS_CL  # channels last: x (N, S, C) for the statistics op, (R, C) for the given-statistics one
+    yield _kernels.stats_norm, (torch.randn(2, 9, 6), torch.rand(6) + .5, torch.randn(6), cl, 3, 1e-5, True)
+    yield _kernels.stats_norm, (torch.randn(1, 9, 20).to(torch.bfloat16), torch.rand(20) + .5, torch.randn(20), cl, 20, 1e-5, True)
+    stats = _kernels.stats_norm(torch.randn(2, 9, 6), torch.ones(6), torch.zeros(6), cl, 3, 1e-5, True)[1]
+    yield _kernels.stats_norm_backward, (torch.randn(2, 9, 6), torch.randn(2, 9, 6), torch.ones(6), stats, cl, 3, True, True, True)
+    yield _kernels.affine_eval, (torch.randn(18, 6), torch.randn(6), torch.rand(6) + 1, torch.randn(6), torch.randn(6), 1e-5)
+    yield _kernels.affine_eval_backward, (torch.randn(18, 6), torch.randn(18, 6), torch.randn(6), torch.rand(6, dtype=f),
                                        torch.randn(6), 1e-5, True, True)
 
 
 @pytest.mark.parametrize("i", range(12))
 def test_opcheck(i):
     op, args = list(_opcheck_samples())[i]
-    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and op in (_fast.stats_norm, _fast.affine_eval)
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and op in (_kernels.stats_norm, _kernels.affine_eval)
                  and a.dtype.is_floating_point and k in (0, 1, 2) else a for k, a in enumerate(args))
     torch.library.opcheck(op, args)
 
@@ -418,8 +406,8 @@ def test_custom_op_is_one_node_in_fx(mode, grad):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def f(x):
-        y = _fast.standardize_affine(x, None, None, (-1,), 1e-5, True)[0]
-        return y + _fast.stats_affine(x.view(2, 4, 8), torch.zeros(1, 4, 1), torch.ones(1, 4, 1), None, None, 1e-5).reshape(8, 8)
+        y = _plan.standardize_affine(x, None, None, (-1,), 1e-5, True)[0]
+        return y + _plan.stats_affine(x.view(2, 4, 8), torch.zeros(1, 4, 1), torch.ones(1, 4, 1), None, None, 1e-5).reshape(8, 8)
     with torch.set_grad_enabled(grad):
         gm = make_fx(f, tracing_mode=mode)(torch.randn(8, 8))
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
@@ -431,8 +419,8 @@ def test_backward_ops_are_recorded_in_fx():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def f(x, w):
-        y = _fast.standardize_affine(x, w.view(1, 4, 1), None, (0, 2), 1e-5, True)[0]
-        y = y + _fast.stats_affine(x, torch.zeros(1, 4, 1), torch.ones(1, 4, 1), w.view(1, 4, 1), None, 1e-5)
+        y = _plan.standardize_affine(x, w.view(1, 4, 1), None, (0, 2), 1e-5, True)[0]
+        y = y + _plan.stats_affine(x, torch.zeros(1, 4, 1), torch.ones(1, 4, 1), w.view(1, 4, 1), None, 1e-5)
         return torch.autograd.grad(y.square().sum(), (x, w))
     x, w = torch.randn(2, 4, 9, requires_grad=True), torch.rand(4).add(0.5).requires_grad_()
     gm = make_fx(f)(x, w)
@@ -446,8 +434,8 @@ def test_no_grad_calls_match_the_op():
     """The dispatcher-free no-grad route and the custom op give identical results."""
     x, w, b = torch.randn(4, 6, 9), torch.rand(6) + 0.5, torch.randn(6)
     with torch.no_grad():
-        direct = _fast.standardize_affine(x, w.view(1, 6, 1), b.view(1, 6, 1), (0, 2), 1e-5, True)
-    via_op = _fast.standardize_affine(x, w.view(1, 6, 1).requires_grad_(), b.view(1, 6, 1), (0, 2), 1e-5, True)
+        direct = _plan.standardize_affine(x, w.view(1, 6, 1), b.view(1, 6, 1), (0, 2), 1e-5, True)
+    via_op = _plan.standardize_affine(x, w.view(1, 6, 1).requires_grad_(), b.view(1, 6, 1), (0, 2), 1e-5, True)
     for a, o in zip(direct, via_op):
         assert torch.equal(a, o.detach())
 
@@ -456,7 +444,7 @@ def test_no_grad_calls_match_the_op():
 
 def test_set_backend_eager_serves_eagerly(routed):
     _native.set_backend("eager")
-    assert _fast.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None
+    assert _plan.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None
     assert _native.status()["backend"] == "eager"
     with pytest.raises(ValueError):
         _native.set_backend("fast")
@@ -476,7 +464,7 @@ def test_first_kernel_use_inside_torch_compile():
 
 
 def test_env_switch_disables_without_building():
-    code = ("import torch, normkit._native as n, normkit.ops._fast as f; "
+    code = ("import torch, normkit._native as n, normkit.ops._plan as f; "
             "assert f.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None; "
             "assert n._module is None and n.status()['backend'] == 'eager'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NORMKIT_NATIVE": "0"},
@@ -493,8 +481,8 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(_native, "_compile", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert _fast.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None
-        assert _fast.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None
+        assert _plan.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None
+        assert _plan.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None
     assert len([w for w in caught if "native kernels unavailable" in str(w.message)]) == 1
     assert "unavailable" in _native.status()["kernels"]
     _native.set_backend("native")
@@ -531,7 +519,7 @@ def test_kernels_refuse_bad_arguments_with_an_error(what, call):
     """Called directly with sizes, dtypes or layouts they do not take, the C++ entry points raise a
     RuntimeError naming the problem (TORCH_CHECK before any memory is read) instead of crashing. In a
     subprocess: a crash must fail this test, not the whole run."""
-    code = ("import torch, normkit._native, normkit.ops._fast\n"
+    code = ("import torch, normkit._native, normkit.ops._kernels\n"
             f"try:\n    {call}\nexcept RuntimeError as e:\n    print('refused:', str(e).splitlines()[0])\n"
             "else:\n    print('accepted')\n")
     env = {**os.environ, "NORMKIT_NATIVE": "1"}

@@ -2,7 +2,7 @@
 
 from . import functional, nn
 from ._checks import MixedDtypeError, NormArgumentError, UnsupportedDtypeError
-from ._stats import Moments, merge_moments, moments
+from ._spec import Moments, merge_moments, moments
 from .convert import convert, fold_batchnorm, revert
 from ._native import build, get_backend, set_backend, status
 from .robust import robust

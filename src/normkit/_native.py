@@ -9,6 +9,8 @@ build is impossible (no compiler, no ninja), disabled with ``NORMKIT_NATIVE=0``,
 * The build is attempted once per process; a failure gives one warning and the eager path.
 * :func:`status` says whether the kernels are built, which backend is selected, and which path each op took
   on its last call.
+* The bounds under which the kernels take the one-pass plain formulas are :data:`normkit._spec.PLAIN`,
+  compiled in as ``NK_PLAIN_*`` (:func:`spec_defines`): the conditions are written once, in the spec.
 """
 
 from __future__ import annotations
@@ -61,6 +63,16 @@ def _header_texts() -> list[str]:
     return [(Path(__file__).parent / "ops" / h).read_text() for h in HEADERS]
 
 
+def spec_defines() -> list[str]:
+    """The compiler flags that give the kernels the spec's plain-formula bounds (``norm_common.h``), as exact
+    hexadecimal float literals."""
+    from ._spec import PLAIN
+
+    return [f"-DNK_PLAIN_LO={PLAIN.lo.hex()}f", f"-DNK_PLAIN_HI={PLAIN.hi.hex()}f",
+            f"-DNK_PLAIN_TINY_VAR={PLAIN.tiny_var.hex()}f", f"-DNK_PLAIN_KEEP={PLAIN.keep.hex()}f",
+            f"-DNK_PLAIN_MAX_COUNT={PLAIN.max_count}"]
+
+
 def _build_name(sources: list[str]) -> str:
     """Extension name: changes with the sources, the torch version and the CPU (a -march=native build)."""
     import torch
@@ -77,7 +89,8 @@ def _compile():
     if shutil.which("ninja") is None:  # the pip-installed ninja sits beside this interpreter's scripts
         os.environ["PATH"] = sysconfig.get_path("scripts") + os.pathsep + os.environ.get("PATH", "")
     sources = _sources()
-    name = _build_name(sources + _header_texts())  # a header edit rebuilds too
+    defines = spec_defines()
+    name = _build_name(sources + _header_texts() + defines)  # a header edit, or a new bound in the spec, rebuilds too
     functions = [f for s in sources for f in _DECL.findall(s)]
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     cached = any(build_dir.glob(f"{name}*.so"))
@@ -90,7 +103,7 @@ def _compile():
     # enables the `omp simd` reductions.
     module = cpp_extension.load_inline(name, cpp_sources=sources, functions=functions,
                                        extra_include_paths=[str(Path(__file__).parent / "ops")],
-                                       extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+                                       extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp", *defines],
                                        extra_ldflags=["-fopenmp"], verbose=False)
     _build_seconds = time.perf_counter() - t0
     if not cached:

@@ -13,10 +13,34 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from .. import _spec as spec
 from .. import functional as nf
-from .._stats import compute_dtype
-from ..ops.batch_norm import write_back
+from ..ops._normalize import write_back
 from ._toolchain import NotScriptable, check_input_rank
+
+
+def update_running_stats(stateless, stats: tuple[Tensor | None, Tensor | None], num_batches_tracked: Tensor | None,
+                        momentum: float | None, counting: bool) -> Tensor:
+    """The step count and running-statistics update of torch's BatchNorm modules, for normkit's BatchNorm and
+    SyncBatchNorm alike: ``stateless(momentum) -> (y, new_mean, new_var)`` computes one step (the functional
+    core, single-process or synchronized); this counts the step when ``counting`` and writes the running
+    statistics. ``momentum=None`` is the cumulative moving average ``running + (batch - running) / steps``:
+    the batch statistics (``stateless(1.0)``) moved by :func:`normkit._spec.momentum_update` with momentum
+    ``1 / num_batches_tracked`` as a tensor, on the device -- no host sync, so torch.export and torch.compile
+    see no data-dependent Python value."""
+    if counting:
+        num_batches_tracked.add_(1)
+    if momentum is not None or not counting:
+        y, new_mean, new_var = stateless(0.0 if momentum is None else momentum)
+        for running, new in zip(stats, (new_mean, new_var)):
+            write_back(running, new)
+        return y
+    y, batch_mean, batch_var = stateless(1.0)
+    for running, batch in zip(stats, (batch_mean, batch_var)):
+        if running is not None and batch is not running:  # (an empty batch returns the running statistics)
+            step = num_batches_tracked.to(spec.compute_dtype(running.dtype)).reciprocal()
+            write_back(running, spec.momentum_update(running, batch, step))
+    return y
 
 
 def batch_norm_module(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
@@ -24,25 +48,16 @@ def batch_norm_module(input: Tensor, running_mean: Tensor | None, running_var: T
                       track_running_stats: bool, momentum: float | None, eps: float) -> Tensor:
     """Everything ``torch.nn.BatchNormNd.forward`` does (rank check, step count, momentum=None as a cumulative
     average, eval with or without buffers), as one function of tensors and constants: torch.fx records a
-    module call as one node (this function is fx-wrapped), and nothing syncs with the host (the cumulative
-    average divides by the step count on device), so torch.export and torch.compile see no data-dependent
-    Python value."""
+    module call as one node (this function is fx-wrapped), and it reads no tensor value on the host
+    (:func:`update_running_stats`)."""
     check_input_rank(input, ranks)
     use_batch_stats = training or (running_mean is None and running_var is None)
     stats = (running_mean, running_var) if not training or track_running_stats else (None, None)
     counting = training and track_running_stats and num_batches_tracked is not None
-    if counting:
-        num_batches_tracked.add_(1)
-    if momentum is not None or not counting:
-        return nf.batch_norm(input, *stats, weight, bias, use_batch_stats, 0.0 if momentum is None else momentum, eps)
-    # momentum=None: running <- running + (batch - running) / steps, with the division on device
-    y, batch_mean, batch_var = nf.batch_norm_stateless(input, *stats, weight, bias, True, 1.0, eps)
-    for running, batch in zip(stats, (batch_mean, batch_var)):
-        if running is not None and batch is not running:  # (an empty batch returns the running statistics)
-            ct = compute_dtype(running.dtype)
-            step = num_batches_tracked.to(ct).reciprocal()
-            write_back(running, (running.to(ct) * (1 - step) + batch.to(ct) * step).to(running.dtype))
-    return y
+
+    def stateless(m):
+        return nf.batch_norm_stateless(input, *stats, weight, bias, use_batch_stats, m, eps)
+    return update_running_stats(stateless, stats, num_batches_tracked, momentum, counting)
 
 
 torch.fx.wrap("batch_norm_module")

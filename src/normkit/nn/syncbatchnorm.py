@@ -24,9 +24,9 @@ import torch.distributed as dist
 import torch.fx
 from torch import Tensor, nn
 
-from ..ops.sync_batch_norm import sync_batch_norm
+from ..ops.sync_batch_norm import sync_batch_norm_stateless
 from ._toolchain import NotScriptable
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_module
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_module, update_running_stats
 
 _BY_INPUT_DIM = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}
 _BY_DIM = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
@@ -66,13 +66,12 @@ def sync_batch_norm_module(input: Tensor, running_mean: Tensor | None, running_v
         return batch_norm_module(input, running_mean, running_var, weight, bias, num_batches_tracked,
                                  ranks=(input.dim(),), training=training, track_running_stats=track_running_stats,
                                  momentum=momentum, eps=eps)
-    step_momentum = 0.0 if momentum is None else momentum
-    if track_running_stats and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-        if momentum is None:  # cumulative moving average
-            step_momentum = 1.0 / float(num_batches_tracked)
     stats = (running_mean, running_var) if track_running_stats else (None, None)
-    return sync_batch_norm(input, *stats, weight, bias, step_momentum, eps, group, name)
+    counting = track_running_stats and num_batches_tracked is not None
+
+    def stateless(m):
+        return sync_batch_norm_stateless(input, *stats, weight, bias, m, eps, group, name)
+    return update_running_stats(stateless, stats, num_batches_tracked, momentum, counting)
 
 
 torch.fx.wrap("sync_batch_norm_module")

@@ -1,24 +1,26 @@
-"""Robust normalization subgraphs built from primitive ONNX operators: the one place where normkit's
-formulation (:mod:`normkit._stats`) is written in ONNX. Both :func:`normkit.harden_onnx` and
-:func:`normkit.export_onnx` (``decompose=True``) emit these.
+"""Robust normalization subgraphs built from primitive ONNX operators: :mod:`normkit._spec` transliterated to
+ONNX, step for step, in the same product order and with the same scaling. Both :func:`normkit.harden_onnx`
+and :func:`normkit.export_onnx` (``decompose=True``) emit these, and the conformance suite runs them in ONNX
+Runtime and in ``onnx.reference`` against the spec on the shared case registry.
 
 Every builder takes a :class:`Builder` (which appends nodes to an ``onnx_ir`` graph) and ``onnx_ir``
-values, and returns the output value. Precision policy, as in the PyTorch ops:
+values, and returns the output value. Each :class:`Builder` method named after a spec function builds that
+function (:meth:`Builder.floor_log2`, :meth:`~Builder.exponent`, :meth:`~Builder.mul_pow2`,
+:meth:`~Builder.frexp`, :meth:`~Builder.scaled_sum`, :meth:`~Builder.power_pair`, :meth:`~Builder.inv_std`,
+:meth:`~Builder.apply_factor`); the operator builders compose them as the spec does:
 
-* Statistics are computed in float32 (a float16 input is cast up inside the subgraph, the output cast back).
-* **Exact power-of-two scaling.** Each reduction group is multiplied by ``2**-e`` with
-  ``e = floor(log(max|x|) / ln 2)`` clamped to [-126, 126]; ``2**-e`` comes from ``Pow(2, -e)`` with an
-  integer-valued exponent (exact). The logarithm may be off by one at an exact power of two: harmless, the
-  scaled values then lie in (-4, 4) instead of (-2, 2) and the scaling is still exact.
-* **Pivot shift and two-pass moments**: ``d = y - y[first]``, ``mean_d = mean(d)``, ``c = d - mean_d``,
-  ``var = mean(c * c)``.
-* **Inverse standard deviation as ``rsqrt(u) * 2**(e - h)``** with ``h`` chosen per group where the variance
-  and ``eps`` meet, so ``u`` lies in about [1/4, 5]; every ``t * 2**k`` is applied in three exact factors
-  (:meth:`Builder.mul_pow2`), so no intermediate over- or underflows that the float64 answer would not.
-* No data-dependent control flow: selections are ``Where``/``Max``/``Clip``.
+* :func:`standardize` is ``moments`` then ``standardize_from_moments`` (``layer_norm``, ``rms_norm`` and
+  ``group_norm`` add the spec's ``affine``);
+* :func:`batch_norm_inference` is ``affine_with_stats``: ``weight * rstd`` one split factor
+  (``eval_factor``) applied to ``x - mean`` (``centered``) by ``apply_factor``;
+* :func:`lrn` is ``local_response_norm.py``'s robust forward: ``frexp`` pairs, the squares' window sum
+  aligned to its largest exponent, ``scaled_sum``, ``power_pair``.
 
-The subgraphs need opset 11 or later (``Clip`` with inputs); reductions take ``axes`` as an attribute
-below opset 18 and as an input from 18 on.
+Statistics are computed in float32 (a float16 input is cast up inside the subgraph, the output cast back);
+no float64 anywhere. Exponents are exact (``floor_log2`` corrects ``Log``'s rounding at powers of two), so
+the subgraphs scale by the same powers of two as the spec. No data-dependent control flow: selections are
+``Where``/``Max``/``Clip``. The subgraphs need opset 11 or later (``Clip`` and ``Pad`` with inputs);
+reductions take ``axes`` as an attribute below opset 18 and as an input from 18 on.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ import numpy as np
 import onnx_ir as ir
 
 F32 = ir.DataType.FLOAT
-BOUND = 126.0  # 2**126 and 2**-126 are normal float32 numbers
+BOUND = 126.0  # 2**126 and 2**-126 are normal float32 numbers: _spec.max_exponent(float32)
 INV_LN2 = 1.0 / math.log(2.0)
 INT64_MAX = np.iinfo(np.int64).max
+NO_EXPONENT = -1.0e4  # local_response_norm._NO_EXPONENT: the exponent of a zero (and of padding)
 
 
 class Builder:
@@ -79,34 +82,27 @@ class Builder:
             return self.op(kind, x, self.ints(axes), keepdims=1)
         return self.op(kind, x, axes=list(axes), keepdims=1)
 
-    def floor_log2(self, v: ir.Value, half: bool = False) -> ir.Value:
-        """``floor(log2(v))`` (or ``floor(log2(v) / 2)``), ``-inf`` for 0; may be one too small at a power of two."""
-        return self.op("Floor", self.op("Mul", self.op("Log", v), self.const(INV_LN2 * (0.5 if half else 1.0))))
-
     def clip(self, v: ir.Value, lo: float, hi: float) -> ir.Value:
         return self.op("Clip", v, self.const(lo), self.const(hi))
 
     def pow2(self, k: ir.Value) -> ir.Value:
+        """``2**k`` (exact for integer-valued ``k`` in the float32 range)."""
         return self.op("Pow", self.const(2.0), k)
 
     def trunc(self, v: ir.Value) -> ir.Value:
         return self.op("Mul", self.op("Sign", v), self.op("Floor", self.op("Abs", v)))
 
-    def mul_pow2(self, t: ir.Value, k: ir.Value) -> ir.Value:
-        """``t * 2**k`` in three factors of the same sign, each a normal power of two (as
-        :func:`normkit._stats.mul_pow2`): every intermediate lies between ``t`` and the result."""
-        k = self.clip(k, -3 * BOUND, 3 * BOUND)
-        k1 = self.trunc(self.op("Mul", k, self.const(1.0 / 3.0)))
-        rest = self.op("Sub", k, k1)
-        k2 = self.trunc(self.op("Mul", rest, self.const(0.5)))
-        k3 = self.op("Sub", rest, k2)
-        out = self.op("Mul", t, self.pow2(k1))
-        out = self.op("Mul", out, self.pow2(k2))
-        return self.op("Mul", out, self.pow2(k3))
+    def mul(self, a: ir.Value, b) -> ir.Value:
+        return self.op("Mul", a, b if isinstance(b, ir.Value) else self.const(b))
 
-    def exponent(self, amax: ir.Value) -> ir.Value:
-        """Scale exponent of a group from its largest magnitude (0-groups get -126)."""
-        return self.clip(self.floor_log2(amax), -BOUND, BOUND)
+    def add(self, a: ir.Value, b) -> ir.Value:
+        return self.op("Add", a, b if isinstance(b, ir.Value) else self.const(b))
+
+    def sub(self, a, b) -> ir.Value:
+        return self.op("Sub", a if isinstance(a, ir.Value) else self.const(a), b if isinstance(b, ir.Value) else self.const(b))
+
+    def as_float(self, cond: ir.Value) -> ir.Value:
+        return self.op("Cast", cond, to=F32)
 
     def to_f32(self, x: ir.Value, dtype: ir.DataType) -> ir.Value:
         return x if dtype == F32 else self.op("Cast", x, to=F32)
@@ -114,66 +110,107 @@ class Builder:
     def from_f32(self, x: ir.Value, dtype: ir.DataType) -> ir.Value:
         return x if dtype == F32 else self.op("Cast", x, to=dtype)
 
+    # ------------------------------------------------------------------ the spec's exact powers of two
+    def floor_log2(self, a: ir.Value) -> ir.Value:
+        """:func:`normkit._spec.floor_log2`: ``floor(log(a) / ln 2)`` corrected by one comparison each way, so it
+        is exact (``-inf`` for 0)."""
+        e = self.op("Floor", self.mul(self.op("Log", a), INV_LN2))
+        up = self.as_float(self.op("Not", self.op("Less", a, self.pow2(self.add(e, 1.0)))))  # a >= 2**(e + 1)
+        down = self.as_float(self.op("Less", a, self.pow2(e)))  # a < 2**e
+        return self.sub(self.add(e, up), down)
 
-# ---------------------------------------------------------------------------------------------- statistics
-def _eps_parts(eps: float) -> tuple[float, int, float]:
-    """``eps = m * 2**q`` exactly, and the exponent ``h_eps`` where ``eps`` sits (``-inf`` for 0)."""
-    m, q = math.frexp(eps)
-    h = math.floor((q - 1) / 2) if eps != 0 else -math.inf
-    return m, q, h
+    def exponent(self, amax: ir.Value) -> ir.Value:
+        """:func:`normkit._spec.exponent` of a non-negative value: clamped to [-126, 126] (0 gets -126)."""
+        return self.clip(self.floor_log2(amax), -BOUND, BOUND)
 
+    def mul_pow2(self, t: ir.Value, k: ir.Value) -> ir.Value:
+        """:func:`normkit._spec.mul_pow2`: ``t * 2**k`` in three factors of the same sign, each a normal power of
+        two, so every intermediate lies between ``t`` and the result."""
+        k = self.clip(k, -3 * BOUND, 3 * BOUND)
+        k1 = self.trunc(self.op("Div", k, self.const(3.0)))
+        k2 = self.trunc(self.op("Div", self.sub(k, k1), self.const(2.0)))
+        k3 = self.sub(self.sub(k, k1), k2)
+        return self.mul(self.mul(self.mul(t, self.pow2(k1)), self.pow2(k2)), self.pow2(k3))
 
-def _inv_std_scaled(g: Builder, c: ir.Value, a: ir.Value, e: ir.Value, eps: float, stats: list | None = None) -> ir.Value:
-    """``x_hat = c * 2**e / sqrt(a * 4**e + eps)`` for centred scaled data ``c`` with mean square ``a``
-    (both in units of ``2**e``), as ``c * rsqrt(u) * 2**(e - h)`` (see :func:`normkit._stats.inv_std`).
-    When ``stats`` is a list, ``1 / sqrt(var + eps) = rsqrt(u) * 2**-h`` is appended to it."""
-    eps_m, eps_q, h_eps = _eps_parts(eps)
-    h = g.op("Add", e, g.floor_log2(a, half=True))  # -inf for a constant group
-    if eps != 0:
-        h = g.op("Max", h, g.const(float(h_eps)))
-    h = g.clip(h, -3 * BOUND, 3 * BOUND)
-    e_h = g.op("Sub", e, h)
-    u = g.mul_pow2(a, g.op("Mul", e_h, g.const(2.0)))
-    if eps != 0:
-        u = g.op("Add", u, g.mul_pow2(g.const(eps_m), g.op("Sub", g.const(float(eps_q)), g.op("Mul", h, g.const(2.0)))))
-    r = g.op("Div", g.const(1.0), g.op("Sqrt", u))
-    if stats is not None:
-        stats.append(g.mul_pow2(r, g.op("Neg", h)))
-    # a constant group with eps = 0 is 0/0: 0 * inf gives NaN there, as normkit's and torch's layer norm do
-    return g.mul_pow2(g.op("Mul", c, r), e_h)
+    def frexp(self, t: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """:func:`normkit._spec.frexp`: ``t = m * 2**e``, ``1/2 <= |m| < 1`` (``e = 0`` for 0, inf, NaN)."""
+        a = self.op("Abs", t)
+        finite = self.op("Not", self.op("Or", self.op("IsInf", a), self.op("IsNaN", a)))
+        normal = self.op("And", self.op("Greater", a, self.const(0.0)), finite)
+        e = self.op("Where", normal, self.add(self.floor_log2(self.op("Where", normal, a, self.const(1.0))), 1.0),
+                    self.const(0.0))
+        return self.mul_pow2(t, self.op("Neg", e)), e
 
+    def apply_factor(self, v: ir.Value, m: ir.Value, q: ir.Value) -> ir.Value:
+        """:func:`normkit._spec.apply_factor`: ``v * m * 2**q``, ``v`` scaled by ``2**-4`` first where ``q < 0``."""
+        s = self.mul(self.as_float(self.op("Less", q, self.const(0.0))), 4.0)
+        return self.mul_pow2(self.mul(self.mul(v, self.pow2(self.op("Neg", s))), m), self.add(q, s))
 
-def standardize(g: Builder, x: ir.Value, axes: Sequence[int], eps: float, center: bool = True,
-                stats: list | None = None) -> ir.Value:
-    """``(x - mean) / sqrt(var + eps)`` (or ``x / sqrt(mean(x**2) + eps)``) over ``axes``; float32 in and out.
-    When ``stats`` is a list (centred only), the group's mean and inverse standard deviation (keepdim
-    shape, float32) are appended to it, as LayerNormalization's optional outputs."""
-    amax = g.reduce("ReduceMax", g.op("Abs", x), axes)
-    e = g.exponent(amax)
-    y = g.op("Mul", x, g.pow2(g.op("Neg", e)))  # exact: a power of two
-    if center:
-        n = len(axes)
-        pivot = g.op("Slice", y, g.ints([0] * n), g.ints([1] * n), g.ints(axes))
-        d = g.op("Sub", y, pivot)  # exact near the pivot; a constant group gives 0
-        mean_d = g.reduce("ReduceMean", d, axes)
-        c = g.op("Sub", d, mean_d)
-        if stats is not None:
-            stats.append(g.mul_pow2(g.op("Add", pivot, mean_d), e))
-    else:
-        c = y
-    a = g.reduce("ReduceMean", g.op("Mul", c, c), axes)
-    return _inv_std_scaled(g, c, a, e, eps, stats)
+    # ------------------------------------------------------------------ the spec's standardization steps
+    def scaled_sum(self, a: ir.Value, p: ir.Value, eps: float) -> tuple[ir.Value, ir.Value]:
+        """:func:`normkit._spec.scaled_sum`: ``a * 2**p + eps = 4**h * u`` with ``h`` where the two terms meet."""
+        eps_m, eps_q = math.frexp(eps)
+        h = self.op("Floor", self.mul(self.add(p, self.floor_log2(a)), 0.5))  # -inf for a = 0
+        if eps != 0:
+            h = self.op("Max", h, self.const(float(math.floor((eps_q - 1) / 2))))
+        h = self.clip(h, -3 * BOUND, 3 * BOUND)
+        u = self.mul_pow2(a, self.sub(p, self.mul(h, 2.0)))
+        if eps != 0:
+            u = self.add(u, self.mul_pow2(self.const(eps_m), self.sub(float(eps_q), self.mul(h, 2.0))))
+        return u, h
 
+    def power_pair(self, u: ir.Value, h: ir.Value, power: float) -> tuple[ir.Value, ir.Value]:
+        """:func:`normkit._spec.power_pair`: ``(4**h u) ** power`` as mantissa and integer exponent, the exponent
+        ``2 h power`` split exactly (a short head of ``power`` times ``2 h`` is exact)."""
+        if power == -0.5:
+            return self.op("Div", self.const(1.0), self.op("Sqrt", u)), self.op("Neg", h)
+        m, q = math.frexp(power)
+        head = math.ldexp(round(math.ldexp(m, 10)), q - 10)
+        t = self.mul(h, 2 * head)  # exact
+        whole = self.op("Floor", t)
+        frac = self.add(self.sub(t, whole), self.mul(h, 2 * (power - head)))
+        return self.mul(self.op("Pow", u, self.const(float(power))), self.pow2(frac)), whole
 
-def _affine(g: Builder, y: ir.Value, scale: ir.Value | None, bias: ir.Value | None, dtype) -> ir.Value:
-    if scale is not None:
-        y = g.op("Mul", y, g.to_f32(scale, dtype))
-    if bias is not None:
-        y = g.op("Add", y, g.to_f32(bias, dtype))
-    return y
+    def inv_std(self, a: ir.Value, e: ir.Value, eps: float) -> tuple[ir.Value, ir.Value]:
+        """:func:`normkit._spec.inv_std`: ``1 / sqrt(a * 4**e + eps) = r * 2**k``."""
+        return self.power_pair(*self.scaled_sum(a, self.mul(e, 2.0), eps), -0.5)
 
 
 # ---------------------------------------------------------------------------------------------- operators
+def standardize(g: Builder, x: ir.Value, axes: Sequence[int], eps: float, center: bool = True,
+                stats: list | None = None) -> ir.Value:
+    """``(x - mean) / sqrt(var + eps)`` (or ``x / sqrt(mean(x**2) + eps)``) over ``axes``; float32 in and out:
+    :func:`normkit._spec.moments` then :func:`~normkit._spec.standardize_from_moments`. When ``stats`` is a
+    list (centred only), the group's mean and inverse standard deviation (keepdim shape, float32) are
+    appended to it, as LayerNormalization's optional outputs."""
+    e = g.exponent(g.reduce("ReduceMax", g.op("Abs", x), axes))
+    y = g.mul(x, g.pow2(g.op("Neg", e)))  # exact: a power of two
+    if center:
+        n = len(axes)
+        pivot = g.op("Slice", y, g.ints([0] * n), g.ints([1] * n), g.ints(axes))
+        d = g.sub(y, pivot)  # exact near the pivot; a constant group gives 0
+        mean_d = g.reduce("ReduceMean", d, axes)
+        c = g.sub(d, mean_d)
+    else:
+        c = y
+    a = g.reduce("ReduceMean", g.mul(c, c), axes)  # m2 / n
+    r, k = g.inv_std(a, e, eps)
+    if stats is not None:
+        stats.append(g.mul_pow2(g.add(pivot, mean_d), e))  # Moments.mean_x
+        stats.append(g.mul_pow2(r, k))  # rstd
+    # a constant group with eps = 0 is 0/0: 0 * inf gives NaN there, as normkit's and torch's layer norm do
+    return g.mul_pow2(g.mul(c, r), g.add(k, e))
+
+
+def _affine(g: Builder, y: ir.Value, scale: ir.Value | None, bias: ir.Value | None, dtype) -> ir.Value:
+    """:func:`normkit._spec.affine`."""
+    if scale is not None:
+        y = g.mul(y, g.to_f32(scale, dtype))
+    if bias is not None:
+        y = g.add(y, g.to_f32(bias, dtype))
+    return y
+
+
 def layer_norm(g: Builder, x, scale, bias, axes: Sequence[int], eps: float, dtype, stats: list | None = None) -> ir.Value:
     """LayerNormalization over ``axes`` (negative, trailing): ``standardize(x) * scale + bias``
     (``stats``: see :func:`standardize`)."""
@@ -206,28 +243,63 @@ def group_norm(g: Builder, x, scale, bias, num_groups: int, eps: float, dtype, p
             if per_channel:
                 y = g.op("Reshape", g.op("Reshape", y, shape), g.ints([0, 0, -1]))
     if scale is not None:
-        y = g.op("Mul", y, _channel_view(g, g.to_f32(scale, dtype)))
+        y = g.mul(y, _channel_view(g, g.to_f32(scale, dtype)))
     if bias is not None:
-        y = g.op("Add", y, _channel_view(g, g.to_f32(bias, dtype)))
+        y = g.add(y, _channel_view(g, g.to_f32(bias, dtype)))
     return g.from_f32(g.op("Reshape", y, shape), dtype)
 
 
 def batch_norm_inference(g: Builder, x, scale, bias, mean, var, eps: float, dtype) -> ir.Value:
-    """BatchNormalization with given statistics, channel axis 1 (as
-    :func:`normkit._stats.normalize_with_stats`): ``rsqrt(var + eps)`` in float32, ``x - mean`` taken in
-    halves where it would overflow, then ``* scale + bias``."""
+    """BatchNormalization with given statistics, channel axis 1: :func:`normkit._spec.affine_with_stats`.
+
+    ``rstd = r * 2**k`` (``inv_std`` of ``var`` with ``e = 0``), ``scale * rstd`` split as ``m * 2**q``
+    (``eval_factor``), ``x - mean`` taken in halves where it overflows (``centered``), then
+    ``apply_factor`` and ``+ bias``: ``(x - mean) * rstd`` is never formed, so ``x = 1e30``,
+    ``var = 1e-20``, ``scale = 1e-20`` gives 1e20 (it used to give inf: ``1e40`` before the weight)."""
     shape = g.op("Shape", x)
     xr = g.op("Reshape", g.to_f32(x, dtype), g.ints([0, 0, -1]))
-    m = _channel_view(g, g.to_f32(mean, dtype))
-    rstd = g.op("Div", g.const(1.0), g.op("Sqrt", g.op("Add", _channel_view(g, g.to_f32(var, dtype)), g.const(eps))))
-    diff = g.op("Sub", xr, m)
-    halved = g.op("Mul", g.op("Mul", g.op("Sub", g.op("Mul", xr, g.const(0.5)), g.op("Mul", m, g.const(0.5))), rstd), g.const(2.0))
-    y = g.op("Where", g.op("IsInf", diff), halved, g.op("Mul", diff, rstd))
+    mu = _channel_view(g, g.to_f32(mean, dtype))
+    v = _channel_view(g, g.to_f32(var, dtype))
+    r, k = g.inv_std(v, g.const(0.0), eps)
     if scale is not None:
-        y = g.op("Mul", y, _channel_view(g, g.to_f32(scale, dtype)))
+        w = _channel_view(g, g.to_f32(scale, dtype))
+        ew = g.exponent(g.op("Abs", w))
+        m, q = g.mul(g.mul(w, g.pow2(g.op("Neg", ew))), r), g.add(ew, k)
+    else:
+        m, q = r, k
+    diff = g.sub(xr, mu)
+    overflow = g.op("And", g.op("IsInf", diff), g.op("Not", g.op("Or", g.op("IsInf", xr), g.op("IsInf", mu))))
+    d = g.op("Where", overflow, g.sub(g.mul(xr, 0.5), g.mul(mu, 0.5)), diff)
+    y = g.apply_factor(d, m, g.add(q, g.as_float(overflow)))
     if bias is not None:
-        y = g.op("Add", y, _channel_view(g, g.to_f32(bias, dtype)))
+        y = g.add(y, _channel_view(g, g.to_f32(bias, dtype)))
     return g.from_f32(g.op("Reshape", y, shape), dtype)
+
+
+def _shifted(g: Builder, t: ir.Value, axis: int, offset: int, rank: int, fill: float) -> ir.Value:
+    """``out[i] = t[i + offset]`` along ``axis`` of a rank-``rank`` value, ``fill`` outside (Pad + Slice)."""
+    if offset == 0:
+        return t
+    n = abs(offset)
+    pads = [0] * (2 * rank)
+    pads[axis if offset < 0 else rank + axis] = n
+    p = g.op("Pad", t, g.ints(pads), g.const(fill))
+    start = 0 if offset < 0 else n
+    end = -n if offset < 0 else INT64_MAX
+    return g.op("Slice", p, g.ints([start]), g.ints([end]), g.ints([axis]))
+
+
+def _pair_window_sum(g: Builder, m: ir.Value, p: ir.Value, axes, lo: int, hi: int, rank: int):
+    """``local_response_norm._pair_window_sum``: ``sum_{j in W(i)} m_j * 2**p_j`` as a pair, every term aligned
+    to the window's largest exponent (one dim at a time)."""
+    for axis in axes:
+        offsets = range(-lo, hi + 1)
+        sp = [_shifted(g, p, axis, o, rank, NO_EXPONENT) for o in offsets]
+        big = sp[0] if len(sp) == 1 else g.op("Max", *sp)
+        terms = [g.mul(_shifted(g, m, axis, o, rank, 0.0), g.pow2(g.sub(s, big))) for o, s in zip(offsets, sp)]
+        m = terms[0] if len(terms) == 1 else g.op("Sum", *terms)
+        p = big
+    return m, p
 
 
 def lrn(g: Builder, x, size: int, alpha_over_n: float, beta: float, k: float, lo: int, hi: int, dtype,
@@ -237,50 +309,22 @@ def lrn(g: Builder, x, size: int, alpha_over_n: float, beta: float, k: float, lo
     with ``within_channel`` (Caffe), the window is the square ``[h - lo, h + hi] x [w - lo, w + hi]`` of a
     4-D ``(N, C, H, W)`` input.
 
-    Each element's window is scaled by ``2**-e`` from the window's own largest magnitude, so the squares
-    lie in [0, 4) and their sum in [1, 4 n]; ``d = 4**h * u`` with ``h`` where ``k`` and ``c * S`` meet, and
-    ``y = (x 2**-e) * u**-beta * 2**(e - 2 h beta)``. A zero window with ``k = 0`` (0/0) gives 0.
+    ``local_response_norm._robust_forward`` operator for operator: ``x = xm * 2**xe`` (``frexp``), the
+    squares ``xm**2 * 2**(2 xe)`` summed over the window aligned to its largest exponent, ``d = 4**h * u``
+    (``scaled_sum``), ``d**-beta`` as ``power_pair`` and ``y = (xm * dm) * 2**(xe + dp)``. A zero window
+    with ``k = 0`` (0/0) gives 0.
     """
-    n = lo + hi + 1
     shape = g.op("Shape", x)
     if within_channel:
-        xr = g.to_f32(x, dtype)
-        pads, axes = g.ints([0, 0, lo, lo, 0, 0, hi, hi]), [2, 3]
-        offsets = [(o1, o2) for o1 in range(n) for o2 in range(n)]
+        xr, axes, rank = g.to_f32(x, dtype), [2, 3], 4
     else:
-        xr = g.op("Reshape", g.to_f32(x, dtype), g.ints([0, 0, -1]))
-        pads, axes = g.ints([0, lo, 0, 0, hi, 0]), [1]
-        offsets = [(o,) for o in range(n)]
-
-    def end(o):
-        return o - (n - 1) if o < n - 1 else INT64_MAX
-
-    def windows(t):  # the shifted copies t[i + o - lo] for every offset o in the window, zero outside
-        p = g.op("Pad", t, pads)
-        return [g.op("Slice", p, g.ints(list(o)), g.ints([end(a) for a in o]), g.ints(axes)) for o in offsets]
-
-    ax = g.op("Abs", xr)
-    wmax = windows(ax)
-    wmax = wmax[0] if len(wmax) == 1 else g.op("Max", *wmax)
-    e = g.exponent(wmax)
-    s = g.pow2(g.op("Neg", e))
-    terms = []
-    for t in windows(xr):
-        ts = g.op("Mul", t, s)
-        terms.append(g.op("Mul", ts, ts))
-    S = terms[0] if len(terms) == 1 else g.op("Sum", *terms)
-    cs = g.op("Mul", S, g.const(alpha_over_n))
-    k_m, k_q, h_k = _eps_parts(k)
-    h = g.op("Add", e, g.floor_log2(cs, half=True))
-    if k != 0:
-        h = g.op("Max", h, g.const(float(h_k)))
-    h = g.clip(h, -3 * BOUND, 3 * BOUND)
-    u = g.mul_pow2(cs, g.op("Mul", g.op("Sub", e, h), g.const(2.0)))
-    if k != 0:
-        u = g.op("Add", u, g.mul_pow2(g.const(k_m), g.op("Sub", g.const(float(k_q)), g.op("Mul", h, g.const(2.0)))))
-    ys = g.op("Mul", xr, s)
-    core = g.op("Mul", ys, g.op("Pow", u, g.const(-float(beta))))
-    y = g.mul_pow2(core, g.op("Sub", e, g.op("Mul", h, g.const(2.0 * beta))))
-    if k == 0:
-        y = g.op("Where", g.op("Equal", u, g.const(0.0)), g.const(0.0), y)
+        xr, axes, rank = g.op("Reshape", g.to_f32(x, dtype), g.ints([0, 0, -1])), [1], 3
+    xm, xe = g.frexp(xr)
+    sq = g.mul(xm, xm)
+    sq_p = g.op("Where", g.op("Equal", sq, g.const(0.0)), g.const(NO_EXPONENT), g.mul(xe, 2.0))  # local_response_norm._pair
+    s_m, s_p = _pair_window_sum(g, sq, sq_p, axes, lo, hi, rank)
+    u, h = g.scaled_sum(g.mul(s_m, alpha_over_n), s_p, k)
+    dm, dp = g.power_pair(u, h, -float(beta))
+    y = g.mul_pow2(g.mul(xm, dm), g.add(xe, dp))
+    y = g.op("Where", g.op("Equal", u, g.const(0.0)), g.const(0.0), y)
     return g.from_f32(y if within_channel else g.op("Reshape", y, shape), dtype)

@@ -1,39 +1,35 @@
-"""The two autograd Functions that every statistics-based normalization is built from.
+"""The autograd wiring of every statistics-based normalization: the math is :mod:`normkit._spec`'s, the
+dims each operator reduces over are in its own file; this module only connects them to autograd,
+forward-mode AD, ``vmap`` and the native kernels.
 
-``y = x_hat * weight + bias`` where either
+* :class:`StandardizeAffine`: statistics of ``x`` itself over ``dims`` (batch norm in training, instance,
+  layer, group and RMS norm). Forward :func:`~normkit._spec.standardize` then :func:`~normkit._spec.affine`;
+  backward :func:`~normkit._spec.affine_backward` then :func:`~normkit._spec.standardize_backward`; jvp
+  :func:`~normkit._spec.standardize_jvp`.
+* :class:`StatsAffine`: given statistics (batch / instance norm with running statistics in eval mode).
+  Forward :func:`~normkit._spec.affine_with_stats`; backward ``dx = dy * weight * rstd`` as one split
+  factor (:func:`~normkit._spec.apply_factor`), ``dweight = sum(dy * x_hat)`` as split products
+  (:func:`~normkit._spec.eval_dweight_terms`).
 
-* :class:`StandardizeAffine`: ``x_hat`` is standardized with statistics of ``x`` itself over ``dims``
-  (batch norm in training, instance, layer, group and RMS norm), or
-* :class:`StatsAffine`: ``x_hat = (x - mean) * rsqrt(var + eps)`` with given statistics
-  (batch / instance norm with running statistics in eval mode).
+``weight`` and ``bias`` arrive already viewed to a shape that broadcasts against ``x``. The entry points
+:func:`standardize_affine` and :func:`stats_affine` try a native kernel first (:mod:`normkit.ops._plan`),
+which implements the same spec functions, and fall back to these Functions.
 
-``weight`` and ``bias`` arrive already viewed to a shape that broadcasts against ``x``.
-
-Gradients (closed form, ``g = dy * weight``, means over each reduction group, ``rstd = 1/sqrt(var+eps)``):
-
-* statistics of ``x``: ``dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))``
-  (without the ``mean(g)`` term when not centred, i.e. RMS norm);
-* given statistics: ``dx = g * rstd``;
-* ``dweight = sum(dy * x_hat)``, ``dbias = sum(dy)`` over every broadcast dimension.
-
-Forward-mode tangents (``jvp``), for input tangents ``(tx, tweight, tbias)``:
-
-* ``ty = J(tx) * weight + x_hat * tweight + tbias`` where ``J`` is the Jacobian of standardization, which
-  is symmetric: ``J(tx)`` is the backward formula above applied to ``tx`` (:func:`normkit._stats.standardize_jvp`);
-* given statistics: ``J(tx) = tx * rstd`` (the statistics are constants, as in backward).
-
-Backward and jvp are written in differentiable torch ops. When grad mode is on inside them (backward with
-``create_graph=True``; jvp nearly always, since reverse mode may be differentiating it and functorch's
-wrapped tensors do not say whether it is), they first rebuild ``x_hat`` from ``x`` with those ops, so second
-derivatives (double backward, ``hessian``, ``jacrev(jacfwd(f))``) differentiate through the statistics
-exactly; otherwise they reuse the ``x_hat`` saved by forward. The rebuild costs one more standardization.
+When grad mode is on inside backward or jvp (backward with ``create_graph=True``; jvp nearly always, since
+reverse mode may be differentiating it and functorch's wrapped tensors do not say whether it is), they
+first rebuild ``x_hat`` from ``x`` with the spec's differentiable ops, so second derivatives (double
+backward, ``hessian``, ``jacrev(jacfwd(f))``) differentiate through the statistics exactly; otherwise they
+reuse the ``x_hat`` saved by forward.
 
 Tool chain: no host syncs and no Python branching on tensor values, so both Functions trace under
 ``torch.export``, ``torch.compile(fullgraph=True)`` and on the meta device; ``generate_vmap_rule`` gives
 ``vmap``, ``jvp`` gives ``jvp``/``jacfwd``/``hessian`` (on a subclass that dynamo never sees: :func:`_with_jvp`).
+Outputs in the input's dtype, gradients in their inputs' dtypes.
 
-Precision: statistics and ``x_hat`` in the compute dtype (float32 for half inputs); output cast back to the
-input's dtype, gradients to their inputs' dtypes. Overflow handling lives in :mod:`normkit._stats`.
+Also here, shared by the operators' files: the argument checks of batch / instance norm
+(:func:`check_norm_args`), the trailing-dims reduction of layer / RMS norm (:func:`normalize_trailing`),
+the per-channel view, the in-place write-back of running statistics, the empty-input result and torch's
+output memory format.
 """
 
 from __future__ import annotations
@@ -44,40 +40,31 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from . import _fast
-from .._stats import affine_with_stats, compute_dtype, mul_product, normalize_with_stats, standardize, standardize_backward, standardize_jvp
+from .. import _checks
+from .. import _spec as spec
+from . import _plan
 
 
-def _output(xw: Tensor, bias: Tensor | None, dtype: torch.dtype, x_hat: Tensor) -> Tensor:
-    """``y = xw + bias`` in ``dtype`` (``xw = x_hat * weight``); always a tensor of its own, never ``x_hat``
-    itself (``x_hat`` is also returned, as a non-differentiable output, and the two must not alias)."""
-    y = xw if bias is None else xw + bias.to(xw.dtype)
+def _output(y: Tensor, dtype: torch.dtype, x_hat: Tensor) -> Tensor:
+    """``y`` in ``dtype``; always a tensor of its own, never ``x_hat`` itself (``x_hat`` is also returned, as
+    a non-differentiable output, and the two must not alias)."""
     y = y.to(dtype)
     return y.clone() if y is x_hat else y
 
 
-def _times(t: Tensor, weight: Tensor | None) -> Tensor:
-    """``t * weight`` in ``t``'s dtype (``t`` when there is no weight)."""
-    return t if weight is None else t * weight.to(t.dtype)
-
-
-def _affine_grads(dy: Tensor, x_hat: Tensor, weight: Tensor | None, bias: Tensor | None, needs) -> tuple:
-    """``(g, dweight, dbias)`` for ``y = x_hat * weight + bias``; ``dy`` in the compute dtype."""
-    g = _times(dy, weight)
-    dweight = (dy * x_hat).sum_to_size(weight.shape).to(weight.dtype) if weight is not None and needs[1] else None
-    dbias = dy.sum_to_size(bias.shape).to(bias.dtype) if bias is not None and needs[2] else None
-    return g, dweight, dbias
-
-
-def _affine_tangent(tx_hat: Tensor, x_hat: Tensor, tweight: Tensor | None, tbias: Tensor | None, dtype: torch.dtype) -> Tensor:
+def _affine_tangent(tx_hat_w: Tensor, x_hat: Tensor, tweight: Tensor | None, tbias: Tensor | None, dtype: torch.dtype) -> Tensor:
     """Tangent of ``y = x_hat * weight + bias`` given ``tx_hat * weight`` (already weighted):
     ``tx_hat * weight + x_hat * tweight + tbias``, returned in ``dtype``."""
-    ty = tx_hat
+    ty = tx_hat_w
     if tweight is not None:
         ty = ty + x_hat * tweight.to(x_hat.dtype)
     if tbias is not None:
         ty = ty + tbias.to(x_hat.dtype)
     return ty.to(dtype)
+
+
+def _weighted(t: Tensor, weight: Tensor | None) -> Tensor:
+    return t if weight is None else t * weight.to(t.dtype)
 
 
 class StandardizeAffine(torch.autograd.Function):
@@ -91,8 +78,8 @@ class StandardizeAffine(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims: Sequence[int], eps: float, center: bool):
-        s = standardize(x.to(compute_dtype(x.dtype)), dims, eps, center)
-        return _output(_times(s.x_hat, weight), bias, x.dtype, s.x_hat), s.x_hat, s.r, s.k, s.mean, s.var
+        s = spec.standardize(x.to(spec.compute_dtype(x.dtype)), dims, eps, center)
+        return _output(spec.affine(s.x_hat, weight, bias), x.dtype, s.x_hat), s.x_hat, s.r, s.k, s.mean, s.var
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -107,7 +94,7 @@ class StandardizeAffine(torch.autograd.Function):
     def _statistics(ctx, x, x_hat, r, k, rebuild: bool):
         """``(x_hat, r, k)``: as saved, or rebuilt as a function of ``x`` when a graph is being built."""
         if rebuild:
-            s = standardize(x.to(compute_dtype(x.dtype)), ctx.dims, ctx.eps, ctx.center)
+            s = spec.standardize(x.to(spec.compute_dtype(x.dtype)), ctx.dims, ctx.eps, ctx.center)
             return s.x_hat, s.r, s.k
         return x_hat, r, k
 
@@ -115,36 +102,33 @@ class StandardizeAffine(torch.autograd.Function):
     def backward(ctx, dy, *unused):
         x, weight, bias, x_hat, r, k = ctx.saved_tensors
         x_hat, r, k = StandardizeAffine._statistics(ctx, x, x_hat, r, k, torch.is_grad_enabled())
-        dy = dy.to(x_hat.dtype)
-        g, dweight, dbias = _affine_grads(dy, x_hat, weight, bias, ctx.needs_input_grad)
-        dx = standardize_backward(g, x_hat, r, k, ctx.dims, ctx.center).to(x.dtype) if ctx.needs_input_grad[0] else None
-        return dx, dweight, dbias, None, None, None
+        dx, dweight, dbias = spec.normalize_backward(dy.to(x_hat.dtype), x_hat, r, k, weight, bias, ctx.dims, ctx.center,
+                                                     ctx.needs_input_grad)
+        return (None if dx is None else dx.to(x.dtype)), dweight, dbias, None, None, None
 
     @staticmethod
     def tangent(ctx, tx, tweight, tbias, *unused):
         """The ``jvp`` of :class:`StandardizeAffineJvp` (see :func:`_with_jvp`)."""
         x, weight, bias, x_hat, r, k = ctx.saved_tensors
         x_hat, r, k = StandardizeAffine._statistics(ctx, x, x_hat, r, k, torch.is_grad_enabled())
-        tx_hat = torch.zeros_like(x_hat) if tx is None else standardize_jvp(tx.to(x_hat.dtype), x_hat, r, k, ctx.dims, ctx.center)
-        return _affine_tangent(_times(tx_hat, weight), x_hat, tweight, tbias, x.dtype), None, None, None, None, None
+        tx_hat = torch.zeros_like(x_hat) if tx is None else spec.standardize_jvp(tx.to(x_hat.dtype), x_hat, r, k, ctx.dims, ctx.center)
+        return _affine_tangent(_weighted(tx_hat, weight), x_hat, tweight, tbias, x.dtype), None, None, None, None, None
 
 
 class StatsAffine(torch.autograd.Function):
-    """``y = (x - mean) * rsqrt(var + eps) * weight + bias`` with given statistics (no gradient to them).
-
-    ``weight * rsqrt(var + eps)`` is applied as one power-of-two-split factor (:func:`normkit._stats.mul_product`),
-    so no intermediate overflows where ``y`` is finite. Outputs: ``y`` (dtype of ``x``) and, non-differentiable,
-    ``x_hat`` in the compute dtype.
+    """``y = (x - mean) * rsqrt(var + eps) * weight + bias`` with given statistics (no gradient to them),
+    in :func:`normkit._spec.affine_with_stats`' product order. Outputs: ``y`` (dtype of ``x``) and,
+    non-differentiable, ``x_hat`` in the compute dtype.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        ct = compute_dtype(x.dtype)
+        ct = spec.compute_dtype(x.dtype)
         w = None if weight is None else weight.to(ct)
-        x_hat, _, xw = affine_with_stats(x.to(ct), mean.to(ct), var.to(ct), eps, w)
-        return _output(xw, bias, x.dtype, x_hat), x_hat
+        y, x_hat, _ = spec.affine_with_stats(x.to(ct), mean.to(ct), var.to(ct), eps, w, bias)
+        return _output(y, x.dtype, x_hat), x_hat
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -155,31 +139,35 @@ class StatsAffine(torch.autograd.Function):
         ctx.eps = eps
 
     @staticmethod
-    def _statistics(ctx, x, mean, var, x_hat, rebuild: bool):
-        """``(x_hat, rstd)``: ``x_hat`` as saved, or rebuilt as a function of ``x`` when a graph is being built."""
-        ct = x_hat.dtype
+    def _x_hat(ctx, x, mean, var, x_hat, rebuild: bool):
+        """``x_hat`` as saved, or rebuilt as a function of ``x`` when a graph is being built."""
         if rebuild:
-            return normalize_with_stats(x.to(ct), mean.to(ct), var.to(ct), ctx.eps)
-        return x_hat, torch.rsqrt(var.to(ct) + ctx.eps)
+            ct = x_hat.dtype
+            return spec.affine_with_stats(x.to(ct), mean.to(ct), var.to(ct), ctx.eps, None, None)[1]
+        return x_hat
 
     @staticmethod
     def backward(ctx, dy, unused):
         x, mean, var, weight, bias, x_hat = ctx.saved_tensors
-        x_hat, rstd = StatsAffine._statistics(ctx, x, mean, var, x_hat, torch.is_grad_enabled())
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-        dy = dy.to(x_hat.dtype)
-        _, dweight, dbias = _affine_grads(dy, x_hat, weight, bias, needs)
-        w = None if weight is None else weight.to(x_hat.dtype)
-        dx = mul_product(dy, w, rstd).to(x.dtype) if needs[0] else None  # dy * weight * rstd
-        return dx, None, None, dweight, dbias, None
+        ct = x_hat.dtype
+        needs = ctx.needs_input_grad
+        dy = dy.to(ct)
+        w = None if weight is None else weight.to(ct)
+        dx, terms = spec.affine_with_stats_backward(dy, x.to(ct), mean.to(ct), var.to(ct), ctx.eps, w, needs[0],
+                                                    weight is not None and needs[3])
+        dweight = None if terms is None else terms.sum_to_size(weight.shape).to(weight.dtype)
+        dbias = dy.sum_to_size(bias.shape).to(bias.dtype) if bias is not None and needs[4] else None
+        return (None if dx is None else dx.to(x.dtype)), None, None, dweight, dbias, None
 
     @staticmethod
     def tangent(ctx, tx, tmean, tvar, tweight, tbias, unused):
         """The ``jvp`` of :class:`StatsAffineJvp` (see :func:`_with_jvp`)."""
         x, mean, var, weight, bias, x_hat = ctx.saved_tensors
-        x_hat, rstd = StatsAffine._statistics(ctx, x, mean, var, x_hat, torch.is_grad_enabled())
-        w = None if weight is None else weight.to(x_hat.dtype)
-        txw = torch.zeros_like(x_hat) if tx is None else mul_product(tx.to(x_hat.dtype), w, rstd)  # tx * weight * rstd
+        x_hat = StatsAffine._x_hat(ctx, x, mean, var, x_hat, torch.is_grad_enabled())
+        ct = x_hat.dtype
+        w = None if weight is None else weight.to(ct)
+        _, _, m, q = spec.eval_factor(var.to(ct), w, ctx.eps)
+        txw = torch.zeros_like(x_hat) if tx is None else spec.apply_factor(tx.to(ct), m, q)  # tx * weight * rstd
         return _affine_tangent(txw, x_hat, tweight, tbias, x.dtype), None
 
 
@@ -202,6 +190,28 @@ def _pick(function, with_jvp):
     return function if torch.compiler.is_compiling() else with_jvp
 
 
+# ---- the entry points the operators call -------------------------------------------------------------------
+
+def standardize_affine(x, weight, bias, dims, eps, center=True):
+    """``(y, mean, var)``: ``y = standardize(x over dims) * weight + bias`` with biased ``var`` (keepdim
+    shape). A fused native kernel serves where one applies (:func:`normkit.ops._plan.standardize_affine`)."""
+    fast = _plan.standardize_affine(x, weight, bias, dims, eps, center)
+    if fast is not None:
+        return fast
+    y, _, _, _, mean, var = _pick(StandardizeAffine, StandardizeAffineJvp).apply(x, weight, bias, tuple(dims), float(eps), center)
+    return y, mean, var
+
+
+def stats_affine(x, mean, var, weight, bias, eps):
+    """``y`` with given statistics (:class:`StatsAffine`). A fused native kernel serves where one applies."""
+    fast = _plan.stats_affine(x, mean, var, weight, bias, eps)
+    if fast is not None:
+        return fast
+    return _pick(StatsAffine, StatsAffineJvp).apply(x, mean, var, weight, bias, float(eps))[0]
+
+
+# ---- shared by the operators' files ------------------------------------------------------------------------
+
 def empty_output(input: Tensor, *params: Tensor | None) -> Tensor:
     """The result for an input with no elements: an empty tensor of its shape, connected to the parameters
     so that they receive zero gradients (as torch's do) rather than none."""
@@ -220,19 +230,47 @@ def torch_layout(y: Tensor, input: Tensor) -> Tensor:
     return y.contiguous(memory_format=suggest_memory_format(input))
 
 
-def standardize_affine(x, weight, bias, dims, eps, center=True):
-    """Apply :class:`StandardizeAffine`; returns ``(y, mean, var)`` with biased ``var`` (keepdim shape).
-    A fused native kernel serves instead where one applies (:mod:`normkit.ops._fast`)."""
-    fast = _fast.standardize_affine(x, weight, bias, dims, eps, center)
-    if fast is not None:
-        return fast
-    y, _, _, _, mean, var = _pick(StandardizeAffine, StandardizeAffineJvp).apply(x, weight, bias, tuple(dims), float(eps), center)
-    return y, mean, var
+def channel_view(t: Tensor | None, ndim: int) -> Tensor | None:
+    """A per-channel ``(C,)`` tensor viewed as ``(1, C, 1, ...)`` to broadcast against an ``ndim`` input."""
+    return None if t is None else t.view(1, -1, *([1] * (ndim - 2)))
 
 
-def stats_affine(x, mean, var, weight, bias, eps):
-    """Apply :class:`StatsAffine`; returns ``y``. A fused native kernel serves instead where one applies."""
-    fast = _fast.stats_affine(x, mean, var, weight, bias, eps)
-    if fast is not None:
-        return fast
-    return _pick(StatsAffine, StatsAffineJvp).apply(x, mean, var, weight, bias, float(eps))[0]
+def write_back(running: Tensor | None, new: Tensor | None) -> None:
+    """Store updated running statistics in place (the only side effect of the torch-style API)."""
+    if running is not None and new is not None and new is not running:
+        running.detach().copy_(new.detach())
+
+
+def check_norm_args(op, input, weight, bias, running_mean, running_var, momentum, eps, need_running):
+    """Checks shared by batch, instance and synchronized batch norm: ``(N, C, *)`` input and ``(C,)`` parameters."""
+    _checks.check_floating(op, input)
+    if input.dim() < 2 and input.numel() == 0:
+        return  # torch returns an empty result for an empty 1-D input, whatever the other arguments
+    _checks.check_min_dim(op, input, 2, "(N, C, *)")
+    num_features = input.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _checks.check_param(op, name, t, (num_features,))
+    _checks.check_param_dtypes(op, input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    _checks.check_eps(op, eps)
+    _checks.check_momentum(op, momentum)
+    if need_running and (running_mean is None or running_var is None):
+        raise _checks.NormArgumentError(
+            f"{op}: running_mean and running_var must be given to normalize with running statistics; "
+            f"pass them, or normalize with batch statistics (training=True / use_input_stats=True)"
+        )
+
+
+def normalize_trailing(op, input, normalized_shape, weight, bias, eps, center, same_dtype_params=True):
+    """Layer and RMS norm: check, then standardize over the trailing ``normalized_shape`` dims and apply the
+    per-element affine. ``same_dtype_params``: torch's CPU parameter-dtype rule (layer norm; torch's RMS
+    norm accepts any). Returns ``y`` in torch's layout for neither (the caller decides)."""
+    _checks.check_floating(op, input)
+    shape = _checks.normalized_shape_tuple(op, normalized_shape, input)
+    _checks.check_param(op, "weight", weight, shape)
+    _checks.check_param(op, "bias", bias, shape)
+    if same_dtype_params:
+        _checks.check_param_dtypes(op, input, weight=weight, bias=bias)
+    _checks.check_eps(op, eps)
+    if input.numel() == 0:
+        return empty_output(input, weight, bias)
+    return standardize_affine(input, weight, bias, tuple(range(-len(shape), 0)), eps, center)[0]

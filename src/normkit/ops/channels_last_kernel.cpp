@@ -1,17 +1,17 @@
 // Channels-last CPU kernels for batch norm (train and eval), group norm and instance norm. A channels_last
 // (N, C, *spatial) tensor is a contiguous (N, S, C) array -- x.permute(0, 2, 3, 1), or (0, 2, 3, 4, 1) for
 // channels_last_3d -- so the channels of one spatial position are adjacent: every loop below runs over rows
-// of C values and is vectorized across channels, with no copy to (N, C, S).
+// of C values and is vectorized across channels, with no copy to (N, C, S). They implement the same functions
+// of normkit/_spec.py as norm_kernel.cpp, each step below naming the one it implements.
 //
 // Statistics of x (normkit::stats_norm layout 3, GROUPS_CL): x (N, S, C), a group per (n, g) = the S rows of
 // sample n times Cg = C / G consecutive channels; weight, bias per channel. Group norm (and instance norm,
-// Cg = 1) as they come; batch norm in training as one sample of N * S rows with G = C. The numerics are
-// norm_kernel.cpp's, group by group (its top comment has the formulas): one pass for max|x|, sum(d), sum(d^2)
-// with d = x - pivot, the pivot being the group's first element x[n, 0, g * Cg]; the plain formula where
-// plain_moments proves it safe, else the robust recipe (scale by 2**-e, shift, two more passes); the same 8
-// floats of Stat per group, so backward and the eager double backward read them unchanged. Backward keeps
-// only x and the statistics and recomputes x_hat:
-//   dx = ((gs - mean(gs)) - x_hat * mean(gs * x_hat)) * r * 2**(k + eg),  dw_c = sum(dy * x_hat),  db_c = sum(dy)
+// Cg = 1) as they come; batch norm in training as one sample of N * S rows with G = C. Group by group, as
+// norm_kernel.cpp: one pass for max|x|, sum(d), sum(d^2) with d = x - pivot, the pivot being the group's first
+// element x[n, 0, g * Cg]; _spec.plain_moments where its conditions hold, else _spec.moments (scale by 2**-e,
+// shift, two more passes); the same 8 floats of Stat per group, so backward and the eager double backward
+// read them unchanged. Backward keeps only x and the statistics and recomputes x_hat (_spec.grad_sums, then
+// _spec.standardize_backward_from_sums; _spec.affine_backward's parameter sums in the same pass).
 //
 // Column sums: each channel's sum runs in a register lane over a block of kBlock rows (tiles of 64, 32 or 16
 // channels as 16-lane vectors, the last C % 16 channels one at a time) and each block's total is added to the
@@ -23,9 +23,10 @@
 // order. Work runs per sample (its later passes then reread it from cache) when there are at least two samples
 // per thread, else per (sample, chunk). Outputs of 16 MiB and more are written with non-temporal stores.
 //
-// Given statistics (eval; x (R, C), R = N * S): y = (x - mean_c) * (w_c * rstd_c) + b_c with w * rstd split as
-// Factor / apply_split (no intermediate overflow) and x - mean halved where it overflows, exactly as
-// eval_forward_impl; backward dx = dy * (w * rstd), dw_c = sum(dy * x_hat), db_c = sum(dy).
+// Given statistics (eval; x (R, C), R = N * S): _spec.affine_with_stats as eval_forward_impl of norm_kernel.cpp,
+// y = (x - mean_c) * (w_c * rstd_c) + b_c with w * rstd split as Factor / apply_split (no intermediate
+// overflow) and x - mean halved where it overflows; backward _spec.affine_with_stats_backward, dx = dy *
+// (w * rstd), dw_c = sum(dy * x_hat) (split products where that sum leaves the range), db_c = sum(dy).
 //
 // Channels that need per-element ldexp (a multiplier outside the normal range: x_hat's, dx's, or eval's
 // split factor, or an eval mean near the top of float32) take a scalar path, one channel at a time.
@@ -458,7 +459,7 @@ void forward_impl(const T* x, T* y, Stat* stats, const Geo& g, const float* w, c
   auto xs = [&](int64_t n) { return x + n * S * C; };
   auto chunk_part = [&](int64_t n, int64_t ch) { return part.data() + (n * nch + ch) * 3 * C; };
 
-  // one pass: max |x|, sum(d), sum(d^2) with d = x - pivot
+  // _spec.plain_moments' one pass: max |x|, sum(d), sum(d^2) with d = x - pivot
   auto moments = [&](int64_t n, int64_t ch) {
     const T* xp = xs(n);
     const float* cs[1] = {pl.a(0, n)};
@@ -469,7 +470,8 @@ void forward_impl(const T* x, T* y, Stat* stats, const Geo& g, const float* w, c
           m = vabs(v); v1 = d; v2 = d * d;
         }, chunk_part(n, ch));
   };
-  // plain groups are done; robust ones get their scale and pivot
+  // plain groups are done (_spec.plain_moments, then _spec.standardize_from_moments' make_stat); the others get
+  // _spec.moments' scale and pivot
   auto decide = [&](int64_t n, int64_t) {
     std::vector<float> tot(3 * C);
     combine_chunks(chunk_part(n, 0), 3 * C, nch, 2, C, tot.data());
@@ -488,7 +490,7 @@ void forward_impl(const T* x, T* y, Stat* stats, const Geo& g, const float* w, c
       for (int64_t c = c0; c < c0 + Cg; ++c) { pl.a(1, n)[c] = sc; pl.a(2, n)[c] = piv; pl.a(3, n)[c] = 0.f; }
     }
   };
-  // the robust recipe's passes: sum(x * s - piv), then sum((x * s - piv - mean_d)^2)
+  // _spec.moments' two passes: sum(x * s - piv), then sum((x * s - piv - mean_d)^2)
   auto robust_pass = [&](int64_t n, int64_t ch, bool second) {
     if (!any_robust[n]) return;
     const T* xp = xs(n);
@@ -520,6 +522,7 @@ void forward_impl(const T* x, T* y, Stat* stats, const Geo& g, const float* w, c
     float* out[6] = {pl.a(4, n), pl.a(5, n), pl.a(6, n), pl.a(7, n), pl.a(8, n), pl.a(9, n)};
     xhat_consts(stats + n * G, g, out, slow.data() + n * C);
   };
+  // _spec.affine of _spec.standardize_from_moments' x_hat
   auto output = [&](int64_t n, int64_t ch) {
     const T* xp = xs(n);
     const float* cs[8] = {pl.a(4, n), pl.a(5, n), pl.a(6, n), pl.a(7, n), pl.a(8, n), pl.a(9, n), w, b};
@@ -559,8 +562,9 @@ void backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Geo&
       pl.a(6, n)[c] = center ? ld(dy[n * S * C + first]) * w[first] : 0.f;
     }
   };
-  // one read of dy and x: max |dy| (max |g| = max |dy| * |w| exactly: rounding is monotonic), sum(g - g0),
-  // sum((g - g0) * x_hat) unscaled, sum(dy * x_hat), sum(dy)
+  // _spec.grad_sums unscaled and _spec.affine_backward's parameter sums, in one read of dy and x: max |dy|
+  // (max |g| = max |dy| * |w| exactly: rounding is monotonic), sum(g - g0), sum((g - g0) * x_hat),
+  // sum(dy * x_hat), sum(dy)
   auto sums = [&](int64_t n, int64_t ch) {
     const T* dyp = dy + n * S * C;
     const T* xp = x + n * S * C;
@@ -576,7 +580,7 @@ void backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Geo&
           m = vabs(d); v1 = gs; v2 = gs * xv; v3 = d * xv; v4 = d;
         }, chunk_part(n, ch));
   };
-  // parameter sums per (n, c); the groups whose |g| leaves [2**-50, 2**50] get their sums again, scaled
+  // parameter sums per (n, c); the groups where _spec.plain_grad_ok fails get their sums again, scaled
   auto decide = [&](int64_t n, int64_t) {
     std::vector<float> tot(5 * C);
     combine_chunks(chunk_part(n, 0), 5 * C, nch, 4, C, tot.data());
@@ -598,6 +602,7 @@ void backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Geo&
       for (int64_t c = c0; c < c0 + Cg; ++c) { pl.a(7, n)[c] = sg; pl.a(8, n)[c] = pl.a(6, n)[c] * sg; }
     }
   };
+  // _spec.grad_sums with g scaled by 2**-eg, for those groups
   auto robust_sums = [&](int64_t n, int64_t ch) {
     if (!need_dx || !any_robust[n]) return;
     const T* dyp = dy + n * S * C;
@@ -629,7 +634,7 @@ void backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Geo&
       }
     }
   };
-  // dx = ((gs - mean(gs)) - x_hat * mean(gs * x_hat)) * r * 2**(k + eg)
+  // _spec.standardize_backward_from_sums: dx = ((gs - mean(gs)) - x_hat * mean(gs * x_hat)) * r * 2**(k + eg)
   const bool nt = streaming(dx, C, N * S * C);
   auto grad = [&](int64_t n, int64_t ch) {
     if (!need_dx) return;
@@ -660,19 +665,24 @@ void backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Geo&
   }
 }
 
-// ---- given statistics (batch norm eval) on x (R, C) ----
+// ---- given statistics (batch norm eval) on x (R, C): _spec.affine_with_stats ----
 
 // Per channel: 0 mean, 1 rstd, 2 the factor w * rstd as one float, 3..4 its split (m, q), 5 bias, 6 whether
-// the factor is one float (Factor::one). Slow where it is not, or where x - mean can overflow for a finite x:
-// |mean| >= 2**103, the half ulp of FLT_MAX.
-inline void eval_consts(const float* mean, const float* rstd, const float* w, const float* b, int64_t C, Planes& pl,
-                        std::vector<uint8_t>& slow) {
+// the factor is one float (Factor::one); Factor is _spec.eval_factor (rstd = inv_std(var, 0, eps)). Slow where
+// it is not one float, or where x - mean can overflow for a finite x: |mean| >= 2**103, the half ulp of FLT_MAX.
+inline std::vector<Factor> eval_consts(const float* mean, const float* var, const float* w, const float* b, double eps,
+                                       int64_t C, Planes& pl, std::vector<uint8_t>& slow) {
+  const Eps eps_split(eps);
+  std::vector<Factor> factors;
+  factors.reserve(C);
   for (int64_t c = 0; c < C; ++c) {
-    const Factor fa(w[c], rstd[c]);
-    pl.a(0, 0)[c] = mean[c]; pl.a(1, 0)[c] = rstd[c]; pl.a(2, 0)[c] = fa.f; pl.a(3, 0)[c] = fa.m;
+    const Factor fa(w[c], var[c], eps_split);
+    factors.push_back(fa);
+    pl.a(0, 0)[c] = mean[c]; pl.a(1, 0)[c] = fa.rstd(); pl.a(2, 0)[c] = fa.f; pl.a(3, 0)[c] = fa.m;
     pl.a(4, 0)[c] = static_cast<float>(fa.q); pl.a(5, 0)[c] = b ? b[c] : 0.f; pl.a(6, 0)[c] = fa.one ? 1.f : 0.f;
     slow[c] = !fa.one || !(std::abs(mean[c]) < 0x1p103f);
   }
+  return factors;
 }
 
 inline std::array<const float*, 7> eval_planes(Planes& pl) {
@@ -680,12 +690,12 @@ inline std::array<const float*, 7> eval_planes(Planes& pl) {
 }
 
 template <typename T>
-void eval_forward_impl(const T* x, T* y, const float* mean, const float* rstd, const float* w, const float* b,
-                       int64_t R, int64_t C) {
+void eval_forward_impl(const T* x, T* y, const float* mean, const float* var, const float* w, const float* b,
+                       double eps, int64_t R, int64_t C) {
   const Geo g(1, R, C, 1);
   Planes pl(7, 1, C);
   std::vector<uint8_t> slow(C);
-  eval_consts(mean, rstd, w, b, C, pl, slow);
+  eval_consts(mean, var, w, b, eps, C, pl, slow);
   const auto cs = eval_planes(pl);
   run_steps(g, {{true, [&](int64_t, int64_t ch) {
     map_rows<7>(g.r0(ch), g.r1(ch), C, cs.data(), slow.data(), [x](auto t, int64_t i, const auto& k, int j) {
@@ -703,13 +713,14 @@ void eval_forward_impl(const T* x, T* y, const float* mean, const float* rstd, c
   }}});
 }
 
+// _spec.affine_with_stats_backward
 template <typename T>
-void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const float* rstd, const float* w,
+void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const float* var, const float* w, double eps,
                         int64_t R, int64_t C, bool need_dx, bool need_param, float* dw, float* db) {
   const Geo g(1, R, C, 1);
   Planes pl(7, 1, C);
   std::vector<uint8_t> slow(C);
-  eval_consts(mean, rstd, w, nullptr, C, pl, slow);
+  const std::vector<Factor> factors = eval_consts(mean, var, w, nullptr, eps, C, pl, slow);
   const auto cs = eval_planes(pl);
   auto dx_of = [](auto t, auto d, const auto& k, int j) {  // dy * (w * rstd), split where it is not one float
     if constexpr (decltype(t)::slow) return k[6][j] != 0.f ? d * k[2][j] : apply_split(d, k[3][j], static_cast<int>(k[4][j]));
@@ -740,6 +751,12 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
     combine_chunks(part.data(), 3 * C, g.nch, 2, C, tot.data());
     std::copy(tot.begin() + C, tot.begin() + 2 * C, dw);
     std::copy(tot.begin() + 2 * C, tot.begin() + 3 * C, db);
+    for (int64_t c = 0; c < C; ++c) {  // x_hat or a product left the range: _spec.eval_dweight_terms' split products
+      if (std::isfinite(dw[c])) continue;
+      Acc a;
+      for (int64_t r = 0; r < R; ++r) a.add(dweight_term(ld(dy[r * C + c]), ld(x[r * C + c]), mean[c], factors[c]));
+      dw[c] = a.s;
+    }
   } else if (need_dx) {
     run_steps(g, {{true, [&](int64_t, int64_t ch) {
       map_rows<7>(g.r0(ch), g.r1(ch), C, cs.data(), slow.data(), [dy, dx_of](auto t, int64_t i,
@@ -750,11 +767,6 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
   }
 }
 
-inline void check_rows(const torch::Tensor& x, int64_t dim, const char* what) {
-  TORCH_CHECK(x.is_contiguous() && x.dim() == dim, what, ": expected a contiguous ", dim == 3 ? "(N, S, C)" : "(R, C)",
-              " tensor (the channels-last input permuted so that channels come last)");
-}
-
 }  // namespace nk_cl
 
 // Forward with statistics of x (N, S, C), layout 3 (GROUPS_CL): a group per (n, g) = S rows x C / groups
@@ -763,11 +775,11 @@ std::vector<torch::Tensor> stats_forward_cl(torch::Tensor x, torch::Tensor weigh
                                             int64_t groups, double eps, bool center) {
   using namespace nk_cl;
   TORCH_CHECK(layout == 3, "stats_forward_cl: layout 3 (groups, channels last) expected, got ", layout);
-  check_rows(x, 3, "stats_forward_cl");
+  check_input(x, 3, "stats_forward_cl", "(N, S, C)");
   const int64_t N = x.size(0), S = x.size(1), C = x.size(2);
-  TORCH_CHECK(groups >= 1 && C % groups == 0, "stats_forward_cl: groups must divide C");
-  check_param(weight, C, "weight");
-  check_param(bias, C, "bias");
+  TORCH_CHECK(groups >= 1 && C % groups == 0, "stats_forward_cl: groups=", groups, " must divide C=", C);
+  check_param(weight, C, "stats_forward_cl: weight");
+  check_param(bias, C, "stats_forward_cl: bias");
   auto y = torch::empty(x.sizes(), x.options());
   auto stats = torch::empty({N * groups, 8}, x.options().dtype(at::kFloat));
   const Geo g(N, S, C, groups);
@@ -784,13 +796,12 @@ std::vector<torch::Tensor> stats_backward_cl(torch::Tensor dy, torch::Tensor x, 
                                              int64_t layout, int64_t groups, bool center, bool need_dx, bool need_param) {
   using namespace nk_cl;
   TORCH_CHECK(layout == 3, "stats_backward_cl: layout 3 (groups, channels last) expected, got ", layout);
-  check_rows(x, 3, "stats_backward_cl");
-  TORCH_CHECK(dy.is_contiguous() && dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "stats_backward_cl: expected contiguous dy of x's shape and dtype");
+  check_input(x, 3, "stats_backward_cl", "(N, S, C)");
+  check_grad(dy, x, "stats_backward_cl");
   const int64_t N = x.size(0), S = x.size(1), C = x.size(2);
-  TORCH_CHECK(groups >= 1 && C % groups == 0, "stats_backward_cl: groups must divide C");
-  check_param(weight, C, "weight");
-  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == 8 * N * groups, "stats");
+  TORCH_CHECK(groups >= 1 && C % groups == 0, "stats_backward_cl: groups=", groups, " must divide C=", C);
+  check_param(weight, C, "stats_backward_cl: weight");
+  check_stats(stats, N * groups, "stats_backward_cl");
   torch::Tensor dx, dw, db;  // not a structured binding: the lambda below captures them (C++17)
   std::tie(dx, dw, db) = grad_buffers(x, C, need_dx, need_param);
   const Geo g(N, S, C, groups);
@@ -804,37 +815,38 @@ std::vector<torch::Tensor> stats_backward_cl(torch::Tensor dy, torch::Tensor x, 
   return {dx, dw, db};
 }
 
-// y = (x - mean) * rstd * weight + bias per channel of x (R, C); mean, rstd, weight, bias float32 (C,).
-torch::Tensor eval_forward_cl(torch::Tensor x, torch::Tensor mean, torch::Tensor rstd, torch::Tensor weight,
-                              torch::Tensor bias) {
+// y = (x - mean) * rsqrt(var + eps) * weight + bias per channel of x (R, C); mean, var, weight, bias float32 (C,).
+torch::Tensor eval_forward_cl(torch::Tensor x, torch::Tensor mean, torch::Tensor var, torch::Tensor weight,
+                              torch::Tensor bias, double eps) {
   using namespace nk_cl;
-  check_rows(x, 2, "eval_forward_cl");
+  check_input(x, 2, "eval_forward_cl", "(R, C)");
   const int64_t R = x.size(0), C = x.size(1);
-  check_param(mean, C, "mean"); check_param(rstd, C, "rstd"); check_param(weight, C, "weight"); check_param(bias, C, "bias");
+  check_param(mean, C, "eval_forward_cl: mean"); check_param(var, C, "eval_forward_cl: var");
+  check_param(weight, C, "eval_forward_cl: weight"); check_param(bias, C, "eval_forward_cl: bias");
   auto y = torch::empty(x.sizes(), x.options());
   dispatch_dtype(x, "eval_forward_cl", [&](auto tag) {
     using T = decltype(tag);
-    nk_cl::eval_forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
-                                weight.data_ptr<float>(), bias.data_ptr<float>(), R, C);
+    nk_cl::eval_forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), mean.data_ptr<float>(), var.data_ptr<float>(),
+                                weight.data_ptr<float>(), bias.data_ptr<float>(), eps, R, C);
   });
   return y;
 }
 
 // Backward of eval_forward_cl: (dx or empty, dweight or empty, dbias or empty), parameter grads in float32.
-std::vector<torch::Tensor> eval_backward_cl(torch::Tensor dy, torch::Tensor x, torch::Tensor mean, torch::Tensor rstd,
-                                            torch::Tensor weight, bool need_dx, bool need_param) {
+std::vector<torch::Tensor> eval_backward_cl(torch::Tensor dy, torch::Tensor x, torch::Tensor mean, torch::Tensor var,
+                                            torch::Tensor weight, double eps, bool need_dx, bool need_param) {
   using namespace nk_cl;
-  check_rows(x, 2, "eval_backward_cl");
-  TORCH_CHECK(dy.is_contiguous() && dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "eval_backward_cl: expected contiguous dy of x's shape and dtype");
+  check_input(x, 2, "eval_backward_cl", "(R, C)");
+  check_grad(dy, x, "eval_backward_cl");
   const int64_t R = x.size(0), C = x.size(1);
-  check_param(mean, C, "mean"); check_param(rstd, C, "rstd"); check_param(weight, C, "weight");
+  check_param(mean, C, "eval_backward_cl: mean"); check_param(var, C, "eval_backward_cl: var");
+  check_param(weight, C, "eval_backward_cl: weight");
   torch::Tensor dx, dw, db;  // not a structured binding: the lambda below captures them (C++17)
   std::tie(dx, dw, db) = grad_buffers(x, C, need_dx, need_param);
   dispatch_dtype(x, "eval_backward_cl", [&](auto tag) {
     using T = decltype(tag);
     nk_cl::eval_backward_impl<T>(dy.data_ptr<T>(), x.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr,
-                                 mean.data_ptr<float>(), rstd.data_ptr<float>(), weight.data_ptr<float>(), R, C,
+                                 mean.data_ptr<float>(), var.data_ptr<float>(), weight.data_ptr<float>(), eps, R, C,
                                  need_dx, need_param, need_param ? dw.data_ptr<float>() : nullptr,
                                  need_param ? db.data_ptr<float>() : nullptr);
   });

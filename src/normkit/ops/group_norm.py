@@ -3,11 +3,18 @@
 Shapes: ``input (N, C, *)``; ``weight``, ``bias`` of shape ``(C,)``; ``C`` divisible by ``num_groups``.
 The ``C / num_groups`` channels of each group and all their spatial values, per sample, are standardized::
 
-    y = (x - mean_ng) / sqrt(var_ng + eps) * weight_c + bias_c
+    mean_ng, var_ng (biased) over the group     x_hat = (x - mean_ng) / sqrt(var_ng + eps)
+    y = x_hat * weight_c + bias_c
 
-Gradients: ``dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))`` over each group, ``g = dy * weight``;
-``dweight_c = sum over n and * of dy * x_hat``, ``dbias_c = sum of dy``.
-Precision: as :mod:`normkit.ops.layer_norm`.
+    g = dy * weight_c        dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))      (means over the group)
+    dweight_c = sum over n and * of dy * x_hat       dbias_c = sum of dy
+
+In terms of the spec (:mod:`normkit._spec`): the input viewed as ``(N, groups, C / groups, S)``, then
+``standardize`` over dims ``(2, 3)`` and ``affine`` with the per-channel parameters viewed alike; backward
+``normalize_backward``. :func:`~normkit.ops._normalize.standardize_affine` runs them, through the native
+group kernels (contiguous and channels-last) where they apply.
+
+Precision: the spec's policy, as layer norm's.
 Contract (torch's): parameters as for layer norm; any eps; the output in the input's suggested memory
 format (channels_last kept, any other non-contiguous input gives a contiguous output).
 """
@@ -17,7 +24,7 @@ from __future__ import annotations
 import numbers
 
 from .. import _checks
-from .._stats import autocast_inputs
+from .._spec import autocast_inputs
 from ._normalize import empty_output, standardize_affine, torch_layout
 
 

@@ -6,12 +6,20 @@ With ``use_input_stats`` (the default), each ``(n, c)`` slice is standardized ov
 spatial values -- batch norm with one sample per group -- and running statistics, when given, move
 towards the batch average of the per-instance statistics::
 
-    y = (x - mean_nc) / sqrt(var_nc + eps) * weight_c + bias_c
+    x_hat = (x - mean_nc) / sqrt(var_nc + eps)        y = x_hat * weight_c + bias_c
     running_mean <- (1 - momentum) * running_mean + momentum * mean_n(mean_nc)
     running_var  <- (1 - momentum) * running_var  + momentum * mean_n(var_nc * m / (m - 1))
 
-Without it, the running statistics normalize, as batch norm does in eval mode.
-Gradients and precision: as :mod:`normkit.ops.batch_norm`, with groups of one instance.
+    g = dy * weight_c        dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))     (means over the slice)
+    dweight_c = sum(dy * x_hat)        dbias_c = sum(dy)
+
+Without it, the running statistics normalize, as batch norm does in eval mode
+(``y = (x - running_mean) * (weight / sqrt(running_var + eps)) + bias``, ``dx = dy * weight * rstd``).
+
+In terms of the spec (:mod:`normkit._spec`): ``standardize`` over dims ``(2, ...)`` and ``affine``, backward
+``normalize_backward``, running statistics ``momentum_update``; without input statistics
+``affine_with_stats`` and ``affine_with_stats_backward``. :func:`~normkit.ops._normalize.standardize_affine`
+and :func:`~normkit.ops._normalize.stats_affine` run them, through a native kernel where one applies.
 Contract (torch's): parameters as for batch norm, but any eps (torch checks none here); a contiguous output.
 """
 
@@ -20,8 +28,8 @@ from __future__ import annotations
 import math
 
 from .. import _checks
-from ._normalize import empty_output, standardize_affine, stats_affine
-from .batch_norm import channel_view, check_norm_args, momentum_update, write_back
+from .. import _spec as spec
+from ._normalize import channel_view, check_norm_args, empty_output, standardize_affine, stats_affine, write_back
 
 
 def instance_norm_stateless(input, running_mean=None, running_var=None, weight=None, bias=None,
@@ -44,9 +52,9 @@ def instance_norm_stateless(input, running_mean=None, running_var=None, weight=N
     y, mean, var = standardize_affine(input, w, b, tuple(range(2, input.dim())), eps)
     y = y.contiguous()
     if running_mean is not None:
-        running_mean = momentum_update(running_mean, mean.reshape(-1, num_features).mean(0), momentum)
+        running_mean = spec.momentum_update(running_mean, mean.reshape(-1, num_features).mean(0), momentum)
     if running_var is not None:
-        running_var = momentum_update(running_var, (var * (m / (m - 1))).reshape(-1, num_features).mean(0), momentum)
+        running_var = spec.momentum_update(running_var, (var * (m / (m - 1))).reshape(-1, num_features).mean(0), momentum)
     return y, running_mean, running_var
 
 

@@ -24,13 +24,17 @@ Gradient (closed form; ``W'(i) = {j : i in W(j)}`` is the reflected window)::
     dx_i = g_i * d_i**(-beta) - 2 * c * beta * x_i * sum_{j in W'(i)} g_j * x_j * d_j**(-beta - 1)
 
 Precision policy: computed in float32 for half inputs (float64 for float64), output in the input's dtype.
-When a cheap check proves that no intermediate can over- or underflow (``k >= 2**-40``,
-``c * n * max|x|**2 <= 2**100``, ``0 <= beta <= 1.25``) the plain formula runs. Otherwise the robust
-path runs: every value is a (mantissa, exponent) pair from ``frexp``; squares are summed in a window
-after aligning them to the window's largest exponent; ``d = 4**h * u`` with the exponent ``h`` chosen per
-element where ``k`` and ``c * S`` meet (as :func:`normkit._stats.inv_std` does); and ``d**-beta`` takes its
-exponent ``-2 h beta`` apart into an exact integer part and a small fraction. Nothing overflows that the
-float64 answer would not. A zero window with ``k = 0`` (0/0) gives 0.
+Where the spec's proof conditions hold (:func:`normkit._spec.lrn_plain_forward_ok` for forward,
+:func:`normkit._spec.lrn_plain_backward_ok` for backward: ``k``, ``beta``, ``c * n * max|x|**2`` and, for
+backward, every partial product of ``g x d**(-beta-1)`` bounded) the plain formula runs, on large contiguous
+CPU inputs as the fused kernel (``lrn_kernel.cpp``, same product order). Otherwise the robust path runs,
+written with the spec's steps: every value is a (mantissa, exponent) pair (:func:`normkit._spec.frexp`);
+squares are summed in a window after aligning them to the window's largest exponent; ``d = 4**h * u`` with
+``h`` where ``k`` and ``c * S`` meet (:func:`normkit._spec.scaled_sum`, as ``inv_std`` does for ``var`` and
+``eps``); and ``d**-beta`` takes its exponent ``-2 h beta`` apart into an exact integer part and a small
+fraction (:func:`normkit._spec.power_pair`). The ONNX subgraph (:func:`normkit.onnx.subgraphs.lrn`) is the
+same forward, operator for operator. Nothing overflows that the float64 answer would not. A zero window with
+``k = 0`` (0/0) gives 0.
 
 Forward-mode AD (closed form, the same pairs as backward)::
 
@@ -57,7 +61,8 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from .. import _checks, _native
-from .._stats import autocast_inputs, compute_dtype, mul_pow2
+from .. import _spec as spec
+from .._spec import autocast_inputs, compute_dtype
 
 CONVENTIONS = ("torch", "onnx", "caffe", "tf")
 REGIONS = ("across_channels", "within_channel")
@@ -161,34 +166,10 @@ def _pair_window_sum(m: Tensor, p: Tensor, win: Window) -> tuple[Tensor, Tensor]
     return m, p
 
 
-def _split(t: Tensor) -> tuple[Tensor, Tensor]:
-    """``t = m * 2**e`` as ``frexp`` splits it (``1/2 <= |m| < 1``; ``e = 0`` for 0, inf and NaN), with ``e``
-    detached (float) and ``m`` differentiable. Built from ``log2`` because ONNX has no frexp: ``log2`` may
-    round across a power of two, which one comparison each way corrects, so ``e`` is exact."""
-    a = t.detach().abs()
-    normal = (a > 0) & torch.isfinite(a)
-    e = torch.where(normal, torch.floor(torch.log2(torch.where(normal, a, 1.0))) + 1, 0.0)
-    top = torch.exp2(e)  # 2**e: |m| < 1 means a < top, |m| >= 1/2 means a >= top / 2
-    e = e + (a >= top).to(e.dtype) - (normal & (a < top * 0.5)).to(e.dtype)
-    return mul_pow2(t, -e), e  # mul_pow2: 2**-e itself overflows for subnormal t
-
-
 def _pair(m: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
     """The pair ``m * 2**p`` with the exponent of a zero mantissa pushed far down, so that aligning a
     window to its largest exponent ignores zeros."""
     return m, torch.where(m == 0, torch.full_like(p, _NO_EXPONENT), p)
-
-
-def _power_pair(u: Tensor, h: Tensor, power: float, ct) -> tuple[Tensor, Tensor]:
-    """``(4**h * u) ** power`` as ``(mantissa, integer exponent)``. ``-2 h power`` is split exactly: ``power``
-    into a short head (``h * head`` exact) and a tail whose product is small."""
-    bits = 10 if ct == torch.float32 else 30
-    m, q = math.frexp(power)
-    head = math.ldexp(round(math.ldexp(m, bits)), q - bits)
-    t = 2 * h * head  # exact
-    whole = torch.floor(t)
-    frac = (t - whole) + 2 * h * (power - head)
-    return torch.pow(u, power) * torch.exp2(frac), whole
 
 
 # ------------------------------------------------------------------------------------ choosing a path
@@ -208,15 +189,17 @@ def _max_abs(t: Tensor) -> float:
     return max(-lo.item(), hi.item())
 
 
-def _fast_ok(x: Tensor, win: Window, x_limit: float = math.inf, g: Tensor | None = None) -> bool:
-    """True when the values are on hand and the plain formula provably cannot over- or underflow (the
-    bounds in the module docstring; for backward also ``|x| <= x_limit`` and ``|g| <= 2**40``)."""
+def _fast_ok(x: Tensor, win: Window, g: Tensor | None = None) -> bool:
+    """True when the values are on hand and the spec proves the plain formula safe for them: forward
+    (:func:`normkit._spec.lrn_plain_forward_ok`), or with ``g`` backward too
+    (:func:`normkit._spec.lrn_plain_backward_ok`)."""
     on_hand = _values_on_hand(x) if g is None else _values_on_hand(x, g)
-    if not (win.k >= 2.0**-40 and 0.0 <= win.beta <= 1.25 and x.numel() and on_hand):
+    if not (x.numel() and on_hand):
         return False
-    amax = _max_abs(x)
-    fits = amax <= x_limit and win.c * win.count * amax * amax <= 2.0**100
-    return fits and (g is None or _max_abs(g) <= 2.0**40)
+    amax, ct = _max_abs(x), compute_dtype(x.dtype)
+    if g is None:
+        return spec.lrn_plain_forward_ok(amax, win.count, win.c, win.k, win.beta, ct)
+    return spec.lrn_plain_backward_ok(amax, _max_abs(g), win.count, win.c, win.k, win.beta, ct)
 
 
 # ------------------------------------------------------------------------------------ the plain formula
@@ -272,26 +255,19 @@ def _fast_backward(g: Tensor, x: Tensor, win: Window) -> Tensor:
 
 # ------------------------------------------------------------------------------------ the robust path
 def _robust_denominator(x: Tensor, win: Window):
-    """``d = k + c * sum_W x**2`` as ``4**h * u`` (``u`` in about [1/4, 4 n c + 4]), plus ``x``'s pair."""
-    ct = x.dtype
-    xm, xe = _split(x)
+    """``d = k + c * sum_W x**2`` as ``4**h * u`` (``u`` in about [1/4, 4 n c + 4]), plus ``x``'s pair: every
+    ``x`` split (:func:`normkit._spec.frexp`), the squares' window sum aligned to its largest exponent,
+    then :func:`normkit._spec.scaled_sum` (``h`` where ``k`` and ``c * S`` meet)."""
+    xm, xe = spec.frexp(x)
     s_m, s_p = _pair_window_sum(*_pair(xm * xm, 2 * xe), win)  # sum x**2 = s_m * 2**s_p, s_m in [1/4, n]
-    cs = s_m * win.c
-    k_m, k_q = math.frexp(win.k)
-    h_k = math.floor((k_q - 1) / 2) if win.k > 0 else -math.inf
-    h_s = torch.where(cs > 0, torch.floor((s_p + torch.log2(cs.detach().clamp_min(torch.finfo(ct).tiny))) / 2),
-                      torch.full_like(s_p, -math.inf))
-    h = torch.clamp(h_s, min=h_k)
-    h = torch.where(torch.isinf(h), torch.zeros_like(h), h)  # zero window and k = 0: d = 0
-    k_term = _align(k_m, k_q - 2 * h) if win.k > 0 else 0.0  # h >= h_k: k_q - 2 h <= 2
-    u = mul_pow2(cs, s_p - 2 * h) + k_term
+    u, h = spec.scaled_sum(s_m * win.c, s_p, win.k)
     return u, h, xm, xe
 
 
 def _robust_forward(x: Tensor, win: Window) -> Tensor:
     u, h, xm, xe = _robust_denominator(x, win)
-    dm, dp = _power_pair(u, h, -win.beta, x.dtype)
-    y = mul_pow2(xm * dm, xe + dp)
+    dm, dp = spec.power_pair(u, h, -win.beta)
+    y = spec.mul_pow2(xm * dm, xe + dp)
     return torch.where(u == 0, torch.zeros_like(y), y)
 
 
@@ -304,9 +280,9 @@ def _robust_linear(v: Tensor, x: Tensor, win: Window, adjoint: bool) -> Tensor:
     Every factor is a (mantissa, exponent) pair; the window sum aligns its terms to the largest exponent
     and the two terms are brought to the larger of their exponents before subtracting."""
     u, h, xm, xe = _robust_denominator(x, win)
-    vm, ve = _split(v)
-    dm, dp = _power_pair(u, h, -win.beta, x.dtype)  # d**-beta
-    em, ep = _power_pair(u, h, -win.beta - 1, x.dtype)  # d**(-beta-1)
+    vm, ve = spec.frexp(v)
+    dm, dp = spec.power_pair(u, h, -win.beta)  # d**-beta
+    em, ep = spec.power_pair(u, h, -win.beta - 1)  # d**(-beta-1)
     if adjoint:
         sm, sp = _pair_window_sum(*_pair(vm * xm * em, ve + xe + ep), win.reflected())
     else:
@@ -315,7 +291,7 @@ def _robust_linear(v: Tensor, x: Tensor, win: Window, adjoint: bool) -> Tensor:
     am, ap = _pair(vm * dm, ve + dp)
     bm, bp = _pair((2 * win.c * win.beta) * xm * sm, xe + sp)
     top = torch.maximum(ap, bp)
-    out = mul_pow2(_align(am, ap - top) - _align(bm, bp - top), top)
+    out = spec.mul_pow2(_align(am, ap - top) - _align(bm, bp - top), top)
     return torch.where(u == 0, v * 0, out)
 
 
@@ -358,7 +334,7 @@ def lrn_forward(x: Tensor, win: Window) -> Tensor:
 def lrn_backward(g: Tensor, x: Tensor, win: Window) -> Tensor:
     """``dx`` given ``g = dL/dy`` (compute dtype). While a graph is being built (double backward) the
     robust path runs: it is written out of place, in differentiable ops."""
-    if torch.is_grad_enabled() or not _fast_ok(x, win, x_limit=2.0**20, g=g):
+    if torch.is_grad_enabled() or not _fast_ok(x, win, g):
         return _robust_backward(g, x, win)
     native = _native_layout(x, win)
     if not isinstance(native, str):

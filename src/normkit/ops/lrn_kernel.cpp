@@ -3,8 +3,10 @@
 //   d_i  = k + c * sum_{j in [i - lo, i + hi]} x_j^2          y_i = x_i * d_i^-beta
 //   dx_i = g_i * d_i^-beta - 2 c beta x_i * sum_{j in [i - hi, i + lo]} g_j x_j d_j^(-beta-1)
 //
-// normkit calls these only where a check has proved that no intermediate can over- or underflow
-// (see local_response_norm.py); elsewhere its robust decomposition runs. Input: contiguous (N, C, S).
+// in the product order of local_response_norm.py's plain formula (z_j = ((g_j x_j) / d_j) d_j^-beta, then
+// dx_i = g_i d_i^-beta - 2 c beta (x_i sum z)). normkit calls these only where the spec's proof conditions
+// hold (normkit/_spec.py: lrn_plain_forward_ok, lrn_plain_backward_ok, checked on the host in
+// local_response_norm.py); elsewhere its robust decomposition runs. Input: contiguous (N, C, S).
 // Each output row (n, c, :) reads the rows of its window, which sit in cache, and is written once:
 // one pass over memory instead of one per elementwise op. Parallel over rows with torch's thread pool.
 
@@ -26,7 +28,7 @@ inline T neg_pow(T d, T beta) {
   else { return std::pow(d, -beta); }
 }
 
-// acc[s] = k + c * sum over the window of row ch of x[n, j, s]^2
+// acc[s] = d = k + c * sum over the window of row ch of x[n, j, s]^2 (the plain formula's denominator)
 template <typename T>
 inline void window_denominator(const T* xn, int64_t C, int64_t S, int64_t ch, int64_t lo, int64_t hi,
                                T c, T k, T* acc) {
@@ -71,7 +73,7 @@ void backward_impl(const T* g, const T* x, T* dx, int64_t N, int64_t C, int64_t 
         for (int64_t s = 0; s < S; ++s) {
           const T pw = neg_pow<T, MODE>(acc[s], beta);
           pr[s] = pw;
-          qr[s] = gr[s] * xr[s] * pw / acc[s];
+          qr[s] = (gr[s] * xr[s] / acc[s]) * pw;  // z = ((g x) / d) d^-beta: lrn_plain_backward_ok's order
         }
       }
       for (int64_t ch = 0; ch < C; ++ch) {  // the reflected window: j in [ch - hi, ch + lo]
@@ -84,7 +86,7 @@ void backward_impl(const T* g, const T* x, T* dx, int64_t N, int64_t C, int64_t 
         const T* gr = gn + ch * S;
         const T* pr = p.data() + ch * S;
         T* dr = dx + (n * C + ch) * S;
-        for (int64_t s = 0; s < S; ++s) dr[s] = gr[s] * pr[s] - two_c_beta * xr[s] * acc[s];
+        for (int64_t s = 0; s < S; ++s) dr[s] = gr[s] * pr[s] - two_c_beta * (xr[s] * acc[s]);
       }
     }
   });
@@ -97,10 +99,22 @@ void dispatch_mode(double beta, F0 f0, F1 f1, F2 f2, F3 f3) {
   switch (beta_mode(beta)) { case 0: f0(); break; case 1: f1(); break; case 2: f2(); break; default: f3(); }
 }
 
+// x (and g): non-empty contiguous (N, C, S) CPU tensors of float32 or float64; a window of lo + hi + 1 >= 1
+void check_lrn(const torch::Tensor& x, int64_t lo, int64_t hi, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": expected a CPU tensor, got one on ", x.device(),
+              " (the native kernels are CPU only; normkit's eager path serves other devices)");
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), op, ": expected a contiguous (N, C, S) tensor, got sizes ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": expected float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0 && x.size(2) > 0, op, ": expected a non-empty (N, C, S) tensor, got sizes ",
+              x.sizes(), " (normkit returns empty inputs before calling a kernel)");
+  TORCH_CHECK(lo >= 0 && hi >= 0, op, ": expected a window [c - lo, c + hi] with lo, hi >= 0, got lo=", lo, ", hi=", hi);
+}
+
 }  // namespace
 
 torch::Tensor lrn_forward(torch::Tensor x, int64_t lo, int64_t hi, double c, double k, double beta) {
-  TORCH_CHECK(x.is_contiguous() && x.dim() == 3, "lrn_forward: expected a contiguous (N, C, S) tensor");
+  check_lrn(x, lo, hi, "lrn_forward");
   auto y = torch::empty_like(x);
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lrn_forward", [&] {
@@ -117,8 +131,9 @@ torch::Tensor lrn_forward(torch::Tensor x, int64_t lo, int64_t hi, double c, dou
 }
 
 torch::Tensor lrn_backward(torch::Tensor g, torch::Tensor x, int64_t lo, int64_t hi, double c, double k, double beta) {
-  TORCH_CHECK(x.is_contiguous() && g.is_contiguous() && x.dim() == 3 && g.sizes() == x.sizes(),
-              "lrn_backward: expected contiguous (N, C, S) tensors of one shape");
+  check_lrn(x, lo, hi, "lrn_backward");
+  TORCH_CHECK(g.device() == x.device() && g.is_contiguous() && g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(),
+              "lrn_backward: expected a contiguous g of x's sizes ", x.sizes(), ", dtype and device, got sizes ", g.sizes());
   auto dx = torch::empty_like(x);
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lrn_backward", [&] {

@@ -1,8 +1,11 @@
-// Shared by the normalization kernels (norm_kernel.cpp: (N, C, S) and row layouts; channels_last_kernel.cpp:
-// channels-minor layouts): float32 loads and stores of each dtype, compensated sums, the robust-statistics
-// steps of one group (exponent and scaling, the plain-formula check, inv_std, the saved Stat, x_hat, the
-// backward coefficients) and the split multiplier of the given-statistics path. See norm_kernel.cpp's top
-// comment for the formulas.
+// Shared by the statistics kernels (norm_kernel.cpp: (N, C, S) and row layouts; channels_last_kernel.cpp:
+// channels-minor layouts): float32 loads and stores of each dtype, compensated sums, the argument checks of
+// every entry point, and the per-group steps of normkit/_spec.py that both kernels implement -- each below
+// names the spec function it implements. Two of them are the spec's *plain* one-pass formulas, taken only
+// where the spec's proof conditions hold (plain_moments, plain_grad); their bounds come from _spec.PLAIN,
+// passed by normkit/_native.py at build time (NK_PLAIN_*), so the conditions are written in one place.
+// Where a step's float32 arithmetic differs from the spec's torch ops (a one-pass sum, an ldexp instead of
+// three exact multiplies), the difference is rounding only, within the tolerance every backend is tested to.
 #pragma once
 
 #include <torch/extension.h>
@@ -96,9 +99,13 @@ inline float multiplier(float r, int q) {
   return (std::isfinite(m) && m >= FLT_MIN) ? m : 0.f;
 }
 
-// The plain (unscaled) formulas are used for a group when a cheap check proves them safe: every value and
-// every square of a difference of two values stays normal and finite in float32, for up to 2**24 values.
-constexpr float kPlainLo = 0x1p-50f, kPlainHi = 0x1p50f, kTinyVar = 0x1p-100f;
+// _spec.PLAIN, from normkit/_native.py (a build without them would silently use other bounds than the spec)
+#if !defined(NK_PLAIN_LO) || !defined(NK_PLAIN_HI) || !defined(NK_PLAIN_TINY_VAR) || !defined(NK_PLAIN_KEEP) || \
+    !defined(NK_PLAIN_MAX_COUNT)
+#error "the plain-formula bounds NK_PLAIN_* come from normkit._spec.PLAIN: build through normkit._native"
+#endif
+constexpr float kPlainLo = NK_PLAIN_LO, kPlainHi = NK_PLAIN_HI, kTinyVar = NK_PLAIN_TINY_VAR, kKeep = NK_PLAIN_KEEP;
+constexpr int64_t kPlainMaxCount = NK_PLAIN_MAX_COUNT;
 
 // eps = m * 2**q (frexp), kept apart so that inv_std never forms eps where it would underflow
 struct Eps {
@@ -106,7 +113,8 @@ struct Eps {
   explicit Eps(double eps) : q(0) { m = static_cast<float>(std::frexp(eps, &q)); zero = eps == 0.0; }
 };
 
-// _stats.inv_std: 1/sqrt(a * 4**e + eps) = r * 2**k with both terms under the root at most about 4
+// _spec.inv_std (_spec.scaled_sum, then _spec.power_pair at power -1/2): 1/sqrt(a * 4**e + eps) = r * 2**k
+// with both terms under the root at most about 4
 inline void inv_std(float a, int e, const Eps& eps, float& r, int& k) {
   constexpr int bound = 3 * kMaxExp;
   const double h_eps = eps.zero ? -std::numeric_limits<double>::infinity() : std::floor((eps.q - 1) / 2.0);
@@ -117,34 +125,36 @@ inline void inv_std(float a, int e, const Eps& eps, float& r, int& k) {
   k = -h;
 }
 
-// One pass over a group gives amax = max|x| and s1 = sum(d), s2 = sum(d^2) of d = x - pivot, unscaled. The
-// plain formula serves when no value or square can leave float32's normal range and the shifted one-pass
-// variance s2 - s1^2/n keeps at least 1/16 of s2 (at most 4 bits lost to cancellation): then true, with
-// mean_d and m2 = sum((d - mean_d)^2) set. Otherwise the group takes the robust recipe (robust_scale, then
-// two passes over the scaled and shifted values).
+// _spec.plain_moments: from one pass over a group, amax = max|x| and s1 = sum(d), s2 = sum(d^2) of
+// d = x - pivot, unscaled; true (with mean_d and m2 = sum((d - mean_d)^2) set) where the spec's proof
+// conditions hold. Otherwise the group takes _spec.moments (robust_scale, then two passes over the scaled
+// and shifted values).
 inline bool plain_moments(float amax, float s1, float s2, int64_t count, bool center, float& mean_d, float& m2) {
   const float n = static_cast<float>(count);
-  bool plain = count <= (int64_t(1) << 24) && amax >= kPlainLo && amax <= kPlainHi && std::isfinite(s2);
+  bool plain = count <= kPlainMaxCount && amax >= kPlainLo && amax <= kPlainHi && std::isfinite(s2);
   mean_d = 0.f;
   m2 = s2;
   if (plain && center) {
     mean_d = s1 / n;
     m2 = s2 - s1 * mean_d;
-    plain = m2 >= s2 * 0.0625f && (m2 == 0.f ? s2 == 0.f : m2 >= n * kTinyVar);
+    plain = m2 >= s2 * kKeep && (m2 == 0.f ? s2 == 0.f : m2 >= n * kTinyVar);
   } else if (plain) {
     plain = m2 >= n * kTinyVar;
   }
   return plain;
 }
 
-// The robust recipe's scaling of a group: e = floor(log2 max|x|), s = 2**-e, pivot x[first] * s (0 for RMS)
+// _spec.moments' scaling of a group: e = _spec.group_exponent (floor(log2 max|x|)), s = 2**-e, pivot = the
+// scaled first value (_spec.first; 0 for RMS)
 inline void robust_scale(float amax, float piv0, bool center, int& e, float& s, float& piv) {
   e = exponent_of(amax);
   s = pow2(1.f, -e);
   piv = center ? piv0 * s : 0.f;
 }
 
-// The statistics of a group of n values from m2 = sum((d - mean_d)**2) of d = x * 2**-e - piv
+// _spec.standardize_from_moments' statistics of a group of n values, from its Moments (e, piv, mean_d, m2:
+// m2 = sum((d - mean_d)**2) of d = x * 2**-e - piv): r, k from inv_std(m2 / n, e); mean_x and var_x as
+// Moments.mean_x / var_x
 inline Stat make_stat(float m2, float mean_d, float piv, int e, float n, const Eps& eps, bool center) {
   const float a = std::max(m2, 0.f) / n;
   float r; int k;
@@ -156,10 +166,11 @@ inline Stat make_stat(float m2, float mean_d, float piv, int e, float n, const E
   return out;
 }
 
-// Backward of a group, from the sums over it of gs = g * 2**-eg - g0 * 2**-eg (g = dy * w, g0 its first
-// value) and of gs * x_hat: dx = ((gs - mg) - x_hat * mgx) * m2, or * r * 2**q2 per element where m2 is 0.
-// The unscaled sums (eg = 0) serve when every |g| lies in [2**-50, 2**50] (plain_grad); otherwise they are
-// taken again with g scaled by 2**-eg, eg = floor(log2 max|g|).
+// Backward of a group from its reduced sums (_spec.grad_sums, _spec.standardize_backward_from_sums): with
+// gs = g * 2**-eg - g0 * 2**-eg (g = dy * w, g0 its first value; no shift for RMS), sum(gs) and sum(gs * x_hat)
+// give dx = ((gs - mg) - x_hat * mgx) * m2, or * r * 2**q2 per element where m2 is 0. The unscaled sums
+// (eg = 0) serve where _spec.plain_grad_ok holds (plain_grad); otherwise they are taken again with g scaled by
+// 2**-eg, eg = _spec.group_exponent of g.
 inline bool plain_grad(float gmax) { return gmax >= kPlainLo && gmax <= kPlainHi; }
 struct DxCoef {
   float mg, mgx, m2; int q2;
@@ -169,7 +180,8 @@ struct DxCoef {
   }
 };
 
-// x_hat for element v of a group with statistics st (m: the fast multiplier, or 0)
+// x_hat for element v of a group with statistics st, as _spec.standardize_from_moments forms it:
+// ((v * 2**-e - piv) - mean_d) * r * 2**(k + e), the last factor one float m where it is normal (else 0: slow)
 struct XHat {
   float s, piv, mean_d, r, m; int q;
   explicit XHat(const Stat& st) : s(pow2(1.f, -static_cast<int>(st.e))), piv(st.piv), mean_d(st.mean_d), r(st.r),
@@ -194,21 +206,39 @@ inline void st16(c10::BFloat16* p, __m512 v) {
 }
 #endif
 
-struct Factor {  // w * rstd = m * 2**q; f = m * 2**q as one float when that is exact (normal or zero), else slow
-  float m, f; int q; bool one;
-  Factor(float w, float rs) {
-    const int ew = exponent_of(std::abs(w)), er = exponent_of(std::abs(rs));
-    m = (w * std::ldexp(1.f, -ew)) * (rs * std::ldexp(1.f, -er));
-    q = ew + er;
+// _spec.eval_factor: the given statistics' rstd = r * 2**k (_spec.inv_std with e = 0) times w, split as
+// m * 2**q (w's mantissa times r, the exponents summed); f = m * 2**q as one float when that is exact (normal
+// or zero), else the split is applied per element (apply_split)
+struct Factor {
+  float r, m, f; int k, q; bool one;
+  Factor(float w, float var, const Eps& eps) {
+    inv_std(var, 0, eps, r, k);
+    const int ew = exponent_of(std::abs(w));
+    m = (w * std::ldexp(1.f, -ew)) * r;
+    q = ew + k;
     f = std::ldexp(m, q);
     one = m == 0.f || (std::isfinite(f) && std::abs(f) >= FLT_MIN);
   }
+  float rstd() const { return std::ldexp(r, k); }  // inf only where 1/sqrt(var + eps) leaves float32 itself
 };
 
-// v * m * 2**q (1 <= |m| < 4) with no intermediate overflow where the result is finite: for q < 0 the value
-// is first scaled down by 2**-4 (exact for the large values where it matters; tiny ones give 0 either way)
+// _spec.apply_factor: v * m * 2**q (1/3 <= |m| < 4) with no intermediate overflow where the result is finite:
+// for q < 0 the value is first scaled down by 2**-4 (exact for the large values where it matters; tiny ones
+// give 0 either way)
 inline float apply_split(float v, float m, int q) {
   return q < 0 ? std::ldexp((v * 0.0625f) * m, q + 4) : std::ldexp(v * m, q);
+}
+
+// _spec.eval_dweight_terms: dy * x_hat with x_hat = (x - mean) * r * 2**k, as one split product (x_hat alone
+// may overflow where the product does not). The slow form, for channels whose fast sum left the range.
+inline float dweight_term(float d, float xv, float mu, const Factor& fa) {
+  float diff = xv - mu;
+  int h = 0;
+  if (std::isinf(diff) && std::isfinite(xv) && std::isfinite(mu)) { diff = xv * 0.5f - mu * 0.5f; h = 1; }  // _spec.centered
+  if (d == 0.f || diff == 0.f) return d * diff;
+  const int ed = exponent_of(std::abs(d)), ex = exponent_of(std::abs(diff));
+  const float mm = (d * std::ldexp(1.f, -ed)) * (diff * std::ldexp(1.f, -ex));
+  return apply_split(mm, fa.r, ed + ex + fa.k + h);
 }
 
 template <typename F>
@@ -231,9 +261,39 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> grad_buffers(cons
           need_param ? torch::empty({n}, fopt) : torch::empty({0}, fopt)};
 }
 
+// ---- argument checks of every entry point: before any kernel reads memory ----
+
+// x: a non-empty contiguous CPU tensor of `dim` dims and a kernel dtype (float32, bfloat16, float16)
+inline void check_input(const torch::Tensor& x, int64_t dim, const char* op, const char* shape) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": expected a CPU tensor, got one on ", x.device(),
+              " (the native kernels are CPU only; normkit's eager path serves other devices)");
+  TORCH_CHECK(x.dim() == dim, op, ": expected a ", shape, " tensor, got ", x.dim(), " dims (sizes ", x.sizes(), ")");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
+              ": expected float32, bfloat16 or float16, got ", x.scalar_type(), " (normkit's eager path serves float64)");
+  TORCH_CHECK(x.is_contiguous(), op, ": expected a contiguous ", shape, " tensor");
+  for (int64_t d = 0; d < dim; ++d)
+    TORCH_CHECK(x.size(d) > 0, op, ": expected a non-empty ", shape, " tensor, got sizes ", x.sizes(),
+                " (normkit returns empty inputs before calling a kernel)");
+}
+
+// dy: x's sizes, dtype and device, contiguous
+inline void check_grad(const torch::Tensor& dy, const torch::Tensor& x, const char* op) {
+  TORCH_CHECK(dy.device() == x.device() && dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() &&
+              dy.is_contiguous(), op, ": expected a contiguous dy of x's sizes ", x.sizes(), ", dtype ", x.scalar_type(),
+              " and device, got sizes ", dy.sizes(), ", dtype ", dy.scalar_type());
+}
+
 inline void check_param(const torch::Tensor& t, int64_t n, const char* what) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, what,
-              ": expected a contiguous float32 tensor of ", n, " elements");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 && t.numel() == n,
+              what, ": expected a contiguous float32 CPU vector of ", n, " elements, got sizes ", t.sizes(), ", dtype ",
+              t.scalar_type(), " on ", t.device());
+}
+
+// stats: (groups, 8) float32, as the forward entry points return them
+inline void check_stats(const torch::Tensor& stats, int64_t groups, const char* op) {
+  TORCH_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kFloat && stats.is_contiguous() &&
+              stats.dim() == 2 && stats.size(0) == groups && stats.size(1) == 8, op,
+              ": expected the (", groups, ", 8) float32 statistics of the forward call, got sizes ", stats.sizes());
 }
 
 }  // namespace nk_norm

@@ -1,15 +1,12 @@
-// Fused CPU kernels for the statistics-based normalizations (layer, RMS, group, instance, batch norm),
-// computing exactly the robust statistics of normkit/_stats.py, group by group:
+// Fused CPU kernels for the statistics-based normalizations (layer, RMS, group, instance, batch norm): the
+// functions of normkit/_spec.py, group by group, each loop below naming the spec function it implements.
 //
-//   e     = floor(log2 max|x|)  (clamped to +-126; 0-groups -126)     s = 2**-e       (exact scaling)
-//   p     = x[first] * s                                             (pivot; 0 for RMS)
-//   d     = x * s - p          mean_d = sum(d) / n                   (exact shift: Sterbenz)
-//   a     = sum((d - mean_d)**2) / n                                 (two-pass; sum(y**2)/n for RMS)
-//   rstd  = r * 2**k           from a, e and eps as _stats.inv_std builds it (no over/underflow)
-//   x_hat = (d - mean_d) * r * 2**(k + e)      y = x_hat * w + b
-//
-// Backward (g = dy * w, scaled by 2**-eg and shifted by its first element like _stats.standardize_backward):
-//   dx = (gs - mean(gs) - x_hat * mean(gs * x_hat)) * r * 2**(k + eg),   dw = sum(dy * x_hat),  db = sum(dy)
+// Forward (stats_forward): _spec.moments -- the one-pass plain_moments where _spec.plain_moments proves it safe,
+// else robust_scale and two passes over the scaled, shifted values -- then _spec.standardize_from_moments
+// (make_stat, XHat) and _spec.affine (output_seg). Backward (stats_backward): _spec.grad_sums then
+// _spec.standardize_backward_from_sums (DxCoef), with _spec.affine_backward's parameter sums in the same pass.
+// Given statistics (eval_forward / eval_backward): _spec.affine_with_stats (Factor, apply_split) and
+// _spec.affine_with_stats_backward.
 //
 // A group is read once from memory: its passes (max, sum, second moment, output) run over data still in
 // L1/L2 (a row, an (n, group) block, or a channel of N segments). Only the input and 8 floats of statistics
@@ -153,14 +150,14 @@ inline float amax_seg_w(const T* p, int64_t n, const float* w, float wc) {  // m
   return lane_max(n, [p, wc](int64_t i) { return std::abs(ld(p[i]) * wc); });
 }
 
-// acc += sum(x * s - shift), in chunks
+// acc += sum(x * s - shift), in chunks: _spec.moments' sum(d) of the scaled, shifted values
 template <typename T>
 inline void sum_shifted(const T* p, int64_t n, float s, float shift, Acc& acc) {
   for (int64_t i0 = 0; i0 < n; i0 += kChunk)
     acc.add(lane_sum(i0, std::min(n, i0 + kChunk), [=](int64_t i) { return ld(p[i]) * s - shift; }));
 }
 
-// acc += sum(((x * s - shift) - mean)**2)
+// acc += sum(((x * s - shift) - mean)**2): _spec.moments' second pass, m2
 template <typename T>
 inline void sum_sq(const T* p, int64_t n, float s, float shift, float mean, Acc& acc) {
   for (int64_t i0 = 0; i0 < n; i0 += kChunk)
@@ -174,7 +171,7 @@ template <typename T>
 Stat group_stats(const T* x, const Shape& sh, int64_t gi, const Eps& eps, bool center) {
   const int64_t base = sh.base(gi), ns = sh.nseg(), L = sh.S, st = sh.stride();
   const float n = static_cast<float>(sh.count());
-  // One pass: max |x| and the first two moments of d = x - pivot, unscaled.
+  // _spec.plain_moments' one pass: max |x| and the first two moments of d = x - pivot, unscaled.
   const float piv0 = center ? ld(x[base]) : 0.f;
   float amax = 0.f;
   Acc s1, s2;
@@ -193,7 +190,7 @@ Stat group_stats(const T* x, const Shape& sh, int64_t gi, const Eps& eps, bool c
   float mean_d, m2;
   int e = 0;
   float piv = piv0;
-  if (!plain_moments(amax, s1.s, s2.s, sh.count(), center, mean_d, m2)) {  // robust: scale, shift, two passes
+  if (!plain_moments(amax, s1.s, s2.s, sh.count(), center, mean_d, m2)) {  // _spec.moments: scale, shift, two passes
     float sc;
     robust_scale(amax, piv0, center, e, sc, piv);
     mean_d = 0.f;
@@ -227,7 +224,8 @@ inline int64_t output_fast_bf16(const c10::BFloat16* x, c10::BFloat16* y, int64_
 }
 #endif
 
-// y = x_hat * w + b over one segment; w/b per element (wp, bp) or the constants wc, bc
+// _spec.affine: y = x_hat * w + b over one segment (x_hat as XHat forms it); w/b per element (wp, bp) or the
+// constants wc, bc
 template <typename T>
 inline void output_seg(const T* x, T* y, int64_t L, const XHat& h, const float* wp, const float* bp, float wc, float bc) {
   const float s = h.s, piv = h.piv, md = h.mean_d, m = h.m;
@@ -295,7 +293,8 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
   const bool param = dw_seg || dw_el;
   const float g0 = center ? ld(dy[base]) * (rows ? w[0] : wc_of(0)) : 0.f;  // g's first value
 
-  // Pass 1, one read of dy and x: max |g|, sum(g - g0) and sum((g - g0) * x_hat) unscaled, parameter sums.
+  // _spec.grad_sums unscaled (eg = 0) and _spec.affine_backward's parameter sums, in one read of dy and x:
+  // max |g|, sum(g - g0), sum((g - g0) * x_hat), sum(dy * x_hat), sum(dy).
   float gmax = 0.f;
   Acc a1, a2;
   for (int64_t j = 0; j < ns; ++j) {
@@ -345,8 +344,8 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
   }
   if (!need_dx) return;
 
-  // The unscaled sums are those of _stats.standardize_backward times 2**eg exactly, as long as no term can
-  // over- or underflow: |g| within 2**+-50. Otherwise redo them scaled by 2**-eg (the robust recipe).
+  // The unscaled sums are _spec.grad_sums' times 2**eg exactly where _spec.plain_grad_ok holds (plain_grad).
+  // Otherwise redo them scaled by 2**-eg, as _spec.grad_sums does.
   int eg = 0;
   float sg = 1.f, g0s = g0;
   if (!plain_grad(gmax)) {
@@ -372,7 +371,7 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
   const DxCoef co(st, a1.s, a2.s, n, eg, center);
   const float mg = co.mg, mgx = co.mgx, m2 = co.m2;
   const int q2 = co.q2;
-  // Pass 2: dx = (gs - mean(gs) - x_hat * mean(gs * x_hat)) * r * 2**(k + eg)
+  // _spec.standardize_backward_from_sums: dx = (gs - mean(gs) - x_hat * mean(gs * x_hat)) * r * 2**(k + eg)
   for (int64_t j = 0; j < ns; ++j) {
     const T* dyp = dy + base + j * stride;
     const T* xp = x + base + j * stride;
@@ -459,19 +458,21 @@ void stats_backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, cons
   }
 }
 
-// ---- given statistics (batch / instance norm eval) ----
-// y = (x - mean) * (w * rstd) + b, where w * rstd enters split as m * 2**q (_stats.mul_product): m is the
-// product of the two mantissas, so neither x * rstd nor w * rstd is ever formed where it could overflow and
-// y does not (Factor, apply_split). x - mean is taken in halves where it overflows (_stats.centered).
+// ---- given statistics (batch / instance norm eval): _spec.affine_with_stats ----
+// y = (x - mean) * (w * rstd) + b, with rstd = r * 2**k from inv_std(var, 0, eps) and w * rstd split as
+// m * 2**q (Factor: _spec.eval_factor), applied by apply_split (_spec.apply_factor): neither x * rstd nor
+// w * rstd is ever formed where it could overflow and y does not. x - mean is taken in halves where it
+// overflows (_spec.centered).
 
 template <typename T>
-void eval_forward_impl(const T* x, T* y, const float* mean, const float* rstd, const float* w, const float* b,
-                       int64_t N, int64_t C, int64_t S) {
+void eval_forward_impl(const T* x, T* y, const float* mean, const float* var, const float* w, const float* b,
+                       double eps, int64_t N, int64_t C, int64_t S) {
+  const Eps eps_split(eps);
   at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)), [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t c = row % C;
       const float mu = mean[c], bc = b[c];
-      const Factor fa(w[c], rstd[c]);
+      const Factor fa(w[c], var[c], eps_split);
       const T* xp = x + row * S;
       T* yp = y + row * S;
       float big = 0.f;  // max |x - mean|: inf when the difference overflowed somewhere
@@ -500,17 +501,22 @@ void eval_forward_impl(const T* x, T* y, const float* mean, const float* rstd, c
   });
 }
 
+// _spec.affine_with_stats_backward: dx = dy * (w * rstd) (the split factor), dw = sum(dy * x_hat), db = sum(dy).
+// dy * x_hat is summed as dy * ((x - mean) * rstd) where that stays finite; a channel whose sum left the range
+// is summed again with _spec.eval_dweight_terms' split products (dweight_term).
 template <typename T>
-void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const float* rstd, const float* w,
+void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const float* var, const float* w, double eps,
                         int64_t N, int64_t C, int64_t S, bool need_dx, bool need_param, float* dw, float* db) {
+  const Eps eps_split(eps);
   std::vector<float> segw(need_param ? N * C : 0), segb(need_param ? N * C : 0);
   at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)), [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t c = row % C;
-      const float mu = mean[c], rs = rstd[c];
+      const float mu = mean[c];
       const T* dyp = dy + row * S;
       const T* xp = x + row * S;
-      const Factor fa(w[c], rs);  // dx = dy * (w * rstd), the factor split as in forward
+      const Factor fa(w[c], var[c], eps_split);  // dx = dy * (w * rstd), the factor split as in forward
+      const float rs = fa.rstd();
       T* dxp = need_dx ? dx + row * S : nullptr;
       if (need_dx && !fa.one) {
         for (int64_t i = 0; i < S; ++i) dxp[i] = to_t<T>(apply_split(ld(dyp[i]), fa.m, fa.q));
@@ -538,6 +544,10 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
           }
           aw.add(o[0]); ab.add(o[1]);
         }
+        if (!std::isfinite(aw.s)) {  // x_hat or a product left the range: the split products
+          aw = Acc();
+          for (int64_t i = 0; i < S; ++i) aw.add(dweight_term(ld(dyp[i]), ld(xp[i]), mu, fa));
+        }
         segw[row] = aw.s; segb[row] = ab.s;
       } else if (fused_dx) {
 #pragma omp simd
@@ -554,16 +564,18 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
   }
 }
 
-Shape make_shape(const torch::Tensor& x, int64_t layout, int64_t groups) {
+Shape make_shape(const torch::Tensor& x, int64_t layout, int64_t groups, const char* op) {
   Shape sh{layout, 0, 0, 0, 1, 1};
+  TORCH_CHECK(layout == kRows || layout == kGroups || layout == kChannels, op,
+              ": layout must be 0 (rows), 1 (groups) or 2 (channels), got ", layout, " (3, channels last: the _cl entry points)");
   if (layout == kRows) {
-    TORCH_CHECK(x.dim() == 2, "expected a (rows, D) tensor");
+    check_input(x, 2, op, "(rows, D)");
     sh.N = x.size(0); sh.S = x.size(1);
   } else {
-    TORCH_CHECK(x.dim() == 3, "expected an (N, C, S) tensor");
+    check_input(x, 3, op, "(N, C, S)");
     sh.N = x.size(0); sh.C = x.size(1); sh.S = x.size(2);
     if (layout == kGroups) {
-      TORCH_CHECK(groups >= 1 && sh.C % groups == 0, "groups must divide C");
+      TORCH_CHECK(groups >= 1 && sh.C % groups == 0, op, ": groups=", groups, " must divide C=", sh.C);
       sh.G = groups; sh.Cg = sh.C / groups;
     }
   }
@@ -577,11 +589,10 @@ Shape make_shape(const torch::Tensor& x, int64_t layout, int64_t groups) {
 std::vector<torch::Tensor> stats_forward(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, int64_t layout,
                                          int64_t groups, double eps, bool center) {
   using namespace nk_norm;
-  TORCH_CHECK(x.is_contiguous(), "stats_forward: expected a contiguous input");
-  const Shape sh = make_shape(x, layout, groups);
+  const Shape sh = make_shape(x, layout, groups, "stats_forward");
   const int64_t np = layout == kRows ? sh.S : sh.C;
-  check_param(weight, np, "weight");
-  check_param(bias, np, "bias");
+  check_param(weight, np, "stats_forward: weight");
+  check_param(bias, np, "stats_forward: bias");
   auto y = torch::empty(x.sizes(), x.options());
   auto stats = torch::empty({sh.groups(), 8}, x.options().dtype(at::kFloat));
   dispatch_dtype(x, "stats_forward", [&](auto tag) {
@@ -596,12 +607,11 @@ std::vector<torch::Tensor> stats_forward(torch::Tensor x, torch::Tensor weight, 
 std::vector<torch::Tensor> stats_backward(torch::Tensor dy, torch::Tensor x, torch::Tensor weight, torch::Tensor stats,
                                           int64_t layout, int64_t groups, bool center, bool need_dx, bool need_param) {
   using namespace nk_norm;
-  TORCH_CHECK(x.is_contiguous() && dy.is_contiguous() && dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "stats_backward: expected contiguous dy and x of one shape and dtype");
-  const Shape sh = make_shape(x, layout, groups);
+  const Shape sh = make_shape(x, layout, groups, "stats_backward");
+  check_grad(dy, x, "stats_backward");
   const int64_t np = layout == kRows ? sh.S : sh.C;
-  check_param(weight, np, "weight");
-  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == 8 * sh.groups(), "stats");
+  check_param(weight, np, "stats_backward: weight");
+  check_stats(stats, sh.groups(), "stats_backward");
   torch::Tensor dx, dw, db;  // not a structured binding: the lambda below captures them (C++17)
   std::tie(dx, dw, db) = nk_norm::grad_buffers(x, np, need_dx, need_param);
   dispatch_dtype(x, "stats_backward", [&](auto tag) {
@@ -614,35 +624,38 @@ std::vector<torch::Tensor> stats_backward(torch::Tensor dy, torch::Tensor x, tor
   return {dx, dw, db};
 }
 
-// y = (x - mean) * rstd * weight + bias per channel of x (N, C, S); mean, rstd, weight, bias float32 (C,).
-torch::Tensor eval_forward(torch::Tensor x, torch::Tensor mean, torch::Tensor rstd, torch::Tensor weight, torch::Tensor bias) {
+// y = (x - mean) * rsqrt(var + eps) * weight + bias per channel of x (N, C, S); mean, var, weight, bias float32 (C,).
+torch::Tensor eval_forward(torch::Tensor x, torch::Tensor mean, torch::Tensor var, torch::Tensor weight, torch::Tensor bias,
+                           double eps) {
   using namespace nk_norm;
-  TORCH_CHECK(x.is_contiguous() && x.dim() == 3, "eval_forward: expected a contiguous (N, C, S) input");
+  check_input(x, 3, "eval_forward", "(N, C, S)");
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
-  check_param(mean, C, "mean"); check_param(rstd, C, "rstd"); check_param(weight, C, "weight"); check_param(bias, C, "bias");
+  check_param(mean, C, "eval_forward: mean"); check_param(var, C, "eval_forward: var");
+  check_param(weight, C, "eval_forward: weight"); check_param(bias, C, "eval_forward: bias");
   auto y = torch::empty(x.sizes(), x.options());
   dispatch_dtype(x, "eval_forward", [&](auto tag) {
     using T = decltype(tag);
-    eval_forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
-                         weight.data_ptr<float>(), bias.data_ptr<float>(), N, C, S);
+    eval_forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), mean.data_ptr<float>(), var.data_ptr<float>(),
+                         weight.data_ptr<float>(), bias.data_ptr<float>(), eps, N, C, S);
   });
   return y;
 }
 
 // Backward of eval_forward: (dx or empty, dweight or empty, dbias or empty), parameter grads in float32.
-std::vector<torch::Tensor> eval_backward(torch::Tensor dy, torch::Tensor x, torch::Tensor mean, torch::Tensor rstd,
-                                         torch::Tensor weight, bool need_dx, bool need_param) {
+std::vector<torch::Tensor> eval_backward(torch::Tensor dy, torch::Tensor x, torch::Tensor mean, torch::Tensor var,
+                                         torch::Tensor weight, double eps, bool need_dx, bool need_param) {
   using namespace nk_norm;
-  TORCH_CHECK(x.is_contiguous() && dy.is_contiguous() && x.dim() == 3 && dy.sizes() == x.sizes() &&
-              dy.scalar_type() == x.scalar_type(), "eval_backward: expected contiguous (N, C, S) dy and x");
+  check_input(x, 3, "eval_backward", "(N, C, S)");
+  check_grad(dy, x, "eval_backward");
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
-  check_param(mean, C, "mean"); check_param(rstd, C, "rstd"); check_param(weight, C, "weight");
+  check_param(mean, C, "eval_backward: mean"); check_param(var, C, "eval_backward: var");
+  check_param(weight, C, "eval_backward: weight");
   torch::Tensor dx, dw, db;  // not a structured binding: the lambda below captures them (C++17)
   std::tie(dx, dw, db) = nk_norm::grad_buffers(x, C, need_dx, need_param);
   dispatch_dtype(x, "eval_backward", [&](auto tag) {
     using T = decltype(tag);
     eval_backward_impl<T>(dy.data_ptr<T>(), x.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr, mean.data_ptr<float>(),
-                          rstd.data_ptr<float>(), weight.data_ptr<float>(), N, C, S, need_dx, need_param,
+                          var.data_ptr<float>(), weight.data_ptr<float>(), eps, N, C, S, need_dx, need_param,
                           need_param ? dw.data_ptr<float>() : nullptr, need_param ? db.data_ptr<float>() : nullptr);
   });
   return {dx, dw, db};

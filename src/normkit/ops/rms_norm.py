@@ -3,16 +3,20 @@
 Shapes: ``input (*, *normalized_shape)``; ``weight`` of shape ``normalized_shape``; no bias.
 Each row of ``D`` trailing values::
 
-    y = x / sqrt(mean(x**2) + eps) * weight
+    ms = sum(x**2) / D       x_hat = x / sqrt(ms + eps)          y = x_hat * weight
+
+    g = dy * weight          dx = rstd * (g - x_hat * mean(g * x_hat))          (no mean(g) term: not centred)
+    dweight = sum over rows of dy * x_hat
+
+In terms of the spec (:mod:`normkit._spec`): ``standardize`` with ``center=False`` over the trailing dims
+(``moments`` of the scaled, unshifted values: ``m2 = sum(y**2)``) and ``affine``; backward
+``normalize_backward`` with ``center=False``. :func:`~normkit.ops._normalize.normalize_trailing` runs them,
+through the native row kernel where it applies.
 
 ``eps=None`` means the eps of the compute dtype, as in torch 2.13 (which computes half inputs in float32):
 ``torch.finfo(torch.float32).eps`` for float16, bfloat16 and float32 input, float64's own for float64.
 Any parameter dtype is accepted (torch's ``rms_norm`` is composite); the output has the input's dtype and
 torch's memory format (channels_last kept, anything else contiguous).
-
-Gradient: ``dx = rstd * (g - x_hat * mean(g * x_hat))`` with ``g = dy * weight``, ``x_hat = x * rstd``;
-``dweight = sum over rows of dy * x_hat``.
-
 Precision: the mean square is taken of power-of-two-scaled values in float32 (float64 for float64), so it
 cannot overflow for float32 inputs near 3e38 or float16 inputs near 6.5e4.
 """
@@ -22,9 +26,8 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from .._stats import compute_dtype
-from ._normalize import torch_layout
-from .layer_norm import normalize_trailing
+from .._spec import compute_dtype
+from ._normalize import normalize_trailing, torch_layout
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):

@@ -3,41 +3,35 @@
 Shapes: every rank holds ``input (N_r, C, *)`` (``N_r`` may differ between ranks and may be 0); ``weight``,
 ``bias``, ``running_mean``, ``running_var`` of shape ``(C,)``, identical on every rank.
 
-Training forward: the statistics are those of single-process batch norm over the concatenation of all
-ranks' batches, in rank order (``n = sum_r N_r * prod(*)`` values per channel)::
+The formula and gradient are batch norm's in training (:mod:`normkit.ops.batch_norm`) over the concatenation
+of all ranks' batches, in rank order (``n = sum_r N_r * prod(*)`` values per channel); the running
+statistics move identically on every rank (torch's momentum, the unbiased global variance). As torch's,
+``dweight``/``dbias`` are each rank's own part (sums over its own values); ``DistributedDataParallel``
+averages them.
 
-    mean_c, var_c (biased) over all ranks          y = (x - mean_c) / sqrt(var_c + eps) * weight_c + bias_c
-    running_mean <- (1 - momentum) * running_mean + momentum * mean_c
-    running_var  <- (1 - momentum) * running_var  + momentum * var_c * n / (n - 1)      (on every rank)
+In terms of the spec (:mod:`normkit._spec`), the same calls as single-process batch norm with the reduced
+quantities exchanged between them:
 
-How: each rank computes its local robust :class:`normkit.Moments` per channel (count, exponent, pivot,
-shifted mean, M2: see :mod:`normkit._stats`), packs them into one buffer of ``4 C + 2`` numbers, and ONE
-``all_gather`` exchanges the buffers. Every rank then merges the parts with :func:`normkit.merge_moments`
-in rank order (skipping empty ranks), so every rank computes bit-identical statistics and running
-buffers. A ``sum / sum of squares`` all-reduce (what textbook SyncBN does) cancels catastrophically at a
-float32 mean offset of 1e7 and overflows above ~1e19; the scaled, shifted moments do neither.
+* forward: local ``moments`` (count, exponent, pivot, shifted mean, M2 per channel) -> ONE ``all_gather``
+  of ``4 C + 2`` numbers -> ``merge_moments`` in rank order (skipping empty ranks, so every rank computes
+  bit-identical statistics) -> ``center_scaled`` (the local values in the global scaled, shifted units) ->
+  ``standardize_from_moments`` -> ``affine``; ``momentum_update`` for the running statistics;
+* backward: ``affine_backward`` -> local ``grad_sums`` (exponent, pivot, ``sum(g_s)``, ``sum(g_s x_hat)``,
+  ``sum(x_hat)``) -> ONE ``all_gather`` of ``5 C`` numbers -> ``merge_grad_sums`` in rank order ->
+  ``standardize_backward_from_sums``.
 
-Backward (closed form, ``g = dy * weight``, sums over all ranks' values of the channel, ``rstd = r * 2**k``)::
-
-    dx = rstd * (g - sum(g) / n - x_hat * sum(g * x_hat) / n)       dweight = sum_local(dy * x_hat)
-                                                                    dbias   = sum_local(dy)
-
-The two global sums per channel come from ONE collective, an ``all_gather`` of 5 numbers per channel:
-each rank scales its ``g`` by a power of two ``2**-e_r`` (the largest per channel, as the core does) and
-shifts it by its first element ``p_r``, and sends ``(e_r, p_r, sum(g_s - p_r), sum((g_s - p_r) * x_hat),
-sum(x_hat))``. Every rank brings the parts to the largest exponent and to rank 0's pivot (exactly, with
-powers of two) and adds them in rank order. (An ``all_reduce`` of ``(sum g, sum g * x_hat)`` cannot be
-made overflow-free without a first collective to agree on the scale; gathering the exponents with the
-sums keeps it at one collective, ``5 C`` numbers per rank.) As in torch, ``dweight``/``dbias`` are each
-rank's own part; ``DistributedDataParallel`` averages them.
+A ``sum / sum of squares`` all-reduce (what textbook SyncBN does) cancels catastrophically at a float32 mean
+offset of 1e7 and overflows above ~1e19; the scaled, shifted moments do neither. (An ``all_reduce`` of the
+gradient sums cannot be made overflow-free without a first collective to agree on the scale; gathering the
+exponents with the sums keeps backward at one collective.)
 
 Cost per layer and training step (``W`` ranks, ``C`` channels, ``b`` bytes of the compute dtype, 4 for
 float32/float16/bfloat16 inputs, 8 for float64): forward one ``all_gather`` of ``(4 C + 2) b`` bytes per
 rank (each rank receives ``W (4 C + 2) b``); backward, when the input needs a gradient, one ``all_gather``
 of ``5 C b`` bytes per rank. Eval mode communicates nothing.
 
-Precision: the core's policy (:mod:`normkit._stats`): statistics, ``x_hat`` and the exchanged buffers in
-float32 for float16/bfloat16/float32 inputs, float64 for float64; output in the input's dtype.
+Precision: the spec's policy: statistics, ``x_hat`` and the exchanged buffers in float32 for
+float16/bfloat16/float32 inputs, float64 for float64; output in the input's dtype.
 
 Faults: every collective runs under the process group's timeout; a failure (a peer died, stalled past the
 timeout, or the group was destroyed) is re-raised as a ``RuntimeError`` naming the layer.
@@ -50,9 +44,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from functools import reduce
+
 from .. import _checks
-from .._stats import Moments, compute_dtype, first, group_exponent, inv_std, merge_moments, moments, mul_pow2
-from .batch_norm import channel_view, check_norm_args, momentum_update, write_back
+from .. import _spec as spec
+from .._spec import GradSums, Moments, compute_dtype
+from ._normalize import channel_view, check_norm_args, write_back
 
 _COUNT_SPLIT = 2 ** 24  # counts travel as (hi, lo) halves, each exact in float32: counts up to 2**48
 
@@ -107,7 +104,7 @@ def sync_batch_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | Non
     keep = (1, num_features, *([1] * (x.dim() - 2)))
     xc = x.to(ct)
     n_local = x.numel() // num_features
-    local = moments(xc, dims)[0] if n_local > 0 else None
+    local = spec.moments(xc, dims)[0] if n_local > 0 else None
     parts = _all_gather(_pack_moments(local, n_local, num_features, ct, x.device), group, name, "all_gather of the batch statistics")
     parts = [_unpack_moments(p, num_features, keep) for p in parts]
     counts = [p.count for p in parts]
@@ -120,24 +117,23 @@ def sync_batch_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | Non
         )
     if n == 0:
         return x.clone(), None, None, None, None, None, counts
-    total = None
-    for p in parts:  # rank order, the order of the concatenated batch
-        if p.count > 0:
-            total = p if total is None else merge_moments(total, p)
-    # Normalize the local values with the global statistics, in the global scaled, shifted units: the
-    # pivot is rank 0's first value, so y - pivot is exact at a large common offset.
-    c = (xc * torch.exp2(-total.exponent) - total.pivot) - total.mean
-    r, k = inv_std(total.m2 / n, total.exponent, eps)
-    x_hat = mul_pow2(c * r, k + total.exponent)
-    y = x_hat
-    if weight is not None:
-        y = y * channel_view(weight, x.dim()).to(ct)
-    if bias is not None:
-        y = y + channel_view(bias, x.dim()).to(ct)
-    y = y.to(x.dtype)
-    if y is x_hat:
+    total = reduce(spec.merge_moments, parts)  # rank order, the order of the concatenated batch; empty parts skipped
+    # the local values in the global scaled, shifted units: the pivot is the first rank's first value, so
+    # y - pivot is exact at a large common offset
+    s = spec.standardize_from_moments(spec.center_scaled(xc, total), total, eps)
+    y = spec.affine(s.x_hat, channel_view(weight, x.dim()), channel_view(bias, x.dim())).to(x.dtype)
+    if y is s.x_hat:
         y = y.clone()
-    return y, x_hat, r, k, total.mean_x().reshape(num_features), total.var_x().reshape(num_features), counts
+    return y, s.x_hat, s.r, s.k, s.mean.reshape(num_features), s.var.reshape(num_features), counts
+
+
+def _pack_grad_sums(sums: GradSums | None, num_features: int, ct: torch.dtype, device) -> Tensor:
+    """``[exponent, pivot, sum_g, sum_gx, sum_x]`` per channel, ``(5, C)`` in the compute dtype (zeros for an empty rank)."""
+    buf = torch.zeros(5, num_features, dtype=ct, device=device)
+    if sums is not None:
+        for i, t in enumerate((sums.exponent, sums.pivot, sums.sum_g, sums.sum_gx, sums.sum_x)):
+            buf[i] = t.reshape(num_features)
+    return buf
 
 
 def sync_batch_norm_backward(dy: Tensor, x_hat: Tensor, r: Tensor, k: Tensor, weight: Tensor | None, counts: list[int],
@@ -150,44 +146,22 @@ def sync_batch_norm_backward(dy: Tensor, x_hat: Tensor, r: Tensor, k: Tensor, we
     ct = x_hat.dtype
     num_features = x_hat.shape[1]
     dims = (0, *range(2, x_hat.dim()))
+    keep = (1, num_features, *([1] * (x_hat.dim() - 2)))
+    view = (lambda t: None if t is None else t.view(keep).to(ct))  # noqa: E731
     dy = dy.to(ct)
-    w = channel_view(weight, x_hat.dim())
-    dweight = (dy * x_hat).sum(dim=dims) if weight is not None and needs[1] else None
-    dbias = dy.sum(dim=dims) if needs[2] else None
+    bias_shape = torch.empty(keep, dtype=ct, device=dy.device)  # dbias is asked for only when there is a bias
+    g, dweight, dbias = spec.affine_backward(dy, x_hat, view(weight), bias_shape, needs)
+    dweight = None if dweight is None else dweight.reshape(num_features)
+    dbias = None if dbias is None else dbias.reshape(num_features)
     if not needs[0]:
         return None, dweight, dbias
-    g = dy if w is None else dy * w.to(ct)
     n_local = x_hat.numel() // num_features
-    buf = torch.zeros(5, num_features, dtype=ct, device=x_hat.device)
-    if n_local > 0:
-        eg = group_exponent(g, dims)
-        gs = g * torch.exp2(-eg)  # exact scaling: the sums below cannot overflow
-        pivot = first(gs, dims)
-        gd = gs - pivot  # a constant gradient gives exactly 0
-        for i, t in enumerate((eg, pivot, gd.sum(dim=dims, keepdim=True), (gd * x_hat).sum(dim=dims, keepdim=True),
-                               x_hat.sum(dim=dims, keepdim=True))):
-            buf[i] = t.reshape(num_features)
-    parts = _all_gather(buf, group, name, "all_gather of the gradient sums")
-    live = [p for p, c in zip(parts, counts) if c > 0]
-    e = torch.stack([p[0] for p in live]).amax(dim=0)  # common exponent: the largest
-    p0 = mul_pow2(live[0][1], live[0][0] - e)  # common pivot: rank 0's (first nonempty rank's) first value
-    sum_g = torch.zeros_like(e)
-    sum_gx = torch.zeros_like(e)
-    for p, c in zip(parts, counts):
-        if c == 0:
-            continue
-        s = p[0] - e  # <= 0
-        shift = mul_pow2(p[1], s) - p0  # this rank's pivot relative to the common one, in common units
-        sum_g = sum_g + (mul_pow2(p[2], s) + shift * c)
-        sum_gx = sum_gx + (mul_pow2(p[3], s) + shift * p[4])
-    n = sum(counts)
+    local = spec.grad_sums(g, x_hat, dims, center=True, with_sum_x=True) if n_local > 0 else None
+    parts = _all_gather(_pack_grad_sums(local, num_features, ct, x_hat.device), group, name, "all_gather of the gradient sums")
+    total = reduce(spec.merge_grad_sums, [GradSums(c, *(p[i].view(keep) for i in range(5))) for p, c in zip(parts, counts)])
     if n_local == 0:
         return torch.zeros_like(dy), dweight, dbias
-    view = lambda t: t.view(1, num_features, *([1] * (x_hat.dim() - 2)))  # noqa: E731
-    e, p0 = view(e), view(p0)
-    t = (g * torch.exp2(-e) - p0) - view(sum_g) / n - x_hat * (view(sum_gx) / n)
-    dx = mul_pow2(t * r, k + e)
-    return dx, dweight, dbias
+    return spec.standardize_backward_from_sums(g, x_hat, r, k, total), dweight, dbias
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -248,7 +222,7 @@ def sync_batch_norm_stateless(input, running_mean, running_var, weight=None, bia
     y, mean, var, count = SyncBatchNormFunction.apply(input, weight, bias, float(eps), group, name)
     if int(count) == 0:  # the whole group's batch is empty: the running statistics stay
         return y, running_mean, running_var
-    return y, momentum_update(running_mean, mean, momentum), momentum_update(running_var, var, momentum)
+    return y, spec.momentum_update(running_mean, mean, momentum), spec.momentum_update(running_var, var, momentum)
 
 
 def sync_batch_norm(input, running_mean, running_var, weight=None, bias=None, momentum=0.1, eps=1e-5,

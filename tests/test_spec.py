@@ -1,4 +1,4 @@
-"""normkit._stats: exact power-of-two scaling, robust moments, their merge, and the inverse std."""
+"""normkit._spec: exact power-of-two scaling, robust moments, their merge, and the inverse std."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import mpmath
 import pytest
 import torch
 
-from normkit._stats import inv_std, merge_moments, moments, mul_pow2
+from normkit._spec import inv_std, merge_moments, moments, mul_pow2
 from conftest import assert_rel_close
 
 
