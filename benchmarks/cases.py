@@ -1,7 +1,6 @@
-"""The registry of benchmark cases: each op with its normkit, torch and ONNX forms, and the shapes to time.
-
-A :class:`Case` is an op, a shape, a memory layout and a dtype; ``CASES`` holds the issue's suite. The op
-table gives, per op, how to make its parameters, call normkit / torch, and build a one-node ONNX model.
+"""The benchmarks' cases: which operators of the one case registry (:data:`normkit.check.cases.OPERATORS`,
+shared with the tests and ``normkit check``) are timed on which shapes, layouts and dtypes, plus whole
+models. The registry gives each op its parameters, its normkit and torch calls and its one-node ONNX form.
 """
 
 from __future__ import annotations
@@ -10,121 +9,39 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-import normkit.functional as nf
-
-
-@dataclass(frozen=True)
-class OpSpec:
-    name: str
-    params: Callable  # x -> dict of tensors (dtype of x)
-    normkit: Callable  # (x, p) -> y
-    torch: Callable  # (x, p) -> y
-    onnx: Callable | None = None  # (shape, p) -> (onnx node list, initializers, opset) for the forward
-    training: bool = True  # fwd+bwd applies (eval ops are also timed fwd+bwd: backward through frozen statistics)
-
-
-def _channel(x, running=False):
-    c = x.shape[1]
-    p = {"weight": torch.rand(c).add(0.5).to(x.dtype), "bias": torch.rand(c).sub(0.5).to(x.dtype)}
-    if running:
-        p["running_mean"] = torch.randn(c).to(x.dtype)
-        p["running_var"] = torch.rand(c).add(0.5).to(x.dtype)
-    return p
-
-
-def _last(x, bias=True):
-    d = x.shape[-1]
-    p = {"weight": torch.rand(d).add(0.5).to(x.dtype)}
-    if bias:
-        p["bias"] = torch.rand(d).sub(0.5).to(x.dtype)
-    return p
-
-
-def _onnx_lrn(shape, p):
-    from onnx import helper
-
-    return [helper.make_node("LRN", ["x"], ["y"], size=5, alpha=1e-4, beta=0.75, bias=2.0)], {}, 17
-
-
-def _onnx_bn_eval(shape, p):
-    from onnx import helper
-
-    node = helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"], epsilon=1e-5)
-    return [node], {"scale": p["weight"], "bias": p["bias"], "mean": p["running_mean"], "var": p["running_var"]}, 17
-
-
-def _onnx_ln(shape, p):
-    from onnx import helper
-
-    return [helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], axis=-1, epsilon=1e-5)], \
-        {"scale": p["weight"], "bias": p["bias"]}, 17
-
-
-def _onnx_rms(shape, p):
-    from onnx import helper
-
-    return [helper.make_node("RMSNormalization", ["x", "scale"], ["y"], axis=-1, epsilon=1e-6)], {"scale": p["weight"]}, 23
-
-
-def _onnx_gn(shape, p):
-    from onnx import helper
-
-    return [helper.make_node("GroupNormalization", ["x", "scale", "bias"], ["y"], num_groups=32, epsilon=1e-5)], \
-        {"scale": p["weight"], "bias": p["bias"]}, 21
-
-
-def _onnx_in(shape, p):
-    from onnx import helper
-
-    c = shape[1]
-    return [helper.make_node("InstanceNormalization", ["x", "scale", "bias"], ["y"], epsilon=1e-5)], \
-        {"scale": torch.ones(c), "bias": torch.zeros(c)}, 17
-
-
-OPS = {
-    "lrn": OpSpec("lrn", lambda x: {},
-                  lambda x, p: nf.local_response_norm(x, 5, 1e-4, 0.75, 2.0),
-                  lambda x, p: F.local_response_norm(x, 5, 1e-4, 0.75, 2.0), _onnx_lrn),
-    "batch_norm_train": OpSpec("batch_norm_train", lambda x: _channel(x, running=True),
-                               lambda x, p: nf.batch_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"], True),
-                               lambda x, p: F.batch_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"], True)),
-    "batch_norm_eval": OpSpec("batch_norm_eval", lambda x: _channel(x, running=True),
-                              lambda x, p: nf.batch_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"], False),
-                              lambda x, p: F.batch_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"], False),
-                              _onnx_bn_eval),
-    "layer_norm": OpSpec("layer_norm", _last,
-                         lambda x, p: nf.layer_norm(x, x.shape[-1:], p["weight"], p["bias"]),
-                         lambda x, p: F.layer_norm(x, x.shape[-1:], p["weight"], p["bias"]), _onnx_ln),
-    "rms_norm": OpSpec("rms_norm", lambda x: _last(x, bias=False),
-                       lambda x, p: nf.rms_norm(x, x.shape[-1:], p["weight"], 1e-6),
-                       lambda x, p: F.rms_norm(x, x.shape[-1:], p["weight"], 1e-6), _onnx_rms),
-    "group_norm": OpSpec("group_norm", _channel,
-                         lambda x, p: nf.group_norm(x, 32, p["weight"], p["bias"]),
-                         lambda x, p: F.group_norm(x, 32, p["weight"], p["bias"]), _onnx_gn),
-    "instance_norm": OpSpec("instance_norm", lambda x: {},  # InstanceNorm2d's defaults: no affine, no running stats
-                            lambda x, p: nf.instance_norm(x), lambda x, p: F.instance_norm(x), _onnx_in),
-}
+from normkit.check.cases import OPERATORS, OpCase, channel_params
 
 
 @dataclass(frozen=True)
 class Case:
+    """An operator of the registry (``op``: its name there) timed on a shape, a memory layout and a dtype.
+    ``label`` names it in the results (the names the results have always used); ``affine``: with the
+    registry's parameters (weight, bias, running statistics) or without (instance norm: InstanceNorm2d's
+    defaults); ``running``: running statistics added (batch norm in training)."""
+
     op: str
     shape: tuple
     layout: str = "contiguous"  # or "channels_last"
     dtype: torch.dtype = torch.float32
     modes: tuple = field(default=("fwd", "fwd+bwd"))
+    label: str | None = None
+    affine: bool = True
+    running: bool = False  # batch norm in training: with running statistics to update, as a model has
 
     @property
     def name(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
         cl = " channels_last" if self.layout == "channels_last" else ""
-        return f"{self.op} {tuple(self.shape)}{cl} {dt}"
+        return f"{self.label or self.op} {tuple(self.shape)}{cl} {dt}"
 
     @property
-    def spec(self) -> OpSpec:
-        return OPS[self.op]
+    def spec(self) -> OpCase:
+        return OPERATORS[self.op]
+
+    def params(self, x: torch.Tensor) -> dict:
+        p = self.spec.params(x, 1.0, affine=self.affine)
+        return {**p, **channel_params(x, affine=False, running=True)} if self.running else p
 
     def make_input(self) -> torch.Tensor:
         x = (torch.randn(self.shape) * 3 + 1).to(self.dtype)
@@ -139,10 +56,11 @@ ROWS = [(8192, 1024), (64, 197, 768)]
 def _suite():
     cases = []
     for dt in (torch.float32, torch.bfloat16):
-        cases.append(Case("lrn", ALEXNET_CONV1, dtype=dt))
-        for op in ("batch_norm_train", "batch_norm_eval", "group_norm", "instance_norm"):
+        cases.append(Case("local_response_norm", ALEXNET_CONV1, dtype=dt, label="lrn"))
+        for op, label, affine in (("batch_norm", "batch_norm_train", True), ("batch_norm_eval", None, True),
+                                  ("group_norm", None, True), ("instance_norm", None, False)):
             for layout in ("contiguous", "channels_last"):
-                cases.append(Case(op, CNN, layout, dt))
+                cases.append(Case(op, CNN, layout, dt, label=label, affine=affine, running=op == "batch_norm"))
         for op in ("layer_norm", "rms_norm"):
             for shape in ROWS:
                 cases.append(Case(op, shape, dtype=dt))

@@ -58,7 +58,7 @@ def _ort_forward(case: Case, x: torch.Tensor, p: dict, threads: int):
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
 
-        nodes, inits, opset = case.spec.onnx(tuple(x.shape), p)
+        nodes, inits, opset = case.spec.onnx(tuple(x.shape), p, case.spec.eps)
         graph = helper.make_graph(
             nodes, "norm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))],
@@ -156,7 +156,7 @@ def _spread(s):
 
 def run_case(case: Case, modes, providers, repeat, warmup, threads, budget_s=0.0):
     x = case.make_input()
-    p = case.spec.params(x)
+    p = case.params(x)
     nbytes = x.numel() * x.element_size()
     src = torch.empty(nbytes // 4 or 1)
     dst = torch.empty_like(src)
@@ -181,7 +181,7 @@ def run_case(case: Case, modes, providers, repeat, warmup, threads, budget_s=0.0
         bw = 2 * nbytes / (ms["copy"] / 1e3)  # bytes read + written per second
         passes = 2 if mode == "fwd" else 5
         floor_ms = passes * nbytes / bw * 1e3
-        row = {"case": case.name, "op": case.op, "shape": list(case.shape), "layout": case.layout,
+        row = {"case": case.name, "op": case.label or case.op, "shape": list(case.shape), "layout": case.layout,
                "dtype": str(case.dtype).replace("torch.", ""), "mode": mode,
                "ms": {k: round(v, 3) for k, v in ms.items() if k != "copy"},
                "spread": {k: round(_spread(v), 3) for k, v in samples.items()},

@@ -340,3 +340,35 @@ def ddp_worker(rank, world_size):
         ddp_loss(model(x[sl]), t[sl], len(t), world_size).backward()
         opt.step()
     return {k: v.clone() for k, v in model.module.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------- conformance
+
+CONFORMANCE_SHAPE = (4, 6, 5, 3)
+
+
+def conformance_worker(rank, world_size):
+    """Every conformance case of synchronized batch norm (``normkit.check.cases.conformance_cases`` for the
+    op ``batch_norm``, every dtype), each rank on its half of the batch: this rank's y, dx and parameter
+    gradients per (dtype, case index). The parent draws the same data (``Case.data``) and judges."""
+    from normkit.check.cases import conformance_cases
+    from normkit.ops.sync_batch_norm import sync_batch_norm
+
+    out = {}
+    n = CONFORMANCE_SHAPE[0]
+    sizes = [n] if world_size == 1 else [n // 2, n - n // 2]
+    sl = rank_slice(sizes, rank)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for i, case in enumerate(conformance_cases(dtype, ["batch_norm"])):
+            x, p, dy = case.data(CONFORMANCE_SHAPE, seed=i)
+            xg = x[sl].clone().requires_grad_()
+            # float32 parameters for half inputs (as mixed precision keeps them): each rank's parameter gradient
+            # is its own part, and a half partial sum could overflow where the sum over the ranks does not
+            pd = param_dtype(dtype)
+            w, b = (p[k].to(pd).requires_grad_() for k in ("weight", "bias"))
+            rm, rv = p["running_mean"].to(pd), p["running_var"].to(pd)
+            eps = case.op.eps_or_default(case.eps)
+            y = sync_batch_norm(xg, rm, rv, w, b, 0.1, eps, dist.group.WORLD, f"conformance {i}")
+            y.backward(dy[sl])
+            out[(str(dtype), i)] = {"y": y.detach(), "dx": xg.grad, "dweight": w.grad, "dbias": b.grad}
+    return out

@@ -1,121 +1,56 @@
-"""One registry of operator cases, shared by the parity, robustness and conformance tests.
+"""The tests' view of the one case registry (:mod:`normkit.check.cases`): its operators and inputs, plus the
+independent extended-precision oracle (``oracle.py``) for each operator, gradients included.
 
-Each case knows how to make its parameters for an input, how to call normkit and torch, and how to ask
-the extended-precision oracle. Parameters are made in the input's dtype (as torch's CPU kernels want).
+The operators, their parameters, the adversarial inputs and the conformance conditions all live in the
+package, where ``normkit check`` and the benchmarks read them too; this module only adds how to run an
+operator with autograd and how to ask the oracle.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
-import torch
-import torch.nn.functional as F
-
-import normkit.functional as nf
+from normkit.check.cases import (ADVERSARIAL, EPS_CASES, GRAD_SCALES, OPERATORS, Case, OpCase, adversarial_inputs,  # noqa: F401
+                                 conformance_cases, num_groups, trailing_dims)
 
 import oracle
 
-EPS = 1e-5
+OPS = [o for o in OPERATORS.values() if o.family == "stats"]  # the statistics-based ops (LRN has its own files)
+OPS_BY_NAME = dict(OPERATORS)
 
 
-def _uniform(shape, lo, hi, dtype):
-    return (torch.rand(shape, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
-
-
-def _channel_params(x, running=False, scale=1.0):
-    c = x.shape[1]
-    p = {"weight": _uniform((c,), 0.5, 1.5, x.dtype), "bias": _uniform((c,), -0.5, 0.5, x.dtype)}
-    if running:
-        top = torch.finfo(x.dtype).max
-        p["running_mean"] = _uniform((c,), -scale, scale, x.dtype)
-        p["running_var"] = _uniform((c,), 0.5, 2.0, torch.float64).mul(min(scale * scale, top / 4)).to(x.dtype)
-    return p
-
-
-def _trailing_params(x, nd, bias=True):
-    shape = tuple(x.shape[-nd:])
-    p = {"weight": _uniform(shape, 0.5, 1.5, x.dtype)}
-    if bias:
-        p["bias"] = _uniform(shape, -0.5, 0.5, x.dtype)
-    return p
-
-
-@dataclass(frozen=True)
-class OpCase:
-    name: str
-    min_dim: int
-    params: Callable  # (x, scale) -> dict of tensors
-    normkit: Callable  # (x, p) -> y
-    torch: Callable  # (x, p) -> y
-    oracle: Callable  # (x_ld, p_ld, dy_ld) -> dict(y, dx, dweight, dbias)
-    grads: tuple = ("weight", "bias")  # parameters that receive gradients
-
-
-def _ln_nd(x):
-    return 2 if x.dim() >= 3 else 1
-
-
-OPS = [
-    OpCase(
-        "batch_norm_train", 2,
-        lambda x, s: _channel_params(x),
-        lambda x, p: nf.batch_norm(x, None, None, p["weight"], p["bias"], True, 0.1, EPS),
-        lambda x, p: F.batch_norm(x, None, None, p["weight"], p["bias"], True, 0.1, EPS),
-        lambda x, p, dy: oracle.batch_norm(x, p["weight"], p["bias"], dy, EPS),
-    ),
-    OpCase(
-        "batch_norm_eval", 2,
-        lambda x, s: _channel_params(x, running=True, scale=s),
-        lambda x, p: nf.batch_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"], False, 0.1, EPS),
-        lambda x, p: F.batch_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"], False, 0.1, EPS),
-        lambda x, p, dy: oracle.batch_norm(x, p["weight"], p["bias"], dy, EPS, p["running_mean"], p["running_var"]),
-    ),
-    OpCase(
-        "instance_norm", 3,
-        lambda x, s: _channel_params(x),
-        lambda x, p: nf.instance_norm(x, weight=p["weight"], bias=p["bias"], eps=EPS),
-        lambda x, p: F.instance_norm(x, weight=p["weight"], bias=p["bias"], eps=EPS),
-        lambda x, p, dy: oracle.instance_norm(x, p["weight"], p["bias"], dy, EPS),
-    ),
-    OpCase(
-        "layer_norm", 1,
-        lambda x, s: _trailing_params(x, _ln_nd(x)),
-        lambda x, p: nf.layer_norm(x, p["weight"].shape, p["weight"], p["bias"], EPS),
-        lambda x, p: F.layer_norm(x, p["weight"].shape, p["weight"], p["bias"], EPS),
-        lambda x, p, dy: oracle.layer_norm(x, p["weight"].shape, p["weight"], p["bias"], dy, EPS),
-    ),
-    OpCase(
-        "group_norm", 2,
-        lambda x, s: _channel_params(x),
-        lambda x, p: nf.group_norm(x, 3, p["weight"], p["bias"], EPS),
-        lambda x, p: F.group_norm(x, 3, p["weight"], p["bias"], EPS),
-        lambda x, p, dy: oracle.group_norm(x, 3, p["weight"], p["bias"], dy, EPS),
-    ),
-    OpCase(
-        "rms_norm", 1,
-        lambda x, s: _trailing_params(x, _ln_nd(x), bias=False),
-        lambda x, p: nf.rms_norm(x, p["weight"].shape, p["weight"], EPS),
-        lambda x, p: F.rms_norm(x, p["weight"].shape, p["weight"], EPS),
-        lambda x, p, dy: oracle.rms_norm(x, p["weight"].shape, p["weight"], dy, EPS),
-        grads=("weight",),
-    ),
-]
-OPS_BY_NAME = {op.name: op for op in OPS}
-
-
-def run_normkit(op: OpCase, x: torch.Tensor, p: dict, dy: torch.Tensor | None):
+def run_normkit(op: OpCase, x, p: dict, dy=None, eps=None):
     """Forward and (with dy) backward through normkit: dict with y, dx, d<param>."""
     x = x.detach().clone().requires_grad_(dy is not None)
     leaves = {k: v.detach().clone().requires_grad_(dy is not None and k in op.grads) for k, v in p.items()}
-    y = op.normkit(x, leaves)
+    y = op.normkit(x, leaves, eps)
     out = {"y": y.detach()}
     if dy is not None:
         y.backward(dy)
         out["dx"] = x.grad
-        out.update({f"d{k}": leaves[k].grad for k in op.grads})
+        out.update({f"d{k}": leaves[k].grad for k in op.grads if k in leaves})
     return out
 
 
-def run_oracle(op: OpCase, x, p, dy):
-    return op.oracle(oracle.ld(x), {k: oracle.ld(v) for k, v in p.items()}, None if dy is None else oracle.ld(dy))
+def run_oracle(op: OpCase, x, p: dict, dy=None, eps=None):
+    """The oracle's y (and with dy: dx and the parameter gradients) for ``op`` on ``x``, in long double."""
+    L = oracle.ld
+    trailing = tuple(x.shape[-trailing_dims(x):])
+    x, dy, eps = L(x), None if dy is None else L(dy), op.eps_or_default(eps)
+    w, b = L(p.get("weight")), L(p.get("bias"))
+    if op.name == "batch_norm":
+        return oracle.batch_norm(x, w, b, dy, eps)
+    if op.name == "batch_norm_eval":
+        return oracle.batch_norm(x, w, b, dy, eps, L(p["running_mean"]), L(p["running_var"]))
+    if op.name == "instance_norm":
+        return oracle.instance_norm(x, w, b, dy, eps)
+    if op.name == "layer_norm":
+        return oracle.layer_norm(x, trailing, w, b, dy, eps)
+    if op.name == "group_norm":
+        return oracle.group_norm(x, num_groups(x.shape[1]), w, b, dy, eps)
+    if op.name == "rms_norm":
+        return oracle.rms_norm(x, trailing, w, dy, eps)
+    if op.name == "local_response_norm":
+        from normkit.check.cases import LRN
+
+        n = LRN["size"]
+        return oracle.lrn(x, (1,), n // 2, (n - 1) // 2, LRN["alpha"] / n, LRN["k"], LRN["beta"], dy)
+    raise ValueError(f"no oracle for {op.name!r}")

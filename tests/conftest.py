@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -91,3 +92,16 @@ def _seed():
 needs_native = pytest.mark.skipif(
     shutil.which("c++") is None or os.environ.get("NORMKIT_NATIVE", "1") == "0",
     reason="native kernels unavailable here (no C++ compiler) or switched off (NORMKIT_NATIVE=0)")
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """``normkit.set_backend(name)`` for the block, the previous backend restored however it ends."""
+    import normkit
+
+    previous = normkit.get_backend() if os.environ.get("NORMKIT_NATIVE", "1") != "0" else "auto"
+    normkit.set_backend(name)
+    try:
+        yield
+    finally:
+        normkit.set_backend(previous)

@@ -11,11 +11,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import normkit.functional as nf
 from cases import OPS, run_normkit, run_oracle
-from conftest import DTYPES, PARITY_TOL, assert_matches_torch_or_oracle, assert_rel_close
+from conftest import DTYPES, assert_matches_torch_or_oracle, assert_rel_close
 
 # Awkward shapes on purpose: minimal, primes, unaligned, every rank each op takes.
 SHAPES = {
-    "batch_norm_train": [(3, 1), (5, 3), (3, 7, 5), (2, 6, 5, 4), (2, 3, 2, 3, 4), (2, 63, 21, 19)],
+    "batch_norm": [(3, 1), (5, 3), (3, 7, 5), (2, 6, 5, 4), (2, 3, 2, 3, 4), (2, 63, 21, 19)],
     "batch_norm_eval": [(1, 1), (5, 3), (3, 7, 5), (2, 6, 5, 4), (2, 3, 2, 3, 4)],
     "instance_norm": [(1, 1, 3), (3, 7, 5), (2, 6, 5, 4), (2, 3, 2, 3, 4), (2, 63, 21, 19)],
     "layer_norm": [(1,), (7,), (3, 7, 5), (2, 6, 5, 4), (2, 63, 21, 19)],
@@ -59,65 +59,6 @@ def test_parity_with_torch(op, dtype, layout):
         assert got["y"].stride() == ref["y"].stride(), "output memory format differs from torch's"
         for key in ref:
             assert_matches_torch_or_oracle(got[key], ref[key], exact[key], dtype, f"{op.name} {shape} {layout}: {key}")
-
-
-@pytest.mark.parametrize("momentum", [0.1, 0.0, 1.0, 0.37])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_running_stats_over_steps(dtype, momentum):
-    """Four training steps then eval: running buffers and outputs follow torch's exactly."""
-    shape = (6, 4, 5, 3)
-    mine = [torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype)]
-    theirs = [t.clone() for t in mine]
-    w, b = torch.rand(4, dtype=dtype) + 0.5, torch.rand(4, dtype=dtype)
-    for step in range(4):
-        x = (3 * torch.randn(shape, dtype=torch.float64) + step).to(dtype)
-        nf.batch_norm(x, *mine, w, b, training=True, momentum=momentum)
-        F.batch_norm(x, *theirs, w, b, training=True, momentum=momentum)
-        for a, t, name in zip(mine, theirs, ("running_mean", "running_var")):
-            assert_rel_close(a, t, dtype, f"step {step} {name}", rel=PARITY_TOL[dtype])
-    x = torch.randn(shape, dtype=torch.float64).to(dtype)
-    assert_rel_close(nf.batch_norm(x, *mine, w, b), F.batch_norm(x, *theirs, w, b), dtype, "eval", rel=PARITY_TOL[dtype])
-
-
-def test_instance_norm_running_stats_and_eval():
-    rm, rv = torch.zeros(3), torch.ones(3)
-    trm, trv = rm.clone(), rv.clone()
-    for _ in range(3):
-        x = torch.randn(4, 3, 6, 5) * 2 + 1
-        nf.instance_norm(x, rm, rv, momentum=0.2)
-        F.instance_norm(x, trm, trv, momentum=0.2)
-        assert_rel_close(rm, trm, torch.float32, "running_mean")
-        assert_rel_close(rv, trv, torch.float32, "running_var")
-    x = torch.randn(4, 3, 6, 5)
-    assert_rel_close(nf.instance_norm(x, rm, rv, use_input_stats=False),
-                     F.instance_norm(x, trm, trv, use_input_stats=False), torch.float32, "eval")
-
-
-def test_two_element_groups_are_backward_stable():
-    """In a group of two, dx is pure cancellation: its size is eps/var times that of its terms
-    rstd * (g - mean(g)), so no float32 formula gets it to a relative 1e-5 of itself (torch 2.13 is off by
-    2.6e-2). normkit's error stays within float32 rounding of the terms: |dx - ref| <= 1e-5 * rstd * max|g|."""
-    x = torch.tensor([[0.40334684], [0.83802634]])
-    g = torch.tensor([[0.3], [-1.1]])
-    xg = x.clone().requires_grad_()
-    nf.batch_norm(xg, None, None, training=True).backward(g)
-    xd = x.double()
-    var = xd.var(0, unbiased=False)
-    rstd = (var + 1e-5).rsqrt()
-    x_hat = (xd - xd.mean(0)) * rstd
-    gc = g.double() - g.double().mean(0)
-    ref = rstd * (gc - x_hat * (gc * x_hat).mean(0))
-    assert ((xg.grad.double() - ref).abs().max() <= 1e-5 * rstd * g.abs().max()).all()
-    assert torch.sign(xg.grad).tolist() == torch.sign(ref).tolist()
-
-
-def test_running_stats_untouched_in_eval_and_without_buffers():
-    x = torch.randn(4, 3, 5)
-    rm, rv = torch.randn(3), torch.rand(3) + 0.5
-    before = rm.clone(), rv.clone()
-    nf.batch_norm(x, rm, rv, training=False)
-    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
-    assert_rel_close(nf.batch_norm(x, None, None, training=True), F.batch_norm(x, None, None, training=True), torch.float32)
 
 
 def test_empty_batch():

@@ -19,8 +19,8 @@ from normkit import _native
 from normkit.ops import _kernels, _plan
 
 import oracle
-from cases import OPS, OPS_BY_NAME, run_normkit, run_oracle
-from conftest import REL_TOL, assert_rel_close
+from cases import OPS, OPS_BY_NAME, num_groups, run_normkit, run_oracle, trailing_dims
+from conftest import assert_rel_close, backend
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -56,26 +56,12 @@ def _paths(record) -> set:
 from test_robustness import SHAPE, check_case, sweep  # noqa: E402  (one sweep, shared)
 
 
-@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
-@pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
-@pytest.mark.skipif(not oracle.EXTENDED, reason="the oracle needs x86-64 80-bit long double")
-def test_sweep_native_vs_oracle(routed, op, dtype):
-    """Magnitudes 1e-30..3e38, offsets to 1e7, constant groups: output and every gradient vs the oracle."""
-    for label, scale, make in sweep(dtype):
-        x = make().to(dtype)
-        p = op.params(x, scale)
-        dy = torch.randn(SHAPE, dtype=torch.float64).to(dtype)
-        check_case(op, x, p, dy, dtype, f"native {label}")
-    assert _paths(routed) == {"native"}, routed
-
-
 def _both(op, x, p, dy):
     """normkit through the kernels and through the eager path, on the same input."""
-    _native.set_backend("auto")
-    fast = run_normkit(op, x, p, dy)
-    _native.set_backend("eager")
-    eager = run_normkit(op, x, p, dy)
-    _native.set_backend("auto")
+    with backend("auto"):
+        fast = run_normkit(op, x, p, dy)
+    with backend("eager"):
+        eager = run_normkit(op, x, p, dy)
     return fast, eager
 
 
@@ -95,8 +81,7 @@ def _assert_matches(fast, eager, ref, op, shape, why, dtype):
     for key in fast:
         if key == "dx" and _group_size(op.name, shape) <= 2:
             continue  # groups of one or two: dx is pure cancellation (README, known differences)
-        assert_rel_close(fast[key], eager[key].double(), dtype, f"{op.name} {why} {key}: native vs eager",
-                         rel=2 * REL_TOL[dtype])
+        assert_rel_close(fast[key], eager[key].double(), dtype, f"{op.name} {why} {key}: native vs eager")
         assert_rel_close(fast[key], ref[key], dtype, f"{op.name} {why} {key}: native vs oracle")
 
 
@@ -104,9 +89,9 @@ def _assert_matches(fast, eager, ref, op, shape, why, dtype):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
 def test_awkward_shapes_vs_eager_and_oracle(routed, op, dtype, shape, why):
-    if len(shape) < op.min_dim or (op.name == "group_norm" and shape[1] % 3):
-        pytest.skip("shape not valid for this op")
-    if op.name in ("batch_norm_train", "instance_norm") and (
+    if len(shape) < op.min_dim:
+        pytest.skip(f"{op.name} takes inputs of {op.min_dim} dims or more")
+    if op.name in ("batch_norm", "instance_norm") and (
             (op.name == "instance_norm" and torch.Size(shape[2:]).numel() < 2) or torch.Size(shape).numel() // shape[1] < 2):
         pytest.skip("one value per channel: an error in training")
     x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).to(dtype)
@@ -119,14 +104,14 @@ def test_awkward_shapes_vs_eager_and_oracle(routed, op, dtype, shape, why):
 
 def _group_size(name, shape):
     numel, spatial = torch.Size(shape).numel(), torch.Size(shape[2:]).numel()
-    return {"batch_norm_train": numel // shape[1], "batch_norm_eval": 3, "instance_norm": spatial,
-            "group_norm": shape[1] // 3 * spatial, "layer_norm": torch.Size(shape[-2:]).numel() if len(shape) >= 3 else shape[-1],
-            "rms_norm": torch.Size(shape[-2:]).numel() if len(shape) >= 3 else shape[-1]}[name]
+    rows = torch.Size(shape[-trailing_dims(torch.empty(shape, device="meta")):]).numel()
+    return {"batch_norm": numel // shape[1], "batch_norm_eval": 3, "instance_norm": spatial,
+            "group_norm": shape[1] // num_groups(shape[1]) * spatial, "layer_norm": rows, "rms_norm": rows}[name]
 
 
 def test_large_group_at_offset(routed):
     """One batch-norm channel of 2**20 values at 1e4 over unit noise: the chunked, compensated sums hold."""
-    op = OPS_BY_NAME["batch_norm_train"]
+    op = OPS_BY_NAME["batch_norm"]
     x = (1e4 + torch.randn(16, 1, 2**16, dtype=torch.float64)).float()
     p = op.params(x, 1e4)
     dy = torch.randn(x.shape)
@@ -159,9 +144,8 @@ def test_strided_views_are_copied(routed):
     for f, copied in ((lambda t: nf.batch_norm(t, None, None, w, b, training=True), True),
                       (lambda t: nf.group_norm(t, 3, w, b), False),  # its grouped reshape already copies
                       (lambda t: nf.instance_norm(t, weight=w, bias=b), True)):
-        _native.set_backend("eager")
-        ref = f(cl)
-        _native.set_backend("auto")
+        with backend("eager"):
+            ref = f(cl)
         _native._last_path.clear()
         got = f(cl)
         assert ("native (input copied to contiguous)" if copied else "native") in routed.values(), routed
@@ -173,10 +157,10 @@ def test_strided_views_are_copied(routed):
 
 # ---- channels last: served in its own layout (ops/channels_last_kernel.cpp) ------------------------------
 
-CL_OPS = [OPS_BY_NAME[name] for name in ("batch_norm_train", "batch_norm_eval", "instance_norm", "group_norm")]
+CL_OPS = [OPS_BY_NAME[name] for name in ("batch_norm", "batch_norm_eval", "instance_norm", "group_norm")]
 # 99 = 64 + 32 + 3 channels: a full tile, a half tile and three scalar channels; group norm's 3 groups of 33
 # channels straddle the tiles
-CL_SHAPES = {"C=6": SHAPE, "C=99": (2, 99, 3, 4)}
+CL_SHAPES = {"C=99": (2, 99, 3, 4)}  # (the conformance suite, test_backends.py, sweeps C = 6)
 CL_NOTE = "native (channels_last)"
 
 
@@ -213,15 +197,13 @@ CL_AWKWARD = [
 @pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
 @pytest.mark.parametrize("op", CL_OPS, ids=lambda o: o.name)
 def test_channels_last_awkward_shapes_vs_eager_and_oracle(routed, op, dtype, shape, why):
-    if op.name == "group_norm" and shape[1] % 3:
-        pytest.skip("3 groups must divide the channels")
     x = _channels_last((torch.randn(shape, dtype=torch.float64) * 3 + 1).to(dtype))
     p = op.params(x, 1.0)
     dy = _channels_last(torch.randn(shape, dtype=torch.float64).to(dtype))
     fast = run_normkit(op, x, p, dy)
     assert set(routed.values()) == {CL_NOTE}, routed
-    _native.set_backend("eager")
-    eager = run_normkit(op, x, p, dy)
+    with backend("eager"):
+        eager = run_normkit(op, x, p, dy)
     ref = run_oracle(op, x, p, dy)
     _assert_matches(fast, eager, ref, op, shape, why, dtype)
 
@@ -294,30 +276,26 @@ def test_channels_last_results_do_not_depend_on_the_thread_count():
         assert torch.equal(one, two)
 
 
-def test_channels_last_large_outputs_match_eager(routed):
-    """Outputs of 16 MiB and more are written with non-temporal stores (where AVX-512 is built): the same values
-    as the eager path, forward and backward."""
+def test_channels_last_large_outputs_match_the_oracle(routed):
+    """Outputs of 16 MiB and more are written with non-temporal stores (where AVX-512 is built): forward and
+    backward as the oracle says, and served in the channels-last kernels."""
     x = _channels_last(torch.randn(4, 64, 128, 128) * 2 + 1)  # 16 MiB of float32
     dy = _channels_last(torch.randn(x.shape))
-    w, b, rm, rv = torch.rand(64) + 0.5, torch.randn(64), torch.randn(64), torch.rand(64) + 0.5
-    for name, f in (("batch_norm train", lambda t, w, b: nf.batch_norm(t, None, None, w, b, training=True)),
-                    ("batch_norm eval", lambda t, w, b: nf.batch_norm(t, rm, rv, w, b, training=False)),
-                    ("group_norm", lambda t, w, b: nf.group_norm(t, 32, w, b))):
-        got = {}
-        for backend in ("auto", "eager"):
-            _native.set_backend(backend)
-            xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
-            y = f(xg, wg, bg)
-            y.backward(dy)
-            got[backend] = (y.detach(), xg.grad, wg.grad, bg.grad)
-        for key, a, e in zip(("y", "dx", "dweight", "dbias"), *got.values()):
-            assert_rel_close(a, e.double(), torch.float32, f"{name} {key}", rel=2 * REL_TOL[torch.float32])
-    _native.set_backend("auto")
+    p = {"weight": torch.rand(64) + 0.5, "bias": torch.randn(64), "running_mean": torch.randn(64),
+         "running_var": torch.rand(64) + 0.5}
+    for name in ("batch_norm", "batch_norm_eval", "group_norm"):
+        op = OPS_BY_NAME[name]
+        _native._last_path.clear()
+        got = run_normkit(op, x, p, dy)
+        assert set(routed.values()) == {CL_NOTE}, (name, routed)
+        ref = run_oracle(op, x, p, dy)
+        for key, value in got.items():
+            assert_rel_close(value, ref[key], torch.float32, f"{name} {key}")
 
 
 def test_channels_last_large_channel_at_offset(routed):
     """Batch norm over 2**20 channels_last values per channel at 1e4 over unit noise: chunked, compensated sums."""
-    op = OPS_BY_NAME["batch_norm_train"]
+    op = OPS_BY_NAME["batch_norm"]
     x = _channels_last((1e4 + torch.randn(64, 16, 128, 128, dtype=torch.float64)).float())
     p = op.params(x, 1e4)
     dy = torch.randn(x.shape)
@@ -339,11 +317,11 @@ def test_double_backward_matches_eager(routed, layout):
     x = torch.randn(3, 6, 4, 4).contiguous(memory_format=layout)
     w = torch.rand(6) + 0.5
 
-    def grads(backend, f):
-        _native.set_backend(backend)
-        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        (gx,) = torch.autograd.grad(f(xg, wg).pow(3).sum(), xg, create_graph=True)
-        return torch.autograd.grad(gx.pow(2).sum(), (xg, wg))
+    def grads(name, f):
+        with backend(name):
+            xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+            (gx,) = torch.autograd.grad(f(xg, wg).pow(3).sum(), xg, create_graph=True)
+            return torch.autograd.grad(gx.pow(2).sum(), (xg, wg))
 
     rm, rv = torch.randn(6), torch.rand(6) + 0.5
     for f in (lambda t, w: nf.group_norm(t, 3, w), lambda t, w: nf.batch_norm(t, None, None, w, training=True),
@@ -443,9 +421,9 @@ def test_no_grad_calls_match_the_op():
 # ---- switching off and failing builds -----------------------------------------------------------------
 
 def test_set_backend_eager_serves_eagerly(routed):
-    _native.set_backend("eager")
-    assert _plan.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None
-    assert _native.status()["backend"] == "eager"
+    with backend("eager"):
+        assert _plan.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None
+        assert _native.status()["backend"] == "eager"
     with pytest.raises(ValueError):
         _native.set_backend("fast")
 
@@ -526,3 +504,26 @@ def test_kernels_refuse_bad_arguments_with_an_error(what, call):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, f"{what}: exit status {out.returncode}\n{out.stderr[-2000:]}"
     assert "refused:" in out.stdout, out.stdout
+
+
+def test_kernels_take_the_plain_formula_exactly_where_the_spec_proves_it():
+    """The kernels decide per group with _spec.plain_moments' conditions (their bounds compiled in from
+    _spec.PLAIN): a group takes the one-pass formula (exponent 0 in the saved statistics) exactly where the
+    spec's predicate, evaluated on the same group's one-pass sums, says it is safe. Rows chosen so that the
+    robust recipe's exponent is never 0: unit-scale rows are 100 times larger."""
+    from normkit import _spec as spec
+
+    g = torch.Generator().manual_seed(0)
+    u = lambda m: (torch.rand(64, generator=g, dtype=torch.float64) * 2 - 1) * m  # noqa: E731
+    rows = {"ordinary (plain)": u(100.0), "max |x| above 2**50": u(2.0**52), "max |x| below 2**-50": u(2.0**-52),
+            "offset 1e4 over unit noise (cancels)": 1e4 + u(1.0), "constant (plain, exact)": torch.full((64,), 300.0),
+            "a spread of 2**-60 at 100 (variance below n * 2**-100)": 100.0 + u(2.0**-45)}
+    x = torch.stack(list(rows.values())).float()
+    for center in (True, False):
+        _, stats = _kernels.stats_norm(x, torch.ones(64), torch.zeros(64), _kernels.ROWS, 1, 1e-5, center)
+        xd = x.double()
+        d = xd - xd[:, :1] if center else xd
+        ok, _, _ = spec.plain_moments(xd.abs().amax(1), d.sum(1), (d * d).sum(1), 64, center)
+        plain = stats[:, 0] == 0
+        assert plain.tolist() == ok.tolist(), (center, dict(zip(rows, zip(plain.tolist(), ok.tolist()))))
+        assert 0 < int(ok.sum()) < len(rows)

@@ -1,4 +1,6 @@
-"""normkit._spec: exact power-of-two scaling, robust moments, their merge, and the inverse std."""
+"""normkit._spec, the spec every backend implements: exact powers of two, robust moments and their merge, the
+inverse std and LRN's power as one construction, the eval product order, backward's reduced sums and their
+merge, and the proof conditions of the plain formulas (checked against the oracle wherever they hold)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,11 @@ import math
 import mpmath
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import oracle
+from normkit import _spec as spec
 from normkit._spec import inv_std, merge_moments, moments, mul_pow2
 from conftest import assert_rel_close
 
@@ -79,3 +85,96 @@ def test_inv_std_matches_exact_formula(dtype, eps):
             got = mpmath.mpf(ri) * mpmath.mpf(2) ** int(ki)
             assert math.isfinite(ri) and 1 / 3 <= ri <= 2.5, (ai, e, eps, ri)
             assert abs(got / exact - 1) <= 4 * torch.finfo(dtype).eps, (ai, e, eps, float(got / exact - 1))
+
+
+# ---- the exact powers of two -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_floor_log2_and_frexp_are_exact(dtype):
+    """Against math.frexp, on powers of two, the values just below them (where log2 rounds up), subnormals
+    and the top of the range."""
+    fi = torch.finfo(dtype)
+    vals = [fi.tiny * fi.eps, fi.tiny * 3, fi.tiny, 0.75, 1.0, 2.0**20 * (1 - fi.eps / 2), 2.0**20, 3.0, fi.max]
+    vals += [2.0**k * (1 - fi.eps / 2) for k in range(-100, 101, 7)]
+    t = torch.tensor(vals, dtype=dtype)
+    m, e = spec.frexp(t)
+    for v, mi, ei, fl in zip(t.tolist(), m.tolist(), e.tolist(), spec.floor_log2(t).tolist()):
+        em, ee = math.frexp(v)
+        assert (mi, ei) == (em, ee), (v, mi, ei, em, ee)
+        assert fl == ee - 1, (v, fl, ee)
+    assert spec.floor_log2(torch.tensor([0.0])).item() == -math.inf
+    assert spec.frexp(torch.tensor([0.0, math.inf]))[1].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("power", [-0.5, -0.75, -1.75, 0.6])
+def test_scaled_sum_and_power_pair_match_the_exact_value(power):
+    """``(a * 2**p + eps) ** power`` as mantissa and exponent, for sums whose value or power leaves float32."""
+    a = torch.tensor([0.3, 1.0, 3.9, 1e-3, 2.5])
+    p = torch.tensor([250.0, -250.0, 0.0, -300.0, 120.0])
+    for eps in (0.0, 1e-50, 1e-5, 1e30):
+        u, h = spec.scaled_sum(a, p, eps)
+        m, q = spec.power_pair(u, h, power)
+        for ai, pi, mi, qi in zip(a.tolist(), p.tolist(), m.tolist(), q.tolist()):
+            exact = (mpmath.mpf(ai) * mpmath.mpf(2) ** int(pi) + mpmath.mpf(eps)) ** mpmath.mpf(power)
+            got = mpmath.mpf(mi) * mpmath.mpf(2) ** int(qi)
+            assert math.isfinite(mi) and abs(got / exact - 1) <= 1e-6, (ai, pi, eps, float(got / exact - 1))
+
+
+def test_apply_factor_has_no_intermediate_overflow():
+    """``v * m * 2**q`` where ``v * m`` or ``m * 2**q`` alone leaves float32 but the product does not."""
+    v = torch.tensor([3e38, -3e38, 1e30, 1e-30, 2.0])
+    m, q = torch.tensor(1.9), torch.tensor(-100.0)
+    got = spec.apply_factor(v, m, q)
+    ref = v.double() * 1.9 * 2.0**-100
+    assert_rel_close(got, ref, torch.float32, "apply_factor")
+
+
+def test_affine_with_stats_keeps_the_product_order():
+    """Eval batch norm's issue-18 case: ``x = 1e30``, ``var = weight = 1e-20``, eps 1e-30 gives 1e20."""
+    x = torch.tensor([1e30, -1e30, 3e38])
+    y, x_hat, (r, k) = spec.affine_with_stats(x, torch.tensor(0.0), torch.tensor(1e-20), 1e-30, torch.tensor(1e-20), None)
+    assert_rel_close(y, x.double() * 1e-20 / math.sqrt(1e-20 + 1e-30), torch.float32, "y")
+    assert torch.isinf(x_hat).all()  # x_hat alone (1e40) is out of float32's range: no product order saves it
+
+
+def test_merged_grad_sums_equal_the_sums_of_the_union():
+    """SyncBatchNorm's backward building block: per-part sums at very different scales and pivots, merged,
+    give the dx of the whole (against standardize_backward on the concatenation)."""
+    x = torch.randn(10, 3, 4, dtype=torch.float64) * 5 + 1e6
+    g = torch.cat([torch.randn(3, 3, 4, dtype=torch.float64) * 1e-20, torch.randn(7, 3, 4, dtype=torch.float64) * 1e20])
+    dims = (0, 2)
+    s = spec.standardize(x, dims, 1e-5)
+    whole = spec.standardize_backward(g, s.x_hat, s.r, s.k, dims)
+    parts = [spec.grad_sums(g[a:b], s.x_hat[a:b], dims, with_sum_x=True) for a, b in ((0, 3), (3, 4), (4, 10))]
+    merged = parts[0]
+    for q in parts[1:]:
+        merged = spec.merge_grad_sums(merged, q)
+    for a, b in ((0, 3), (3, 4), (4, 10)):
+        part = spec.standardize_backward_from_sums(g[a:b], s.x_hat[a:b], s.r, s.k, merged)
+        assert_rel_close(part, whole[a:b], torch.float64, f"rows {a}:{b}")
+
+
+# ---- the plain formulas' proof conditions --------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(amax_e=st.integers(-60, 60), gmax_e=st.integers(-130, 60), k_e=st.integers(-45, 100),
+       c_e=st.integers(-130, 20), beta=st.sampled_from([0.0, 0.5, 0.75, 1.0, 1.25]), size=st.sampled_from([1, 3, 5]))
+def test_lrn_plain_formula_is_right_wherever_the_spec_says_it_is_safe(amax_e, gmax_e, k_e, c_e, beta, size):
+    """Whenever lrn_plain_forward_ok / lrn_plain_backward_ok hold, LRN's plain float32 formula (forward and
+    backward, the product order the kernel uses too) is finite and within float32's tolerance of the oracle."""
+    from normkit.ops import local_response_norm as L
+
+    torch.manual_seed(amax_e * 7919 + gmax_e)
+    x = (torch.rand(2, 6, 3, 3, dtype=torch.float64) * 2 - 1) * 2.0**amax_e
+    x[0, 0, 0, 0] = 2.0**amax_e  # the max is attained
+    g = torch.randn(2, 6, 3, 3, dtype=torch.float64) * 2.0**gmax_e
+    x, g = x.float(), g.float()
+    c, k = 2.0**c_e, 2.0**k_e
+    win = L.make_window("t", x, size, c * size, beta, k, "torch", "across_channels", 1)
+    amax, gmax = x.abs().max().item(), g.abs().max().item()
+    lo, hi = size // 2, (size - 1) // 2
+    ref = oracle.lrn(oracle.ld(x), (1,), lo, hi, c, k, beta, oracle.ld(g))
+    if spec.lrn_plain_forward_ok(amax, size, c, k, beta, torch.float32):
+        assert_rel_close(L._fast_forward(x, win), ref["y"], torch.float32, "plain forward")
+    if spec.lrn_plain_backward_ok(amax, gmax, size, c, k, beta, torch.float32):
+        assert_rel_close(L._fast_backward(g, x, win), ref["dx"], torch.float32, "plain backward")
