@@ -527,3 +527,20 @@ def test_kernels_take_the_plain_formula_exactly_where_the_spec_proves_it():
         plain = stats[:, 0] == 0
         assert plain.tolist() == ok.tolist(), (center, dict(zip(rows, zip(plain.tolist(), ok.tolist()))))
         assert 0 < int(ok.sum()) < len(rows)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_eval_dweight_where_x_hat_overflows(routed, layout):
+    """Eval batch norm with ``running_var = weight = 1e-20`` at ``|x| ~ 1e30``: ``x_hat`` is 1e40 (inf in float32)
+    but with ``dy ~ 1e-20`` every product ``dy * x_hat`` and ``dweight`` are finite; the kernels' fast sum is
+    inf there and they sum again as _spec.eval_dweight does (rstd applied last)."""
+    x = ((torch.rand(2, 3, 4, 4, dtype=torch.float64) * 2 - 1) * 1e30).float().contiguous(memory_format=layout)
+    dy = (torch.randn(x.shape) * 1e-20).contiguous(memory_format=layout)
+    p = {"weight": torch.full((3,), 1e-20), "bias": torch.randn(3), "running_mean": torch.zeros(3),
+         "running_var": torch.full((3,), 1e-20)}
+    op = OPS_BY_NAME["batch_norm_eval"]
+    got = run_normkit(op, x, p, dy, 1e-30)
+    assert set(routed.values()) == {"native (channels_last)" if layout == torch.channels_last else "native"}, routed
+    ref = run_oracle(op, x, p, dy, 1e-30)
+    for key, value in got.items():
+        assert_rel_close(value, ref[key], torch.float32, key)

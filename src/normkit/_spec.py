@@ -410,9 +410,11 @@ class GradSums(NamedTuple):
     sum_x: Tensor | None
 
 
-def grad_sums(g: Tensor, x_hat: Tensor, dims: Dims, center: bool = True, with_sum_x: bool = False) -> GradSums:
+def grad_sums(g: Tensor, x_hat: Tensor, dims: Dims, center: bool = True, with_sum_x: bool = False):
     """:class:`GradSums` of ``g = dL/dx_hat`` over ``dims``: ``g`` scaled by a power of two per group (the
-    sums cannot overflow) and shifted by its first element when centred (a constant ``g`` gives exactly 0)."""
+    sums cannot overflow) and shifted by its first element when centred (a constant ``g`` gives exactly 0).
+    Returns ``(sums, gd)``, ``gd`` the scaled, shifted ``g`` itself (which
+    :func:`standardize_backward_from_sums` then need not form again)."""
     dims = tuple(dims)
     eg = group_exponent(g, dims)
     gs = g * torch.exp2(-eg)
@@ -420,7 +422,7 @@ def grad_sums(g: Tensor, x_hat: Tensor, dims: Dims, center: bool = True, with_su
     gd = gs - pivot if center else gs
     sum_x = x_hat.sum(dim=dims, keepdim=True) if with_sum_x else None
     return GradSums(group_size(g, dims), eg, pivot, gd.sum(dim=dims, keepdim=True),
-                    (gd * x_hat).sum(dim=dims, keepdim=True), sum_x)
+                    (gd * x_hat).sum(dim=dims, keepdim=True), sum_x), gd
 
 
 def merge_grad_sums(a: GradSums, b: GradSums) -> GradSums:
@@ -441,15 +443,19 @@ def merge_grad_sums(a: GradSums, b: GradSums) -> GradSums:
 
 
 def standardize_backward_from_sums(g: Tensor, x_hat: Tensor, r: Tensor, k: Tensor, sums: GradSums,
-                                   center: bool = True) -> Tensor:
+                                   center: bool = True, gd: Tensor | None = None) -> Tensor:
     """``dx = rstd * (g - sum(g)/n - x_hat * sum(g * x_hat)/n)`` (without the ``sum(g)`` term when not
     centred), given the group's :class:`GradSums` (possibly merged across ranks; ``g`` and ``x_hat`` are
-    this part's): ``g`` is brought to the sums' scale and pivot, the bracket formed there, and
+    this part's): ``g`` is brought to the sums' scale and pivot (``gd``, when :func:`grad_sums` of this
+    same ``g`` gave the sums, is that already), the bracket formed there, and
     ``rstd * 2**exponent = r * 2**(k + exponent)`` applied last."""
     n = sums.count
-    gd = g * torch.exp2(-sums.exponent)
+    if gd is None:
+        gd = g * torch.exp2(-sums.exponent)
+        if center:
+            gd = gd - sums.pivot
     if center:
-        gd = (gd - sums.pivot) - sums.sum_g / n
+        gd = gd - sums.sum_g / n
     t = gd - x_hat * (sums.sum_gx / n)
     return mul_pow2(t * r, k + sums.exponent)
 
@@ -457,7 +463,8 @@ def standardize_backward_from_sums(g: Tensor, x_hat: Tensor, r: Tensor, k: Tenso
 def standardize_backward(g: Tensor, x_hat: Tensor, r: Tensor, k: Tensor, dims: Dims, center: bool = True) -> Tensor:
     """Gradient of :func:`standardize` given ``g = dL/dx_hat`` (all in the compute dtype): :func:`grad_sums`
     over ``dims`` then :func:`standardize_backward_from_sums`."""
-    return standardize_backward_from_sums(g, x_hat, r, k, grad_sums(g, x_hat, dims, center), center)
+    sums, gd = grad_sums(g, x_hat, dims, center)
+    return standardize_backward_from_sums(g, x_hat, r, k, sums, center, gd)
 
 
 def standardize_jvp(t: Tensor, x_hat: Tensor, r: Tensor, k: Tensor, dims: Dims, center: bool = True) -> Tensor:
@@ -489,22 +496,28 @@ def normalize_backward(dy: Tensor, x_hat: Tensor, r: Tensor, k: Tensor, weight: 
     return (standardize_backward(g, x_hat, r, k, dims, center) if needs[0] else None), dweight, dbias
 
 
-def eval_dweight_terms(dy: Tensor, x: Tensor, mean: Tensor, r: Tensor, k: Tensor) -> Tensor:
-    """``dy * x_hat`` for given statistics, ``x_hat = (x - mean) * r * 2**k``, as one split product: ``x_hat``
-    alone may overflow (``x = 1e30``, ``rstd = 1e10``) where ``dy * x_hat`` does not."""
+def eval_dweight(dy: Tensor, x: Tensor, mean: Tensor, r: Tensor, k: Tensor, dims: Dims) -> Tensor:
+    """``dweight = sum over dims of dy * x_hat`` for given statistics, ``x_hat = (x - mean) * r * 2**k``
+    (keepdim). ``x_hat`` alone may overflow (``x = 1e30``, ``rstd = 1e10``) where the sum does not, so
+    ``rstd`` is applied last, to the sum of the products of ``dy`` and ``x - mean``, each scaled by a power of
+    two per group as :func:`moments` scales data (``x - mean`` in halves where it overflows:
+    :func:`centered`): the products lie in ``(-4, 4)`` and their sum cannot overflow."""
+    dims = tuple(dims)
     d, h = centered(x, mean)
-    mm, q = split_product(dy, d)
-    return apply_factor(mm, r, q + k + h)
+    ed = group_exponent(d, dims) + h.amax(dim=dims, keepdim=True)  # d * 2**h <= 2**(ed + 1)
+    eg = group_exponent(dy, dims)
+    s = ((dy * torch.exp2(-eg)) * (d * torch.exp2(h - ed))).sum(dim=dims, keepdim=True)
+    return apply_factor(s, r, k + eg + ed)
 
 
 def affine_with_stats_backward(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None,
-                               need_dx: bool = True, need_dweight: bool = True):
-    """``(dx, dweight_terms)`` of :func:`affine_with_stats` (no gradient to the statistics): ``dx = dy *
-    (weight * rstd)`` applied as the split factor of :func:`eval_factor`, and the elementwise ``dy * x_hat``
-    (:func:`eval_dweight_terms`) that ``dweight`` sums over the broadcast dims; None where not needed.
-    ``dbias`` is ``sum(dy)``."""
+                               dims: Dims, need_dx: bool = True, need_dweight: bool = True):
+    """``(dx, dweight)`` of :func:`affine_with_stats` (no gradient to the statistics): ``dx = dy *
+    (weight * rstd)`` applied as the split factor of :func:`eval_factor`, and ``dweight`` summed over
+    ``dims`` (keepdim: the broadcast dims of the per-channel parameters) by :func:`eval_dweight`; None
+    where not needed. ``dbias`` is ``sum(dy)``."""
     r, k, m, q = eval_factor(var, weight, eps)
-    return (apply_factor(dy, m, q) if need_dx else None), (eval_dweight_terms(dy, x, mean, r, k) if need_dweight else None)
+    return (apply_factor(dy, m, q) if need_dx else None), (eval_dweight(dy, x, mean, r, k, dims) if need_dweight else None)
 
 
 # =========================================================================== 8. when the plain formula is safe

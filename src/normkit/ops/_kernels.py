@@ -166,8 +166,10 @@ def _affine_eval_backward(ctx, dy):
         ct = spec.compute_dtype(x.dtype)
         view = (lambda t: t.view(1, -1, *[1] * (x.dim() - 2)))  # (N, C, S) or channels-last (R, C)
         dyc = dy.to(ct)
-        dx, terms = spec.affine_with_stats_backward(dyc, x.to(ct), view(mean), view(var), ctx.eps, view(weight), need_dx, need_w)
-        dw = terms.sum_to_size(view(weight).shape).reshape(-1) if need_w else None
+        dims = [0, *range(2, x.dim())]  # every dim but the channels'
+        dx, dw = spec.affine_with_stats_backward(dyc, x.to(ct), view(mean), view(var), ctx.eps, view(weight), dims, need_dx,
+                                                 need_w)
+        dw = dw.reshape(-1) if need_w else None
         db = dyc.sum_to_size(view(weight).shape).reshape(-1) if need_b else None
         return (None if dx is None else dx.to(x.dtype)), None, None, dw, db, None
     dx, dw, db = _route(affine_eval_backward, _affine_eval_bwd, dy)(
@@ -195,8 +197,21 @@ def _route(op, impl, *tensors: Tensor | None):
 
 # ---- availability ---------------------------------------------------------------------------------------
 
+def run_stats_norm(x: Tensor, weight: Tensor, bias: Tensor, layout: int, groups: int, eps: float, center: bool,
+                   *sources: Tensor | None) -> tuple[Tensor, Tensor]:
+    """:func:`stats_norm`, through the dispatcher or straight to its body (:func:`_route`); ``sources``: the
+    tensors ``weight``/``bias`` were made from (whether a gradient is needed is read from them)."""
+    return _route(stats_norm, _stats_norm, x, *sources)(x, weight, bias, layout, groups, eps, center)
+
+
+def run_affine_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                    *sources: Tensor | None) -> Tensor:
+    """:func:`affine_eval`, through the dispatcher or straight to its body (:func:`_route`)."""
+    return _route(affine_eval, _affine_eval, x, *sources)(x, mean, var, weight, bias, eps)
+
+
 @torch.compiler.assume_constant_result
-def _kernels_built() -> bool:
+def kernels_built() -> bool:
     """Whether the kernels are loaded (building them on first use). torch.compile runs this once while it
     traces and keeps the answer as a constant: the loader's lock and build are never traced."""
     return _native.load("norm_kernel") is not None

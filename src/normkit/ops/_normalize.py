@@ -8,8 +8,8 @@ forward-mode AD, ``vmap`` and the native kernels.
   :func:`~normkit._spec.standardize_jvp`.
 * :class:`StatsAffine`: given statistics (batch / instance norm with running statistics in eval mode).
   Forward :func:`~normkit._spec.affine_with_stats`; backward ``dx = dy * weight * rstd`` as one split
-  factor (:func:`~normkit._spec.apply_factor`), ``dweight = sum(dy * x_hat)`` as split products
-  (:func:`~normkit._spec.eval_dweight_terms`).
+  factor (:func:`~normkit._spec.apply_factor`), ``dweight = sum(dy * x_hat)`` with ``rstd`` applied to
+  the scaled sum (:func:`~normkit._spec.eval_dweight`).
 
 ``weight`` and ``bias`` arrive already viewed to a shape that broadcasts against ``x``. The entry points
 :func:`standardize_affine` and :func:`stats_affine` try a native kernel first (:mod:`normkit.ops._plan`),
@@ -153,9 +153,10 @@ class StatsAffine(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dy = dy.to(ct)
         w = None if weight is None else weight.to(ct)
-        dx, terms = spec.affine_with_stats_backward(dy, x.to(ct), mean.to(ct), var.to(ct), ctx.eps, w, needs[0],
-                                                    weight is not None and needs[3])
-        dweight = None if terms is None else terms.sum_to_size(weight.shape).to(weight.dtype)
+        dims = [i for i in range(x.dim()) if mean.shape[i] == 1]  # the per-channel statistics' broadcast dims
+        dx, dweight = spec.affine_with_stats_backward(dy, x.to(ct), mean.to(ct), var.to(ct), ctx.eps, w, dims, needs[0],
+                                                      weight is not None and needs[3])
+        dweight = None if dweight is None else dweight.sum_to_size(weight.shape).to(weight.dtype)
         dbias = dy.sum_to_size(bias.shape).to(bias.dtype) if bias is not None and needs[4] else None
         return (None if dx is None else dx.to(x.dtype)), None, None, dweight, dbias, None
 

@@ -33,8 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from ._kernels import (CHANNELS, GROUPS, GROUPS_CL, ROWS, _affine_eval, _kernels_built, _route, _stats_norm, affine_eval,
-                       stats_norm)
+from ._kernels import CHANNELS, GROUPS, GROUPS_CL, ROWS, kernels_built, run_affine_eval, run_stats_norm
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_SEGMENT = 8  # channel layouts with fewer spatial values per (n, c) run eagerly (a kernel per value is no gain)
@@ -150,12 +149,12 @@ def standardize_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, di
         _native.note("layer/rms/group/instance/batch norm", f"eager ({plan})")
         return None
     layout, xv, groups, n_params = plan
-    if not _kernels_built():
+    if not kernels_built():
         _native.note(_op_name(layout, center), "eager (kernels unavailable)")
         return None
     _native.note(_op_name(layout, center), "native (input copied to contiguous)" if copied else "native")
-    y, stats = _route(stats_norm, _stats_norm, xv, weight, bias)(
-        xv, _param(weight, n_params, 1.0), _param(bias, n_params, 0.0), layout, groups, float(eps), center)
+    y, stats = run_stats_norm(xv, _param(weight, n_params, 1.0), _param(bias, n_params, 0.0), layout, groups, float(eps),
+                              center, weight, bias)
     return (y.view(x.shape), *_moments(stats, x, dims))
 
 
@@ -171,7 +170,7 @@ def stats_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bi
             why = f"fewer than {MIN_SEGMENT} values per (n, c)"
         elif not _per_channel(x, mean, var, weight, bias):
             why = "parameter shape"
-        elif not _kernels_built():
+        elif not kernels_built():
             why = "kernels unavailable"
     if why is not None:
         _native.note("batch_norm/instance_norm (eval)", f"eager ({why})")
@@ -179,9 +178,8 @@ def stats_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bi
     _native.note("batch_norm/instance_norm (eval)", "native" if x.is_contiguous() else "native (input copied to contiguous)")
     x = x.contiguous()
     c = x.shape[1]
-    y = _route(affine_eval, _affine_eval, x, weight, bias)(
-        x.reshape(x.shape[0], c, -1), _param(mean.detach(), c, 0.0), _param(var.detach(), c, 1.0),
-        _param(weight, c, 1.0), _param(bias, c, 0.0), float(eps))
+    y = run_affine_eval(x.reshape(x.shape[0], c, -1), _param(mean.detach(), c, 0.0), _param(var.detach(), c, 1.0),
+                        _param(weight, c, 1.0), _param(bias, c, 0.0), float(eps), weight, bias)
     return y.view(x.shape)
 
 
@@ -234,13 +232,13 @@ def _channels_last_plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, d
 def _standardize_channels_last(x, weight, bias, dims, eps, center):
     """:func:`standardize_affine` for a channels-last input, in its layout; None where that does not apply."""
     plan = _channels_last_plan(x, weight, bias, dims, center)
-    if plan is None or not _kernels_built():
+    if plan is None or not kernels_built():
         return None
     perm, xv, rows, groups, name = plan
     n_params = rows.shape[2]
     _native.note(name, "native (channels_last)")
-    y, stats = _route(stats_norm, _stats_norm, rows, weight, bias)(
-        rows, _param(weight, n_params, 1.0), _param(bias, n_params, 0.0), GROUPS_CL, groups, float(eps), center)
+    y, stats = run_stats_norm(rows, _param(weight, n_params, 1.0), _param(bias, n_params, 0.0), GROUPS_CL, groups,
+                              float(eps), center, weight, bias)
     return (_from_rows(y, xv, perm), *_moments(stats, x, dims))
 
 
@@ -250,11 +248,10 @@ def _stats_affine_channels_last(x, mean, var, weight, bias, eps):
     if found is None or not _per_channel(x, mean, var, weight, bias):
         return None
     c = x.shape[1]
-    if not _kernels_built():
+    if not kernels_built():
         return None
     perm, xv = found
     _native.note("batch_norm/instance_norm (eval)", "native (channels_last)")
-    y = _route(affine_eval, _affine_eval, xv, weight, bias)(
-        xv.reshape(-1, c), _param(mean.detach(), c, 0.0), _param(var.detach(), c, 1.0), _param(weight, c, 1.0),
-        _param(bias, c, 0.0), float(eps))
+    y = run_affine_eval(xv.reshape(-1, c), _param(mean.detach(), c, 0.0), _param(var.detach(), c, 1.0),
+                        _param(weight, c, 1.0), _param(bias, c, 0.0), float(eps), weight, bias)
     return _from_rows(y, xv, perm)

@@ -444,6 +444,7 @@ struct Planes {
   float* a(int64_t i, int64_t n) { return v.data() + (i * N + n) * C; }
 };
 
+// _spec.standardize + _spec.affine per group of channels-last rows (the steps below, in order)
 template <typename T>
 void forward_impl(const T* x, T* y, Stat* stats, const Geo& g, const float* w, const float* b, double eps, bool center) {
   const int64_t N = g.N, S = g.S, C = g.C, G = g.G, Cg = g.Cg, nch = g.nch;
@@ -540,6 +541,7 @@ void forward_impl(const T* x, T* y, Stat* stats, const Geo& g, const float* w, c
                 {false, output_consts}, {true, output}});
 }
 
+// _spec.normalize_backward per group of channels-last rows (the steps below, in order)
 template <typename T>
 void backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Geo& g, const float* w, bool center,
                    bool need_dx, bool need_param, float* dw, float* db) {
@@ -554,6 +556,7 @@ void backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Geo&
   auto chunk_part = [&](int64_t n, int64_t ch) { return part.data() + (n * nch + ch) * 5 * C; };
   auto xhat_planes = [&](int64_t n) { return std::array<float*, 6>{pl.a(0, n), pl.a(1, n), pl.a(2, n), pl.a(3, n), pl.a(4, n), pl.a(5, n)}; };
 
+  // _spec.standardize_from_moments' x_hat constants per channel (XHat), and g's first value per group
   auto consts = [&](int64_t n, int64_t) {
     auto out = xhat_planes(n);
     xhat_consts(stats + n * G, g, out.data(), slow_x.data() + n * C);
@@ -617,6 +620,7 @@ void backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Geo&
           v1 = gs; v2 = gs * x_hat<0, decltype(t)::slow>(load<Vt>(xp + i), k, j);
         }, chunk_part(n, ch));
   };
+  // _spec.standardize_backward_from_sums' coefficients per group (DxCoef)
   auto coefs = [&](int64_t n, int64_t) {
     if (!need_dx) return;
     std::vector<float> tot(3 * C);
@@ -751,11 +755,10 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
     combine_chunks(part.data(), 3 * C, g.nch, 2, C, tot.data());
     std::copy(tot.begin() + C, tot.begin() + 2 * C, dw);
     std::copy(tot.begin() + 2 * C, tot.begin() + 3 * C, db);
-    for (int64_t c = 0; c < C; ++c) {  // x_hat or a product left the range: _spec.eval_dweight_terms' split products
+    for (int64_t c = 0; c < C; ++c) {  // x_hat or a product left the range: _spec.eval_dweight (rstd applied last)
       if (std::isfinite(dw[c])) continue;
-      Acc a;
-      for (int64_t r = 0; r < R; ++r) a.add(dweight_term(ld(dy[r * C + c]), ld(x[r * C + c]), mean[c], factors[c]));
-      dw[c] = a.s;
+      dw[c] = eval_dweight(R, [&](int64_t r, float& d, float& xv) { d = ld(dy[r * C + c]); xv = ld(x[r * C + c]); },
+                           mean[c], factors[c]);
     }
   } else if (need_dx) {
     run_steps(g, {{true, [&](int64_t, int64_t ch) {

@@ -40,6 +40,7 @@ inline void window_denominator(const T* xn, int64_t C, int64_t S, int64_t ch, in
   for (int64_t s = 0; s < S; ++s) acc[s] = k + c * acc[s];
 }
 
+// local_response_norm._fast_forward (the plain formula), taken where _spec.lrn_plain_forward_ok holds
 template <typename T, int MODE>
 void forward_impl(const T* x, T* y, int64_t N, int64_t C, int64_t S, int64_t lo, int64_t hi, T c, T k, T beta) {
   at::parallel_for(0, N * C, 8, [&](int64_t begin, int64_t end) {
@@ -55,6 +56,7 @@ void forward_impl(const T* x, T* y, int64_t N, int64_t C, int64_t S, int64_t lo,
   });
 }
 
+// local_response_norm._fast_backward (the plain formula), taken where _spec.lrn_plain_backward_ok holds
 template <typename T, int MODE>
 void backward_impl(const T* g, const T* x, T* dx, int64_t N, int64_t C, int64_t S, int64_t lo, int64_t hi,
                    T c, T k, T beta) {

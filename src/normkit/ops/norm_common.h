@@ -229,16 +229,36 @@ inline float apply_split(float v, float m, int q) {
   return q < 0 ? std::ldexp((v * 0.0625f) * m, q + 4) : std::ldexp(v * m, q);
 }
 
-// _spec.eval_dweight_terms: dy * x_hat with x_hat = (x - mean) * r * 2**k, as one split product (x_hat alone
-// may overflow where the product does not). The slow form, for channels whose fast sum left the range.
-inline float dweight_term(float d, float xv, float mu, const Factor& fa) {
-  float diff = xv - mu;
-  int h = 0;
-  if (std::isinf(diff) && std::isfinite(xv) && std::isfinite(mu)) { diff = xv * 0.5f - mu * 0.5f; h = 1; }  // _spec.centered
-  if (d == 0.f || diff == 0.f) return d * diff;
-  const int ed = exponent_of(std::abs(d)), ex = exponent_of(std::abs(diff));
-  const float mm = (d * std::ldexp(1.f, -ed)) * (diff * std::ldexp(1.f, -ex));
-  return apply_split(mm, fa.r, ed + ex + fa.k + h);
+// _spec.eval_dweight for one channel of n values (at(i, dy, x) reads the i-th): sum(dy * x_hat) with rstd applied
+// last, to the sum of dy and x - mean each scaled by a power of two (x - mean in halves where it overflows,
+// _spec.centered), so no product and no partial sum overflows where the result does not. The kernels' fast sum
+// is sum(dy * ((x - mean) * rstd)); a channel whose fast sum left the range is summed again here.
+template <typename A>
+inline float eval_dweight(int64_t n, A at, float mu, const Factor& fa) {
+  auto centered = [mu](float xv, int& h) {
+    const float diff = xv - mu;
+    h = std::isinf(diff) && std::isfinite(xv) && std::isfinite(mu) ? 1 : 0;
+    return h ? xv * 0.5f - mu * 0.5f : diff;
+  };
+  float gmax = 0.f, dmax = 0.f;
+  int hmax = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    float d, xv;
+    int h;
+    at(i, d, xv);
+    const float diff = centered(xv, h);
+    gmax = std::max(gmax, std::abs(d)); dmax = std::max(dmax, std::abs(diff)); hmax = std::max(hmax, h);
+  }
+  const int eg = exponent_of(gmax), ed = exponent_of(dmax) + hmax;
+  Acc acc;
+  for (int64_t i = 0; i < n; ++i) {
+    float d, xv;
+    int h;
+    at(i, d, xv);
+    const float diff = centered(xv, h);
+    acc.add(pow2(d, -eg) * pow2(diff, h - ed));
+  }
+  return apply_split(acc.s, fa.r, fa.k + eg + ed);
 }
 
 template <typename F>

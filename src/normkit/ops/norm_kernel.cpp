@@ -254,6 +254,7 @@ inline void output_seg(const T* x, T* y, int64_t L, const XHat& h, const float* 
   }
 }
 
+// _spec.standardize + _spec.affine over every group (group_stats, then output_seg per segment)
 template <typename T>
 void stats_forward_impl(const T* x, T* y, Stat* stats, const Shape& sh, const float* w, const float* b, double eps, bool center) {
   const Eps eps_split(eps);
@@ -401,6 +402,8 @@ void backward_group(const T* dy, const T* x, T* dx, const Shape& sh, int64_t gi,
   }
 }
 
+// _spec.normalize_backward over every group (backward_group); _spec.affine_backward's dweight, dbias summed
+// per thread (rows: per element over the rows) or per (group, segment) (channel layouts), then per parameter
 template <typename T>
 void stats_backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Shape& sh, const float* w, bool center,
                    bool need_dx, bool need_param, float* dw, float* db) {
@@ -502,8 +505,8 @@ void eval_forward_impl(const T* x, T* y, const float* mean, const float* var, co
 }
 
 // _spec.affine_with_stats_backward: dx = dy * (w * rstd) (the split factor), dw = sum(dy * x_hat), db = sum(dy).
-// dy * x_hat is summed as dy * ((x - mean) * rstd) where that stays finite; a channel whose sum left the range
-// is summed again with _spec.eval_dweight_terms' split products (dweight_term).
+// dy * x_hat is summed as dy * ((x - mean) * rstd); a channel whose sum left the range is summed again as
+// _spec.eval_dweight sums it (eval_dweight, rstd applied last).
 template <typename T>
 void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const float* var, const float* w, double eps,
                         int64_t N, int64_t C, int64_t S, bool need_dx, bool need_param, float* dw, float* db) {
@@ -544,10 +547,6 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
           }
           aw.add(o[0]); ab.add(o[1]);
         }
-        if (!std::isfinite(aw.s)) {  // x_hat or a product left the range: the split products
-          aw = Acc();
-          for (int64_t i = 0; i < S; ++i) aw.add(dweight_term(ld(dyp[i]), ld(xp[i]), mu, fa));
-        }
         segw[row] = aw.s; segb[row] = ab.s;
       } else if (fused_dx) {
 #pragma omp simd
@@ -556,10 +555,17 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
     }
   });
   if (need_param) {
+    const Eps eps_split(eps);
     for (int64_t c = 0; c < C; ++c) {
       Acc aw, ab;
       for (int64_t n = 0; n < N; ++n) { aw.add(segw[n * C + c]); ab.add(segb[n * C + c]); }
       dw[c] = aw.s; db[c] = ab.s;
+      if (!std::isfinite(dw[c])) {  // x_hat or a product left the range: rstd applied last
+        dw[c] = eval_dweight(N * S, [&](int64_t i, float& d, float& xv) {
+          const int64_t at = ((i / S) * C + c) * S + i % S;
+          d = ld(dy[at]); xv = ld(x[at]);
+        }, mean[c], Factor(w[c], var[c], eps_split));
+      }
     }
   }
 }

@@ -156,7 +156,7 @@ def sync_batch_norm_backward(dy: Tensor, x_hat: Tensor, r: Tensor, k: Tensor, we
     if not needs[0]:
         return None, dweight, dbias
     n_local = x_hat.numel() // num_features
-    local = spec.grad_sums(g, x_hat, dims, center=True, with_sum_x=True) if n_local > 0 else None
+    local = spec.grad_sums(g, x_hat, dims, center=True, with_sum_x=True)[0] if n_local > 0 else None
     parts = _all_gather(_pack_grad_sums(local, num_features, ct, x_hat.device), group, name, "all_gather of the gradient sums")
     total = reduce(spec.merge_grad_sums, [GradSums(c, *(p[i].view(keep) for i in range(5))) for p, c in zip(parts, counts)])
     if n_local == 0:
