@@ -33,7 +33,7 @@ Checking
     the ``normkit`` command: check | export | harden | build (``normkit --help``)
 """
 
-from . import functional, nn
+from . import functional, models, nn
 from ._checks import MixedDtypeError, NormArgumentError, UnsupportedDtypeError
 from ._stats import Moments, merge_moments, moments
 from .convert import convert, fold_batchnorm, revert
@@ -42,7 +42,7 @@ from .robust import robust
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "nn", "convert", "revert", "fold_batchnorm", "robust", "Moments", "merge_moments", "moments", "__version__",
+__all__ = ["functional", "nn", "models", "convert", "revert", "fold_batchnorm", "robust", "Moments", "merge_moments", "moments", "__version__",
            "NormArgumentError", "UnsupportedDtypeError", "MixedDtypeError", "build", "get_backend", "set_backend", "status",
            "export_onnx", "harden_onnx", "verify_onnx"]
 
