@@ -337,3 +337,21 @@ def test_efficientnet_names_its_batchnormact():
     assert len(r.robust_layers()) == 49 and {c.kind for c in r.robust_layers()} == {"BatchNormAct2d"}
     assert r.outputs[-1]["torch"]["wrong"] and not r.outputs[-1]["normkit"]["wrong"]
     assert r.normkit_ok and r.ok
+
+
+def test_hugging_face_llama_rmsnorm_is_judged_against_a_true_float64_reference():
+    """The real LlamaRMSNorm (float32 inside): named as failing at 1e20 with its true error. normkit cannot
+    convert a hand-written norm yet (the third-party-models issue), so its model is as wrong and the verdict
+    says so; once convert learns it, the layer is judged as normkit's twin with no change to the probe."""
+    from _thirdparty import transformers
+
+    transformers()
+    modeling = pytest.importorskip("transformers.models.llama.modeling_llama", reason="transformers' Llama")
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), modeling.LlamaRMSNorm(8))
+    r = probe.probe(m, (4, 8), name="llama_norm", scales=(1.0, 1e20))
+    f = r.first_failure("float32", "torch")
+    assert (f.layer, f.kind, f.scale) == ("1", "LlamaRMSNorm", 1e20) and not r.lowered
+    (case,) = [c for c in r.cases if c.layer == "1" and c.scale == 1e20]
+    assert case.torch_error == pytest.approx(1.0)
+    assert not r.ok and r.outputs[-1]["normkit"]["wrong"]

@@ -215,12 +215,19 @@ def test_registry_get_builds_a_model_ready_for_convert():
     assert e.input_shape == e.build().example_input_shape
 
 
-def test_namespace_holds_only_the_api():
+def test_namespaces_hold_only_the_api_and_help_lists_it():
+    import pydoc
+
+    import normkit.check
+
     public = {n for n in dir(models) if not n.startswith("_")}
     assert public == set(models.__all__), public ^ set(models.__all__)
-    top = {n for n in dir(normkit) if not n.startswith("_")}
     helpers = {"annotations", "Any", "Callable", "dataclass", "field"}
-    assert not top & helpers, top & helpers
+    for module in (normkit, normkit.check):
+        assert not {n for n in dir(module) if not n.startswith("_")} & helpers, module.__name__
+    text = pydoc.render_doc(normkit, renderer=pydoc.plaintext)
+    for name in [n for n in normkit.__all__ if n != "__version__"] + ["normkit.models", "normkit.reference", "normkit.onnx", "compare_onnx"]:
+        assert name in text, f"help(normkit) does not list {name}"
 
 
 SMALL = {"alexnet": (1, 3, 67, 67), "resnet18": (2, 3, 32, 32), "mobilenet_v2": (2, 3, 64, 64)}

@@ -60,5 +60,8 @@ def test_sample_check_output_is_what_the_command_prints():
                           timeout=900)
     assert proc.returncode == 0, proc.stderr
     printed = proc.stdout.strip().splitlines()[:-1]  # the last line is the timing
-    assert _stable(printed) == _stable(_sample())
+    sample = _stable(_sample())
+    assert any(" float32 " in line for line in sample) and any("(normkit twin:" in line for line in sample)
+    assert sample[-1].startswith("normkit backend") and sample[-2].startswith("torch fails")
+    assert _stable(printed) == sample
     assert "kernels built" in _sample()[-1] and "native" in _sample()[-1], "the sample says the kernels served"
