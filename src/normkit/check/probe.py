@@ -192,22 +192,18 @@ class ModelResult:
         rng = [c for c in self.cases if c.dtype == dtype and c.torch_status == "range"]
         return min(rng, key=lambda c: (c.scale, c.index)) if rng else None
 
+    def _out_of_range(self, dtype: str, scale: float) -> bool:
+        return any(c.dtype == dtype and c.scale == scale and c.torch_status == "range" for c in self.cases)
+
     def unexplained(self, dtype: str, variant: str = "torch") -> dict | None:
         """The first (smallest-scale) output of ``variant`` that is wrong while no layer of that variant fails
         and none leaves the dtype's range at that scale: something the probe does not judge broke."""
         st = f"{variant}_status"
         for o in sorted((o for o in self.outputs if o["dtype"] == dtype), key=lambda o: o["scale"]):
-            if not o[variant]["wrong"]:
-                continue
-            at = [c for c in self.cases if c.dtype == dtype and c.scale == o["scale"]]
-            if not any(getattr(c, st) in FAILED or c.torch_status == "range" for c in at):
+            if o[variant]["wrong"] and not self._out_of_range(dtype, o["scale"]) and not any(
+                    c.dtype == dtype and c.scale == o["scale"] and getattr(c, st) in FAILED for c in self.cases):
                 return o
         return None
-
-    @property
-    def norm_layers(self) -> list[str]:
-        """The normalizations judged (one name per layer, in execution order)."""
-        return list(dict.fromkeys(c.layer for c in self.cases if c.is_norm))
 
     def robust_layers(self) -> list[LayerCase]:
         """One case per normalization that normkit.convert leaves and normkit.robust() serves."""
@@ -221,11 +217,7 @@ class ModelResult:
     @property
     def normkit_output_ok(self) -> bool:
         """normkit's model never gives a wrong output that the dtype's range does not explain."""
-        for o in self.outputs:
-            if o["normkit"]["wrong"] and not any(c.dtype == o["dtype"] and c.scale == o["scale"] and
-                                                 c.torch_status == "range" for c in self.cases):
-                return False
-        return True
+        return not any(o["normkit"]["wrong"] and not self._out_of_range(o["dtype"], o["scale"]) for o in self.outputs)
 
     @property
     def ok(self) -> bool:
@@ -309,8 +301,8 @@ class _NormTap(NormCallRecorder):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func not in NORM_FUNCTIONS:
             return super().__torch_function__(func, types, args, kwargs)
-        before = self.recorder.keep(tuple(args)), self.recorder.keep(dict(kwargs or {}))  # batch norm updates
-        # its running statistics in place: its arguments are copied before the call
+        # copied before the call: batch norm updates the running statistics it is given in place
+        before = self.recorder.keep(tuple(args)), self.recorder.keep(dict(kwargs or {}))
         out = super().__torch_function__(func, types, args, kwargs)
         nc = self.calls.pop()
         nc.args, nc.kwargs = before
@@ -417,7 +409,10 @@ def _judge(run: Callable, ref_run: Callable, call: _Call, dtype: torch.dtype) ->
     input to this layer rounded to ``dtype``."""
     top = torch.finfo(dtype).max
     # a functional norm's input is its first argument (the others: parameters, running statistics)
-    inputs = call.args[:1] if call.function is not None else (call.args, call.kwargs)
+    if call.function is not None:
+        inputs = call.args[:1] if call.args else call.kwargs.get("input")
+    else:
+        inputs = (call.args, call.kwargs)
     if any(absmax(t) > top for t in _tensors(inputs)):
         return _Verdict("range", message="input outside the dtype's range")
     with torch.no_grad():
