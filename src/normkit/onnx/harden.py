@@ -242,8 +242,9 @@ def _embed_layer_norm(node: ir.Node, g: sg.Builder, graph: ir.Graph):
     y = sg.layer_norm(g, emb, gamma, beta, [-1], float(_attr(node, "epsilon", 1e-12)), dtype)
     mask_index = None
     if mask is not None and _used(_opt_out(node, 1), graph):
-        mask_index = g.op("Cast", g.reduce("ReduceSum", g.op("Cast", mask, to=ir.DataType.INT64), [1]), to=ir.DataType.INT32)
-        mask_index = g.op("Squeeze", mask_index, g.ints([1])) if g.opset >= 13 else g.op("Squeeze", mask_index, axes=[1])
+        m = g.op("Cast", mask, to=ir.DataType.INT64)  # ReduceSum takes axes as an input from opset 13
+        total = g.op("ReduceSum", m, g.ints([1]), keepdims=0) if g.opset >= 13 else g.op("ReduceSum", m, axes=[1], keepdims=0)
+        mask_index = g.op("Cast", total, to=ir.DataType.INT32)
     return [y, mask_index, emb if _used(_opt_out(node, 2), graph) else None]
 
 
