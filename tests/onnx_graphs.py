@@ -182,10 +182,11 @@ def cast_model(model: onnx.ModelProto, elem: int) -> onnx.ModelProto:
 
 
 # ----------------------------------------------------------------------------------------- the ONNX check, harden more
-def rms_after_matmul(n: int = 64, elem=TP.FLOAT16) -> onnx.ModelProto:
+def rms_after_matmul(n: int = 64, elem=TP.FLOAT16, features="fixed") -> onnx.ModelProto:
     """An exporter's RMSNorm after a projection, ``MatMul -> Pow -> ReduceMean -> Add -> Sqrt ->
     Reciprocal -> Mul -> Mul`` (weights ~ N(0, 1/n), so the projection keeps the input's scale): in float16
-    the squares overflow once ``max|x W|`` passes ``sqrt(65504) ~ 256``."""
+    the squares overflow once ``max|x W|`` passes ``sqrt(65504) ~ 256``. ``features="symbolic"`` declares
+    the input ``(N, K)``, so only running the graph finds that K must be ``n``."""
     rng = np.random.default_rng(0)
     dt = NP[elem]
     nodes = [oh.make_node("MatMul", ["x", "W"], ["h"], name="proj/MatMul"),
@@ -201,7 +202,7 @@ def rms_after_matmul(n: int = 64, elem=TP.FLOAT16) -> onnx.ModelProto:
              oh.make_node("Mul", ["hn", "w"], ["y"], name="norm/Mul_1")]
     inits = [nh.from_array((rng.standard_normal((n, n)) / np.sqrt(n)).astype(dt), "W"),
              nh.from_array(np.linspace(0.5, 1.5, n).astype(dt), "w")]
-    g = oh.make_graph(nodes, "rms", [oh.make_tensor_value_info("x", elem, ["N", n])],
+    g = oh.make_graph(nodes, "rms", [oh.make_tensor_value_info("x", elem, ["N", n if features == "fixed" else "K"])],
                       [oh.make_tensor_value_info("y", elem, ["N", n])], inits)
     return oh.make_model(g, opset_imports=[oh.make_opsetid("", 18)], ir_version=9)
 

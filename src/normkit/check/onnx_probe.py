@@ -262,19 +262,29 @@ def extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str], types
 
 def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     """A float32 graph converted to float16 by onnxconverter-common (inputs and outputs too; it clamps
-    constants to [1e-7, 1e4] in magnitude, as it does for deployment)."""
+    constants to [1e-7, 1e4] in magnitude, as it does for deployment). The converter keeps the graph's
+    own ``Cast(to=float)`` nodes, which then feed float32 into float16 nodes (an exporter's attention
+    scale ``Sqrt(Cast(Shape))``): those are retargeted to float16, as ONNX Runtime's own converter does."""
     try:
         from onnxconverter_common import float16
     except ImportError:
         raise OnnxError("--dtype float16 converts with onnxconverter-common: pip install 'normkit[onnx]'") from None
     import warnings
 
+    own_casts = {n.name for n in model.graph.node if n.op_type == "Cast" and n.name and
+                 any(a.name == "to" and a.i == TP.FLOAT for a in n.attribute)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return float16.convert_float_to_float16(model, keep_io_types=False)
+            out = float16.convert_float_to_float16(model, keep_io_types=False)
         except Exception as exc:
             raise OnnxError(f"onnxconverter-common cannot convert the graph to float16: {_one_line(exc)}") from None
+    for n in out.graph.node:
+        if n.op_type == "Cast" and n.name in own_casts:
+            for a in n.attribute:
+                if a.name == "to" and a.i == TP.FLOAT:
+                    a.i = TP.FLOAT16
+    return out
 
 
 # ------------------------------------------------------------------------------------------ one norm
@@ -290,7 +300,7 @@ def _const(model: onnx.ModelProto, name: str):
 
 def _node_inputs(model: onnx.ModelProto, site: NormSite) -> list[str]:
     for n in model.graph.node:
-        if n.name == site.nodes[-1] and site.outputs and site.outputs[0] in n.output:
+        if site.outputs and site.outputs[0] in n.output:
             return list(n.input)
     return []
 
