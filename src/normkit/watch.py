@@ -5,8 +5,8 @@ GroupNorm, InstanceNorm, BatchNorm on batch statistics) or of its input, ``x**2`
 mean ``sum(x**2) / N`` (the variance), which is never larger than the largest square. A norm layer's
 **headroom** is ``log2(finfo(dtype).max / largest intermediate)``: how many powers of two the input may still
 grow before the squares overflow. BatchNorm on running statistics forms ``x - running_mean`` (no squares).
-The largest square is ``max |x - mean|**2`` over the reduction groups, computed from each group's mean,
-largest and smallest element (:func:`max_deviation`: three reductions, no temporary the size of ``x``).
+The largest square is ``max |x - mean|**2`` over the reduction groups (:func:`max_deviation`: a mean, a
+subtraction and an infinity norm).
 
 What is watched:
 
@@ -39,41 +39,50 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .nn.batchnorm import _FrozenBatchNorm
+
 
 class HeadroomWarning(UserWarning):
     """A norm layer came within the watch's threshold of overflow (issued once per layer)."""
 
 
-@torch.no_grad()
-def max_deviation(x: torch.Tensor, kind: str, dims=None, *, groups: int | None = None,
-                  mean: torch.Tensor | None = None) -> torch.Tensor:
-    """The largest magnitude a textbook norm squares (or, for ``kind="given"``, subtracts), as a 0-D tensor
-    in float32 (float64 for float64 input).
+def extremes(x: torch.Tensor, kind: str, dims=None, *, groups: int | None = None,
+             mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min, max)`` of what a textbook norm squares (or, for ``kind="given"``, subtracts): ``x - mean``
+    per reduction group, or ``x`` itself for ``kind="rms"``; 0-D tensors in float32 (float64 for float64
+    input), no autograd graph (the input is detached). Three kernels at most (mean, subtract, aminmax):
+    cheap enough to run in every training step.
 
-    ``kind``: ``"center"`` ``max|x - mean(x, dims)|`` over the groups of ``dims``; ``"rms"`` ``max|x|``;
-    ``"group"`` centred over ``(N, groups, -1)``; ``"instance"`` centred over dims 2..; ``"batch"`` centred
-    over every dim but 1; ``"given"`` ``max|x - mean|`` with ``mean`` per channel (dim 1).
+    ``kind``: ``"center"`` over the groups of ``dims``; ``"rms"``; ``"group"`` centred over
+    ``(N, groups, -1)``; ``"instance"`` centred over dims 2..; ``"batch"`` centred over every dim but 1;
+    ``"given"`` ``x - mean`` with ``mean`` per channel (dim 1).
     """
     x = x.detach()
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if x.numel() == 0:
-        return torch.zeros((), dtype=acc, device=x.device)
+        zero = torch.zeros((), dtype=acc, device=x.device)
+        return zero, zero
     if kind == "rms":
         lo, hi = torch.aminmax(x)
-        return torch.maximum(hi.to(acc), -lo.to(acc))
+        return lo.to(acc), hi.to(acc)
     if kind == "group":
         x, kind, dims = x.reshape(x.shape[0], groups, -1), "center", (2,)
     elif kind == "instance":
         kind, dims = "center", tuple(range(2, x.dim()))
-    elif kind in ("batch", "given"):
+    elif kind == "batch":
         dims = tuple(d for d in range(x.dim()) if d != 1)
     if kind == "given":
         m = mean.detach().to(device=x.device, dtype=acc).reshape([1, -1] + [1] * (x.dim() - 2))
     else:
         m = x.mean(dims, keepdim=True, dtype=acc)
-    hi = x.amax(dims, keepdim=True).to(acc)
-    lo = x.amin(dims, keepdim=True).to(acc)
-    return torch.maximum((hi - m).max(), (m - lo).max())
+    return torch.aminmax(x - m)
+
+
+def max_deviation(x: torch.Tensor, kind: str, dims=None, *, groups: int | None = None,
+                  mean: torch.Tensor | None = None) -> torch.Tensor:
+    """The largest magnitude of :func:`extremes`' values, ``max(max, -min)``, as a 0-D tensor."""
+    lo, hi = extremes(x, kind, dims, groups=groups, mean=mean)
+    return torch.maximum(hi, -lo)
 
 
 def largest_intermediate(deviation: float, kind: str) -> float:
@@ -82,13 +91,18 @@ def largest_intermediate(deviation: float, kind: str) -> float:
     return deviation if kind == "given" else deviation * deviation
 
 
-def headroom(largest: float, dtype: torch.dtype) -> float:
-    """``log2(finfo(dtype).max / largest)`` in powers of two (``inf`` for 0, ``-inf`` when non-finite)."""
+def headroom(largest: float, dtype: torch.dtype | float) -> float:
+    """``log2(finfo(dtype).max / largest)`` in powers of two (``inf`` for 0, ``-inf`` when non-finite);
+    ``dtype`` may be given as its largest value."""
     if not math.isfinite(largest):
         return -math.inf
     if largest <= 0:
         return math.inf
-    return math.log2(torch.finfo(dtype).max) - math.log2(largest)
+    top = dtype if isinstance(dtype, float) else torch.finfo(dtype).max
+    return math.log2(top) - math.log2(largest)
+
+
+_TOP: dict = {}  # dtype -> (largest value, name)
 
 
 # ------------------------------------------------------------------------------------------ what a call is
@@ -123,8 +137,6 @@ FUNCTIONAL = {
 
 def module_spec(m: nn.Module):
     """``(kind, dims, groups, mean)`` of a norm module's current call, or None for another module."""
-    from .nn.batchnorm import _FrozenBatchNorm
-
     if isinstance(m, nn.LayerNorm):
         return "center", _trailing(m.normalized_shape), None, None
     if isinstance(m, (nn.RMSNorm, nn.LocalResponseNorm)):
@@ -166,6 +178,7 @@ class LayerRecord:
     lowest: float = math.inf
     largest: float = 0.0
     warned: bool = False
+    kinds: set = field(default_factory=set)  # "given" once BatchNorm ran on running statistics
     history: deque = field(default_factory=lambda: deque(maxlen=1000))
 
 
@@ -188,18 +201,21 @@ class Watch:
     """Returned by :func:`watch`. ``records``: name -> :class:`LayerRecord`; ``report()``: a text table;
     ``remove()`` (or leaving a ``with`` block) takes every hook off."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, threshold: float = 2.0, history: int = 1000):
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, threshold: float = 2.0, history: int = 1000,
+                 every: int = 1):
         if not isinstance(model, nn.Module):
             raise TypeError(f"normkit.watch expects a torch.nn.Module, got {type(model).__name__}")
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"normkit.watch: dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}")
-        self.model, self.dtype, self.threshold, self._maxlen = model, dtype, float(threshold), history
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"normkit.watch: every={every!r} must be a positive integer (measure one step in every)")
+        self.model, self.dtype, self.threshold, self._maxlen, self.every = model, dtype, float(threshold), history, every
         self.records: dict[str, LayerRecord] = {}
-        self._pending: list = []  # (name, kind, dtype, deviation tensor) of this step
+        self._pending: list = []  # (record, kind, input dtype, (min, max) tensors) of this step
         self._handles: list = []
         self._hosts: list[str] = []  # stack of host modules whose forward is running (functional calls)
         self._discovering = True
-        self._stack: list = []  # during discovery: (name, module) of every running module
+        self._on, self._steps, self._spying = True, 0, False  # measuring this step; steps seen; mode entered
         self._seen_functional: set[str] = set()
         self._spy = _Spy(self)
         self._modules = dict(model.named_modules())
@@ -217,8 +233,8 @@ class Watch:
         return self.records[name]
 
     def _measure(self, name, x, kind, dims, groups, mean):
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
-            self._pending.append((name, kind, x.dtype, max_deviation(x, kind, dims, groups=groups, mean=mean)))
+        if self._on and isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+            self._pending.append((self.records[name], kind, x.dtype, extremes(x, kind, dims, groups=groups, mean=mean)))
 
     def _module_hook(self, name):
         def hook(module, args):
@@ -239,14 +255,16 @@ class Watch:
 
     def _push(self, name):
         self._hosts.append(name)
-        if len(self._hosts) == 1 and not self._discovering:
+        if len(self._hosts) == 1 and not self._discovering and self._on:
             self._spy.__enter__()
+            self._spying = True
 
     def _pop(self):
         if self._hosts:
             self._hosts.pop()
-            if not self._hosts and not self._discovering:
+            if not self._hosts and self._spying:
                 self._spy.__exit__(None, None, None)
+                self._spying = False
 
     def _push_pop_hooks(self, name, m) -> list:
         return [m.register_forward_pre_hook(lambda module, args: self._push(name)),
@@ -283,8 +301,12 @@ class Watch:
             self._finish_discovery()
         elif self._hosts:
             self._hosts.clear()
-            self._spy.__exit__(None, None, None)
+            if self._spying:
+                self._spy.__exit__(None, None, None)
+                self._spying = False
         self.flush()
+        self._steps += 1
+        self._on = self._steps % self.every == 0
 
     # ------------------------------------------------------------------ results
     def flush(self) -> None:
@@ -293,26 +315,34 @@ class Watch:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        values = torch.stack([p[3].to(torch.float64 if p[3].device.type == "cpu" else torch.float32)
-                              for p in pending]).tolist()
+        if all(p[3][0].device.type == "cpu" for p in pending):
+            values = [(lo.item(), hi.item()) for _, _, _, (lo, hi) in pending]  # no device to wait for
+        else:  # one host sync for the whole step
+            values = torch.stack([t.to(torch.float32) for p in pending for t in p[3]]).view(-1, 2).tolist()
         step: dict[str, float] = {}
-        for (name, kind, dtype, _), dev in zip(pending, values):
-            rec = self.records[name]
+        for (rec, kind, dtype, _), (lo, hi) in zip(pending, values):
+            name = rec.name
             judged = self.dtype or dtype
-            rec.dtype = str(judged).replace("torch.", "")
-            big = largest_intermediate(dev, kind)
-            h = headroom(big, judged)
+            if judged not in _TOP:
+                _TOP[judged] = (torch.finfo(judged).max, str(judged).replace("torch.", ""))
+            rec.dtype = _TOP[judged][1]
+            big = largest_intermediate(max(hi, -lo), kind)
             rec.calls += 1
             rec.largest = max(rec.largest, big)
-            step[name] = min(step.get(name, math.inf), h)
+            if kind == "given":
+                rec.kinds.add(kind)
+            h = headroom(big, _TOP[judged][0])
+            if h < step.get(name, math.inf):
+                step[name] = h
+        recs = {p[0].name: p[0] for p in pending}
         for name, h in step.items():
-            rec = self.records[name]
-            rec.last, rec.lowest = h, min(rec.lowest, h)
+            rec = recs[name]
+            rec.last = h
+            rec.lowest = min(rec.lowest, h)
             rec.history.append(h)
             if h < self.threshold and not rec.warned:
                 rec.warned = True
-                term = "its input's distance from the running mean" if "given" in (p[1] for p in pending if p[0] == name) \
-                    else "its largest square"
+                term = "its input's distance from the running mean" if rec.kinds else "its largest square"
                 warnings.warn(f"normkit.watch: {rec.name} ({rec.what}) is {h:.1f} powers of two from {rec.dtype} "
                               f"overflow: {term} reached {rec.largest:.3g} ({rec.dtype} max "
                               f"{torch.finfo(getattr(torch, rec.dtype)).max:.3g})", HeadroomWarning, stacklevel=2)
@@ -338,12 +368,14 @@ class Watch:
         self.remove()
 
 
-def watch(model: nn.Module, *, dtype: torch.dtype | None = None, threshold: float = 2.0, history: int = 1000) -> Watch:
+def watch(model: nn.Module, *, dtype: torch.dtype | None = None, threshold: float = 2.0, history: int = 1000,
+          every: int = 1) -> Watch:
     """Watch every norm layer of ``model`` during its forward calls (see the module docstring).
 
     ``dtype``: judge every layer against this dtype's largest value (e.g. ``torch.float16`` for a model
     trained in float32 and deployed in float16); default: each call's input dtype. ``threshold``: warn once a
     layer's headroom falls below this many powers of two (default 2). ``history``: steps kept per layer.
+    ``every``: measure one forward in ``every`` (the hooks of the others return at once).
     Returns a :class:`Watch`; use it as a context manager or call ``remove()`` when done.
     """
-    return Watch(model, dtype, threshold, history)
+    return Watch(model, dtype, threshold, history, every)
