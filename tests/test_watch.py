@@ -198,11 +198,22 @@ def test_root_module_calling_a_functional_norm():
     assert rec.last == pytest.approx(oracle(x * 10, per_group(2)), abs=1e-6)
 
 
+def test_every_measures_one_step_in_n():
+    model = nn.Sequential(LayerNorm2d(4), nn.LayerNorm(5))
+    w = watch(model, every=3)
+    for _ in range(7):
+        model(torch.randn(2, 4, 5, 5))
+    assert w.records["0"].calls == 3 and w.records["1"].calls == 3  # steps 0, 3, 6
+    assert not torch.overrides._get_current_function_mode_stack()
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         watch(lambda x: x)
     with pytest.raises(TypeError, match="floating torch.dtype"):
         watch(nn.LayerNorm(3), dtype=torch.int32)
+    with pytest.raises(ValueError, match="every=0 must be a positive integer"):
+        watch(nn.LayerNorm(3), every=0)
 
 
 def test_report_lists_every_layer():

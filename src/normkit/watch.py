@@ -238,6 +238,8 @@ class Watch:
 
     def _module_hook(self, name):
         def hook(module, args):
+            if not self._on:
+                return
             spec = module_spec(module) or _by_class_name(module)
             if args and spec is not None:
                 self._measure(name, args[0], *spec)
