@@ -79,7 +79,7 @@ def finding(result: OnnxResult) -> str:
     if c.headroom is not None and c.largest is not None:
         text += (f"; {c.largest_what} reaches {_mag(c.largest)}, "
                  + (f"{-c.headroom:.1f} powers of two beyond" if c.headroom < 0 else f"{c.headroom:.1f} powers of two below")
-                 + f" {result.dtype}'s largest value {_mag(c.top)}")
+                 + f" {result.dtype}'s largest value {num(c.top)}")
     if c.error is not None:
         text += f"; error {fmt_err(c.error)}"
     if c.message and c.status != "overflow":
@@ -237,13 +237,13 @@ def plots(result: OnnxResult, fixed: OnnxResult | None, out_dir: Path) -> list[s
         hs += [c.headroom for c in fixed.cases if c.headroom is not None and math.isfinite(c.headroom)]
     for k, s in enumerate(result.scales):
         col = SCALE_COLORS[k % len(SCALE_COLORS)]
-        dx = (k - (len(result.scales) - 1) / 2) * 0.12
+        dx = (k - (len(result.scales) - 1) / 2) * min(0.22, 0.8 / len(result.scales))  # scales side by side
         pts = [(c.index, c.headroom) for c in result.cases if c.scale == s and c.headroom is not None and math.isfinite(c.headroom)]
-        ax.plot([i + dx - (0.06 if fixed else 0) for i, _ in pts], [h for _, h in pts], "x", color=col, ms=8, mew=2)
+        ax.plot([i + dx - (0.04 if fixed else 0) for i, _ in pts], [h for _, h in pts], "x", color=col, ms=8, mew=2)
         if fixed is not None:
             fpts = [(i, d.headroom) for i, j in pair.items() if j is not None for d in fixed.cases_of(j)
                     if d.scale == s and d.headroom is not None and math.isfinite(d.headroom)]
-            ax.plot([i + dx + 0.06 for i, _ in fpts], [h for _, h in fpts], "o", color=col, ms=6, mfc="none", mew=1.5)
+            ax.plot([i + dx + 0.04 for i, _ in fpts], [h for _, h in fpts], "o", color=col, ms=6, mfc="none", mew=1.5)
         handles.append(Line2D([], [], color=col, marker="s", ls="", label=f"input scale {num(s)}"))
     handles.append(Line2D([], [], color="k", marker="x", ls="", label="original"))
     if fixed is not None:
@@ -257,7 +257,7 @@ def plots(result: OnnxResult, fixed: OnnxResult | None, out_dir: Path) -> list[s
     ax.set_xlim(-0.7, n - 0.3)
     ax.set_ylabel(f"headroom: log2({result.dtype} max / largest intermediate)", fontsize=8)
     ax.grid(True, axis="y", lw=0.3, alpha=0.6)
-    ax.legend(handles=handles, fontsize=7, loc="best")
+    ax.legend(handles=handles, fontsize=7, loc="lower left")
     ax.set_title(f"{result.file}: {result.dtype} headroom per normalization (red: overflows; yellow: within 2 powers "
                  f"of two)", fontsize=9)
     fig.tight_layout()
