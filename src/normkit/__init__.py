@@ -39,12 +39,13 @@ from ._stats import Moments, merge_moments, moments
 from .convert import convert, fold_batchnorm, revert
 from ._native import build, get_backend, set_backend, status
 from .robust import robust
+from .watch import watch
 
 __version__ = "0.1.0"
 
 __all__ = ["functional", "nn", "models", "convert", "revert", "fold_batchnorm", "robust", "Moments", "merge_moments", "moments", "__version__",
            "NormArgumentError", "UnsupportedDtypeError", "MixedDtypeError", "build", "get_backend", "set_backend", "status",
-           "export_onnx", "harden_onnx", "verify_onnx"]
+           "export_onnx", "harden_onnx", "verify_onnx", "watch"]
 
 _ONNX_NAMES = ("export_onnx", "harden_onnx", "verify_onnx")
 

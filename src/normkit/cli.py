@@ -61,6 +61,16 @@ COMMANDS = [
 ]
 
 
+ONNX_CHECK = Command("check", COMMANDS[0].help, "normkit.check.onnx_command", ONNX_MODULES, "onnx")
+
+
+def _command_of(c: Command, argv: list[str]) -> Command:
+    """``normkit check MODEL.onnx`` (any argument ending in .onnx) is the ONNX check, with its own arguments."""
+    if c.name == "check" and any(a.endswith(".onnx") and not a.startswith("-") for a in argv):
+        return ONNX_CHECK
+    return c
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, no usage dump
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
@@ -168,6 +178,7 @@ def main(argv=None) -> int:
         p = sub.add_parser(c.name, help=c.help, description=c.help, parents=[common],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if c.name == chosen:
+            c = _command_of(c, argv)
             missing = _missing(c)
             if missing:
                 print(f"normkit {c.name}: needs the {c.extra} extra ({', '.join(missing)} not installed); "
