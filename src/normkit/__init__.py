@@ -29,8 +29,9 @@ ONNX (the "onnx" extra: pip install 'normkit[onnx]'; imported on first use)
     normkit.onnx                 the same, with compare_onnx (original vs hardened file against float64)
 
 Checking
+    watch(model)                 each norm layer's headroom during training (HeadroomWarning near overflow)
     normkit.check.probe_model(model, shape)   where a model's norm layers break (dtype, scale, layer)
-    the ``normkit`` command: check | export | harden | build (``normkit --help``)
+    the ``normkit`` command: check [MODEL.onnx] | export | harden | build (``normkit --help``)
 """
 
 from . import functional, models, nn
