@@ -194,3 +194,26 @@ def test_robust_handles_each_call_once_without_reentering():
         nn.BatchNorm2d(5)(x)
         F.local_response_norm(x, 3)
     assert seen == [F.layer_norm, F.batch_norm, F.local_response_norm]
+
+
+# ------------------------------------------------------------------------------- record_norm_calls
+class _PermuteLayerNorm2d(torch.nn.LayerNorm):
+    """ConvNeXt's LayerNorm2d: a functional layer norm inside its own forward, over channels of NCHW."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def test_record_norm_calls_names_the_innermost_module():
+    from normkit.robust import record_norm_calls
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Sequential(_PermuteLayerNorm2d(4), torch.nn.BatchNorm2d(4)))
+    x = torch.randn(2, 3, 5, 5)
+    with record_norm_calls(model) as rec:
+        y = model(x)
+    assert [(c.function, c.module, c.module_type) for c in rec.calls] == [
+        ("layer_norm", "1.0", "_PermuteLayerNorm2d"), ("batch_norm", "1.1", "BatchNorm2d")]
+    assert rec.calls[1].output.shape == y.shape
+    torch.testing.assert_close(rec.calls[1].output, y, rtol=0, atol=0)  # recording changes nothing
