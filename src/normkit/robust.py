@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -25,51 +26,80 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import functional as nf
+from .nn._toolchain import NotScriptable
 
 
-# torch.* aten-level signatures (argument order differs from torch.nn.functional's) -> normkit
-def _torch_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled=True):
-    return nf.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+# torch.* aten-level signatures (argument order differs from torch.nn.functional's) -> ``ns``'s functional form
+def _torch_batch_norm(ns, input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled=True):
+    return ns.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
-def _torch_instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+def _torch_instance_norm(ns, input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
                          cudnn_enabled=True):
-    return nf.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    return ns.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
 
 
-def _torch_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
-    return nf.layer_norm(input, normalized_shape, weight, bias, eps)
+def _torch_layer_norm(ns, input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    return ns.layer_norm(input, normalized_shape, weight, bias, eps)
 
 
-def _torch_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
-    return nf.group_norm(input, num_groups, weight, bias, eps)
+def _torch_group_norm(ns, input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    return ns.group_norm(input, num_groups, weight, bias, eps)
 
 
-# the dispatch table: torch function -> the normkit function that takes its arguments
-ROUTES = {
-    F.batch_norm: nf.batch_norm,
+class _Same:
+    """``ns.<name>(*args, **kwargs)``, with ``ns.<name>`` looked up at call time: under
+    ``torch.fx.symbolic_trace`` the module-level names of :mod:`normkit.functional` are fx's wrappers, so a
+    routed call is recorded as one node, as a call from normkit's own modules is."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, ns, *args, **kwargs):
+        return getattr(ns, self.name)(*args, **kwargs)
+
+
+# torch function -> an adapter ``(ns, *args, **kwargs)`` calling ``ns``'s function of torch.nn.functional's signature
+_ADAPTERS = {
+    F.batch_norm: _Same("batch_norm"),
     torch.batch_norm: _torch_batch_norm,
-    F.instance_norm: nf.instance_norm,
+    F.instance_norm: _Same("instance_norm"),
     torch.instance_norm: _torch_instance_norm,
-    F.layer_norm: nf.layer_norm,
+    F.layer_norm: _Same("layer_norm"),
     torch.layer_norm: _torch_layer_norm,
-    F.group_norm: nf.group_norm,
+    F.group_norm: _Same("group_norm"),
     torch.group_norm: _torch_group_norm,
-    F.rms_norm: nf.rms_norm,
-    torch.rms_norm: nf.rms_norm,
-    F.local_response_norm: nf.local_response_norm,
+    F.rms_norm: _Same("rms_norm"),
+    torch.rms_norm: _Same("rms_norm"),
+    F.local_response_norm: _Same("local_response_norm"),
 }
+
+
+def routes(ns=nf) -> dict:
+    """The dispatch table: every torch functional normalization -> a callable taking its arguments and
+    computing with ``ns`` (a namespace with ``torch.nn.functional``'s signatures for ``batch_norm``,
+    ``instance_norm``, ``layer_norm``, ``group_norm``, ``rms_norm``, ``local_response_norm``;
+    :mod:`normkit.functional` by default, ONNX export passes its own)."""
+    return {func: partial(adapter, ns) for func, adapter in _ADAPTERS.items()}
+
+
+ROUTES = routes()
 
 
 class RobustMode(TorchFunctionMode, contextlib.ContextDecorator):
     """The mode behind :func:`robust`: a context manager and a decorator; nests (an inner mode handles the
-    call, the outer ones see only the ops normkit is made of, which they pass through)."""
+    call, the outer ones see only the ops normkit is made of, which they pass through). ``table``: the
+    dispatch table (:data:`ROUTES` by default; see :func:`routes`)."""
+
+    def __init__(self, table: dict | None = None) -> None:
+        super().__init__()
+        self.table = ROUTES if table is None else table
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        return ROUTES.get(func, func)(*args, **(kwargs or {}))
+        return self.table.get(func, func)(*args, **(kwargs or {}))
 
     def _recreate_cm(self):  # each decorated call enters a mode of its own (re-entrant, thread-safe)
-        return type(self)()
+        return type(self)(self.table)
 
 
 def robust() -> RobustMode:
@@ -152,3 +182,51 @@ def record_norm_calls(model: nn.Module | None = None) -> NormCallRecorder:
     changed: the calls run as they would. This is how normkit sees norms that live inside other classes'
     own ``forward`` (timm's ``BatchNormAct2d``, a permute-LayerNorm-permute ``LayerNorm2d``)."""
     return NormCallRecorder(model)
+
+
+# ------------------------------------------------------------------------------------ hardened classes
+class Hardened(NotScriptable):
+    """The base of the classes :func:`hardened_class` makes: the wrapped class's own ``forward`` runs as
+    written (its permutes, activation, drop path, rank checks), with the torch functional normalization
+    calls it makes routed to normkit (:class:`RobustMode`). Pickling (``torch.save`` of a whole model,
+    ``copy.deepcopy``) rebuilds the class from the wrapped one."""
+
+    _normkit_wraps: type
+
+    def forward(self, *args, **kwargs):
+        with RobustMode():
+            return self._normkit_wraps.forward(self, *args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        rebuild, args, *rest = super().__reduce_ex__(protocol)  # args[0] is type(self), not importable by name
+        return (_rebuild_hardened, (rebuild, self._normkit_wraps, args[1:]), *rest)
+
+
+_HARDENED: dict[type, type] = {}
+
+
+def hardened_class(cls: type) -> type:
+    """The hardened subclass of ``cls`` (made once per class): same name, same everything, except that
+    ``forward`` runs under :class:`RobustMode`."""
+    h = _HARDENED.get(cls)
+    if h is None:
+        h = type(cls.__name__, (Hardened, cls), {"_normkit_wraps": cls, "__module__": cls.__module__,
+                                                  "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+        _HARDENED[cls] = h
+    return h
+
+
+def _rebuild_hardened(rebuild, cls: type, args: tuple):
+    return rebuild(hardened_class(cls), *args)
+
+
+def harden(module: nn.Module) -> None:
+    """Make ``module`` (in place) an instance of :func:`hardened_class` of its class: parameters, buffers,
+    hooks, state-dict keys and training mode are untouched; :func:`unharden` gives the class back."""
+    module.__class__ = hardened_class(type(module))
+
+
+def unharden(module: nn.Module) -> None:
+    """The inverse of :func:`harden` (a module that is not hardened is left as it is)."""
+    if isinstance(module, Hardened):
+        module.__class__ = type(module)._normkit_wraps
