@@ -330,10 +330,10 @@ def oracle(h: Hypothesis, x: Tensor, module: nn.Module, eps: float) -> Tensor:
 def _hypotheses(module: nn.Module) -> list[Hypothesis]:
     if _own_tensor(module, "running_mean") is not None and _own_tensor(module, "running_var") is not None:
         return [Hypothesis("frozen_bn", "channels")]
-    if isinstance(getattr(module, "num_groups", None), int):
-        return [Hypothesis("group", "channels")]
     w = _own_tensor(module, "weight")
     offsets = (0.0, 1.0) if w is not None else (0.0,)
+    if isinstance(getattr(module, "num_groups", None), int):
+        return [Hypothesis("group", "channels", offset) for offset in offsets]
     layouts = ("trailing", "channels") if w is None or w.dim() == 1 else ("trailing",)
     return [Hypothesis(kind, layout, offset) for layout in layouts for kind in ("rms", "layer") for offset in offsets]
 
@@ -394,7 +394,7 @@ def _twin(h: Hypothesis, module: nn.Module, eps: float, casting_mode: str = "tor
         attrs.update(num_features=module._buffers["running_mean"].numel(), casting_mode=casting_mode)
         return Twin(nnk.FrozenBatchNorm2d, tuple(attrs.items()))
     if h.kind == "group":
-        attrs.update(num_channels=_channels(module), affine=w is not None)
+        attrs.update(num_channels=_channels(module), affine=w is not None, casting_mode=casting_mode, offset=h.offset)
         if not hasattr(module, "bias"):
             attrs["bias"] = None
         return Twin(nnk.GroupNorm, tuple(attrs.items()))
@@ -507,7 +507,7 @@ def _recognize(module: nn.Module, seed: int) -> Finding:
     h, inputs = _match(module, probe, eps, shapes, generator)
     if h is None:
         return Finding("left", inputs, recipe=_ROBUST_RECIPE)
-    modes = {"rms": CASTING_MODES, "layer": CASTING_MODES, "frozen_bn": ("torch", "promote")}.get(h.kind, ("torch",))
+    modes = ("torch", "promote") if h.kind == "frozen_bn" else CASTING_MODES
     mode, why = _dtype_fits(probe, h, eps, modes, inputs[0])
     if mode is None:
         return Finding("left", f"its float64 output is {h.describe(eps)}, but {why}",

@@ -1,8 +1,9 @@
 """LayerNorm, GroupNorm, RMSNorm and LocalResponseNorm: torch's classes over normkit's math.
 
-``LayerNorm`` and ``RMSNorm`` take three keyword-only options beyond torch's (the defaults are torch's
-behaviour, so with them repr and state dict are torch's own). They let one normkit module stand for the
-hand-written norms of other libraries (``normkit.convert`` sets them from a probe of the original):
+``LayerNorm`` and ``RMSNorm`` take three keyword-only options beyond torch's, ``GroupNorm`` the first two
+(the defaults are torch's behaviour, so with them repr and state dict are torch's own). They let one normkit
+module stand for the hand-written norms of other libraries (``normkit.convert`` sets them from a probe of
+the original):
 
 * ``offset``: the weight applied is ``offset + weight`` (Gemma's ``1 + weight``, TransformerEngine's
   ``zero_centered_gamma``, Liger-Kernel's ``offset``); the state dict holds ``weight`` as it was trained.
@@ -16,7 +17,7 @@ hand-written norms of other libraries (``normkit.convert`` sets them from a prob
   mode          output                                                          who computes this way
   ============  ==============================================================  ================================
   ``"torch"``   ``(x_hat * w + b)`` rounded once to the input's dtype            torch's ``F.rms_norm`` /
-                (``w`` with an offset is formed in ``ct``)                       ``F.layer_norm``; Gemma (offset 1)
+                (with an offset, ``w`` and ``b`` are formed in ``ct``)           ``F.layer_norm``; Gemma (offset 1)
   ``"gemma"``   the same, with ``x``, ``w`` and ``b`` all cast to ``ct`` first   Gemma-style ``(x.float() * ...
                 (any parameter dtype is accepted)                                w.float()).type_as(x)``
   ``"llama"``   ``w * x_hat.to(x.dtype) + b``, torch's type promotion            Hugging Face Llama, Mistral,
@@ -47,12 +48,12 @@ CASTING_MODES = ("torch", "gemma", "llama", "t5")
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _check_options(cls: str, normalized_shape, affine: bool, casting_mode: str, offset: float, channels_first: bool) -> None:
+def _check_options(cls: str, normalized_shape, affine: str | None, casting_mode: str, offset: float, channels_first: bool) -> None:
     if casting_mode not in CASTING_MODES:
         raise ValueError(f"{cls}: unknown casting_mode {casting_mode!r}; expected one of {', '.join(map(repr, CASTING_MODES))}")
-    if offset != 0 and not affine:
-        raise ValueError(f"{cls}: offset={offset} is added to the weight, and elementwise_affine=False has none; "
-                         f"pass elementwise_affine=True, or offset=0.0")
+    if offset != 0 and affine:
+        raise ValueError(f"{cls}: offset={offset} is added to the weight, and {affine}=False has none; "
+                         f"pass {affine}=True, or offset=0.0")
     if channels_first and len(normalized_shape) != 1:
         raise ValueError(f"{cls}: channels_first=True normalizes dim 1 alone, so normalized_shape must be (C,), "
                          f"got {tuple(normalized_shape)}")
@@ -67,8 +68,9 @@ def with_casting(norm, input: Tensor, weight: Tensor | None, bias: Tensor | None
     x = input.movedim(1, -1) if channels_first and input.dim() > 2 else input
     ct = compute_dtype(x.dtype)
     if casting_mode == "torch":
-        w = weight if weight is None or offset == 0 else weight.to(ct) + offset
-        y = norm(x, w, bias)
+        if weight is not None and offset != 0:  # the offset weight in ct (and the bias with it: one parameter dtype)
+            weight, bias = weight.to(ct) + offset, None if bias is None else bias.to(ct)
+        y = norm(x, weight, bias)
     elif casting_mode == "gemma":
         w = None if weight is None else weight.to(ct) + offset
         y = norm(x.to(ct), w, None if bias is None else bias.to(ct)).to(x.dtype)
@@ -102,6 +104,13 @@ def rms_norm_module(input: Tensor, normalized_shape, weight: Tensor | None, eps:
     return with_casting(norm, input, weight, None, casting_mode=casting_mode, offset=offset, channels_first=channels_first)
 
 
+def group_norm_module(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float, *,
+                      casting_mode: str = "torch", offset: float = 0.0) -> Tensor:
+    """:class:`GroupNorm`'s computation with its options, as one fx-wrapped function (one fx node per call)."""
+    norm = partial(channels_last_group_norm, num_groups=num_groups, eps=eps)
+    return with_casting(norm, input, weight, bias, casting_mode=casting_mode, offset=offset, channels_first=True)
+
+
 def _layer_norm(x, weight, bias, *, normalized_shape, eps):
     return nf.layer_norm(x, normalized_shape, weight, bias, eps)
 
@@ -110,8 +119,15 @@ def _rms_norm(x, weight, bias, *, normalized_shape, eps):
     return nf.rms_norm(x, normalized_shape, weight, eps)
 
 
+def channels_last_group_norm(x, weight, bias, *, num_groups, eps, group_norm=nf.group_norm):
+    """``group_norm`` (``torch.nn.functional``'s signature) of an input whose channels are its last dim, as
+    :func:`with_casting` hands it over (``channels_first=True``)."""
+    return group_norm(x.movedim(-1, 1), num_groups, weight, bias, eps).movedim(1, -1)
+
+
 torch.fx.wrap("layer_norm_module")
 torch.fx.wrap("rms_norm_module")
+torch.fx.wrap("group_norm_module")
 
 
 class _Options:
@@ -122,9 +138,13 @@ class _Options:
     offset: float = 0.0
     channels_first: bool = False
 
-    def _set_options(self, casting_mode: str, offset: float, channels_first: bool) -> None:
-        _check_options(type(self).__name__, self.normalized_shape, self.elementwise_affine, casting_mode, offset, channels_first)
-        self.casting_mode, self.offset, self.channels_first = casting_mode, float(offset), bool(channels_first)
+    def _set_options(self, casting_mode: str, offset: float, channels_first: bool = False) -> None:
+        affine = "affine" if isinstance(self, nn.GroupNorm) else "elementwise_affine"
+        _check_options(type(self).__name__, getattr(self, "normalized_shape", None),
+                       None if getattr(self, affine) else affine, casting_mode, offset, channels_first)
+        self.casting_mode, self.offset = casting_mode, float(offset)
+        if channels_first:
+            self.channels_first = True
 
     def _plain(self) -> bool:
         return self.casting_mode == "torch" and not self.offset and not self.channels_first
@@ -155,11 +175,23 @@ class LayerNorm(_Options, NotScriptable, nn.LayerNorm):
         return layer_norm_module(input, self.normalized_shape, self.weight, self.bias, self.eps, **self._options())
 
 
-class GroupNorm(NotScriptable, nn.GroupNorm):
-    """Drop-in for ``torch.nn.GroupNorm``."""
+class GroupNorm(_Options, NotScriptable, nn.GroupNorm):
+    """Drop-in for ``torch.nn.GroupNorm``; keyword-only ``casting_mode`` and ``offset`` as in the module
+    docstring (defaults: torch's; a group norm always normalizes the channels, dim 1)."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
+                 dtype=None, *, bias: bool = True, casting_mode: str = "torch", offset: float = 0.0) -> None:
+        extra = {} if bias else {"bias": False}  # torch < 2.13 has no bias argument (and raises for bias=False)
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, **extra)
+        self._set_options(casting_mode, offset)
 
     def forward(self, input: Tensor) -> Tensor:
-        return nf.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        if self._plain():
+            return nf.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return group_norm_module(input, self.num_groups, self.weight, self.bias, self.eps, **self._options())
+
+    def _options(self) -> dict:
+        return {"casting_mode": self.casting_mode, "offset": self.offset}
 
 
 class RMSNorm(_Options, NotScriptable, nn.RMSNorm):

@@ -43,7 +43,7 @@ from ..convert import convert
 from ..nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
                   LayerNorm, LocalResponseNorm, RMSNorm)
 from ..nn.batchnorm import _FrozenBatchNorm
-from ..nn.normalization import with_casting
+from ..nn.normalization import channels_last_group_norm, with_casting
 from ..robust import Hardened, RobustMode, routes, unharden
 from ._errors import OnnxError
 from .harden import PENDING, HardenReport, finalize, harden_ir
@@ -115,17 +115,19 @@ class _Stub(nn.Module):
             return _onnx_instance_norm(x, weight=m.weight, bias=m.bias, eps=m.eps)
         if self.kind == "layer_norm":
             core = partial(_onnx_layer_norm, normalized_shape=m.normalized_shape, eps=m.eps)
-            return with_casting(core, x, m.weight, getattr(m, "bias", None), **_options(m))
+            return with_casting(core, x, m.weight, getattr(m, "bias", None), **_options(m), channels_first=m.channels_first)
         if self.kind == "group_norm":
-            return _onnx_group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
+            core = partial(channels_last_group_norm, num_groups=m.num_groups, eps=m.eps, group_norm=_onnx_group_norm)
+            return with_casting(core, x, m.weight, m.bias, **_options(m), channels_first=True)
         if self.kind == "rms_norm":
             core = partial(_onnx_rms_norm, normalized_shape=m.normalized_shape, eps=m.eps)
-            return with_casting(core, x, m.weight, None, **_options(m))
+            return with_casting(core, x, m.weight, None, **_options(m), channels_first=m.channels_first)
         return _lrn(x, m.size, float(m.alpha), float(m.beta), float(m.k), m.convention, m.region)
 
 
 def _options(m: nn.Module) -> dict:
-    return {name: getattr(m, name, default) for name, default in (("casting_mode", "torch"), ("offset", 0.0), ("channels_first", False))}
+    """The layer's casting mode and weight offset (a torch-compatible default where it has none)."""
+    return {"casting_mode": getattr(m, "casting_mode", "torch"), "offset": getattr(m, "offset", 0.0)}
 
 
 # The custom ops with torch.nn.functional's signatures: what the stubs call and what the routing table sends
