@@ -24,7 +24,8 @@ from torch import nn
 
 from .convert import _TORCH_OF, TWINS, Swap, _check_model, _own_methods, warn_left
 from .nn.batchnorm import _FrozenBatchNorm
-from .recognize import PROOF_TOL, _match, _run, norm_like, probe_shapes, rel_error
+from .recognize import (PROOF_TOL, frozen_batchnorm_proof, norm_like, probe_input, probe_shapes, randomized_copy, rel_error,
+                        seeded_call, single_threaded)
 from .reference import keep_float64
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -61,22 +62,16 @@ def _tail_proof(bn: nn.Module) -> str | None:
     """Why ``bn`` (a BatchNorm subclass with a forward of its own) is not provably ``tail(batch_norm(x))``,
     ``tail`` its submodules in order (None if it is): a float64 copy with random statistics runs in eval
     mode on a probe input and is compared with torch's own ``F.batch_norm`` followed by the tail."""
-    probe = copy.deepcopy(bn).double().eval()
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        probe.running_mean.uniform_(-1, 1, generator=generator)
-        probe.running_var.uniform_(0.5, 2, generator=generator)
-        for p in (probe.weight, probe.bias):
-            if p is not None:
-                p.uniform_(-1.5, 1.5, generator=generator)
+    probe = randomized_copy(bn, generator).eval()
     tail = nn.Sequential(OrderedDict(probe.named_children()))
     worst = 0.0
     for shape in [s for s in probe_shapes(bn)["channels"] if len(s) in _ranks_of(bn)]:
-        x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 0.5
+        x = probe_input(shape, generator).to(probe.running_mean.device)
         try:
-            with torch.no_grad(), keep_float64():
-                got = _run(probe, x)
-                want = _run(tail, F.batch_norm(x, probe.running_mean, probe.running_var, probe.weight, probe.bias, False, 0.0, probe.eps))
+            with torch.no_grad(), keep_float64(), single_threaded():
+                got = seeded_call(probe, x)
+                want = seeded_call(tail, F.batch_norm(x, probe.running_mean, probe.running_var, probe.weight, probe.bias, False, 0.0, probe.eps))
         except Exception as exc:
             return f"its own forward could not be probed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         worst = max(worst, rel_error(got, want))
@@ -114,17 +109,8 @@ def _find_form(bn: nn.Module) -> _Form | str:
     if any(bn.children()):
         return f"{type(bn).__name__} has submodules ({', '.join(n for n, _ in bn.named_children())}) and no BatchNorm forward"
     # hand-written: frozen statistics applied by its own code (torchvision's FrozenBatchNorm2d)
-    eps = getattr(bn, "eps", None)
-    if not isinstance(eps, (int, float)):
-        return f"{type(bn).__name__} holds running statistics but no numeric eps"
-    h, why = _match(bn, _randomized_frozen(bn), float(eps), probe_shapes(bn), torch.Generator().manual_seed(0))
-    return _Form() if h is not None and h.kind == "frozen_bn" else f"{type(bn).__name__} is not provably a frozen batch norm: {why}"
-
-
-def _randomized_frozen(bn: nn.Module) -> nn.Module:
-    from .recognize import _randomized
-
-    return _randomized(bn, torch.Generator().manual_seed(1))
+    why = frozen_batchnorm_proof(bn)
+    return why or _Form()
 
 
 def _fold_into(layer: nn.Module, bn: nn.Module) -> bool:

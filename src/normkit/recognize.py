@@ -214,7 +214,7 @@ def _generator(device: torch.device) -> torch.Generator:
 _PROBE_RNG = torch.Generator().manual_seed(0).get_state()
 
 
-def _run(module: nn.Module, x: Tensor):
+def seeded_call(module: nn.Module, x: Tensor):
     """``module(x)`` with the global random number generator of ``x``'s device in one fixed state (dropout
     draws the same on every run), then back in the state it had."""
     gen = _generator(x.device)
@@ -247,6 +247,19 @@ def _device(module: nn.Module) -> torch.device:
     return torch.device("cpu") if t is None else t.device
 
 
+def frozen_batchnorm_proof(module: nn.Module) -> str | None:
+    """Why ``module`` -- frozen ``running_mean``/``running_var`` applied by its own code, torchvision's
+    ``FrozenBatchNorm2d`` -- is not provably frozen batch norm on 4-D input (None when it is): the float64
+    probe of :func:`recognize` alone, without the dtype probe (for :func:`normkit.fold_batchnorm`)."""
+    eps = getattr(module, "eps", None)
+    if not isinstance(eps, (int, float)):
+        return f"{type(module).__name__} holds running statistics but no numeric eps"
+    generator = torch.Generator().manual_seed(0)
+    with single_threaded():
+        h, why = _match(module, randomized_copy(module, generator), float(eps), probe_shapes(module), generator)
+    return None if h is not None and h.kind == "frozen_bn" else f"{type(module).__name__} is not provably a frozen batch norm: {why}"
+
+
 # ----------------------------------------------------------------------------- 1: functional norm calls
 def _own_calls(module: nn.Module, shapes: list[tuple], generator: torch.Generator):
     """Run a float64 copy under ``record_norm_calls`` on the first two shapes it takes: ``(ran, calls,
@@ -259,7 +272,7 @@ def _own_calls(module: nn.Module, shapes: list[tuple], generator: torch.Generato
         x = probe_input(shape, generator).to(_device(module))
         try:
             with torch.no_grad(), keep_float64(), record_norm_calls(probe) as rec:
-                out = _run(probe, x)
+                out = seeded_call(probe, x)
         except Exception as exc:  # a shape the module does not take: try the next
             error = exc
             continue
@@ -276,7 +289,7 @@ def _harden_proof(module: nn.Module, ran: list) -> float:
     worst = 0.0
     for x, _ in ran:
         with torch.no_grad(), keep_float64():
-            worst = max(worst, rel_error(_run(hardened, x), _run(original, x)))
+            worst = max(worst, rel_error(seeded_call(hardened, x), seeded_call(original, x)))
     return worst
 
 
@@ -297,7 +310,7 @@ class Hypothesis:
         return f"{what}{where}{weight}, eps={eps:g}"
 
 
-def _view(t: Tensor | None, x: Tensor, layout: str, ndim: int) -> Tensor | None:
+def _view(t: Tensor | None, x: Tensor, layout: str) -> Tensor | None:
     """A per-feature tensor shaped to broadcast against ``x``: trailing dims, or dim 1."""
     if t is None:
         return None
@@ -309,7 +322,7 @@ def oracle(h: Hypothesis, x: Tensor, module: nn.Module, eps: float) -> Tensor:
     """The textbook float64 formula of hypothesis ``h`` on ``x`` with ``module``'s tensors."""
     w, b = _own_tensor(module, "weight"), _own_tensor(module, "bias")
     if h.kind == "frozen_bn":
-        rm, rv = (_view(module._buffers[n], x, "channels", 1) for n in ("running_mean", "running_var"))
+        rm, rv = (_view(module._buffers[n], x, "channels") for n in ("running_mean", "running_var"))
         y = (x - rm) / torch.sqrt(rv + eps)
     elif h.kind == "group":
         g = x.reshape(x.shape[0], module.num_groups, -1)
@@ -319,11 +332,10 @@ def oracle(h: Hypothesis, x: Tensor, module: nn.Module, eps: float) -> Tensor:
         dims = (1,) if h.layout == "channels" else tuple(range(-len(_trailing_shape(module)), 0))
         c = x - x.mean(dims, keepdim=True) if h.kind == "layer" else x
         y = c / torch.sqrt((c * c).mean(dims, keepdim=True) + eps)
-    layout = "trailing" if h.kind in ("rms", "layer") and h.layout == "trailing" else "channels"
     if w is not None:
-        y = y * (_view(w, x, layout, 1) + h.offset)
+        y = y * (_view(w, x, h.layout) + h.offset)
     if b is not None:
-        y = y + _view(b, x, layout, 1)
+        y = y + _view(b, x, h.layout)
     return y
 
 
@@ -346,7 +358,7 @@ def _shapes_for(h: Hypothesis, shapes: dict) -> list[tuple]:
     return shapes["trailing"] if h.layout == "trailing" else [s for s in shapes["channels"] if len(s) >= 3]
 
 
-def _randomized(module: nn.Module, generator: torch.Generator) -> nn.Module:
+def randomized_copy(module: nn.Module, generator: torch.Generator) -> nn.Module:
     """A float64 copy whose weight, bias and running statistics are random (a weight of ones, a
     zero-centred weight of zeros and ``1 + w`` would look alike otherwise)."""
     probe = _float64_copy(module)
@@ -370,7 +382,7 @@ def _match(module: nn.Module, probe: nn.Module, eps: float, shapes: dict, genera
                 probe.train(training)
                 try:
                     with torch.no_grad(), keep_float64():
-                        out = _run(probe, x)
+                        out = seeded_call(probe, x)
                 except Exception:
                     break
                 worst = max(worst, rel_error(out, oracle(h, x, probe, eps)))
@@ -416,7 +428,7 @@ def as_twin(module: nn.Module, twin: Twin) -> nn.Module:
 def _call(module: nn.Module, x: Tensor):
     try:
         with torch.no_grad():
-            return _run(module, x)
+            return seeded_call(module, x)
     except Exception as exc:
         return exc
 
@@ -503,7 +515,7 @@ def _recognize(module: nn.Module, seed: int) -> Finding:
     if eps_name is None:
         return Finding("left", f"it has no numeric eps attribute ({', '.join(EPS_ATTRS)}) to prove a normalization with",
                        recipe=_ROBUST_RECIPE)
-    probe = _randomized(module, generator)
+    probe = randomized_copy(module, generator)
     h, inputs = _match(module, probe, eps, shapes, generator)
     if h is None:
         return Finding("left", inputs, recipe=_ROBUST_RECIPE)
@@ -517,7 +529,7 @@ def _recognize(module: nn.Module, seed: int) -> Finding:
     swapped = as_twin(probe, twin)
     for x in inputs:
         with torch.no_grad(), keep_float64():
-            worst = max(worst, rel_error(_run(swapped, x), _run(probe, x)))
+            worst = max(worst, rel_error(seeded_call(swapped, x), seeded_call(probe, x)))
     if worst > PROOF_TOL:  # the twin's wiring, checked end to end
         return Finding("left", f"its float64 output is {h.describe(eps)}, but {twin.label} differs from it by {worst:.1e}",
                        recipe=_ROBUST_RECIPE)
