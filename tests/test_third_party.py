@@ -245,3 +245,76 @@ def test_export_onnx_runs_in_onnxruntime_at_1e20(name):
         truth, lowered = float64_call(m.double(), x)
         assert lowered == []
         assert_rel_close(torch.from_numpy(out), truth, torch.float32, f"{name} ONNX Runtime at {scale:g}", rel=1e-4)
+
+
+# -------------------------------------------------------------------------- the norm classes themselves
+def _hf(module: str, cls: str):
+    def make():
+        tp.import_third_party("transformers")
+        return getattr(__import__(f"transformers.models.{module}", fromlist=[cls]), cls)(16, eps=1e-6)
+    return make
+
+
+def _timm(cls: str, *args, **kwargs):
+    def make():
+        return getattr(tp.import_third_party("timm.layers"), cls)(*args, **kwargs)
+    return make
+
+
+def _torchvision_frozen():
+    tp.import_third_party("timm")  # timm imports torchvision's FrozenBatchNorm2d (the one timm uses)
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    return FrozenBatchNorm2d(16)
+
+
+LLAMA, GEMMA = "normkit.nn.RMSNorm(casting_mode='llama')", "normkit.nn.RMSNorm(offset=1.0)"
+HARDENED = "hardened in place"
+CLASSES = {  # name -> (constructor, input shape, what convert makes of it)
+    "LlamaRMSNorm": (_hf("llama.modeling_llama", "LlamaRMSNorm"), (2, 3, 16), LLAMA),
+    "MistralRMSNorm": (_hf("mistral.modeling_mistral", "MistralRMSNorm"), (2, 3, 16), LLAMA),
+    "Qwen2RMSNorm": (_hf("qwen2.modeling_qwen2", "Qwen2RMSNorm"), (2, 3, 16), LLAMA),
+    "Qwen3RMSNorm": (_hf("qwen3.modeling_qwen3", "Qwen3RMSNorm"), (2, 3, 4, 16), LLAMA),
+    "Phi3RMSNorm": (_hf("phi3.modeling_phi3", "Phi3RMSNorm"), (2, 3, 16), LLAMA),
+    "GemmaRMSNorm": (_hf("gemma.modeling_gemma", "GemmaRMSNorm"), (2, 3, 16), GEMMA),
+    "Gemma2RMSNorm": (_hf("gemma2.modeling_gemma2", "Gemma2RMSNorm"), (2, 3, 16), GEMMA),
+    "Gemma3RMSNorm": (_hf("gemma3.modeling_gemma3", "Gemma3RMSNorm"), (2, 3, 16), GEMMA),
+    "T5LayerNorm": (_hf("t5.modeling_t5", "T5LayerNorm"), (2, 3, 16), "normkit.nn.RMSNorm(casting_mode='t5')"),
+    "timm RmsNorm": (_timm("RmsNorm", 16), (2, 3, 16), HARDENED),  # its forward calls F.rms_norm
+    "timm RmsNorm2d": (_timm("RmsNorm2d", 16), (2, 16, 3, 5), "normkit.nn.RMSNorm(casting_mode='llama', channels_first=True)"),
+    "timm RmsNorm2dFp32": (_timm("RmsNorm2dFp32", 16), (2, 16, 3, 5), "normkit.nn.RMSNorm(channels_first=True)"),
+    "timm LayerNorm2d": (_timm("LayerNorm2d", 16), (2, 16, 3, 5), HARDENED),
+    "timm LayerNormAct2d": (_timm("LayerNormAct2d", 16), (2, 16, 3, 5), HARDENED),
+    "timm GroupNormAct": (_timm("GroupNormAct", 16, 4), (2, 16, 3, 5), HARDENED),
+    "timm GroupNorm1": (_timm("GroupNorm1", 16), (2, 16, 3, 5), HARDENED),
+    "timm BatchNormAct2d": (_timm("BatchNormAct2d", 16), (2, 16, 3, 5), HARDENED),
+    "torchvision FrozenBatchNorm2d": (_torchvision_frozen, (2, 16, 3, 5), "normkit.nn.FrozenBatchNorm2d(casting_mode='promote')"),
+}
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_each_norm_class_converts_with_its_dtype_behaviour(name):
+    """Hugging Face's RMS norms (Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3, T5), timm's and torchvision's:
+    what convert makes of each, and that it keeps the class's dtype behaviour in every (input, weight) pair."""
+    from test_convert import assert_twin, randomized
+
+    make, shape, what = CLASSES[name]
+    model = nn.Sequential(randomized(make(), torch.Generator().manual_seed(0)))
+    converted, report = normkit.convert(model, return_report=True)
+    assert len(report) == 1 and report[0].changed and report[0].after.startswith(what), report
+    assert_twin(model, converted, torch.randn(shape, dtype=torch.float64) * 2 + 0.5, name)
+
+
+LEFT_CLASSES = {  # timm classes normkit has no form for -> the reason
+    "FrozenBatchNormAct2d": (_timm("FrozenBatchNormAct2d", 16), r"has submodules \(drop, act\)"),
+    "RmsNormAct2d": (_timm("RmsNormAct2d", 16), r"has submodules \(drop, act\)"),
+    "SimpleNorm": (_timm("SimpleNorm", 16), r"no normalization of its input"),
+}
+
+
+@pytest.mark.parametrize("name", LEFT_CLASSES)
+def test_classes_normkit_has_no_form_for_are_left_with_the_reason(name):
+    make, reason = LEFT_CLASSES[name]
+    with pytest.warns(RuntimeWarning, match=name):
+        converted, report = normkit.convert(nn.Sequential(make()), return_report=True)
+    assert not report[0].changed and re.search(reason, report[0].after), report[0].after
