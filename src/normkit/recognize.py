@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from . import nn as nnk
 from .nn.normalization import CASTING_MODES
 from .reference import keep_float64
-from .robust import Hardened, harden, record_norm_calls
+from .robust import harden, record_norm_calls
 
 EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
 # torch's normalization classes: their subclasses are norm-like whatever their name
@@ -517,7 +517,7 @@ def _recognize(module: nn.Module, seed: int) -> Finding:
                        recipe=_ROBUST_RECIPE)
     probe = randomized_copy(module, generator)
     h, inputs = _match(module, probe, eps, shapes, generator)
-    if h is None:
+    if h is None:  # inputs: the reason
         return Finding("left", inputs, recipe=_ROBUST_RECIPE)
     modes = ("torch", "promote") if h.kind == "frozen_bn" else CASTING_MODES
     mode, why = _dtype_fits(probe, h, eps, modes, inputs[0])
@@ -534,8 +534,3 @@ def _recognize(module: nn.Module, seed: int) -> Finding:
         return Finding("left", f"its float64 output is {h.describe(eps)}, but {twin.label} differs from it by {worst:.1e}",
                        recipe=_ROBUST_RECIPE)
     return Finding("twin", f"its float64 output is {h.describe(eps)}", twin=twin)
-
-
-def is_normkit(module: nn.Module) -> bool:
-    """A module normkit already computes: one of its own classes, or a hardened one."""
-    return isinstance(module, Hardened) or type(module).__module__.startswith("normkit.")

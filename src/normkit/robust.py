@@ -12,6 +12,11 @@ torch function passes through unchanged.
 
 No recursion: torch removes a mode from the stack while its ``__torch_function__`` runs, so the torch ops
 normkit's implementation is made of do not come back here (and normkit calls no torch norm function).
+
+Also here: :func:`routes` builds the dispatch table for another namespace of functional norms (ONNX export
+routes the calls to its custom ops); :func:`record_norm_calls` records every call with the module that made
+it; :func:`harden` makes one module compute its own forward under the mode, permanently and picklably (what
+:func:`normkit.convert` does to timm's ``LayerNorm2d``, ``BatchNormAct2d`` and the like).
 """
 
 from __future__ import annotations
