@@ -179,3 +179,175 @@ def cast_model(model: onnx.ModelProto, elem: int) -> onnx.ModelProto:
                 a.i = elem
     del m.graph.value_info[:]
     return m
+
+
+# ----------------------------------------------------------------------------------------- the ONNX check, harden more
+def rms_after_matmul(n: int = 64, elem=TP.FLOAT16, features="fixed") -> onnx.ModelProto:
+    """An exporter's RMSNorm after a projection, ``MatMul -> Pow -> ReduceMean -> Add -> Sqrt ->
+    Reciprocal -> Mul -> Mul`` (weights ~ N(0, 1/n), so the projection keeps the input's scale): in float16
+    the squares overflow once ``max|x W|`` passes ``sqrt(65504) ~ 256``. ``features="symbolic"`` declares
+    the input ``(N, K)``, so only running the graph finds that K must be ``n``."""
+    rng = np.random.default_rng(0)
+    dt = NP[elem]
+    nodes = [oh.make_node("MatMul", ["x", "W"], ["h"], name="proj/MatMul"),
+             oh.make_node("Constant", [], ["two"], value=nh.from_array(np.array(2.0, dt)), name="norm/two"),
+             oh.make_node("Pow", ["h", "two"], ["sq"], name="norm/Pow"),
+             oh.make_node("Constant", [], ["axes"], value=nh.from_array(np.array([-1], np.int64)), name="norm/axes"),
+             oh.make_node("ReduceMean", ["sq", "axes"], ["ms"], name="norm/ReduceMean", keepdims=1),
+             oh.make_node("Constant", [], ["eps"], value=nh.from_array(np.array(1e-6, dt)), name="norm/eps"),
+             oh.make_node("Add", ["ms", "eps"], ["mse"], name="norm/Add"),
+             oh.make_node("Sqrt", ["mse"], ["rms"], name="norm/Sqrt"),
+             oh.make_node("Reciprocal", ["rms"], ["inv"], name="norm/Reciprocal"),
+             oh.make_node("Mul", ["h", "inv"], ["hn"], name="norm/Mul"),
+             oh.make_node("Mul", ["hn", "w"], ["y"], name="norm/Mul_1")]
+    inits = [nh.from_array((rng.standard_normal((n, n)) / np.sqrt(n)).astype(dt), "W"),
+             nh.from_array(np.linspace(0.5, 1.5, n).astype(dt), "w")]
+    g = oh.make_graph(nodes, "rms", [oh.make_tensor_value_info("x", elem, ["N", n if features == "fixed" else "K"])],
+                      [oh.make_tensor_value_info("y", elem, ["N", n])], inits)
+    return oh.make_model(g, opset_imports=[oh.make_opsetid("", 18)], ir_version=9)
+
+
+def mean_of_squares(axes_attr: bool, normalize: str, elem=TP.FLOAT):
+    """LayerNorm with the ``E[x^2] - E[x]^2`` variance over the last axis of ``(N, 3, C)``, no affine."""
+    opset = 17 if axes_attr else 18
+    nodes = [oh.make_node("Constant", [], ["eps"], value=oh.make_tensor("eps", elem, [], [1e-5])),
+             oh.make_node("Constant", [], ["two"], value=oh.make_tensor("two", elem, [], [2.0]))]
+    if not axes_attr:
+        nodes.append(oh.make_node("Constant", [], ["axes"], value=oh.make_tensor("axes", TP.INT64, [1], [-1])))
+
+    def mean(inp, out):
+        extra = {"axes": [-1]} if axes_attr else {}
+        nodes.append(oh.make_node("ReduceMean", [inp] + ([] if axes_attr else ["axes"]), [out], keepdims=1, **extra))
+
+    mean("x", "mu")
+    nodes.append(oh.make_node("Mul", ["x", "x"], ["xx"]))
+    mean("xx", "m2")
+    nodes += [oh.make_node("Pow", ["mu", "two"], ["mu2"]), oh.make_node("Sub", ["m2", "mu2"], ["var"]),
+              oh.make_node("Add", ["var", "eps"], ["ve"]), oh.make_node("Sqrt", ["ve"], ["sd"]),
+              oh.make_node("Sub", ["x", "mu"], ["d"])]
+    if normalize == "div":
+        nodes.append(oh.make_node("Div", ["d", "sd"], ["y"]))
+    else:
+        nodes += [oh.make_node("Reciprocal", ["sd"], ["r"]), oh.make_node("Mul", ["d", "r"], ["y"])]
+    return _model(nodes, ["N", 3, C], {}, opset, elem), lambda x: ref_standardize(x, (-1,), 1e-5)
+
+
+def decomposed_group_norm(groups: int = 2, elem=TP.FLOAT):
+    """GroupNorm as other frameworks' exporters write it: ``Reshape (N, G, -1)`` -> the decomposed
+    standardization over axis 2 -> ``Reshape`` back -> per-channel ``Mul``/``Add``; ``(N, C, H, H)``."""
+    s, b = _lin(C, 0.5, 1.5), _lin(C, -1, 1)
+    nodes = [oh.make_node("Shape", ["x"], ["shape"]),
+             oh.make_node("Constant", [], ["gshape"], value=oh.make_tensor("gshape", TP.INT64, [3], [0, groups, -1])),
+             oh.make_node("Reshape", ["x", "gshape"], ["xg"]),
+             oh.make_node("Constant", [], ["axes"], value=oh.make_tensor("axes", TP.INT64, [1], [2])),
+             oh.make_node("ReduceMean", ["xg", "axes"], ["mu"], keepdims=1), oh.make_node("Sub", ["xg", "mu"], ["d"]),
+             oh.make_node("Mul", ["d", "d"], ["sq"]), oh.make_node("ReduceMean", ["sq", "axes"], ["var"], keepdims=1),
+             oh.make_node("Constant", [], ["eps"], value=oh.make_tensor("eps", elem, [], [1e-5])),
+             oh.make_node("Add", ["var", "eps"], ["ve"]), oh.make_node("Sqrt", ["ve"], ["sd"]),
+             oh.make_node("Div", ["d", "sd"], ["ng"]), oh.make_node("Reshape", ["ng", "shape"], ["n"]),
+             oh.make_node("Mul", ["n", "s"], ["ns"]), oh.make_node("Add", ["ns", "b"], ["y"])]
+    model = _model(nodes, ["N", C, H, H], {"s": s.reshape(C, 1, 1), "b": b.reshape(C, 1, 1)}, 18, elem)
+
+    def ref(x):
+        n = ref_standardize(x.reshape(x.shape[0], groups, -1), (2,), 1e-5).reshape(x.shape)
+        return n * s[:, None, None] + b[:, None, None]
+
+    return model, ref
+
+
+def decomposed_instance_norm(elem=TP.FLOAT):
+    """InstanceNorm written out: the decomposed standardization over the spatial axes ``(2, 3)`` of ``(N, C, H, H)``."""
+    nodes = [oh.make_node("ReduceMean", ["x"], ["mu"], axes=[2, 3], keepdims=1), oh.make_node("Sub", ["x", "mu"], ["d"]),
+             oh.make_node("Constant", [], ["two"], value=oh.make_tensor("two", elem, [], [2.0])),
+             oh.make_node("Pow", ["d", "two"], ["sq"]), oh.make_node("ReduceMean", ["sq"], ["var"], axes=[2, 3], keepdims=1),
+             oh.make_node("Constant", [], ["eps"], value=oh.make_tensor("eps", elem, [], [1e-5])),
+             oh.make_node("Add", ["var", "eps"], ["ve"]), oh.make_node("Sqrt", ["ve"], ["sd"]),
+             oh.make_node("Reciprocal", ["sd"], ["r"]), oh.make_node("Mul", ["d", "r"], ["y"])]
+    return _model(nodes, ["N", C, H, H], {}, 17, elem), lambda x: ref_standardize(x, (2, 3), 1e-5)
+
+
+def _layer_norm_body(name: str, x: str, out: str, elem) -> onnx.GraphProto:
+    """A graph body (no inputs of its own) applying LayerNormalization to the outer value ``x``."""
+    s = nh.from_array(np.linspace(0.5, 1.5, C).astype(NP[elem]), f"{name}_s")
+    node = oh.make_node("LayerNormalization", [x, f"{name}_s"], [out], axis=-1, epsilon=1e-5, name=f"{name}/LayerNorm")
+    return oh.make_graph([node], name, [], [oh.make_tensor_value_info(out, elem, None)], [s])
+
+
+def layer_norm_in_if(elem=TP.FLOAT):
+    """``If(cond)`` whose both branches normalize the outer ``x`` with LayerNormalization (scale linspace(0.5, 1.5))."""
+    node = oh.make_node("If", ["cond"], ["y"], then_branch=_layer_norm_body("then", "x", "yt", elem),
+                        else_branch=_layer_norm_body("else", "x", "ye", elem), name="if")
+    g = oh.make_graph([node], "g", [oh.make_tensor_value_info("x", elem, ["N", 3, C]),
+                                    oh.make_tensor_value_info("cond", TP.BOOL, [])],
+                      [oh.make_tensor_value_info("y", elem, ["N", 3, C])])
+    model = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
+    return model, lambda x: ref_standardize(x, (-1,), 1e-5) * np.linspace(0.5, 1.5, C)
+
+
+def layer_norm_in_loop(elem=TP.FLOAT):
+    """A one-iteration ``Loop`` whose body normalizes its loop-carried value with LayerNormalization."""
+    s = nh.from_array(np.linspace(0.5, 1.5, C).astype(NP[elem]), "body_s")
+    body = oh.make_graph(
+        [oh.make_node("Identity", ["cond_in"], ["cond_out"]),
+         oh.make_node("LayerNormalization", ["v_in", "body_s"], ["v_out"], axis=-1, epsilon=1e-5, name="body/LayerNorm")],
+        "body", [oh.make_tensor_value_info("i", TP.INT64, []), oh.make_tensor_value_info("cond_in", TP.BOOL, []),
+                 oh.make_tensor_value_info("v_in", elem, ["N", 3, C])],
+        [oh.make_tensor_value_info("cond_out", TP.BOOL, []), oh.make_tensor_value_info("v_out", elem, ["N", 3, C])], [s])
+    nodes = [oh.make_node("Constant", [], ["trip"], value=oh.make_tensor("trip", TP.INT64, [], [1])),
+             oh.make_node("Constant", [], ["true"], value=oh.make_tensor("true", TP.BOOL, [], [True])),
+             oh.make_node("Loop", ["trip", "true", "x"], ["y"], body=body, name="loop")]
+    g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", elem, ["N", 3, C])],
+                      [oh.make_tensor_value_info("y", elem, ["N", 3, C])])
+    model = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
+    return model, lambda x: ref_standardize(x, (-1,), 1e-5) * np.linspace(0.5, 1.5, C)
+
+
+def norms_in_local_function(elem=TP.FLOAT):
+    """A model-local function ``block(x, s) = LayerNormalization(RMS-pattern(x), s)``, called once."""
+    dom = "local"
+    fn_nodes = [oh.make_node("Mul", ["x", "x"], ["sq"]),
+                oh.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1], keepdims=1),
+                oh.make_node("Constant", [], ["eps"], value=oh.make_tensor("eps", elem, [], [1e-6])),
+                oh.make_node("Add", ["ms", "eps"], ["mse"]), oh.make_node("Sqrt", ["mse"], ["rms"]),
+                oh.make_node("Div", ["x", "rms"], ["r"]),
+                oh.make_node("LayerNormalization", ["r", "s"], ["y"], axis=-1, epsilon=1e-5)]
+    fn = oh.make_function(dom, "block", ["x", "s"], ["y"], fn_nodes, [oh.make_opsetid("", 17)])
+    s = np.linspace(0.5, 1.5, C)
+    g = oh.make_graph([oh.make_node("block", ["x", "s"], ["y"], domain=dom, name="call")], "g",
+                      [oh.make_tensor_value_info("x", elem, ["N", 3, C])], [oh.make_tensor_value_info("y", elem, ["N", 3, C])],
+                      [nh.from_array(s.astype(NP[elem]), "s")])
+    model = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid(dom, 1)], ir_version=9, functions=[fn])
+    return model, lambda x: ref_standardize(ref_standardize(x, (-1,), 1e-6, center=False), (-1,), 1e-5) * s
+
+
+def embed_layer_norm(vocab: int = 11, positions: int = 8, hidden: int = C, elem=TP.FLOAT, mask: bool = True, scale: float = 1.0):
+    """com.microsoft EmbedLayerNormalization over int32 ``ids`` and ``segment_ids`` ``(N, S)``, tables
+    ``linspace`` patterns times ``scale``; outputs ``y``, ``mask_index`` (with ``mask``) and the embedding sum."""
+    rng = np.random.default_rng(0)
+    word = rng.standard_normal((vocab, hidden)) * scale
+    pos = rng.standard_normal((positions, hidden)) * scale
+    seg = rng.standard_normal((2, hidden)) * scale
+    gamma, beta = _lin(hidden, 0.5, 1.5), _lin(hidden, -1, 1)
+    names = ["ids", "seg_ids", "word", "pos", "seg", "gamma", "beta"] + (["mask"] if mask else [])
+    outs = ["y", "mask_index", "emb"] if mask else ["y", "", "emb"]
+    node = oh.make_node("EmbedLayerNormalization", names, outs, domain=MS, epsilon=1e-12, name="embed")
+    inputs = [oh.make_tensor_value_info(n, TP.INT32, ["N", "S"]) for n in ("ids", "seg_ids")]
+    if mask:
+        inputs.append(oh.make_tensor_value_info("mask", TP.INT32, ["N", "S"]))
+    outputs = [oh.make_tensor_value_info("y", elem, ["N", "S", hidden]), oh.make_tensor_value_info("emb", elem, ["N", "S", hidden])]
+    if mask:
+        outputs.insert(1, oh.make_tensor_value_info("mask_index", TP.INT32, ["N"]))
+    inits = [nh.from_array(v.astype(NP[elem]), n) for n, v in
+             (("word", word), ("pos", pos), ("seg", seg), ("gamma", gamma), ("beta", beta))]
+    g = oh.make_graph([node], "g", inputs, outputs, inits)
+    model = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid(MS, 1)], ir_version=9)
+
+    def ref(ids, seg_ids):
+        w, p, sg = (nh.to_array(t).astype(np.float64) for t in inits[:3])
+        emb = w[ids] + p[np.arange(ids.shape[1])] + sg[seg_ids]
+        return ref_standardize(emb, (-1,), 1e-12) * gamma + beta, emb
+
+    return model, ref
+
+
+MS = "com.microsoft"

@@ -7,12 +7,13 @@ from .convert import convert, revert
 from .fold import fold_batchnorm
 from ._native import build, get_backend, set_backend, status
 from .robust import robust
+from .watch import watch
 
 __version__ = "0.1.0"
 
 __all__ = ["functional", "nn", "convert", "revert", "fold_batchnorm", "robust", "Moments", "merge_moments", "moments", "__version__",
            "NormArgumentError", "UnsupportedDtypeError", "MixedDtypeError", "build", "get_backend", "set_backend", "status",
-           "export_onnx", "harden_onnx", "verify_onnx"]
+           "export_onnx", "harden_onnx", "verify_onnx", "watch"]
 
 _ONNX_NAMES = ("export_onnx", "harden_onnx", "verify_onnx")
 

@@ -47,6 +47,13 @@ COMMANDS = [
 ]
 
 
+def _module_of(c: Command, argv: list[str]) -> str:
+    """``normkit check MODEL.onnx`` (any argument ending in .onnx) is the ONNX check, with its own arguments."""
+    if c.name == "check" and any(a.endswith(".onnx") and not a.startswith("-") for a in argv):
+        return "normkit.check.onnx_command"
+    return c.module
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, no usage dump
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
@@ -72,7 +79,7 @@ def main(argv=None) -> int:
         p = sub.add_parser(c.name, help=c.help, description=c.help, parents=[common],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if c.name == chosen:
-            module = importlib.import_module(c.module)
+            module = importlib.import_module(_module_of(c, argv))
             p.epilog = getattr(module, "EPILOG", None)
             module.add_arguments(p)
             p.set_defaults(_run=module.run)

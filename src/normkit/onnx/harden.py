@@ -1,25 +1,30 @@
-"""Harden an ONNX model: replace every normalization node, and the decomposed LayerNorm / RMSNorm
-patterns that exporters emit, by normkit's robust primitive-op subgraphs (:mod:`.subgraphs`), leaving
-the rest of the graph untouched.
+"""Harden an ONNX model: replace every normalization node, and the decomposed LayerNorm / RMSNorm /
+group / instance norm patterns that exporters emit, by normkit's robust primitive-op subgraphs
+(:mod:`.subgraphs`), leaving the rest of the graph untouched.
 
-Two passes over an ``onnx_ir`` model:
+Model-local functions that hold a normalization are inlined first (their bodies are untyped). Then two
+passes over an ``onnx_ir`` model, the main graph and every If/Loop/Scan body in it:
 
-1. onnxscript's pattern rewriter finds the decomposed patterns
-   ``ReduceMean -> Sub -> (Pow(d, 2) | Mul(d, d)) -> ReduceMean -> Add eps -> Sqrt -> (Div | Reciprocal+Mul)``
-   (LayerNorm) and ``(Pow(x, 2) | Mul(x, x)) -> ReduceMean -> Add eps -> Sqrt -> (Div | Reciprocal+Mul)``
-   (RMSNorm), with ``axes`` as an attribute (opset < 18) or an input, and rewrites each into one
-   placeholder node. A following scale ``Mul`` and bias ``Add`` are left where they are: they act on the
-   normalized values, which the robust subgraph keeps in range.
+1. onnxscript's pattern rewriter applies the recognizers of :mod:`.norms` (the same ones
+   ``normkit check model.onnx`` uses): each decomposed pattern -- centred or RMS, the ``E[x^2] - E[x]^2``
+   variance form, axes as an attribute or an input -- becomes one placeholder node. A following scale
+   ``Mul`` and bias ``Add`` are left where they are: they act on the normalized values, which the robust
+   subgraph keeps in range.
 2. Every native node (LRN, BatchNormalization in inference mode, InstanceNormalization,
    LayerNormalization, GroupNormalization, RMSNormalization, com.microsoft SimplifiedLayerNormalization,
-   SkipLayerNormalization, SkipSimplifiedLayerNormalization) and every placeholder is replaced by a
-   subgraph built with :class:`.subgraphs.Builder`. A node that cannot be replaced safely (a training-mode
-   BatchNormalization, a LayerNormalization whose Mean/InvStdDev outputs are used, an unknown input type)
-   is left and reported with the reason.
+   SkipLayerNormalization, SkipSimplifiedLayerNormalization, EmbedLayerNormalization) and every
+   placeholder is replaced by a subgraph built with :class:`.subgraphs.Builder`. A node that cannot be
+   replaced safely (a training-mode BatchNormalization, a LayerNormalization whose Mean/InvStdDev outputs
+   are used, an unknown input type) is left and reported with the reason.
+
+Each replacement is recorded in the model's ``metadata_props`` (:data:`.norms.HARDENED_KEY`: what it
+replaced, the value names its subgraph connects), so that ``normkit check`` measures the hardened file
+norm by norm.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -27,22 +32,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
-from onnxscript.rewriter import pattern
 
 from . import subgraphs as sg
 from ._errors import OnnxError
+from .norms import FLOATS, HARDENED_KEY, NATIVE_OPS, PENDING, attr as _attr, decomposed_rules, site_of
 
-PENDING = "ai.normkit.pending"  # domain of the placeholders between the two passes
-MS = "com.microsoft"
 MIN_OPSET = 11
 MAX_OPSET = 25
-FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
-
-NATIVE_OPS = {
-    ("", "LRN"), ("", "BatchNormalization"), ("", "InstanceNormalization"), ("", "LayerNormalization"),
-    ("", "GroupNormalization"), ("", "RMSNormalization"), ("", "SimplifiedLayerNormalization"),
-    (MS, "SimplifiedLayerNormalization"), (MS, "SkipLayerNormalization"), (MS, "SkipSimplifiedLayerNormalization"),
-}
 
 
 @dataclass
@@ -53,11 +49,13 @@ class Replacement:
     op_type: str
     replaced: bool = True
     reason: str = ""
+    where: str = ""  # empty in the main graph, else the If/Loop body that holds it
 
 
 @dataclass
 class HardenReport:
     replacements: list[Replacement] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. which model-local functions were inlined
 
     @property
     def replaced(self) -> list[Replacement]:
@@ -76,8 +74,11 @@ class HardenReport:
     def __str__(self) -> str:
         lines = [f"replaced {len(self.replaced)} normalization(s): "
                  + (", ".join(f"{k} x{v}" for k, v in sorted(self.counts().items())) or "none")]
+        inside = sum(1 for r in self.replaced if r.where)
+        if inside:
+            lines[0] += f" ({inside} inside If/Loop bodies)"
         lines += [f"left {r.op_type} {r.name!r}: {r.reason}" for r in self.skipped]
-        return "\n".join(lines)
+        return "\n".join(lines + self.notes)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -123,80 +124,7 @@ def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-# ------------------------------------------------------------------------------------------ pass 1
-def _const(v: ir.Value | None):
-    if v is None:
-        return None
-    t = ir.convenience.get_const_tensor(v)
-    return None if t is None else t.numpy()
-
-
-def _axes_of(axes) -> list[int] | None:
-    """Axes from a constant input value or from an attribute."""
-    if isinstance(axes, ir.Attr):
-        return [int(a) for a in axes.value]
-    arr = _const(axes)
-    return None if arr is None else [int(a) for a in np.atleast_1d(arr)]
-
-
-def _scalar(v) -> float | None:
-    arr = _const(v)
-    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
-
-
-class _Decomposed(pattern.RewriteRuleClassBase):
-    """The decomposed-pattern rules: ``center`` (LayerNorm) or not (RMSNorm), axes as an input or an
-    attribute, ``Div(d, std)`` or ``Mul(d, Reciprocal(std))``."""
-
-    def __init__(self, center: bool, axes_attr: bool, div: bool, cast: bool = False):
-        super().__init__(f"{'Layer' if center else 'RMS'}NormDecomposed{'Attr' if axes_attr else 'Input'}"
-                         f"{'Div' if div else 'Reciprocal'}{'Cast' if cast else ''}")
-        self.center, self.axes_attr, self.div, self.cast = center, axes_attr, div, cast
-
-    def _mean(self, op, t, axes):
-        if self.axes_attr:
-            return op.ReduceMean(t, axes=axes, _allow_other_attributes=True)
-        return op.ReduceMean(t, axes, _allow_other_attributes=True)
-
-    def pattern(self, op, x, axes1, axes2, two, eps, to):
-        d = op.Sub(x, self._mean(op, x, axes1)) if self.center else x
-        if self.cast:  # torch's TorchScript exporter: (x - mean) cast up (float16 -> double) before squaring
-            d = op.Cast(d, to=to)
-        sq = pattern.OrValue([op.Pow(d, two), op.Mul(d, d)])
-        std = op.Sqrt(op.Add(self._mean(op, sq, axes2), eps))
-        return op.Div(d, std) if self.div else op.Mul(d, op.Reciprocal(std))
-
-    def check(self, context, x, axes1, axes2, eps, two=None, **_):
-        result = pattern.MatchResult()
-        if x.dtype not in FLOATS:
-            return result.fail("input is not float32 or float16")
-        if two is not None and _scalar(two) != 2.0:
-            return result.fail("Pow exponent is not 2")
-        a2 = _axes_of(axes2)
-        if a2 is None or (self.center and _axes_of(axes1) != a2):
-            return result.fail("axes are not equal constants")
-        if _scalar(eps) is None:
-            return result.fail("eps is not a constant scalar")
-        return result
-
-    def rewrite(self, op, x, axes2, eps, to=None, **_):
-        out_type = int(to.value) if self.cast and to is not None else int(x.dtype)
-        return op.Norm(x, _domain=PENDING, axes=_axes_of(axes2), epsilon=_scalar(eps), center=int(self.center),
-                       out_type=out_type)
-
-
-def _decomposed_rules() -> pattern.RewriteRuleSet:
-    rules = [_Decomposed.rule(c, a, d, t) for c, t in ((True, True), (True, False), (False, False))
-             for a in (False, True) for d in (True, False)]
-    return pattern.RewriteRuleSet(rules, commute=True)
-
-
 # ------------------------------------------------------------------------------------------ pass 2
-def _attr(node: ir.Node, name: str, default):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
-
-
 def _used(v: ir.Value | None, graph: ir.Graph) -> bool:
     return v is not None and (bool(v.uses()) or v in graph.outputs)
 
@@ -214,6 +142,8 @@ def _trailing_axes(axis: int, rank: int | None) -> list[int] | None:
 def _build(node: ir.Node, g: sg.Builder, graph: ir.Graph):
     """Outputs (list, one per replaced output) for ``node``, or a string saying why it is left."""
     op, dom = node.op_type, node.domain
+    if op == "EmbedLayerNormalization":
+        return _embed_layer_norm(node, g, graph)
     x = node.inputs[0]
     dtype = x.dtype if x is not None else None
     if dtype not in FLOATS:
@@ -293,6 +223,35 @@ def _build(node: ir.Node, g: sg.Builder, graph: ir.Graph):
     return "not a normalization"
 
 
+def _embed_layer_norm(node: ir.Node, g: sg.Builder, graph: ir.Graph):
+    """com.microsoft EmbedLayerNormalization: ``emb = word[ids] + position[position_ids or 0..S-1]
+    (+ segment[segment_ids])``, then LayerNorm over the hidden axis with ``gamma``/``beta``; outputs
+    ``(y, mask_index, emb)`` with ``mask_index`` the per-row sum of ``mask`` (int32)."""
+    ids, seg_ids, word, pos, seg, gamma, beta, mask, pos_ids = (_opt(node, i) for i in range(9))
+    dtype = word.dtype if word is not None else None
+    if dtype not in FLOATS:
+        return f"embedding type {dtype} (float32 and float16 are hardened)"
+    if _used(_opt_out(node, 1), graph) and mask is None:
+        return "its mask_index output is used without a mask input"
+    if pos_ids is None:  # positions 0..S-1, broadcast over the batch
+        length = g.op("Gather", g.op("Shape", ids), g.const(1, np.int64))
+        pos_ids = g.op("Range", g.const(0, np.int64), length, g.const(1, np.int64))
+    emb = g.op("Add", g.op("Gather", word, ids), g.op("Gather", pos, pos_ids))
+    if seg_ids is not None and seg is not None:
+        emb = g.op("Add", emb, g.op("Gather", seg, seg_ids))
+    y = sg.layer_norm(g, emb, gamma, beta, [-1], float(_attr(node, "epsilon", 1e-12)), dtype)
+    mask_index = None
+    if mask is not None and _used(_opt_out(node, 1), graph):
+        m = g.op("Cast", mask, to=ir.DataType.INT64)  # ReduceSum takes axes as an input from opset 13
+        total = g.op("ReduceSum", m, g.ints([1]), keepdims=0) if g.opset >= 13 else g.op("ReduceSum", m, axes=[1], keepdims=0)
+        mask_index = g.op("Cast", total, to=ir.DataType.INT32)
+    return [y, mask_index, emb if _used(_opt_out(node, 2), graph) else None]
+
+
+def _opt_out(node: ir.Node, i: int) -> ir.Value | None:
+    return node.outputs[i] if len(node.outputs) > i else None
+
+
 def _replace(graph: ir.Graph, node: ir.Node, outs: list) -> None:
     for old, new in zip(node.outputs, outs):
         if new is None or old is None:
@@ -306,22 +265,58 @@ def _replace(graph: ir.Graph, node: ir.Node, outs: list) -> None:
     graph.remove(node, safe=True)
 
 
-def _harden_graph(graph: ir.Graph, opset: int, report: HardenReport) -> None:
+def _region(node: ir.Node, outs: list, label: str, where: str) -> dict:
+    """What :data:`.norms.HARDENED_KEY` records of one replacement: the node's label, how its statistics
+    are formed, the nodes it replaced, and the value names its subgraph connects."""
+    site = site_of(node)
+    return {"name": site.name if site else node.name or node.op_type, "op": label, "kind": site.kind if site else "center",
+            "nodes": site.nodes if site else [node.name or node.op_type], "attrs": site.attrs if site else {},
+            "inputs": [v.name for v in node.inputs if v is not None and not v.is_initializer()
+                       and v.const_value is None and (v.producer() is None or v.producer().op_type != "Constant")],
+            "outputs": [o.name for o, n in zip(node.outputs, outs) if n is not None], "where": where}
+
+
+def _harden_graph(graph: ir.Graph, opset: int, report: HardenReport, where: str = "", regions: list | None = None) -> None:
+    """Replace every normalization node of ``graph`` and of the If/Loop/Scan bodies inside it."""
     for idx, node in enumerate(list(graph)):
+        for a in node.attributes.values():
+            bodies = [a.value] if a.type == ir.AttributeType.GRAPH else a.value if a.type == ir.AttributeType.GRAPHS else []
+            for body in bodies:
+                _harden_graph(body, opset, report, f"{node.op_type} {node.name!r} {a.name}", regions)
         key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
         if key not in NATIVE_OPS and node.domain != PENDING:
             continue
         label = node.op_type
         if node.domain == PENDING and node.op_type == "Norm":
-            label = "decomposed " + ("LayerNorm" if _attr(node, "center", 1) else "RMSNorm")
-        g = sg.Builder(opset, prefix=f"normkit{idx}_{(node.name or node.op_type)}")
+            label = "decomposed " + _attr(node, "form", "LayerNorm" if _attr(node, "center", 1) else "RMSNorm")
+        prefix = f"normkit{idx}_{(node.name or node.op_type)}" if not where else f"normkit_{id(graph):x}_{idx}_{node.name or node.op_type}"
+        g = sg.Builder(opset, prefix=prefix)
         outs = _build(node, g, graph)
         if isinstance(outs, str):
-            report.replacements.append(Replacement(node.name or "", label, False, outs))
+            report.replacements.append(Replacement(node.name or "", label, False, outs, where))
             continue
+        if regions is not None:
+            regions.append(_region(node, outs, label, where))
         graph.insert_before(node, g.nodes)
         _replace(graph, node, outs)
-        report.replacements.append(Replacement(node.name or "", label))
+        report.replacements.append(Replacement(node.name or "", label, where=where))
+
+
+def _inline_functions(proto: onnx.ModelProto, report: HardenReport) -> onnx.ModelProto:
+    """Inline the model-local functions when any holds a normalization (a native node, or a ReduceMean
+    that may start a decomposed pattern): their bodies are untyped, so they are hardened in place."""
+    from onnx.inliner import inline_local_functions
+
+    def holds_norm(f):
+        return any((n.domain if n.domain != "ai.onnx" else "", n.op_type) in NATIVE_OPS or n.op_type == "ReduceMean"
+                   for n in f.node)
+
+    names = [f.name for f in proto.functions if holds_norm(f)]
+    if not names:
+        return proto
+    report.notes.append(f"inlined {len(proto.functions)} model-local function(s) to reach the norms in "
+                        + ", ".join(sorted(set(names))))
+    return inline_local_functions(proto)
 
 
 def harden_ir(model: ir.Model, report: HardenReport | None = None) -> HardenReport:
@@ -330,14 +325,17 @@ def harden_ir(model: ir.Model, report: HardenReport | None = None) -> HardenRepo
     opset = model.opset_imports.get("", None)
     if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
         raise OnnxError(f"unsupported opset {opset}: normkit hardens models with opset {MIN_OPSET} to {MAX_OPSET}")
-    _decomposed_rules().apply_to_model(model)
-    _harden_graph(model.graph, opset, report)
-    left = [n for n in model.graph if n.domain == PENDING]
+    decomposed_rules().apply_to_model(model)
+    regions: list[dict] = []
+    _harden_graph(model.graph, opset, report, regions=regions)
+    left = [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain == PENDING]
     if left:  # cannot happen unless a placeholder was skipped: keep the model valid by refusing
         raise OnnxError(f"internal: {len(left)} decomposed normalization(s) could not be rebuilt: "
                         + "; ".join(r.reason for r in report.skipped))
     model.opset_imports.pop(PENDING, None)
     RemoveUnusedNodesPass()(model)  # the constants the decomposed patterns used
+    old = [r for r in json.loads(model.metadata_props.get(HARDENED_KEY, "[]"))]
+    model.metadata_props[HARDENED_KEY] = json.dumps(old + regions)
     return report
 
 
@@ -350,12 +348,14 @@ def harden_onnx(src, dst=None):
     """
     proto = load_model(src)
     default_opset(proto)
+    report = HardenReport()
+    proto = _inline_functions(proto, report)
     try:
         proto = onnx.shape_inference.infer_shapes(proto)
     except Exception:  # custom domains or partial models: keep the types we have
         pass
     model = ir.serde.deserialize_model(proto)
-    report = harden_ir(model)
+    harden_ir(model, report)
     out = finalize(ir.serde.serialize_model(model))
     if dst is not None:
         onnx.save(out, os.fspath(dst))

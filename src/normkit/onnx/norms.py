@@ -1,0 +1,262 @@
+"""Where the normalizations of an ONNX graph are: the one set of recognizers that :func:`.harden.harden_onnx`
+rewrites and ``normkit check model.onnx`` measures.
+
+* **Native nodes** (:data:`NATIVE_OPS`): LRN, BatchNormalization, InstanceNormalization, LayerNormalization,
+  GroupNormalization, RMSNormalization, and ONNX Runtime's contrib SimplifiedLayerNormalization,
+  SkipLayerNormalization, SkipSimplifiedLayerNormalization, EmbedLayerNormalization.
+* **Decomposed patterns** (onnxscript rewrite rules, :func:`decomposed_rules`), each rewritten into one
+  placeholder node ``ai.normkit.pending::Norm(x)`` that carries ``axes``, ``epsilon``, ``center``, the label
+  ``form`` and the names of the ``nodes`` it replaced:
+
+  - centred (LayerNorm, and GroupNorm / InstanceNorm when written over a reshaped or spatial axis)
+    ``ReduceMean -> Sub -> (Pow(d, 2) | Mul(d, d)) -> ReduceMean -> Add eps -> Sqrt -> (Div | Reciprocal+Mul)``,
+    optionally with a Cast of ``x - mean`` (torch's TorchScript exporter, float16 -> double);
+  - RMSNorm ``(Pow(x, 2) | Mul(x, x)) -> ReduceMean -> Add eps -> Sqrt -> (Div | Reciprocal+Mul)``;
+  - the ``E[x^2] - E[x]^2`` variance form: ``var = ReduceMean(x^2) - ReduceMean(x)^2``, then
+    ``(x - mean) / Sqrt(var + eps)``;
+
+  with ``axes`` as an attribute (opset < 18) or an input.
+* **Hardened regions**: the robust subgraphs :func:`.harden.harden_onnx` wrote, listed in the model's
+  ``metadata_props`` under :data:`HARDENED_KEY` (what each replaced, its input and output value names).
+
+:func:`find_norms` returns every one of them as a :class:`NormSite`, in topological order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+PENDING = "ai.normkit.pending"  # domain of the placeholders between rewriting and rebuilding
+MS = "com.microsoft"
+FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+HARDENED_KEY = "normkit.hardened"  # metadata_props entry: JSON list of the regions harden_onnx wrote
+
+NATIVE_OPS = {
+    ("", "LRN"), ("", "BatchNormalization"), ("", "InstanceNormalization"), ("", "LayerNormalization"),
+    ("", "GroupNormalization"), ("", "RMSNormalization"), ("", "SimplifiedLayerNormalization"),
+    (MS, "SimplifiedLayerNormalization"), (MS, "SkipLayerNormalization"), (MS, "SkipSimplifiedLayerNormalization"),
+    (MS, "EmbedLayerNormalization"),
+}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def const_array(v: ir.Value | None):
+    """The constant behind ``v`` as a numpy array, or None."""
+    if v is None:
+        return None
+    t = ir.convenience.get_const_tensor(v)
+    return None if t is None else t.numpy()
+
+
+def axes_of(axes) -> list[int] | None:
+    """Axes from a constant input value or from an attribute."""
+    if isinstance(axes, ir.Attr):
+        return [int(a) for a in axes.value]
+    arr = const_array(axes)
+    return None if arr is None else [int(a) for a in np.atleast_1d(arr)]
+
+
+def scalar_of(v) -> float | None:
+    arr = const_array(v)
+    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
+
+
+def attr(node: ir.Node, name: str, default):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+# ------------------------------------------------------------------------------------------ patterns
+class _NormRule(pattern.RewriteRuleClassBase):
+    """Shared ``check`` and ``rewrite`` of the decomposed-pattern rules. ``check`` keeps the matched
+    nodes' names, which ``rewrite`` (called next, for the same match) stores on the placeholder."""
+
+    center = True
+    axes_attr = False
+    form = "LayerNorm"
+
+    def _mean(self, op, t, axes):
+        if self.axes_attr:
+            return op.ReduceMean(t, axes=axes, _allow_other_attributes=True)
+        return op.ReduceMean(t, axes, _allow_other_attributes=True)
+
+    @staticmethod
+    def _square(op, t, two):
+        return pattern.OrValue([op.Pow(t, two), op.Mul(t, t)])
+
+    def _normalize(self, op, d, var, eps, div):
+        std = op.Sqrt(op.Add(var, eps))
+        return op.Div(d, std) if div else op.Mul(d, op.Reciprocal(std))
+
+    def check(self, context, x, axes1, axes2, eps, two=None, two2=None, **_):
+        result = pattern.MatchResult()
+        if x.dtype not in FLOATS:
+            return result.fail("input is not float32 or float16")
+        if any(t is not None and scalar_of(t) != 2.0 for t in (two, two2)):
+            return result.fail("Pow exponent is not 2")
+        a2 = axes_of(axes2)
+        if a2 is None or (self.center and axes_of(axes1) != a2):
+            return result.fail("axes are not equal constants")
+        if scalar_of(eps) is None:
+            return result.fail("eps is not a constant scalar")
+        self._matched = [n.name or n.op_type for n in reversed(context.nodes)]  # the matcher lists the root first
+        return result
+
+    def rewrite(self, op, x, axes2, eps, to=None, **_):
+        out_type = int(to.value) if getattr(self, "cast", False) and to is not None else int(x.dtype)
+        return op.Norm(x, _domain=PENDING, axes=axes_of(axes2), epsilon=scalar_of(eps), center=int(self.center),
+                       out_type=out_type, form=self.form, nodes=list(getattr(self, "_matched", [])))
+
+
+class _Decomposed(_NormRule):
+    """``center`` (LayerNorm) or not (RMSNorm), axes as an input or an attribute, ``Div(d, std)`` or
+    ``Mul(d, Reciprocal(std))``, with or without a Cast of ``x - mean``."""
+
+    def __init__(self, center: bool, axes_attr: bool, div: bool, cast: bool = False):
+        super().__init__(f"{'Layer' if center else 'RMS'}NormDecomposed{'Attr' if axes_attr else 'Input'}"
+                         f"{'Div' if div else 'Reciprocal'}{'Cast' if cast else ''}")
+        self.center, self.axes_attr, self.div, self.cast = center, axes_attr, div, cast
+        self.form = "LayerNorm" if center else "RMSNorm"
+
+    def pattern(self, op, x, axes1, axes2, two, eps, to):
+        d = op.Sub(x, self._mean(op, x, axes1)) if self.center else x
+        if self.cast:  # torch's TorchScript exporter: (x - mean) cast up (float16 -> double) before squaring
+            d = op.Cast(d, to=to)
+        return self._normalize(op, d, self._mean(op, self._square(op, d, two), axes2), eps, self.div)
+
+
+class _MeanOfSquares(_NormRule):
+    """The ``E[x^2] - E[x]^2`` variance form: ``var = mean(x^2) - mean(x)^2``, ``(x - mean) / sqrt(var + eps)``
+    (the variance cancels catastrophically at large offsets and overflows with ``x^2``)."""
+
+    form = "LayerNorm, E[x^2] - E[x]^2 variance"
+
+    def __init__(self, axes_attr: bool, div: bool):
+        super().__init__(f"LayerNormMeanOfSquares{'Attr' if axes_attr else 'Input'}{'Div' if div else 'Reciprocal'}")
+        self.axes_attr, self.div = axes_attr, div
+
+    def pattern(self, op, x, axes1, axes2, two, two2, eps):
+        mean = self._mean(op, x, axes1)
+        var = op.Sub(self._mean(op, self._square(op, x, two), axes2), self._square(op, mean, two2))
+        return self._normalize(op, op.Sub(x, mean), var, eps, self.div)
+
+
+def decomposed_rules() -> pattern.RewriteRuleSet:
+    """Every decomposed-pattern rule (commutative matching of Add/Mul operands)."""
+    rules = [_Decomposed.rule(c, a, d, t) for c, t in ((True, True), (True, False), (False, False))
+             for a in (False, True) for d in (True, False)]
+    rules += [_MeanOfSquares.rule(a, d) for a in (False, True) for d in (True, False)]
+    return pattern.RewriteRuleSet(rules, commute=True)
+
+
+# ------------------------------------------------------------------------------------------ sites
+@dataclass
+class NormSite:
+    """One normalization in a graph.
+
+    ``name``: the node's name (a pattern: its last node's); ``op``: the op type or ``decomposed <form>``
+    (``normkit <what it replaced>`` for a hardened region); ``kind``: how its statistics are formed
+    (``center``/``rms`` over ``axes``, ``given`` for inference BatchNormalization, ``group``, ``lrn``,
+    ``skip``/``skip_rms``, ``embed``); ``nodes``: the node names it spans; ``inputs``/``outputs``: value
+    names (data input first, constants left out; the outputs measured); ``where``: empty in the main graph,
+    else the subgraph holding it (not measured there)."""
+
+    name: str
+    op: str
+    kind: str
+    nodes: list[str]
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict = field(default_factory=dict)
+    where: str = ""
+    hardened: bool = False
+
+    def label(self) -> str:
+        extra = f" (+{len(self.nodes) - 1} nodes)" if len(self.nodes) > 1 else ""
+        return f"{self.name}{extra}"
+
+
+def _is_const(v: ir.Value) -> bool:
+    if v.is_initializer() or v.const_value is not None:
+        return True
+    p = v.producer()
+    return p is not None and p.op_type == "Constant" and p.domain in ("", "ai.onnx")
+
+
+def _kind(op: str, center: bool = True) -> str:
+    return {"LayerNormalization": "center", "RMSNormalization": "rms", "SimplifiedLayerNormalization": "rms",
+            "SkipLayerNormalization": "skip", "SkipSimplifiedLayerNormalization": "skip_rms",
+            "BatchNormalization": "given", "InstanceNormalization": "instance", "GroupNormalization": "group",
+            "LRN": "lrn", "EmbedLayerNormalization": "embed"}.get(op, "center" if center else "rms")
+
+
+def site_of(node: ir.Node, where: str = "") -> NormSite | None:
+    """The :class:`NormSite` of a native node or a pattern placeholder, or None."""
+    key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
+    outputs = [v.name for v in node.outputs[:1]]
+    if node.domain == PENDING and node.op_type == "Norm":
+        names = list(attr(node, "nodes", [])) or [node.name]
+        center = bool(attr(node, "center", 1))
+        return NormSite(names[-1], f"decomposed {attr(node, 'form', 'LayerNorm' if center else 'RMSNorm')}",
+                        _kind("", center), names, [node.inputs[0].name], outputs,
+                        {"axes": list(attr(node, "axes", [-1])), "epsilon": float(attr(node, "epsilon", 0.0))}, where)
+    if key not in NATIVE_OPS:
+        return None
+    inputs = [v.name for v in node.inputs if v is not None and not _is_const(v)]
+    attrs = {k: a.value for k, a in node.attributes.items() if a.type in (ir.AttributeType.INT, ir.AttributeType.FLOAT)}
+    return NormSite(node.name or node.op_type, node.op_type, _kind(node.op_type), [node.name or node.op_type],
+                    inputs, outputs, attrs, where)
+
+
+def _walk(graph: ir.Graph, where: str, out: list[NormSite]) -> None:
+    for node in graph:
+        site = site_of(node, where)
+        if site is not None:
+            out.append(site)
+        for a in node.attributes.values():
+            graphs = [a.value] if a.type == ir.AttributeType.GRAPH else a.value if a.type == ir.AttributeType.GRAPHS else []
+            for g in graphs:
+                _walk(g, f"{node.op_type} {node.name!r} {a.name}", out)
+
+
+def hardened_regions(proto: onnx.ModelProto) -> list[dict]:
+    """The regions :func:`.harden.harden_onnx` recorded in ``proto``'s metadata (empty for other files)."""
+    for p in proto.metadata_props:
+        if p.key == HARDENED_KEY:
+            try:
+                return list(json.loads(p.value))
+            except ValueError:
+                return []
+    return []
+
+
+def find_norms(proto: onnx.ModelProto) -> list[NormSite]:
+    """Every normalization in ``proto`` (see the module docstring): native nodes and decomposed patterns
+    in topological order (model-local functions inlined first; those inside If/Loop bodies carry
+    ``where``), then the regions a previous ``harden_onnx`` wrote, by the values they connect."""
+    from onnx.inliner import inline_local_functions
+
+    if proto.functions:
+        proto = inline_local_functions(proto)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # custom domains or partial models: keep the types we have
+        pass
+    model = ir.serde.deserialize_model(proto)
+    decomposed_rules().apply_to_model(model)
+    sites: list[NormSite] = []
+    _walk(model.graph, "", sites)
+    position = {i.name: -1 for i in proto.graph.input}
+    position.update({o: k for k, n in enumerate(proto.graph.node) for o in n.output})
+    for r in hardened_regions(proto):
+        if all(v in position for v in r["inputs"] + r["outputs"]):
+            sites.append(NormSite(r["name"], f"normkit ({r['op']})", r["kind"], r["nodes"], r["inputs"], r["outputs"],
+                                  r.get("attrs", {}), "", hardened=True))
+    # topological order: by the position of the node that produces the first output; subgraphs last
+    return sorted(sites, key=lambda s: (bool(s.where), position.get(s.outputs[0], len(position)) if s.outputs else 0))

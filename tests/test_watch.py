@@ -1,0 +1,225 @@
+"""normkit.watch: each watched layer's headroom against a float64 numpy oracle computed from the input the
+layer received, for torch's norm modules, normkit's, functional norm calls inside other classes, and
+hand-written norms found by class name; the warning (once, naming the layer); no effect on outputs and
+gradients; hooks and the function mode gone afterwards."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normkit
+from normkit.watch import HeadroomWarning, watch
+
+F16_MAX = 65504.0
+
+
+def oracle(x: torch.Tensor, groups_of, center: bool = True, dtype=torch.float16) -> float:
+    """log2(max / largest square), with the reduction groups as ``groups_of(x) -> (G, n)`` float64 rows."""
+    rows = groups_of(x.detach().double().numpy())
+    d = rows - rows.mean(axis=1, keepdims=True) if center else rows
+    return math.log2(torch.finfo(dtype).max) - 2 * math.log2(np.abs(d).max())
+
+
+def last_dims(k):
+    return lambda a: a.reshape(-1, int(np.prod(a.shape[-k:])))
+
+
+def channels(a):  # every dim but 1 (BatchNorm on batch statistics)
+    return np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
+
+
+def per_instance(a):
+    return a.reshape(a.shape[0] * a.shape[1], -1)
+
+
+def per_group(g):
+    return lambda a: a.reshape(a.shape[0] * g, -1)
+
+
+class LayerNorm2d(nn.Module):
+    """timm/torchvision-style: permutes to channels-last and calls F.layer_norm in its own forward."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias).permute(0, 3, 1, 2)
+
+
+class LlamaRMSNorm(nn.Module):
+    """Hugging Face-style hand-written RMSNorm: no norm function is called."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def _layers():
+    """name -> (module, input shape, rows of its groups, centred)"""
+    return {
+        "LayerNorm": (nn.LayerNorm([5, 6]), (3, 4, 5, 6), last_dims(2), True),
+        "normkit.LayerNorm": (normkit.nn.LayerNorm(6), (3, 4, 5, 6), last_dims(1), True),
+        "RMSNorm": (nn.RMSNorm(6), (3, 4, 6), lambda a: a.reshape(1, -1), False),
+        "GroupNorm": (nn.GroupNorm(2, 4), (3, 4, 5, 6), per_group(2), True),
+        "BatchNorm2d": (nn.BatchNorm2d(4), (3, 4, 5, 6), channels, True),
+        "normkit.BatchNorm2d": (normkit.nn.BatchNorm2d(4), (3, 4, 5, 6), channels, True),
+        "InstanceNorm2d": (nn.InstanceNorm2d(4), (3, 4, 5, 6), per_instance, True),
+        "LocalResponseNorm": (nn.LocalResponseNorm(3), (3, 4, 5, 6), lambda a: a.reshape(1, -1), False),
+        "LayerNorm2d (F.layer_norm inside)": (LayerNorm2d(4), (3, 4, 5, 6), lambda a: np.moveaxis(a, 1, -1).reshape(-1, 4), True),
+        "LlamaRMSNorm (by class name)": (LlamaRMSNorm(6), (3, 4, 6), lambda a: a.reshape(1, -1), False),
+    }
+
+
+@pytest.mark.parametrize("name", list(_layers()))
+def test_headroom_matches_the_oracle(name):
+    layer, shape, groups_of, center = _layers()[name]
+    model = nn.Sequential(nn.Identity(), layer)
+    seen = []
+    layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    w = watch(model, dtype=torch.float16)
+    model(torch.randn(shape))  # the first forward finds functional calls; hand-written norms are watched after it
+    calls = w.records["1"].calls if "1" in w.records else 0
+    for step, scale in enumerate((1.0, 37.0)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(step)) * scale + 0.5 * scale
+        model(x)
+        rec = w.records["1"]
+        assert rec.calls == calls + step + 1 and rec.dtype == "float16"
+        assert rec.last == pytest.approx(oracle(seen[-1], groups_of, center), abs=1e-6), rec
+    assert rec.lowest == min(rec.history) and rec.last == rec.history[-1]
+    w.remove()
+
+
+def test_batchnorm_eval_measures_the_distance_from_the_running_mean():
+    bn = nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.0, 100.0, -3.0, 7.0]))
+    model = nn.Sequential(bn)
+    w = watch(model)
+    x = torch.randn(2, 4, 3, 3)
+    model(x)
+    dev = (x - bn.running_mean.view(1, -1, 1, 1)).abs().max().item()
+    assert w.records["0"].last == pytest.approx(math.log2(torch.finfo(torch.float32).max) - math.log2(dev), abs=1e-6)
+
+
+def test_default_dtype_is_the_input_dtype_and_frozen_batchnorm():
+    frozen = normkit.nn.FrozenBatchNorm2d(4)
+    model = nn.Sequential(frozen, nn.LayerNorm(3)).to(torch.bfloat16)
+    w = watch(model)
+    model(torch.randn(2, 4, 3, 3, dtype=torch.bfloat16))
+    assert {r.dtype for r in w.records.values()} == {"bfloat16"} and set(w.records) == {"0", "1"}
+
+
+def test_warns_once_naming_the_layer_that_comes_close():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.LayerNorm(8))
+    w = watch(model, dtype=torch.float16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.randn(4, 8))  # far from overflow: no warning
+        assert not [c for c in caught if issubclass(c.category, HeadroomWarning)]
+        big = torch.randn(4, 8)
+        big[0, 0] = 200.0  # norm 1's input (the identity Linear's output): (x - mean)^2 ~ 3e4, within 2 powers of two
+        with torch.no_grad():
+            model[0].weight.copy_(torch.eye(8))
+            model[0].bias.zero_()
+        model(big)
+        model(big)
+    mine = [str(c.message) for c in caught if issubclass(c.category, HeadroomWarning)]
+    assert len(mine) == 1 and "normkit.watch: 1 (LayerNorm)" in mine[0] and "float16" in mine[0], mine
+    assert w.records["1"].warned and not w.records["2"].warned and w.records["1"].lowest < 2
+
+
+def test_outputs_and_gradients_unchanged_and_hooks_removed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), LayerNorm2d(4), nn.BatchNorm2d(4), nn.GroupNorm(2, 4))
+    x = torch.randn(2, 3, 8, 8)
+
+    def step(m):
+        m.zero_grad()
+        y = m(x)
+        y.square().sum().backward()
+        return y.detach(), [p.grad.clone() for p in m.parameters()]
+
+    y0, g0 = step(model)
+    stats0 = model[2].running_mean.clone()
+    w = watch(model)
+    y1, g1 = step(model)
+    y2, g2 = step(model)  # after discovery: the functional call is watched through the mode, inside its host only
+    assert torch.equal(y0, y1) and torch.equal(y1, y2)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g2))
+    assert w.records["1"].how == "functional call in its forward" and w.records["1"].calls == 2
+    assert not torch.overrides._get_current_function_mode_stack(), "the mode stays inside the host's forward"
+    w.remove()
+    model(x)
+    assert w.records["1"].calls == 2 and w.records["2"].calls == 2, "no hook after remove()"
+    assert not torch.equal(stats0, model[2].running_mean)
+
+
+def test_an_exception_inside_a_host_leaves_no_mode_behind():
+    class Failing(nn.Module):
+        def forward(self, x):
+            y = F.layer_norm(x, x.shape[-1:])
+            if x.shape[0] == 3:
+                raise ValueError("boom")
+            return y
+
+    model = nn.Sequential(Failing())
+    w = watch(model)
+    model(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="boom"):
+        model(torch.randn(3, 4))
+    assert not torch.overrides._get_current_function_mode_stack()
+    model(torch.randn(2, 4))
+    assert w.records["0"].calls == 3  # the raising step's measurement is read with the next step
+
+
+def test_root_module_calling_a_functional_norm():
+    class Root(nn.Module):
+        def forward(self, x):
+            return F.group_norm(x, 2)
+
+    root = Root()
+    w = watch(root, dtype=torch.float16)
+    x = torch.randn(2, 4, 5)
+    root(x)
+    root(x * 10)
+    rec = w.records[""]
+    assert rec.name == "Root" and rec.calls == 2
+    assert rec.last == pytest.approx(oracle(x * 10, per_group(2)), abs=1e-6)
+
+
+def test_every_measures_one_step_in_n():
+    model = nn.Sequential(LayerNorm2d(4), nn.LayerNorm(5))
+    w = watch(model, every=3)
+    for _ in range(7):
+        model(torch.randn(2, 4, 5, 5))
+    assert w.records["0"].calls == 3 and w.records["1"].calls == 3  # steps 0, 3, 6
+    assert not torch.overrides._get_current_function_mode_stack()
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        watch(lambda x: x)
+    with pytest.raises(TypeError, match="floating torch.dtype"):
+        watch(nn.LayerNorm(3), dtype=torch.int32)
+    with pytest.raises(ValueError, match="every=0 must be a positive integer"):
+        watch(nn.LayerNorm(3), every=0)
+
+
+def test_report_lists_every_layer():
+    model = nn.Sequential(nn.LayerNorm(4), LlamaRMSNorm(4))
+    with watch(model) as w:
+        model(torch.randn(2, 4))
+        model(torch.randn(2, 4))
+    text = w.report()
+    assert "LayerNorm" in text and "class name (hand-written norm)" in text and len(text.splitlines()) == 4
