@@ -248,10 +248,10 @@ def test_export_onnx_runs_in_onnxruntime_at_1e20(name):
 
 
 # -------------------------------------------------------------------------- the norm classes themselves
-def _hf(module: str, cls: str):
-    def make():
+def _hf(module: str, cls: str, *args):
+    def make():  # (hidden size, eps) by default
         tp.import_third_party("transformers")
-        return getattr(__import__(f"transformers.models.{module}", fromlist=[cls]), cls)(16, eps=1e-6)
+        return getattr(__import__(f"transformers.models.{module}", fromlist=[cls]), cls)(*(args or (16, 1e-6)))
     return make
 
 
@@ -280,6 +280,10 @@ CLASSES = {  # name -> (constructor, input shape, what convert makes of it)
     "Gemma2RMSNorm": (_hf("gemma2.modeling_gemma2", "Gemma2RMSNorm"), (2, 3, 16), GEMMA),
     "Gemma3RMSNorm": (_hf("gemma3.modeling_gemma3", "Gemma3RMSNorm"), (2, 3, 16), GEMMA),
     "T5LayerNorm": (_hf("t5.modeling_t5", "T5LayerNorm"), (2, 3, 16), "normkit.nn.RMSNorm(casting_mode='t5')"),
+    "CohereLayerNorm": (_hf("cohere.modeling_cohere", "CohereLayerNorm", 16), (2, 3, 16),
+                        "normkit.nn.LayerNorm(casting_mode='gemma')"),  # written out, no bias, in float32
+    "OlmoLayerNorm": (_hf("olmo.modeling_olmo", "OlmoLayerNorm", 16), (2, 3, 16), HARDENED),  # no parameters
+    "Qwen3NextRMSNorm": (_hf("qwen3_next.modeling_qwen3_next", "Qwen3NextRMSNorm"), (2, 3, 16), GEMMA),
     "timm RmsNorm": (_timm("RmsNorm", 16), (2, 3, 16), HARDENED),  # its forward calls F.rms_norm
     "timm RmsNorm2d": (_timm("RmsNorm2d", 16), (2, 16, 3, 5), "normkit.nn.RMSNorm(casting_mode='llama', channels_first=True)"),
     "timm RmsNorm2dFp32": (_timm("RmsNorm2dFp32", 16), (2, 16, 3, 5), "normkit.nn.RMSNorm(channels_first=True)"),

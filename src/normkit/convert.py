@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Iterable
@@ -83,10 +84,14 @@ def warn_left(tool: str, report: list[Swap], stacklevel: int = 3) -> None:
     if not left:
         return
     groups: dict[tuple, list[str]] = {}
-    for s in left:
-        groups.setdefault((s.before, s.after, s.recipe), []).append(s.name or "the model")
+    reasons: dict[tuple, str] = {}
+    for s in left:  # one line per class and reason (the reason's numbers may differ: the first is shown)
+        key = (s.before, re.sub(r"[-+.\de]+\d", "#", s.after), s.recipe)
+        groups.setdefault(key, []).append(s.name or "the model")
+        reasons.setdefault(key, s.after)
     lines = [f"{tool}: {len(left)} layer(s) left as they were:"]
-    for (cls, why, recipe), names in groups.items():
+    for key, names in groups.items():
+        (cls, _, recipe), why = key, reasons[key]
         shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
         lines.append(f"  {cls} x{len(names)} ({shown}): {why.removeprefix('left: ')}"
                      + (f". Recipe: {recipe}" if recipe else ""))

@@ -138,14 +138,22 @@ def _own_tensor(module: nn.Module, name: str) -> Tensor | None:
     return t if isinstance(t, Tensor) and t.is_floating_point() else None
 
 
+# layers with a weight that are not normalizations, whatever eps they carry (timm's weight-standardized StdConv2d)
+NOT_NORMS = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention)
+
+
 def norm_like(module: nn.Module) -> bool:
     """A module that may hold a normalization: a subclass of one of torch's norm classes; or a class named
-    ``*norm*`` with parameters, buffers or an eps of its own; or one with an eps attribute and a weight."""
+    ``*norm*`` with parameters, buffers, an eps or a ``normalized_shape`` of its own (OLMo's parameter-free
+    LayerNorm); or one with an eps attribute and a weight --
+    never a convolution, linear, embedding or attention layer (:data:`NOT_NORMS`)."""
     if isinstance(module, TORCH_NORMS):
         return True
+    if isinstance(module, NOT_NORMS):
+        return False
     own = any(t is not None for t in (*module._parameters.values(), *module._buffers.values()))
     has_eps = eps_of(module)[0] is not None
-    if re.search("norm", type(module).__name__, re.IGNORECASE) and (own or has_eps):
+    if re.search("norm", type(module).__name__, re.IGNORECASE) and (own or has_eps or hasattr(module, "normalized_shape")):
         return True
     return has_eps and (_own_tensor(module, "weight") is not None or _own_tensor(module, "running_mean") is not None)
 
