@@ -787,7 +787,7 @@ class BatchNormThenScale(nn.BatchNorm2d):
 
 def test_fold_batchnorm_act_keeps_the_act_and_leaves_an_own_computation():
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct(4), nn.Conv2d(4, 4, 1), BatchNormThenScale(4)))
-    folded, report = check_fold(model, torch.randn(2, 3, 6, 6), left={"3": r"its eval output is not batch norm followed by its submodules"})
+    folded, report = check_fold(model, torch.randn(2, 3, 6, 6), left={"3": r"computes its own forward, and its eval output is not batch norm followed by its submodules"})
     assert isinstance(folded[1], nn.Sequential) and [type(m) for m in folded[1]] == [nn.Identity, nn.SiLU]
     assert isinstance(folded[3], BatchNormThenScale)
     converted = normkit.convert(model)  # hardened first: folds the same
@@ -806,6 +806,18 @@ def test_fold_hand_written_frozen_batchnorm():
     check_fold(model, torch.randn(2, 3, 6, 6), example=False, left={"1": r"only for 4-D output.*pass example_input="})
     odd = nn.Sequential(nn.Conv2d(3, 6, 3), randomized(FrozenPlusOne(6), g))
     check_fold(odd, torch.randn(2, 3, 6, 6), left={"1": r"FrozenPlusOne is not provably a frozen batch norm"})
+    with_act = nn.Sequential(nn.Conv2d(3, 6, 3), randomized(FrozenAct(6), g))  # timm's FrozenBatchNormAct2d
+    folded, _ = check_fold(with_act, torch.randn(2, 3, 6, 6))
+    assert [type(m) for m in folded[1]] == [nn.Identity, nn.GELU]
+
+
+class FrozenAct(Frozen):
+    def __init__(self, c):
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
 
 
 class FrozenPlusOne(Frozen):

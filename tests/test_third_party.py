@@ -190,11 +190,17 @@ def test_converted_models_pickle_into_a_fresh_process(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- fold
-@pytest.mark.parametrize("convert_first", [False, True], ids=["as-built", "converted"])
+def has_statistics(m: nn.Module) -> bool:
+    return isinstance(m._buffers.get("running_mean"), torch.Tensor)
+
+
+@pytest.mark.parametrize("prepare", ["as-built", "converted", "frozen"])
 @pytest.mark.parametrize("name", ["efficientnet_b0", "regnety_002"])
-def test_fold_leaves_no_batchnorm_after_a_conv(name, convert_first):
+def test_fold_leaves_no_batchnorm_after_a_conv(name, prepare):
     """Before: 0 of 49 / 0 of 44 folded ("BatchNormAct2d overrides forward"). Each BatchNormAct2d's batch norm is
-    folded into its conv; its activation and drop stay, as modules; the float64 output is unchanged."""
+    folded into its conv; its activation and drop stay, as modules; the float64 output is unchanged. The same
+    after ``convert``, and after timm's ``freeze_batch_norm_2d`` (torchvision's FrozenBatchNorm2d, timm's
+    FrozenBatchNormAct2d)."""
     model = tp.timm_model(name)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # running statistics of a trained model, so that folding changes the weights
@@ -202,13 +208,16 @@ def test_fold_leaves_no_batchnorm_after_a_conv(name, convert_first):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.5, 0.5, generator=g)
                 m.running_var.uniform_(0.5, 2.0, generator=g)
-    model = (normkit.convert(model) if convert_first else model).double()
+    if prepare == "frozen":
+        model = tp.import_third_party("timm.layers").freeze_batch_norm_2d(model)
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    model = (normkit.convert(model) if prepare == "converted" else model).double()
     x = tp.image().double()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing left, so no warning
         folded, report = normkit.fold_batchnorm(model, example_input=x, return_report=True)
     assert report and all(s.changed for s in report)
-    assert not [n for n, m in folded.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert not [n for n, m in folded.named_modules() if has_statistics(m)]
     acts = [m for n, m in folded.named_modules() if n.endswith(".act") or n == "act"]
     assert len(acts) >= len(report)  # the activations are still there
     with torch.no_grad():

@@ -4,8 +4,9 @@ the same function.
 What counts as a BatchNorm here: torch's and normkit's classes (and subclasses that keep their computation);
 a BatchNorm subclass with a forward of its own that is, proven by a float64 probe, batch norm followed by
 its own submodules in order (timm's ``BatchNormAct2d``: its activation and drop stay, as modules); and a
-hand-written frozen batch norm the probe of :mod:`normkit.recognize` proves (torchvision's and timm's
-``FrozenBatchNorm2d``). The rules that prove a pair foldable are in :func:`fold_batchnorm`.
+hand-written frozen batch norm the float64 probe proves (torchvision's and timm's ``FrozenBatchNorm2d``; timm's
+``FrozenBatchNormAct2d``, with its submodules after it). The rules that prove a pair foldable are in
+:func:`fold_batchnorm`.
 """
 
 from __future__ import annotations
@@ -58,15 +59,16 @@ class _Form:
     tail: nn.Module | None = None
 
 
-def _tail_proof(bn: nn.Module) -> str | None:
-    """Why ``bn`` (a BatchNorm subclass with a forward of its own) is not provably ``tail(batch_norm(x))``,
-    ``tail`` its submodules in order (None if it is): a float64 copy with random statistics runs in eval
-    mode on a probe input and is compared with torch's own ``F.batch_norm`` followed by the tail."""
+def _tail_proof(bn: nn.Module, ranks: tuple[int, ...]) -> str | None:
+    """Why ``bn`` (a BatchNorm subclass with a forward of its own, or a module applying frozen statistics by
+    hand) is not provably ``tail(batch_norm(x))`` on inputs of ``ranks``, ``tail`` its submodules in order
+    (None if it is): a float64 copy with random statistics runs in eval mode on probe inputs and is compared
+    with torch's own ``F.batch_norm`` with its statistics, followed by the tail."""
     generator = torch.Generator().manual_seed(0)
     probe = randomized_copy(bn, generator).eval()
     tail = nn.Sequential(OrderedDict(probe.named_children()))
     worst = 0.0
-    for shape in [s for s in probe_shapes(bn)["channels"] if len(s) in _ranks_of(bn)]:
+    for shape in [s for s in probe_shapes(bn)["channels"] if len(s) in ranks]:
         x = probe_input(shape, generator).to(probe.running_mean.device)
         try:
             with torch.no_grad(), keep_float64(), single_threaded():
@@ -77,8 +79,8 @@ def _tail_proof(bn: nn.Module) -> str | None:
         worst = max(worst, rel_error(got, want))
     if worst > PROOF_TOL:
         children = ", ".join(n for n, _ in bn.named_children()) or "none"
-        return (f"{type(bn).__name__} overrides forward, and its eval output is not batch norm followed by its submodules "
-                f"({children}): off by {worst:.1e} in float64")
+        return (f"{type(bn).__name__} computes its own forward, and its eval output is not batch norm followed by its "
+                f"submodules ({children}): off by {worst:.1e} in float64")
     return None
 
 
@@ -103,11 +105,13 @@ def _find_form(bn: nn.Module) -> _Form | str:
     base, own = _own_methods(bn, _BN_BASES)
     if base is not None and not own:
         return _Form()
-    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        why = _tail_proof(bn)
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm) or any(bn.children()):
+        # a forward of its own, or frozen statistics applied by hand with submodules after (timm's FrozenBatchNormAct2d,
+        # proven on 4-D input like torchvision's FrozenBatchNorm2d)
+        if not isinstance(getattr(bn, "eps", None), (int, float)):
+            return f"{type(bn).__name__} holds running statistics but no numeric eps"
+        why = _tail_proof(bn, _ranks_of(bn) if isinstance(bn, nn.modules.batchnorm._BatchNorm) else (4,))
         return why or _Form(nn.Sequential(OrderedDict(bn.named_children())) if any(bn.children()) else None)
-    if any(bn.children()):
-        return f"{type(bn).__name__} has submodules ({', '.join(n for n, _ in bn.named_children())}) and no BatchNorm forward"
     # hand-written: frozen statistics applied by its own code (torchvision's FrozenBatchNorm2d)
     why = frozen_batchnorm_proof(bn)
     return why or _Form()
@@ -392,8 +396,8 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, return_report: bo
     A BatchNorm here is torch's or normkit's class (or a subclass keeping its computation); a BatchNorm
     subclass whose own forward is, proven by a float64 probe, batch norm followed by its submodules in order
     (timm's ``BatchNormAct2d``: it becomes an nn.Sequential of those submodules, e.g. ``drop`` and ``act``,
-    under the same name); or a hand-written frozen batch norm the probe of :mod:`normkit.recognize` proves
-    (torchvision's ``FrozenBatchNorm2d``).
+    under the same name); or a hand-written frozen batch norm a float64 probe proves on 4-D input (torchvision's
+    ``FrozenBatchNorm2d``; timm's ``FrozenBatchNormAct2d``, its submodules kept as for ``BatchNormAct2d``).
 
     A pair folds when: the layer is a Conv1d/2d/3d, ConvTranspose1d/2d/3d (any groups and dilation) or
     Linear (or a subclass that overrides none of their compute methods), not parametrized, without hooks;
