@@ -155,23 +155,9 @@ CASES = _suite()
 # ---- whole models: the torch model against normkit.convert(model), eval forward and one train step ----
 
 def _resnet18():
-    try:
-        from normkit.models import get  # the zoo, where it has landed
+    from normkit.models import get
 
-        return get("resnet18").build(seed=0)
-    except Exception:
-        pass
-    from torch import nn
-
-    def block(cin, cout, stride):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                             nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-    for cin, cout, stride in ((64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1),
-                              (256, 512, 2), (512, 512, 1)):
-        layers.append(block(cin, cout, stride))
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)]
-    return nn.Sequential(*layers)  # ResNet-18's shapes and norm layers (without the skip connections)
+    return get("resnet18", seed=0)
 
 
 def _transformer_block():

@@ -33,7 +33,7 @@ def _step(model, opt, x):
 
 
 def measure(zoo: str, shape, repeat: int, warmup: int, budget_s: float, every: int = 1) -> dict:
-    base = models.get(zoo).build(seq_len=shape[1]).train()
+    base = models.get(zoo, seq_len=shape[1]).train()
     plain, watched = base, copy.deepcopy(base)
     w = watch(watched, every=every)
     x = torch.randn(shape)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import normkit
 from normkit import _native
@@ -160,3 +163,139 @@ def test_console_script_exists():
     # installed by `pip install -e .` (pyproject's [project.scripts])
     script = Path(sys.executable).parent / "normkit"
     assert script.exists()
+
+
+# ------------------------------------------------------------------ every usage mistake: one line, exit 2
+def _one_line(proc, *needles):
+    """A usage error as the README promises: exit 2, one line on stderr naming the problem, no traceback."""
+    err = proc.stderr
+    assert proc.returncode == 2, (proc.returncode, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+@pytest.fixture
+def marker_model(tmp_path):
+    """A model file whose factory leaves a marker: a check that comes before any work leaves none."""
+    (tmp_path / "marked.py").write_text(
+        "from pathlib import Path\nimport torch\nfrom torch import nn\n"
+        "def make():\n"
+        f"    Path({str(tmp_path / 'built')!r}).write_text('x')\n"
+        "    m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))\n"
+        "    m.example_input_shape = (2, 4)\n"
+        "    return m\n")
+    return tmp_path
+
+
+def test_export_and_harden_output_paths_checked_before_any_work(marker_model):
+    tmp = marker_model
+    spec = f"{tmp / 'marked.py'}:make"
+    err = _one_line(_run("export", spec, "-o", str(tmp / "missing-dir" / "x.onnx")), "does not exist")
+    assert err.startswith("normkit export: -o ")
+    _one_line(_run("export", spec, "-o", str(tmp)), "is a directory")
+    _one_line(_run("export", spec, "-o", ""), "give the path of the file to write")
+    assert not (tmp / "built").exists(), "the output path must be checked before the model is built"
+    onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed")
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(onnx.helper.make_model(graph), str(tmp / "in.onnx"))
+    _one_line(_run("harden", str(tmp / "in.onnx"), "-o", str(tmp / "missing-dir" / "x.onnx")), "does not exist")
+    _one_line(_run("harden", str(tmp / "in.onnx"), "-o", str(tmp)), "is a directory")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc: a directory nobody can write into")
+def test_report_into_a_directory_that_cannot_be_written():
+    err = _one_line(_run("check", "--op", "rms_norm", "--fast", "--report", "/proc/self"), "cannot write into")
+    assert "give a writable path" in err
+
+
+def test_command_without_its_extra_names_the_extra():
+    code = "import sys; sys.modules['onnxscript'] = None; from normkit.cli import main; sys.exit(main(sys.argv[1:]))"
+    for argv in (["export", "--help"], ["harden", "in.onnx", "-o", "out.onnx"]):
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=600)
+        _one_line(proc, "needs the onnx extra", "onnxscript not installed", "pip install 'normkit[onnx]'")
+
+
+def test_lazy_modules_are_initialized_or_the_shape_is_named(tmp_path):
+    (tmp_path / "lazy.py").write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    m = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.LazyLinear(3))\n"
+        "    m.example_input_shape = (3, 4)\n"
+        "    return m\n")
+    spec = f"{tmp_path / 'lazy.py'}:make"
+    proc = _run("check", "--model", spec, "--dtype", "float32", "--scales", "1,1e20")
+    assert proc.returncode == 0, proc.stderr
+    assert "lazy.py:make (3, 4)" in proc.stdout and "2 (Linear)" not in proc.stdout
+    _one_line(_run("check", "--model", spec, "--input-shape", "3,5"), "does not initialize the model's lazy modules",
+              "--input-shape that the model accepts")
+
+
+def test_empty_and_conflicting_values_are_refused():
+    _one_line(_run("check", "--model", "alexnet", "--scales", ""), "'' is not a positive number")
+    _one_line(_run("check", "--report", ""), "--report '': give the directory")
+    _one_line(_run("check", "--op", "layer_norm", "--mode", "eval"), "apply to the model probe, which --op skips")
+    _one_line(_run("check", "--model", "alexnet", "--input-shape", ""), "is not a shape")
+
+
+def test_negative_values_reach_the_commands_own_check():
+    for argv in (["--input-shape", "-1,3,32,32"], ["--input-shape=-1,3,32,32"]):
+        err = _one_line(_run("check", "--model", "alexnet", *argv), "sizes cannot be negative")
+        assert "expected one argument" not in err and "--input-shape 1,3,32,32" in err
+    _one_line(_run("check", "--seed", "-1"), "--seed -1 is out of range")
+    _one_line(_run("check", "--model", "alexnet", "--scales", "-1,1"), "'-1' is not a positive number")
+
+
+def test_version():
+    proc = _run("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"normkit {normkit.__version__} (torch {torch.__version__})"
+
+
+def test_ctrl_c_prints_what_finished_and_exits_130(tmp_path):
+    started = tmp_path / "started"
+    (tmp_path / "models.py").write_text(
+        "import time\nfrom pathlib import Path\nimport torch\nfrom torch import nn\n"
+        "class Slow(nn.Module):\n"
+        "    def forward(self, x):\n"
+        f"        Path({str(started)!r}).write_text('x')\n"
+        "        time.sleep(120)\n"
+        "        return x\n"
+        "def fast():\n"
+        "    m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))\n"
+        "    m.example_input_shape = (2, 4)\n"
+        "    return m\n"
+        "def slow():\n"
+        "    m = nn.Sequential(nn.Linear(4, 4), Slow())\n"
+        "    m.example_input_shape = (2, 4)\n"
+        "    return m\n")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(NORMKIT + ["check", "--model", f"{tmp_path / 'models.py'}:fast", "--model",
+                                       f"{tmp_path / 'models.py'}:slow", "--dtype", "float32", "--scales", "1,1e20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for _ in range(1200):  # the first model is probed, the second is running
+            if started.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert started.exists(), proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("normkit check: interrupted (Ctrl-C); what finished is reported above")
+    assert "models.py:fast (2, 4)" in out and "1 (LayerNorm): float32, non-finite from input scale 1e20" in out
+    assert "models.py:slow" not in out, "nothing of the interrupted model finished"
+
+
+def test_timing_line_counts_start_up():
+    proc = _run("check", "--op", "rms_norm", "--fast", "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.endswith("s CPU since start-up)"), last
+    wall, cpu = (float(p.split()[0]) for p in last.strip("()").split(", ")[:2])
+    assert cpu > 0.5, "importing torch alone takes more CPU than this: start-up is counted"

@@ -78,7 +78,7 @@ def keys_and_shapes(spec):
 @pytest.mark.parametrize("name, spec", [("resnet18", resnet18_spec), ("mobilenet_v2", mobilenet_v2_spec),
                                         ("alexnet", alexnet_spec)])
 def test_state_dict_keys_order_and_shapes_match_torchvision(name, spec):
-    sd = models.get(name).build(num_classes=10).state_dict()
+    sd = models.get(name, num_classes=10).state_dict()
     assert [(k, tuple(v.shape)) for k, v in sd.items()] == keys_and_shapes(spec(10))
 
 
@@ -86,7 +86,7 @@ def test_parameter_counts_are_torchvisions():
     # the published torchvision parameter counts (1000 classes)
     counts = {"resnet18": 11_689_512, "mobilenet_v2": 3_504_872, "alexnet": 61_100_840}
     for name, n in counts.items():
-        assert sum(p.numel() for p in models.get(name).build().parameters()) == n, name
+        assert sum(p.numel() for p in models.get(name).parameters()) == n, name
 
 
 # ------------------------------------------------------------------ reference forwards from the state dict
@@ -163,7 +163,7 @@ def _randomize_bn_stats(model, g):
                                                      ("alexnet", alexnet_reference, (1, 3, 67, 67))])
 def test_forward_matches_reference_from_state_dict(name, reference, shape):
     g = torch.Generator().manual_seed(1)
-    model = models.get(name).build(num_classes=7).double().eval()
+    model = models.get(name, num_classes=7).double().eval()
     _randomize_bn_stats(model, g)
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     with torch.no_grad():
@@ -199,12 +199,35 @@ def test_transformer_block(norm, cls):
         models.transformer_block(norm="batch")
 
 
-def test_registry():
+def test_registry_get_builds_a_model_ready_for_convert():
     assert {"alexnet", "resnet18", "mobilenet_v2", "transformer_block", "transformer_block_rms"} <= set(models.ZOO)
     with pytest.raises(ValueError, match="known models: alexnet"):
         models.get("resnet50")
-    e = models.get("transformer_block_rms")
-    assert isinstance(e.build().norm1, torch.nn.RMSNorm) and e.input_shape == e.build().example_input_shape
+    with pytest.raises(ValueError, match="known models: alexnet"):
+        models.entry(42)
+    model = models.get("resnet18")
+    assert isinstance(model, torch.nn.Module) and model.example_input_shape == models.entry("resnet18").input_shape
+    twin = normkit.convert(model)  # straight in, as the README says
+    assert type(twin.bn1) is normkit.nn.BatchNorm2d and type(model.bn1) is torch.nn.BatchNorm2d
+    rms = models.get("transformer_block_rms", d_model=32)
+    assert isinstance(rms.norm1, torch.nn.RMSNorm) and rms.example_input_shape == (2, 16, 32), "the factory's own shape wins"
+    e = models.entry("transformer_block_rms")
+    assert e.input_shape == e.build().example_input_shape
+
+
+def test_namespaces_hold_only_the_api_and_help_lists_it():
+    import pydoc
+
+    import normkit.check
+
+    public = {n for n in dir(models) if not n.startswith("_")}
+    assert public == set(models.__all__), public ^ set(models.__all__)
+    helpers = {"annotations", "Any", "Callable", "dataclass", "field"}
+    for module in (normkit, normkit.check):
+        assert not {n for n in dir(module) if not n.startswith("_")} & helpers, module.__name__
+    text = pydoc.render_doc(normkit, renderer=pydoc.plaintext)
+    for name in [n for n in normkit.__all__ if n != "__version__"] + ["normkit.models", "normkit.reference", "normkit.onnx", "compare_onnx"]:
+        assert name in text, f"help(normkit) does not list {name}"
 
 
 SMALL = {"alexnet": (1, 3, 67, 67), "resnet18": (2, 3, 32, 32), "mobilenet_v2": (2, 3, 64, 64)}
@@ -213,8 +236,8 @@ SMALL = {"alexnet": (1, 3, 67, 67), "resnet18": (2, 3, 32, 32), "mobilenet_v2": 
 @pytest.mark.parametrize("name", list(models.ZOO))
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_convert_leaves_float64_output_unchanged(name, mode):
-    entry = models.get(name)
-    model = entry.build(num_classes=10).double() if "transformer" not in name else entry.build().double()
+    entry = models.entry(name)
+    model = (entry.build(num_classes=10) if "transformer" not in name else entry.build()).double()
     g = torch.Generator().manual_seed(2)
     if mode == "eval":
         _randomize_bn_stats(model, g)

@@ -4,6 +4,7 @@ in ONNX Runtime (graph optimizations off) or, for float16 graphs, onnx.reference
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import warnings
@@ -272,11 +273,6 @@ LAYERS = {
 }
 
 
-def _float64_ref(model, x):
-    with torch.no_grad():
-        return normkit.convert(model).double().eval()(x.double()).numpy()
-
-
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_export_decomposed_layer(name):
     model = _randomize(_Layer(LAYERS[name]()))
@@ -339,7 +335,7 @@ def test_export_float16_graph_stays_finite():
 def _zoo(name):
     from normkit import models
 
-    return models.get(name).build().eval()
+    return models.get(name).eval()
 
 
 ZOO_CASES = {
@@ -496,7 +492,9 @@ def test_cli_export_and_harden(tmp_path, capsys):
 
     out = tmp_path / "tb.onnx"
     assert main(["export", "transformer_block", "-o", str(out), "--input-shape", "2,4,64", "--verify"]) == 0
-    assert "robust normalization subgraph" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "robust normalization subgraph" in text
+    assert text.strip().splitlines()[-1].startswith("verify: PASS -- every output within tolerance")
     native = tmp_path / "native.onnx"
     assert main(["export", "transformer_block", "-o", str(native), "--input-shape", "2,4,64", "--native"]) == 0
     assert "LayerNormalization" in _ops(onnx.load(str(native)))
@@ -504,6 +502,12 @@ def test_cli_export_and_harden(tmp_path, capsys):
     assert main(["harden", str(native), "-o", str(hard), "--verify", "--scales", "1,1e20"]) == 0
     text = capsys.readouterr().out
     assert "LayerNormalization x2" in text and "1e+20" in text
+    assert text.strip().splitlines()[-1].startswith("verify: PASS -- the hardened model is within")
+    # the native file fails where the hardened one holds: the verdict says which output, at which scale
+    assert main(["export", "alexnet", "-o", str(tmp_path / "lrn.onnx"), "--input-shape", "1,3,64,64", "--native",
+                 "--verify"]) == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("verify: FAIL -- ") and "at scale 1e+20" in last
     assert not _ops(onnx.load(str(hard))) & NATIVE_TYPES
 
 
@@ -542,3 +546,129 @@ def test_harden_skip_layernorm_keeps_its_sum_output():
     x = _x((2, 3, C), 1.0)
     for a, b in zip(run(hard, {"x": x}), run(model, {"x": x})):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- verify_onnx
+def _torch_export(model, args, path, kwargs=None):
+    """torch's own exporter (not normkit's): a file normkit did not write."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(path), kwargs=kwargs, dynamo=True, verbose=False)
+    return onnx.load(str(path))
+
+
+def _rms_oracle(x, weight, eps):
+    """RMSNorm written here in float64 from its formula: y = w * x / sqrt(mean(x^2) + eps)."""
+    x, w = x.double(), weight.detach().double()
+    return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+@pytest.fixture(scope="module")
+def llama_rmsnorm(tmp_path_factory):
+    from _thirdparty import transformers
+
+    transformers()
+    modeling = pytest.importorskip("transformers.models.llama.modeling_llama", reason="transformers' Llama")
+    torch.manual_seed(0)
+    norm = modeling.LlamaRMSNorm(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("rms") / "llama_rmsnorm.onnx"
+    _torch_export(norm, (torch.randn(3, 8),), path)
+    return norm, path
+
+
+def test_verify_onnx_reference_keeps_the_models_downcasts_in_float64(llama_rmsnorm):
+    """LlamaRMSNorm upcasts to float32 inside: torch's own export squares in float32 and returns zeros at 1e20.
+    A .double() reference computes the same zeros (error 0); the true error is 1."""
+    norm, path = llama_rmsnorm
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    for scale in (1.0, 1e20):
+        (err,) = verify_onnx(path, norm, x * scale)
+        proto = onnx.load(str(path))
+        (out,) = run(proto, {proto.graph.input[0].name: (x * scale).numpy()})
+        truth = measure("y", out, _rms_oracle(x * scale, norm.weight, norm.variance_epsilon).numpy())
+        assert err.rel_err == pytest.approx(truth.rel_err, rel=1e-6, abs=1e-12) and err.reference_lowered == ()
+    assert err.rel_err == pytest.approx(1.0) and not np.abs(out).any(), "the float32 graph returns zeros at 1e20"
+    with torch.no_grad():
+        stale = norm.double()(x.double() * 1e20)
+    assert not stale.abs().any(), "the trap this guards against: .double() alone is float32 inside"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from _thirdparty import tiny_llama_config, transformers
+
+    tf, cfg = transformers(), tiny_llama_config()
+    torch.manual_seed(0)
+    causal, base = tf.LlamaForCausalLM(cfg).eval(), tf.LlamaModel(cfg).eval()
+    d = tmp_path_factory.mktemp("llama")
+    ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(2))
+    emb = torch.randn(2, 8, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    ids_file = _torch_export(causal, (ids,), d / "llama_ids.onnx")
+    emb_file = _torch_export(base, (), d / "llama_embeds.onnx", kwargs={"inputs_embeds": emb})
+    return causal, base, ids, emb, ids_file, emb_file
+
+
+def test_verify_onnx_token_ids_stay_integer_and_model_outputs_flatten(tiny_llama):
+    causal, _, ids, _, ids_file, _ = tiny_llama
+    assert ids_file.graph.input[0].type.tensor_type.elem_type == TP.INT64
+    for inputs in (ids, (ids,), {"input_ids": ids}):  # a tensor, positional, keyword
+        (err,) = verify_onnx(ids_file, causal, inputs)  # CausalLMOutputWithPast: logits (past_key_values None)
+        _check_err(err, ORDINARY, f"tiny Llama from {type(inputs).__name__}")
+    with pytest.raises(OnnxError, match=r"'input_ids' are not among the keyword inputs \('ids'\)"):
+        verify_onnx(ids_file, causal, {"ids": ids})
+    with pytest.raises(OnnxError, match=r"input 'input_ids' is int32, the graph takes int64"):
+        verify_onnx(ids_file, causal, ids.int())
+
+
+def test_verify_onnx_torch_llama_export_at_1e20_reports_the_true_error(tiny_llama):
+    _, base, _, emb, _, emb_file = tiny_llama
+    (ok,) = verify_onnx(emb_file, base, {"inputs_embeds": emb})
+    _check_err(ok, ORDINARY, "scale 1")
+    (err,) = verify_onnx(emb_file, base, {"inputs_embeds": emb * 1e20})
+    assert err.rel_err == pytest.approx(1.0, abs=1e-3) and err.finite  # every RMSNorm returns zeros in float32
+    from normkit.reference import float64_call
+
+    with torch.no_grad():  # the reference is right: the float64 model's output is not zero (plain .double()'s is)
+        ref, lowered = float64_call(copy.deepcopy(base).double(), inputs_embeds=emb * 1e20)
+        stale = copy.deepcopy(base).double()(inputs_embeds=emb.double() * 1e20)
+    assert ref.last_hidden_state.abs().max() > 0.1 and not lowered
+    assert not stale.last_hidden_state.abs().any()
+
+
+class _TwoInTwoOut(nn.Module):
+    """Token ids and a float input in, a dict of two outputs out."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.norm = nn.Embedding(10, 8), nn.LayerNorm(8)
+
+    def forward(self, ids, x):
+        h = self.norm(self.emb(ids) + x)
+        return {"h": h, "energy": (h * h).sum(-1)}
+
+
+def test_verify_onnx_several_inputs_and_dict_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = _TwoInTwoOut().eval()
+    ids, x = torch.randint(0, 10, (2, 5)), torch.randn(2, 5, 8)
+    proto = _torch_export(model, (ids, x), tmp_path / "two.onnx")
+    names = [i.name for i in proto.graph.input]
+    for inputs in ((ids, x), dict(zip(names, (ids, x)))):
+        errs = verify_onnx(proto, model, inputs)
+        assert [e.name for e in errs] == [o.name for o in proto.graph.output] and len(errs) == 2
+        for e in errs:
+            _check_err(e, ORDINARY, e.name)
+    with pytest.raises(OnnxError, match=r"takes 2 input\(s\) .*got 1"):
+        verify_onnx(proto, model, (ids,))
+    class OneOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, ids, x):
+            return self.inner(ids, x)["h"]
+
+    with pytest.raises(OnnxError, match="the model returns 1 tensor"):
+        verify_onnx(proto, OneOut(), (ids, x))

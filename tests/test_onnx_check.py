@@ -160,7 +160,7 @@ def test_zoo_transformer_torchscript_export_converted_to_float16(tmp_path, capsy
     converts the file with onnxconverter-common; the squares of ``x - mean`` overflow from 1e3 on."""
     from normkit import models
 
-    path = _torchscript(models.get("transformer_block").build().eval(), torch.randn(2, 8, 64), tmp_path / "tb.onnx")
+    path = _torchscript(models.get("transformer_block").eval(), torch.randn(2, 8, 64), tmp_path / "tb.onnx")
     fixed = tmp_path / "tb_fixed.onnx"
     code = main(["check", str(path), "--dtype", "float16", "--input-shape", "2,8,64", "--scales", "1,1e3", "--json",
                  "--fix", str(fixed)])
@@ -179,7 +179,7 @@ def test_zoo_native_export_float32(tmp_path, capsys, zoo):
     from normkit import export_onnx, models
 
     path = tmp_path / "native.onnx"
-    export_onnx(models.get(zoo).build().eval(), torch.randn(2, 8, 64), path, decompose=False, opset=23)
+    export_onnx(models.get(zoo).eval(), torch.randn(2, 8, 64), path, decompose=False, opset=23)
     code = main(["check", str(path), "--input-shape", "2,8,64", "--scales", "1,1e20", "--json", "--fix", str(tmp_path / "f.onnx")])
     d = json.loads(capsys.readouterr().out)
     op = "LayerNormalization" if zoo == "transformer_block" else "RMSNormalization"

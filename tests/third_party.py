@@ -1,40 +1,16 @@
-"""Real models from timm and Hugging Face transformers, for the tests: importers, tiny builders, inputs.
+"""Real models from timm and Hugging Face transformers, for the tests: tiny builders and inputs of the twelve
+models tests/test_third_party.py runs (importing them, with torchvision's op registrations stubbed, is
+:mod:`_thirdparty`'s).
 
 Random init and tiny configs only (no hub, no network, no pretrained weights); every builder is seeded.
-timm (and transformers, which imports torchvision's image utilities when torchvision is installed) import
-torchvision, whose compiled operators do not load beside the CPU torch this project pins: the importers
-register torchvision's two op-registration modules as empty modules first (only pure-Python model code is
-used), or skip the test with that reason.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-
-import pytest
 import torch
 from torch import nn
 
-_TORCHVISION_OPS = ("torchvision._meta_registrations", "torchvision._autograd_registrations")
-
-
-def _stub_torchvision_ops() -> None:
-    for name in _TORCHVISION_OPS:
-        sys.modules.setdefault(name, types.ModuleType(name))
-
-
-def import_third_party(name: str):
-    """``import name`` (``"timm"``, ``"transformers"``, ``"torchvision"``) with torchvision's op registrations
-    stubbed, or ``pytest.skip`` saying why it is unavailable."""
-    _stub_torchvision_ops()
-    try:
-        return importlib.import_module(name)
-    except Exception as exc:  # not installed, or an import that fails beside this torch
-        pytest.skip(f"{name} is not importable here ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                    f"install the dev extra (pip install -e '.[dev]')")
-
+import _thirdparty
 
 # ------------------------------------------------------------------------------------------------ timm
 TIMM_MODELS = ("resnet18", "convnext_atto", "efficientnet_b0", "regnety_002", "resnet50_gn", "vit_tiny_patch16_224")
@@ -43,10 +19,8 @@ IMAGE = (2, 3, 64, 64)  # batch 2 at 64 px
 
 def timm_model(name: str) -> nn.Module:
     """timm ``name``, random init (seed 0), in eval mode; ViTs built for 64-px images."""
-    timm = import_third_party("timm")
-    torch.manual_seed(0)
     kwargs = {"img_size": IMAGE[-1]} if name.startswith("vit") else {}
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
+    return _thirdparty.timm_model(name, **kwargs).eval()
 
 
 def image(scale: float = 1.0, seed: int = 0) -> torch.Tensor:
@@ -86,7 +60,7 @@ class LastHiddenState(nn.Module):
 def hf_model(name: str) -> nn.Module:
     """The tiny ``name`` model (random init, seed 0, eager attention, no cache, no dropout) in eval mode,
     wrapped in :class:`LastHiddenState`."""
-    transformers = import_third_party("transformers")
+    transformers = _thirdparty.transformers()
     config_cls, model_cls, kwargs = HF_CONFIGS[name]
     config = getattr(transformers, config_cls)(**kwargs, use_cache=False)
     config._attn_implementation = "eager"

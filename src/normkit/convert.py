@@ -224,4 +224,4 @@ def ao_fuser_methods() -> dict:
             for pattern, fuser in _DEFAULT_OP_LIST_TO_FUSER_METHOD.items() if any(c in TWINS for c in pattern)}
 
 
-from .fold import FOLD_TOLERANCE, FOLDABLE, FoldTracer, fold_batchnorm  # noqa: E402  (fold.py builds on the above)
+from .fold import FOLD_TOLERANCE, FOLDABLE, FoldTracer, fold_batchnorm  # noqa: E402,F401  (re-exported; fold.py builds on the above)

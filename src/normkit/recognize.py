@@ -34,7 +34,6 @@ import copy
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

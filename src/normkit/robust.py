@@ -141,8 +141,9 @@ class NormCall:
 
 class NormCallRecorder(TorchFunctionMode):
     """The mode behind :func:`record_norm_calls`: every call of a function in :data:`ROUTES` is recorded with
-    the innermost running module, then runs unchanged (torch's own function; under :func:`robust` entered
-    inside this mode, normkit's)."""
+    the innermost running module, then runs unchanged: torch's own function, or normkit's when :func:`robust` was entered
+    *outside* the recorder (modes nest innermost-first: a ``robust()`` entered inside the recorder handles
+    the call before the recorder sees it)."""
 
     def __init__(self, model: nn.Module | None = None) -> None:
         super().__init__()

@@ -9,14 +9,12 @@ whether normkit holds there.
 * :mod:`.command` the ``normkit check`` subcommand;  :mod:`.models` resolving ``--model``
 """
 
-from __future__ import annotations
-
 from .cases import DTYPES, INPUTS, OPS, SHAPE, TOLERANCE, Input, Op, lrn_reference, reference
 from .errors import relative_error
-from .probe import ModelResult, ProbeInputError
+from .probe import ModelResult, ProbeInputError, ProbeInterrupted
 from .probe import probe as probe_model
 from .sweep import Row, Summary, run, summarize
 
 
 __all__ = ["DTYPES", "INPUTS", "OPS", "SHAPE", "TOLERANCE", "Input", "Op", "Row", "Summary", "ModelResult",
-           "ProbeInputError", "probe_model", "reference", "lrn_reference", "relative_error", "run", "summarize"]
+           "ProbeInputError", "ProbeInterrupted", "probe_model", "reference", "lrn_reference", "relative_error", "run", "summarize"]

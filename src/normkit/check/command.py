@@ -6,11 +6,11 @@ import argparse
 import contextlib
 import math
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import _native
-from ..cli import UsageError
+from ..cli import INTERRUPTED, UsageError, elapsed, output_dir
 from .cases import DTYPES, OP_NAMES
 
 # what the bare command probes after the op sweep: (zoo name, input shape, dtypes)
@@ -23,7 +23,9 @@ DEFAULT_SCALES = (1.0, 1e4, 1e20)
 FAST_SCALES = (1.0, 1e20)
 
 HELP = "where torch's norm layers break (dtype, input scale, layer) and whether normkit's hold"
-EPILOG = """exit status: 0 every normkit case passes; 1 something still fails; 2 usage error.
+EPILOG = """exit status: 0 every normkit case passes; 1 something still fails (a normkit case, normkit's model
+output, a wrong output no layer explains, or a reference that is not float64); 2 usage error; 130 Ctrl-C
+(what finished is printed).
 without --model: the op sweep (every op x float32/float16/bfloat16 x magnitudes 1e-3..top, offsets,
 constants), then a layer-by-layer probe of alexnet and resnet18. With --model: that model only."""
 
@@ -36,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", metavar="N,C,H,W", help="input shape for --model (default: the zoo's, or the "
                    "model's example_input_shape attribute)")
     p.add_argument("--scales", metavar="S1,S2,...", help="input scales for the model probe (default 1,1e4,1e20)")
-    p.add_argument("--mode", choices=("train", "eval"), default="train",
+    p.add_argument("--mode", choices=("train", "eval"),
                    help="norm layers on batch statistics (train, default; dropout stays off) or running statistics (eval)")
     p.add_argument("--report", metavar="DIR", help="write report.md, results.json and PNG plots to DIR")
     p.add_argument("--json", action="store_true", help="print the results as strict JSON to stdout instead of the table")
@@ -70,12 +72,16 @@ def parse_scales(text: str) -> list[float]:
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    parts = text.replace("x", ",").replace("(", "").replace(")", "").split(",")
+    parts = [p.strip() for p in text.replace("x", ",").replace("(", "").replace(")", "").split(",")]
     try:
-        shape = tuple(int(p) for p in parts if p.strip())
+        shape = tuple(int(p) for p in parts if p)
     except ValueError:
         shape = ()
-    if not shape or any(s <= 0 for s in shape):
+    if shape and any(s < 0 for s in shape):
+        raise UsageError(f"--input-shape {text}: sizes cannot be negative (no -1 wildcard: the probe draws one "
+                         f"input of exactly this shape); give every size, e.g. --input-shape "
+                         f"{','.join(str(abs(s) or 1) for s in shape)}")
+    if not shape or any(s == 0 for s in shape):
         raise UsageError(f"--input-shape {text!r} is not a shape; give positive integers separated by commas, "
                          f"e.g. --input-shape 2,3,224,224")
     return shape
@@ -96,23 +102,40 @@ def progress_bar(total: int, label: str, enabled: bool):
         yield lambda n=1: prog.advance(task, n)
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+@dataclass
+class _Plan:
+    """What one ``normkit check`` run does, every argument checked before any work starts."""
 
+    seed: int
+    ops: list[str] | None          # the op sweep's ops (None: every op); empty: no sweep
+    dtypes: list | None
+    targets: list[tuple]           # (name, model, input shape, dtypes) to probe
+    scales: list[float]
+    mode: str
+    out_dir: Path | None
+
+
+def plan(args: argparse.Namespace) -> _Plan:
+    """Every argument checked and every model loaded, or a :class:`UsageError` naming the problem."""
     from . import models as user_models
-    from . import probe, report, sweep
 
     seed = parse_seed(args.seed)
     dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else None
-    scales = parse_scales(args.scales) if args.scales else None
-    shape = parse_shape(args.input_shape) if args.input_shape else None
-    if (shape or scales) and not args.model and args.op:
-        raise UsageError("--input-shape/--scales apply to the model probe; drop --op, or add --model NAME")
+    scales = parse_scales(args.scales) if args.scales is not None else None
+    shape = parse_shape(args.input_shape) if args.input_shape is not None else None
     if args.op and args.model:
         raise UsageError("--op selects ops of the op sweep, which --model replaces; use one or the other")
+    if args.op and (shape or scales or args.mode):
+        raise UsageError("--input-shape/--scales/--mode apply to the model probe, which --op skips; drop them, "
+                         "or use --model NAME instead of --op")
     if shape and args.model and len(args.model) > 1:
         raise UsageError("--input-shape applies to one model; give one --model with it")
-    show = not args.quiet and not args.json
+    out_dir = output_dir(args.report, "--report") if args.report is not None else None
+    if out_dir is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--report needs matplotlib: pip install 'normkit[plot]'") from None
 
     # what to probe: (name, model, shape, dtypes); every model is loaded before any work starts
     targets = []
@@ -128,55 +151,65 @@ def run(args: argparse.Namespace) -> int:
         for name, shp, dts in (FAST_PROBES if args.fast else DEFAULT_PROBES):
             dts = [DTYPES[d] for d in dts if not dtypes or DTYPES[d] in dtypes]
             if dts:
-                targets.append((name, zoo.get(name).build(seed=seed), shp if shape is None else shape, dts))
+                targets.append((name, zoo.get(name, seed=seed), shp if shape is None else shape, dts))
     scales = scales or list(FAST_SCALES if args.fast and not args.model else DEFAULT_SCALES)
+    ops = [] if args.model else (args.op or list(OP_NAMES))
+    return _Plan(seed, ops, dtypes, targets, scales, args.mode or "train", out_dir)
 
-    out_dir = None
-    if args.report:
-        out_dir = Path(args.report)
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--report {args.report}: cannot create the directory ({e.strerror}); give a writable path") from e
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("--report needs matplotlib: pip install 'normkit[plot]'") from None
 
-    t0, c0 = time.perf_counter(), time.process_time()
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import probe, report, sweep
+
+    todo = plan(args)
+    show = not args.quiet and not args.json
     _native.paths_seen(reset=True)
-    rows = []
-    if not args.model:
-        with progress_bar(sweep.count(args.op, dtypes, args.fast), "op sweep", show) as advance:
-            rows = sweep.run(args.op, dtypes, seed, fast=args.fast, progress=advance)
-    results = []
-    for name, model, shp, dts in targets:
-        n = sum(1 for d in dts for s in scales if s <= torch.finfo(d).max)
-        with progress_bar(n, f"probe {name}", show) as advance:
+    rows, results, interrupted = [], [], False
+    try:
+        if todo.ops:
+            per_op = []
             try:
-                results.append(probe.probe(model, shp, name=name, dtypes=dts, scales=scales, mode=args.mode,
-                                           seed=seed, progress=advance))
-            except probe.ProbeInputError as e:
-                raise UsageError(f"{e}; pass --input-shape that the model accepts") from e
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                with progress_bar(sweep.count(todo.ops, todo.dtypes, args.fast), "op sweep", show) as advance:
+                    for op in todo.ops:  # op by op: on Ctrl-C, every finished op is reported
+                        per_op.append(sweep.run([op], todo.dtypes, todo.seed, fast=args.fast, progress=advance))
+            finally:  # each op ran the same inputs in the same order: back to the sweep's input-major order
+                rows = [r for same_input in zip(*per_op) for r in same_input]
+        for name, model, shp, dts in todo.targets:
+            n = sum(1 for d in dts for s in todo.scales if s <= torch.finfo(d).max)
+            with progress_bar(n, f"probe {name}", show) as advance:
+                try:
+                    results.append(probe.probe(model, shp, name=name, dtypes=dts, scales=todo.scales,
+                                               mode=todo.mode, seed=todo.seed, progress=advance))
+                except probe.ProbeInputError as e:
+                    raise UsageError(f"{e}; pass --input-shape that the model accepts") from e
+    except KeyboardInterrupt as e:
+        interrupted = True
+        if isinstance(e, probe.ProbeInterrupted) and e.partial.cases:
+            results.append(e.partial)
     backend = report.backend_info(_native.status(), _native.paths_seen())
 
-    if out_dir is not None:
+    if todo.out_dir is not None:
         from . import plots
 
         files = []
         if rows:
-            files += plots.op_plots(rows, out_dir)
-        files += [plots.model_plot(m, out_dir) for m in results]
-        (out_dir / "results.json").write_text(report.dumps(rows, results, seed, backend) + "\n")
-        (out_dir / "report.md").write_text(report.markdown(rows, results, files, backend))
+            files += plots.op_plots(rows, todo.out_dir)
+        files += [plots.model_plot(m, todo.out_dir) for m in results]
+        (todo.out_dir / "results.json").write_text(
+            report.dumps(rows, results, todo.seed, backend, complete=not interrupted) + "\n")
+        (todo.out_dir / "report.md").write_text(report.markdown(rows, results, files, backend))
     if args.json:
-        print(report.dumps(rows, results, seed, backend))
+        print(report.dumps(rows, results, todo.seed, backend, complete=not interrupted))
     elif show:
         if sys.stdout.isatty():
             report.print_rich(rows, results, backend)
         else:
             print(report.text(rows, results, backend))
-        print(f"({wall:.1f} s, {cpu:.1f} s CPU{f'; report in {out_dir}' if out_dir else ''})")
-    ok = all(r.normkit_ok for r in rows) and all(m.normkit_ok for m in results)
-    return 0 if ok else 1
+        wall, cpu = elapsed()
+        print(f"({wall:.1f} s, {cpu:.1f} s CPU since start-up{f'; report in {todo.out_dir}' if todo.out_dir else ''})")
+    if interrupted:
+        done = f"{len(rows)} op case(s), {sum(len(m.cases) for m in results)} layer case(s)"
+        print(f"normkit check: interrupted (Ctrl-C); what finished is reported above ({done})", file=sys.stderr)
+        return INTERRUPTED
+    return 0 if report.ok(rows, results) else 1

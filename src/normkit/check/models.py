@@ -24,8 +24,8 @@ def load(spec: str, seed: int = 0) -> tuple[str, nn.Module, tuple[int, ...] | No
     if not sep and not spec.endswith(".py"):
         if spec not in zoo.ZOO:
             raise UsageError(f"unknown model {spec!r}; use one of {', '.join(zoo.ZOO)}, or path/to/file.py:factory")
-        entry = zoo.get(spec)
-        return spec, entry.build(seed=seed), entry.input_shape
+        model = zoo.get(spec, seed=seed)
+        return spec, model, tuple(model.example_input_shape)
     if not sep:
         raise UsageError(f"--model {spec}: name the factory to call, as {spec}:make_model")
     if not factory.isidentifier():

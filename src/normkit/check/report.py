@@ -7,10 +7,11 @@ import dataclasses
 import json
 import math
 import re
+from collections import Counter
 
 import torch
 
-from .probe import ModelResult
+from .probe import HARDEN_HINT, ModelResult
 from .sweep import Row, Summary, summarize
 
 
@@ -51,20 +52,62 @@ def op_cells(s: Summary) -> tuple[str, ...]:
             f"{len(s.torch_failures)}/{s.cases}")
 
 
+def _output_error(o: dict) -> str:
+    e = fmt_err(o["error"]) if o["error"] is not None else o["status"]
+    base = f"; {fmt_err(o['baseline'])} at input scale 1" if o.get("baseline") is not None else ""
+    return f"max rel err {e}{base}" if o["status"] != "raised" else f"raises in {o['layer'] or 'its forward'}"
+
+
 def model_lines(r: ModelResult) -> list[str]:
+    """One line per dtype: torch's first failing layer (or why the output is wrong without one), and
+    normkit's where it differs."""
     lines = []
     for d in r.dtypes:
         f = r.first_failure(d, "torch")
         text = f.sentence() if f else "no layer fails"
+        odd = r.unexplained(d, "torch")
+        if odd:
+            text = (f"no judged layer fails, but the model's output is wrong from input scale {num(odd['scale'])} "
+                    f"({_output_error(odd['torch'])}): a computation the probe does not judge breaks there "
+                    f"(e.g. a hand-written norm)")
         nk = r.first_failure(d, "normkit")
         if nk and (not f or (nk.layer, nk.scale) != (f.layer, f.scale)):
-            text += f"; normkit twin: {nk.sentence()}"
+            text += f"; normkit: {nk.sentence()}"
+        nk_odd = r.unexplained(d, "normkit")
+        if nk_odd and not odd:
+            text += (f"; normkit's model: output wrong from input scale {num(nk_odd['scale'])} "
+                     f"({_output_error(nk_odd['normkit'])}) where no judged layer fails")
         rng = r.first_out_of_range(d)
         if rng:
             text += (f"; from input scale {num(rng.scale)} {rng.layer} ({rng.kind}) leaves the {d} range "
                      f"(no normalization can fix that)")
         lines.append(f"{d:<9} {text}")
     return lines
+
+
+def model_notes(r: ModelResult) -> list[str]:
+    """What the per-dtype lines do not say: norm layers normkit.convert leaves (and how they are hardened),
+    a float64 reference that is not float64 throughout, an interrupted probe."""
+    notes = []
+    left = r.robust_layers()
+    if left:
+        kinds = Counter(c.kind for c in left)
+        why = dict.fromkeys(r.left[c.layer].split("; ")[0] for c in left if c.layer in r.left)
+        notes.append(f"normkit.convert leaves {len(left)} normalization(s) "
+                     f"({', '.join(f'{k} x{n}' for k, n in kinds.items())}"
+                     + (f": {'; '.join(why)}" if why else "") +
+                     f"); normkit.robust() serves them, as judged above: {HARDEN_HINT} to harden them")
+    none = list({c.index: c for c in r.cases if c.normkit_by == "none"}.values())
+    if none:
+        notes.append(f"normkit has no version of {len(none)} norm layer(s) ("
+                     f"{', '.join(dict.fromkeys(c.kind for c in none))}): they compute without any torch norm "
+                     f"function, so neither normkit.convert nor normkit.robust() reaches them")
+    if r.lowered:
+        notes.append(f"the float64 reference is not float64 throughout ({', '.join(r.lowered)}): the model forces "
+                     f"a lower precision that cannot be lifted, so errors measured against it are not trusted")
+    if not r.complete:
+        notes.append("interrupted: only the (dtype, scale) pairs that finished are shown")
+    return notes
 
 
 def _plain_table(header, rows) -> list[str]:
@@ -74,15 +117,37 @@ def _plain_table(header, rows) -> list[str]:
     return [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
 
 
+def verdict(m: ModelResult) -> str:
+    """One sentence: does normkit hold on this model, and if not, why not."""
+    problems = []
+    if not m.normkit_ok:
+        problems.append("normkit's norm layers FAIL")
+    if not m.normkit_output_ok:
+        problems.append("normkit's model output is wrong")
+    if any(m.unexplained(d, "torch") for d in m.dtypes):
+        problems.append("torch's output is wrong where no judged layer fails")
+    if m.lowered:
+        problems.append("not verified: the float64 reference is not float64 throughout")
+    if problems:
+        return f"{m.model}: {'; '.join(problems)}."
+    n = len(m.robust_layers())
+    via = f" ({n} of them under normkit.robust(), which normkit.convert does not replace)" if n else ""
+    return f"{m.model}: normkit's norm layers all pass{via}."
+
+
 def headline(rows: list[Row], models: list[ModelResult]) -> str:
     torch_fail = sum(not r.torch_ok for r in rows)
     nk_fail = sum(not r.normkit_ok for r in rows)
     parts = []
     if rows:
         parts.append(f"torch fails {torch_fail} of {len(rows)} op cases; normkit fails {nk_fail}.")
-    for m in models:
-        parts.append(f"{m.model}: normkit twin's norm layers {'all pass' if m.normkit_ok else 'FAIL'}.")
+    parts += [verdict(m) for m in models]
     return " ".join(parts)
+
+
+def ok(rows: list[Row], models: list[ModelResult]) -> bool:
+    """The exit-status verdict: every normkit op case passes and every probed model's verdict is ok."""
+    return all(r.normkit_ok for r in rows) and all(m.ok for m in models)
 
 
 def backend_info(status: dict, paths: dict[str, list[str]]) -> dict:
@@ -109,7 +174,7 @@ def text(rows: list[Row], models: list[ModelResult], backend: dict | None = None
     for m in models:
         out.append(f"{m.model} {tuple(m.input_shape)}, {m.mode} mode, input scales "
                    f"{', '.join(num(s) for s in m.scales)}: first failing layer (torch), judged layer by layer")
-        out += ["  " + line for line in model_lines(m)] + [""]
+        out += ["  " + line for line in model_lines(m) + model_notes(m)] + [""]
     out.append(headline(rows, models))
     if backend:
         out.append(backend_line(backend))
@@ -143,10 +208,11 @@ def print_rich(rows: list[Row], models: list[ModelResult], backend: dict | None 
         for line in model_lines(m):
             d, _, rest = line.partition(" ")
             rest = escape(rest.strip())
-            t.add_row(d, f"[red]{rest}[/]" if "no layer fails" not in rest else f"[green]{rest}[/]")
+            t.add_row(d, f"[red]{rest}[/]" if not rest.startswith("no layer fails") else f"[green]{rest}[/]")
         console.print(t)
-    ok = all(r.normkit_ok for r in rows) and all(m.normkit_ok for m in models)
-    console.print(headline(rows, models), style="bold green" if ok else "bold red")
+        for note in model_notes(m):
+            console.print(escape(note), style="yellow")
+    console.print(headline(rows, models), style="bold green" if ok(rows, models) else "bold red")
     if backend:
         console.print(escape(backend_line(backend)), style="dim")
 
@@ -177,7 +243,8 @@ def model_dict(m: ModelResult) -> dict:
         return None if f is None else dict(dataclasses.asdict(f), sentence=f.sentence())
     return {
         "model": m.model, "input_shape": list(m.input_shape), "mode": m.mode, "dtypes": m.dtypes, "scales": m.scales,
-        "normkit_ok": m.normkit_ok,
+        "ok": m.ok, "normkit_ok": m.normkit_ok, "normkit_output_ok": m.normkit_output_ok, "complete": m.complete,
+        "reference_lowered": m.lowered, "left_by_convert": m.left, "notes": model_notes(m), "verdict": verdict(m),
         "first_failure": {d: {"torch": finding(m.first_failure(d, "torch")),
                               "normkit": finding(m.first_failure(d, "normkit"))} for d in m.dtypes},
         "outputs": m.outputs,
@@ -185,17 +252,19 @@ def model_dict(m: ModelResult) -> dict:
     }
 
 
-def as_dict(rows: list[Row], models: list[ModelResult], seed: int, backend: dict | None = None) -> dict:
+def as_dict(rows: list[Row], models: list[ModelResult], seed: int, backend: dict | None = None,
+            complete: bool = True) -> dict:
+    """Everything as a strict-JSON-ready dict; ``complete=False``: the run was interrupted (what finished)."""
     return strict({
-        "torch_version": torch.__version__, "seed": seed, "backend": backend,
-        "ok": all(r.normkit_ok for r in rows) and all(m.normkit_ok for m in models),
+        "torch_version": torch.__version__, "seed": seed, "backend": backend, "complete": complete,
+        "ok": ok(rows, models),
         "ops": {"rows": [_row_dict(r) for r in rows], "summary": [dataclasses.asdict(s) for s in summarize(rows)]},
         "models": [model_dict(m) for m in models],
     })
 
 
-def dumps(rows, models, seed: int, backend: dict | None = None) -> str:
-    return json.dumps(as_dict(rows, models, seed, backend), indent=1, allow_nan=False)
+def dumps(rows, models, seed: int, backend: dict | None = None, complete: bool = True) -> str:
+    return json.dumps(as_dict(rows, models, seed, backend, complete), indent=1, allow_nan=False)
 
 
 # ------------------------------------------------------------------------------------------- report.md
@@ -214,12 +283,13 @@ def markdown(rows: list[Row], models: list[ModelResult], plots: list[str], backe
                 f"Input scales {', '.join(num(s) for s in m.scales)}; each layer judged on the float64 model's "
                 f"input to it, rounded to the dtype.", ""]
         out += [f"- {line.split(' ', 1)[0]}: {line.split(' ', 1)[1].strip()}" for line in model_lines(m)]
+        out += [f"- {note}" for note in model_notes(m)]
         out += ["", "| dtype | scale | torch output | normkit output |", "|---|---|---|---|"]
         for o in m.outputs:
             def cell(v):
                 return v["status"] + (f" ({fmt_err(v['error'])})" if v["error"] is not None else "") + \
-                    (f" at {v['layer']}" if v["layer"] else "")
-            out.append(f"| {o['dtype']} | {num(o['scale'])} | {cell(o['torch'])} | {cell(o['normkit'])} |")
+                    (f" at {v['layer']}" if v["layer"] else "") + (" -- wrong" if v["wrong"] else "")
+            out.append(f"| {o['dtype']} | {num(o['scale'])} | {cell(o['torch'])} | {cell(o['normkit'])} ({o['normkit_by']}) |")
         out.append("")
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
