@@ -100,8 +100,9 @@ def norm_names(model: nn.Module) -> set[str]:
 
 # -------------------------------------------------------------------------------------------- convert
 def test_convert_hardens_every_norm_and_reports_it(case):
-    """Every norm layer changed and reported, nothing warned; running the converted model, no torch functional
-    norm call escapes to torch's kernels (each is routed inside its hardened module, or gone with a twin)."""
+    """Every norm layer changed and reported, nothing warned; running the converted model, the torch functional
+    norm calls left are made by hardened modules only (which route them to normkit), and every call the
+    original made comes from a module convert changed."""
     assert not case.warned, case.warned
     assert {s.name for s in case.report} == norm_names(case.model)
     assert all(s.changed for s in case.report), [s for s in case.report if not s.changed]
@@ -110,8 +111,8 @@ def test_convert_hardens_every_norm_and_reports_it(case):
         original(x)
     with torch.no_grad(), record_norm_calls(converted) as after:
         converted(x)
-    assert after.calls == [], [(c.function, c.module) for c in after.calls[:5]]
     hardened = {n for n, m in converted.named_modules() if isinstance(m, Hardened)}
+    assert {c.module for c in after.calls} <= hardened, [(c.function, c.module) for c in after.calls[:5]]
     assert {c.module for c in before.calls} - {""} <= hardened | {s.name for s in case.report}
     assert list(case.converted.state_dict()) == list(case.model.state_dict())
 

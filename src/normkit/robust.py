@@ -94,17 +94,29 @@ ROUTES = routes()
 class RobustMode(TorchFunctionMode, contextlib.ContextDecorator):
     """The mode behind :func:`robust`: a context manager and a decorator; nests (an inner mode handles the
     call, the outer ones see only the ops normkit is made of, which they pass through). ``table``: the
-    dispatch table (:data:`ROUTES` by default; see :func:`routes`)."""
+    dispatch table (:data:`ROUTES` by default; see :func:`routes`).
 
-    def __init__(self, table: dict | None = None) -> None:
+    A :func:`record_norm_calls` recorder entered *outside* this mode still records each routed call (with
+    normkit's output): the mode hands the call to the recorder, whose own call of the torch function comes
+    back to a plain router (``tell_recorders=False``) pushed on top. So a model whose hardened modules route
+    their calls inside their own forward (:func:`harden`) shows the same calls as the model it came from."""
+
+    def __init__(self, table: dict | None = None, *, tell_recorders: bool = True) -> None:
         super().__init__()
         self.table = ROUTES if table is None else table
+        self.tell_recorders = tell_recorders
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        return self.table.get(func, func)(*args, **(kwargs or {}))
+        route = self.table.get(func)
+        if route is None:
+            return func(*args, **(kwargs or {}))
+        if self.tell_recorders and _RECORDERS and not _RECORDERS[-1].in_norm_call:
+            with RobustMode(self.table, tell_recorders=False):
+                return _RECORDERS[-1].__torch_function__(func, types, args, kwargs)
+        return route(*args, **(kwargs or {}))
 
     def _recreate_cm(self):  # each decorated call enters a mode of its own (re-entrant, thread-safe)
-        return type(self)(self.table)
+        return type(self)(self.table, tell_recorders=self.tell_recorders)
 
 
 def robust() -> RobustMode:
@@ -139,15 +151,19 @@ class NormCall:
     output: object = None
 
 
+_RECORDERS: list["NormCallRecorder"] = []  # the recorders entered, innermost last (for RobustMode to tell)
+
+
 class NormCallRecorder(TorchFunctionMode):
     """The mode behind :func:`record_norm_calls`: every call of a function in :data:`ROUTES` is recorded with
-    the innermost running module, then runs unchanged: torch's own function, or normkit's when :func:`robust` was entered
-    *outside* the recorder (modes nest innermost-first: a ``robust()`` entered inside the recorder handles
-    the call before the recorder sees it)."""
+    the innermost running module, then runs unchanged: torch's own function, or normkit's when :func:`robust`
+    is active (entered outside the recorder, or inside it -- a hardened module's own -- which hands the call
+    to the recorder first: see :class:`RobustMode`)."""
 
     def __init__(self, model: nn.Module | None = None) -> None:
         super().__init__()
         self.calls: list[NormCall] = []
+        self.in_norm_call = False  # inside its own call of a recorded function (a RobustMode then just routes)
         self._names = {id(m): n for n, m in model.named_modules()} if model is not None else {}
         self._stack: list[nn.Module] = []
         self._handles: list = []
@@ -156,12 +172,14 @@ class NormCallRecorder(TorchFunctionMode):
         pre = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, args: self._stack.append(m))
         post = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: self._pop(m))
         self._handles = [pre, post]
+        _RECORDERS.append(self)
         return super().__enter__()
 
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
         self._handles, self._stack = [], []
+        _RECORDERS.remove(self)
         return super().__exit__(*exc)
 
     def _pop(self, module: nn.Module) -> None:
@@ -171,13 +189,18 @@ class NormCallRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         name = NORM_FUNCTIONS.get(func)
-        if name is not None:
-            inner = next((m for m in reversed(self._stack) if id(m) in self._names), None) if self._names else (
-                self._stack[-1] if self._stack else None)
-            self.calls.append(NormCall(name, self._names.get(id(inner)) if inner is not None else None,
-                                       type(inner).__name__ if inner is not None else None, args, kwargs, out))
+        if name is None:
+            return func(*args, **kwargs)
+        self.in_norm_call = True
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.in_norm_call = False
+        inner = next((m for m in reversed(self._stack) if id(m) in self._names), None) if self._names else (
+            self._stack[-1] if self._stack else None)
+        self.calls.append(NormCall(name, self._names.get(id(inner)) if inner is not None else None,
+                                   type(inner).__name__ if inner is not None else None, args, kwargs, out))
         return out
 
 
