@@ -623,7 +623,7 @@ def assert_twin(model, converted, x, what):
             out = twin(xx)
             assert out.dtype == expected.dtype, (xd, wd)
             truth, _ = float64_call(original.double(), xx.double())
-            least = min((xd, wd, expected.dtype), key=lambda d: torch.finfo(d).bits)  # the precision it can have
+            least = max((xd, wd, expected.dtype), key=lambda d: torch.finfo(d).eps)  # the precision it can have
             assert_matches_torch_or_oracle(out, expected, truth, least, f"{what} {xd}/{wd}")
     big = x.float() * 1e20
     truth, _ = float64_call(copy.deepcopy(model).double(), big.double())

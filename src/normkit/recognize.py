@@ -460,7 +460,7 @@ def _dtype_fits(module: nn.Module, h: Hypothesis, eps: float, modes, x64: Tensor
                 miss = f"gives {_dt(got.dtype)} for {_dt(xd)} input with {_dt(wd)} weights, the original {_dt(want.dtype)}"
                 break
             truth = oracle(h, x.double(), original.double(), eps)
-            least = min((xd, wd, want.dtype), key=lambda d: torch.finfo(d).bits)  # the precision the result can have
+            least = max((xd, wd, want.dtype), key=lambda d: torch.finfo(d).eps)  # the precision the result can have
             parity, accurate, original_off = (rel_error(got, want) <= PARITY_TOL[least],
                                               rel_error(got, truth) <= REL_TOL[least],
                                               rel_error(want, truth) > REL_TOL[least])
