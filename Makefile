@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU build on this disk (a bare `torch` would pull a multi-GB CUDA build)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q torch==2.13.0 -e '.[dev]'  # torch named again: nothing the extras pull in may replace it
 	touch $@
 
 # the native kernels, compiled ahead of time (cached per machine); where that fails, the eager path serves

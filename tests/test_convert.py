@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 import normkit
 import normkit.nn as nnk
 from normkit.convert import TWINS
-from conftest import PARITY_TOL, assert_rel_close
+from normkit.reference import float64_call
+from normkit.robust import Hardened
+from conftest import PARITY_TOL, assert_matches_torch_or_oracle, assert_rel_close
 
 
 class MyBatchNorm(nn.BatchNorm2d):
@@ -92,16 +100,26 @@ class StrictBatchNorm(nn.BatchNorm1d):
             raise ValueError("3-D only")
 
 
-def test_convert_leaves_subclasses_with_their_own_forward():
-    """Before: LayerNorm2d became normkit's LayerNorm, wrong when C == W and a shape error otherwise."""
+def test_convert_hardens_subclasses_with_their_own_forward():
+    """Before: left as they were (LayerNorm2d had become normkit's LayerNorm earlier still, wrong when C == W).
+    Now their own forward runs, with its functional norm calls routed to normkit: exact in float64, finite and
+    accurate at 1e20, their own checks kept, and revert gives every class back."""
     model = nn.Sequential(LayerNorm2d(4), StrictBatchNorm(4), MyBatchNorm(4))
-    with pytest.warns(RuntimeWarning, match=r"overrides forward of LayerNorm.*normkit.robust\(\)"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left, so nothing is warned about
         converted, report = normkit.convert(model, return_report=True)
-    assert [type(m) for m in converted] == [LayerNorm2d, StrictBatchNorm, nnk.BatchNorm2d]
-    assert [(s.name, s.changed) for s in report] == [("0", False), ("1", False), ("2", True)]
-    assert "_check_input_dim" in report[1].after
-    x = torch.randn(2, 4, 3, 4)
+    assert [(s.name, s.changed) for s in report] == [("0", True), ("1", True), ("2", True)]
+    assert "hardened in place: its own forward calls layer_norm" in report[0].after
+    assert "calls batch_norm" in report[1].after and report[2].after == "normkit.nn.BatchNorm2d"
+    assert [type(m).__name__ for m in converted] == ["LayerNorm2d", "StrictBatchNorm", "BatchNorm2d"]
+    assert isinstance(converted[0], (LayerNorm2d, Hardened)) and isinstance(converted[1], Hardened)
+    x = torch.randn(2, 4, 3, 5)
     assert_rel_close(converted[0](x), model[0](x), torch.float32, rel=PARITY_TOL[torch.float32])
+    x3 = torch.randn(3, 4, 5) * 1e20
+    ref, _ = float64_call(copy.deepcopy(model[1]).double(), x3)
+    assert_rel_close(converted[1](x3), ref, torch.float32, "hardened BatchNorm at 1e20")
+    with pytest.raises(ValueError, match="3-D only"):  # its own _check_input_dim still runs
+        converted[1](torch.randn(2, 4))
     back = normkit.revert(converted)
     assert [type(m) for m in back] == [LayerNorm2d, StrictBatchNorm, MyBatchNorm]
 
@@ -117,19 +135,47 @@ def test_include_exclude_and_inplace():
 
 
 class OwnBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """A norm class of torch's family that no normkit twin stands for."""
+    """A norm class of torch's family that no normkit twin stands for: its forward (torch's) is hardened."""
 
     def _check_input_dim(self, input):
         pass
 
 
-def test_sync_batchnorm_converts_and_a_class_without_twin_is_reported():
-    model = nn.Sequential(nn.SyncBatchNorm(4), OwnBatchNorm(4))
-    with pytest.warns(RuntimeWarning, match="no twin"):
+class StdNorm(nn.Module):
+    """x / std(x) * weight: norm-like (a weight and an eps), but no normalization normkit has."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), 1e-6
+
+    def forward(self, x):
+        return x / (x.std(-1, keepdim=True) + self.eps) * self.weight
+
+
+def test_sync_batchnorm_and_a_class_without_twin_convert_and_what_normkit_lacks_is_reported():
+    model = nn.Sequential(nn.SyncBatchNorm(4), OwnBatchNorm(4), StdNorm(4), StdNorm(4))
+    with pytest.warns(RuntimeWarning) as caught:
         converted, report = normkit.convert(model, return_report=True)
-    assert type(converted[0]) is nnk.SyncBatchNorm and type(converted[1]) is OwnBatchNorm
-    assert [(s.name, s.changed) for s in report] == [("0", True), ("1", False)]
-    assert [type(m) for m in normkit.revert(converted)] == [nn.SyncBatchNorm, OwnBatchNorm]
+    assert type(converted[0]) is nnk.SyncBatchNorm and isinstance(converted[1], Hardened)
+    assert type(converted[2]) is StdNorm and type(converted[3]) is StdNorm
+    assert [(s.name, s.changed) for s in report] == [("0", True), ("1", True), ("2", False), ("3", False)]
+    assert len(caught) == 1  # one warning per call, the left layers grouped by class
+    message = str(caught[0].message)
+    assert re.search(r"convert: 2 layer\(s\) left.*StdNorm x2 \(2, 3\): its float64 output is no normalization.*Recipe: ", message, re.S)
+    assert [type(m) for m in normkit.revert(converted)] == [nn.SyncBatchNorm, OwnBatchNorm, StdNorm, StdNorm]
+
+
+def test_convert_revert_and_fold_take_modules_only():
+    for tool in (normkit.convert, normkit.revert, normkit.fold_batchnorm):
+        with pytest.raises(TypeError, match=r"expected a torch.nn.Module \(a model or a single layer\), got int"):
+            tool(42)
+
+
+def test_revert_refuses_options_torch_lacks():
+    model = nn.Sequential(nnk.RMSNorm(8, casting_mode="llama"))
+    with pytest.raises(ValueError, match="casting_mode='llama'.*torch's RMSNorm has no"):
+        normkit.revert(model)
+    assert type(normkit.revert(nn.Sequential(nnk.RMSNorm(8)))[0]) is nn.RMSNorm
 
 
 def test_revert_refuses_a_convention_torch_lacks():
@@ -155,7 +201,9 @@ def check_fold(model, x, left=(), example=True):
     for s in report:
         if not s.changed:
             assert re.search(left[s.name], s.after), (s.name, s.after)
-    assert len([w for w in caught if "fold_batchnorm" in str(w.message)]) == len(left)
+    warned = [str(w.message) for w in caught if "fold_batchnorm" in str(w.message)]
+    assert len(warned) == (1 if left else 0)  # one warning per call, naming every BatchNorm left
+    assert all(f"{name}" in warned[0] for name in left)
     with torch.no_grad():
         assert_rel_close(folded(x), model(x), torch.float64, "folded output", rel=FOLD_REL)
     return folded, report
@@ -426,3 +474,352 @@ def test_convert_keeps_dtype_device_and_hooks():
     assert converted[0].weight.dtype == torch.float64 and converted[0].running_mean.device.type == "cpu"
     converted(torch.randn(2, 3, 4, 4, dtype=torch.float64))
     assert calls == ["BatchNorm2d"] and isinstance(converted[0], nnk.BatchNorm2d)
+
+
+# ------------------------------------------------------------------------- hand-written norms, by behaviour
+# Each written as the library writes it (our own code, the same computation): Hugging Face's Llama / Gemma /
+# T5 norms, timm's RmsNorm2d, a user's one-liner, a ConvNeXt-style channels-first LayerNorm, a group norm,
+# torchvision's FrozenBatchNorm2d. The class names say nothing: recognition is by behaviour.
+class UpcastRMS(nn.Module):  # Llama, Mistral, Qwen2/3, Phi-3
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, h):
+        dtype = h.dtype
+        h = h.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+
+class ZeroCentred(nn.Module):  # Gemma 1/2/3: weight initialized to zeros, applied as (1 + weight)
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+class ScaleOnly(nn.Module):  # T5LayerNorm
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, h):
+        variance = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            h = h.to(self.weight.dtype)
+        return self.weight * h
+
+
+class OneLiner(nn.Module):  # a user's own, in the input's dtype throughout
+    def __init__(self, d):
+        super().__init__()
+        self.w, self.eps = nn.Parameter(torch.ones(d)), 1e-5
+        self.weight = self.w
+
+    def forward(self, x):
+        return self.w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class RMSOverChannels(nn.Module):  # timm RmsNorm2d: NCHW, reduced over dim 1
+    def __init__(self, c, eps=1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(c)), eps
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps)
+        return x * self.weight.reshape(1, -1, 1, 1)
+
+
+class ChannelsFirstLN(nn.Module):  # ConvNeXt's channels-first LayerNorm, written out, statistics in float32
+    def __init__(self, c, eps=1e-6):
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c)), eps
+
+    def forward(self, x):
+        dtype, x = x.dtype, x.float()
+        u = x.mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt((x - u).pow(2).mean(1, keepdim=True) + self.eps)
+        return self.weight[:, None, None] * x.to(dtype) + self.bias[:, None, None]
+
+
+class Groups(nn.Module):  # group norm, written out in float32, cast back (torch's dtype rule for the output)
+    def __init__(self, groups, c, eps=1e-5):
+        super().__init__()
+        self.num_groups, self.eps = groups, eps
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        g = x.float().reshape(x.shape[0], self.num_groups, -1)
+        g = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + self.eps)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return (g.reshape(x.shape) * self.weight.float().view(view) + self.bias.float().view(view)).to(x.dtype)
+
+
+class Frozen(nn.Module):  # torchvision's FrozenBatchNorm2d
+    def __init__(self, c, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((c,), value))
+
+    def forward(self, x):
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        return x * scale + (self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale)
+
+
+HAND_WRITTEN = {  # name -> (module, input shape, the twin convert must make of it)
+    "llama": (lambda: UpcastRMS(8), (2, 5, 8), "normkit.nn.RMSNorm(casting_mode='llama')"),
+    "gemma": (lambda: ZeroCentred(8), (2, 5, 8), "normkit.nn.RMSNorm(offset=1.0)"),
+    "t5": (lambda: ScaleOnly(8), (2, 5, 8), "normkit.nn.RMSNorm(casting_mode='t5')"),
+    "one-liner": (lambda: OneLiner(8), (2, 5, 8), "normkit.nn.RMSNorm(casting_mode='llama')"),
+    "rms-over-channels": (lambda: RMSOverChannels(6), (2, 6, 4, 5), "normkit.nn.RMSNorm(casting_mode='llama', channels_first=True)"),
+    "channels-first-ln": (lambda: ChannelsFirstLN(6), (2, 6, 4, 5), "normkit.nn.LayerNorm(casting_mode='llama', channels_first=True)"),
+    "groups": (lambda: Groups(2, 6), (2, 6, 4, 5), "normkit.nn.GroupNorm(casting_mode='gemma')"),
+    "frozen": (lambda: Frozen(6), (2, 6, 4, 5), "normkit.nn.FrozenBatchNorm2d(casting_mode='promote')"),
+}
+
+
+def randomized(module, generator):
+    with torch.no_grad():
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            low, high = (0.5, 2.0) if name in ("running_var", "weight") else (-1.0, 1.0)
+            t.copy_(torch.rand(t.shape, generator=generator) * (high - low) + low)
+    return module
+
+
+@pytest.mark.parametrize("name", HAND_WRITTEN)
+def test_hand_written_norm_becomes_its_twin(name):
+    """The probe names the twin; float64 output unchanged; every (input, weight) dtype pair gives the original's
+    output dtype and values (or, where the original itself is off from the float64 answer, the float64 answer);
+    at 1e20 finite and accurate where the original is not; same state-dict keys; revert is exact."""
+    make, shape, label = HAND_WRITTEN[name]
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(randomized(make(), g))
+    converted, report = normkit.convert(model, return_report=True)
+    assert len(report) == 1 and report[0].changed and report[0].after.startswith(label + ":"), report
+    assert list(converted.state_dict()) == list(model.state_dict())
+    assert_twin(model, converted, torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5, name)
+
+
+def assert_twin(model, converted, x, what):
+    """``converted`` (a twin, or hardened) against ``model`` (float32): float64 output unchanged; every (input,
+    weight) dtype pair gives the original's output dtype and values (where the original itself is off from the
+    float64 answer, that answer); at 1e20 within tolerance of float64; revert exact."""
+    want, lowered = float64_call(copy.deepcopy(model).double(), x)
+    got, _ = float64_call(copy.deepcopy(converted).double(), x)
+    assert lowered == [] and (got - want).abs().max() <= 1e-10 * want.abs().max()
+    for xd in (torch.bfloat16, torch.float16, torch.float32):
+        for wd in (torch.bfloat16, torch.float32):
+            original, twin, xx = copy.deepcopy(model).to(wd), copy.deepcopy(converted).to(wd), x.to(xd)
+            try:
+                expected = original(xx)
+            except RuntimeError:
+                continue
+            out = twin(xx)
+            assert out.dtype == expected.dtype, (xd, wd)
+            truth, _ = float64_call(original.double(), xx.double())
+            least = max((xd, wd, expected.dtype), key=lambda d: torch.finfo(d).eps)  # the precision it can have
+            assert_matches_torch_or_oracle(out, expected, truth, least, f"{what} {xd}/{wd}")
+    big = x.float() * 1e20
+    truth, _ = float64_call(copy.deepcopy(model).double(), big.double())
+    assert_rel_close(converted(big), truth, torch.float32, f"{what} at 1e20")
+    back = normkit.revert(converted)
+    assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
+    assert [m.__dict__.keys() for m in back.modules()] == [m.__dict__.keys() for m in model.modules()]
+    assert torch.equal(back(x.float()), model(x.float()))
+
+
+class WrongEps(UpcastRMS):
+    def forward(self, h):  # ignores its own eps attribute
+        h = h.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-2))
+
+
+class NormThenAct(nn.Module):  # a norm with a submodule after it (timm's RmsNormAct2d)
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.eps, self.act = nn.Parameter(torch.ones(c)), 1e-6, nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class WithResidual(UpcastRMS):
+    def forward(self, h, residual):
+        return super().forward(h + residual)
+
+
+class ScaleNorm(nn.Module):  # named like a norm, a weight but no eps attribute
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return self.weight * x / x.norm(dim=-1, keepdim=True)
+
+
+LEFT = {  # name -> (module, the reason it is left)
+    "wrong-eps": (lambda: WrongEps(8), r"no normalization of its input: it is off by .* from the closest, .* eps=1e-06"),
+    "std": (lambda: StdNorm(8), r"no normalization of its input"),
+    "norm-then-act": (lambda: NormThenAct(8), r"calls no torch normalization and it has submodules \(act\)"),
+    "two-inputs": (lambda: WithResidual(8), r"could not be run on a probe input \(TypeError"),
+    "no-eps": (lambda: ScaleNorm(8), r"no numeric eps attribute"),
+    "meta": (lambda: UpcastRMS(8).to("meta"), r"meta device"),
+}
+
+
+@pytest.mark.parametrize("name", LEFT)
+def test_what_no_probe_proves_is_left_and_reported(name):
+    make, reason = LEFT[name]
+    model = nn.Sequential(make())
+    with pytest.warns(RuntimeWarning, match="convert: 1 layer") as caught:
+        converted, report = normkit.convert(model, return_report=True)
+    assert type(converted[0]) is type(model[0]) and len(caught) == 1
+    assert len(report) == 1 and not report[0].changed and re.search(reason, report[0].after), report[0].after
+    assert report[0].recipe and report[0].recipe in str(caught[0].message)
+
+
+# --------------------------------------------------------------------- hardened modules and twins: tool chain
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: batch norm through F.batch_norm in its own forward, then drop and act modules."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), nn.SiLU()
+
+    def forward(self, x):
+        use_batch = self.training or self.running_mean is None
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_batch, 0.1, self.eps)
+        return self.act(self.drop(y))
+
+
+class Net(nn.Module):
+    """A conv, a hardened BatchNormAct, a hardened LayerNorm2d and a Llama-style twin."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.ln, self.rms = nn.Conv2d(3, 4, 3, padding=1), BatchNormAct(4), LayerNorm2d(4), UpcastRMS(5)
+
+    def forward(self, x):
+        return self.rms(self.ln(self.bn(self.conv(x))))
+
+
+def converted_net():
+    torch.manual_seed(0)
+    return normkit.convert(Net())
+
+
+def test_hardened_and_twins_trace_with_fx_as_normkit_ops():
+    """torch.fx records each routed functional norm and each twin as one normkit node, as for normkit's modules."""
+    model = converted_net().eval()
+    gm = torch.fx.symbolic_trace(model)
+    normkit_nodes = [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function" and n.target.__module__.startswith("normkit")]
+    assert normkit_nodes == ["batch_norm", "layer_norm", "rms_norm_module"], gm.code
+    x = torch.randn(2, 3, 4, 5) * 1e20
+    assert_rel_close(gm(x), model(x), torch.float32, rel=PARITY_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_hardened_and_twins_export_and_compile(mode):
+    """torch.export: the program computes normkit's norms (no aten norm kernel) and, in train mode, updates the
+    running statistics as eager does; torch.compile(fullgraph=True) traces the routed calls without a break."""
+    model = converted_net().train(mode == "train")
+    eager = copy.deepcopy(model)
+    x = torch.randn(2, 3, 4, 5) * 1e20
+    program = torch.export.export(copy.deepcopy(model), (x,)).module()
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any(op.startswith("aten.") and "norm" in op for op in ops), ops
+    want = eager(x)
+    assert_rel_close(program(x), want, torch.float32, "export", rel=PARITY_TOL[torch.float32])
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    assert_rel_close(compiled(x), want, torch.float32, "compile", rel=PARITY_TOL[torch.float32])
+    for got in (program.state_dict(), model.state_dict()):
+        for key in ("bn.running_mean", "bn.running_var"):
+            assert_rel_close(got[key], eager.state_dict()[key], torch.float32, key, rel=PARITY_TOL[torch.float32])
+    torch.manual_seed(0)
+    ref, _ = float64_call(Net().train(mode == "train").double(), x)  # the unconverted model, truly in float64
+    assert_rel_close(want, ref, torch.float32, "at 1e20 vs float64")
+
+
+def test_hardened_and_twins_pickle_deepcopy_and_refuse_torchscript(tmp_path):
+    model = converted_net().eval()
+    x = torch.randn(2, 3, 4, 5)
+    clone = copy.deepcopy(model)
+    assert type(clone.bn) is type(model.bn) and torch.equal(clone(x), model(x))
+    assert type(pickle.loads(pickle.dumps(model)).ln) is type(model.ln)
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(model(x), tmp_path / "y.pt")
+    code = (f"import sys, torch; sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r}); "
+            f"import test_convert; from normkit.robust import Hardened; "
+            f"m = torch.load({str(path)!r}, weights_only=False); x = torch.load({str(tmp_path / 'x.pt')!r}); "
+            f"assert isinstance(m.bn, Hardened) and type(m.rms).__name__ == 'RMSNorm'; "
+            f"assert torch.equal(m(x), torch.load({str(tmp_path / 'y.pt')!r})); print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+    with pytest.raises(RuntimeError, match="cannot be compiled by TorchScript"):
+        torch.jit.script(model)
+    back = normkit.revert(model)
+    assert [type(m) for m in back.children()] == [nn.Conv2d, BatchNormAct, LayerNorm2d, UpcastRMS]
+
+
+# ------------------------------------------------------------------------------------- folding: new forms
+@pytest.mark.parametrize("dim,groups,dilation,stride", [(1, 1, 1, 2), (2, 2, 2, 1), (2, 4, 1, 2), (3, 2, 1, 1)])
+def test_fold_conv_transpose_with_groups_and_dilation(dim, groups, dilation, stride):
+    """ConvTranspose weights are (in, out/groups, *k): output channel g*out/groups + j is W[g*in/groups:(g+1)*in/groups, j]."""
+    conv = getattr(nn, f"ConvTranspose{dim}d")(4, 8, 3, stride=stride, dilation=dilation, groups=groups, padding=1)
+    bn = getattr(nn, f"BatchNorm{dim}d")(8)
+    model = randomize_bn(nn.Sequential(conv, bn, nn.ReLU()))
+    folded, report = check_fold(model, torch.randn((2, 4) + (5,) * dim))
+    assert report[0].changed and isinstance(folded[1], nn.Identity)
+
+
+class BatchNormThenScale(nn.BatchNorm2d):
+    def forward(self, x):  # not batch norm followed by its submodules: must stay
+        return super().forward(x) * 2
+
+
+def test_fold_batchnorm_act_keeps_the_act_and_leaves_an_own_computation():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct(4), nn.Conv2d(4, 4, 1), BatchNormThenScale(4)))
+    folded, report = check_fold(model, torch.randn(2, 3, 6, 6), left={"3": r"computes its own forward, and its eval output is not batch norm followed by its submodules"})
+    assert isinstance(folded[1], nn.Sequential) and [type(m) for m in folded[1]] == [nn.Identity, nn.SiLU]
+    assert isinstance(folded[3], BatchNormThenScale)
+    converted = normkit.convert(model)  # hardened first: folds the same
+    folded, _ = check_fold(converted, torch.randn(2, 3, 6, 6), left={"3": r"not batch norm followed by"})
+    assert [type(m) for m in folded[1]] == [nn.Identity, nn.SiLU]
+
+
+def test_fold_hand_written_frozen_batchnorm():
+    """torchvision's FrozenBatchNorm2d (not a BatchNorm class): folded once the probe proves it frozen batch norm
+    (on 4-D input: example_input proves the conv's output is 4-D); a module with frozen statistics that computes
+    something else is left."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), randomized(Frozen(6), g), nn.ReLU())
+    folded, report = check_fold(model, torch.randn(2, 3, 6, 6))
+    assert report[0].changed and isinstance(folded[1], nn.Identity)
+    check_fold(model, torch.randn(2, 3, 6, 6), example=False, left={"1": r"only for 4-D output.*pass example_input="})
+    odd = nn.Sequential(nn.Conv2d(3, 6, 3), randomized(FrozenPlusOne(6), g))
+    check_fold(odd, torch.randn(2, 3, 6, 6), left={"1": r"FrozenPlusOne is not provably a frozen batch norm"})
+    with_act = nn.Sequential(nn.Conv2d(3, 6, 3), randomized(FrozenAct(6), g))  # timm's FrozenBatchNormAct2d
+    folded, _ = check_fold(with_act, torch.randn(2, 3, 6, 6))
+    assert [type(m) for m in folded[1]] == [nn.Identity, nn.GELU]
+
+
+class FrozenAct(Frozen):
+    def __init__(self, c):
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class FrozenPlusOne(Frozen):
+    def forward(self, x):
+        return super().forward(x) + 1

@@ -8,6 +8,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import normkit.nn as nnk
@@ -79,6 +80,14 @@ def test_six_step_train_eval_sequence(case):
                 assert torch.equal(a, b), f"step {step} {name}: {a} != {b}"
 
 
+def torch_part_of_signature(cls):
+    """(name, kind, default) of every constructor parameter but normkit's own keyword-only options (LRN's
+    convention/region; LayerNorm's and RMSNorm's casting_mode/offset/channels_first)."""
+    extra = {"convention", "region", "casting_mode", "offset", "channels_first"}
+    return [(p.name, p.kind, p.default) for p in inspect.signature(cls).parameters.values()
+            if not (p.kind is p.KEYWORD_ONLY and p.name in extra and cls.__module__.startswith("normkit"))]
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_state_dict_both_ways_repr_and_signature(case):
     t, n = pair(case)
@@ -87,8 +96,7 @@ def test_state_dict_both_ways_repr_and_signature(case):
     t2, _ = pair(case)
     t2.load_state_dict(n.state_dict(), strict=True)
     n.load_state_dict(t.state_dict(), strict=True)
-    if case[0] is not nn.LocalResponseNorm:  # normkit's LRN adds keyword-only convention/region
-        assert inspect.signature(case[1]) == inspect.signature(case[0])
+    assert torch_part_of_signature(case[1]) == torch_part_of_signature(case[0])
     assert [name for name, _ in n.named_parameters()] == [name for name, _ in t.named_parameters()]
 
 
@@ -197,3 +205,148 @@ def test_torch_like_errors():
         nnk.LocalResponseNorm(3, convention="mxnet")
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         nnk.BatchNorm1d(3)(torch.randn(1, 3))
+
+
+# ------------------------------------------------ LayerNorm / RMSNorm options: casting_mode, offset, channels_first
+def _ct(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rms(x, eps):  # the textbook formula, in x's dtype
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _ln(x, eps):
+    c = x - x.mean(-1, keepdim=True)
+    return c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _gn(x, eps, groups=2):  # (N, C, L), two groups of channels
+    return _ln(x.reshape(x.shape[0], groups, -1), eps).reshape(x.shape)
+
+
+NORMS = {"rms": _rms, "layer": _ln, "group": _gn}
+
+
+# Each convention written as the libraries write it (Hugging Face's Llama, Gemma, T5 norms; torch's own op),
+# with ``w = offset + weight`` formed as each does; ``norm`` is _rms or _ln.
+def ref_torch(norm, x, w, b, eps, offset):
+    y = norm(x.to(_ct(x.dtype)), eps) * (w.to(_ct(x.dtype)) + offset)
+    return (y if b is None else y + b.to(y.dtype)).to(x.dtype)
+
+
+def ref_llama(norm, x, w, b, eps, offset):
+    y = (w + offset) * norm(x.to(_ct(x.dtype)), eps).to(x.dtype)
+    return y if b is None else y + b
+
+
+def ref_t5(norm, x, w, b, eps, offset):
+    y = norm(x.to(_ct(x.dtype)), eps)
+    if w.dtype in (torch.float16, torch.bfloat16):
+        y = y.to(w.dtype)
+    y = (w + offset) * y
+    return y if b is None else y + b
+
+
+REFS = {"torch": ref_torch, "gemma": ref_torch, "llama": ref_llama, "t5": ref_t5}
+DTYPE_GRID = [(xd, wd) for xd in (torch.bfloat16, torch.float16, torch.float32) for wd in (torch.bfloat16, torch.float32)]
+
+
+def option_module(kind, mode, offset, wd, generator):
+    """(module, input shape, weight view): an RMSNorm(8), LayerNorm(8) or GroupNorm(2, 8) with random parameters."""
+    if kind == "group":
+        m, shape, view = nnk.GroupNorm(2, 8, eps=1e-5, casting_mode=mode, offset=offset), (3, 8, 5), (1, 8, 1)
+    else:
+        m = (nnk.RMSNorm if kind == "rms" else nnk.LayerNorm)(8, eps=1e-5, casting_mode=mode, offset=offset)
+        shape, view = (3, 5, 8), (8,)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.rand(8, generator=generator) - 0.5)
+    return m.to(wd), shape, view
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("mode", ["torch", "gemma", "llama", "t5"])
+@pytest.mark.parametrize("kind", ["rms", "layer", "group"])
+def test_casting_modes_reproduce_each_convention(kind, mode, offset):
+    """Output dtype and values of every (input dtype, weight dtype) as the convention's own code gives them;
+    where torch's own op refuses the dtypes (its mixed-dtype rule; torch mode without offset), so does the module."""
+    g = torch.Generator().manual_seed(0)
+    torch_op = {"layer": lambda x, w, b: F.layer_norm(x, (8,), w, b, 1e-5),
+                "group": lambda x, w, b: F.group_norm(x, 2, w, b, 1e-5)}.get(kind)
+    for xd, wd in DTYPE_GRID:
+        m, shape, view = option_module(kind, mode, offset, wd, g)
+        x = (torch.randn(shape, generator=g) * 2 + 0.5).to(xd)
+        w, b = m.weight.view(view), None if kind == "rms" else m.bias.view(view)
+        if mode == "torch" and offset == 0 and torch_op is not None:
+            try:
+                torch_op(x, m.weight, m.bias)
+            except RuntimeError:
+                with pytest.raises(RuntimeError):
+                    m(x)
+                continue
+        want = REFS[mode](NORMS[kind], x, w, b, 1e-5, offset)
+        got = m(x)
+        assert got.dtype == want.dtype, (xd, wd, got.dtype, want.dtype)
+        assert_rel_close(got, want, want.dtype, f"{kind} {mode} offset {offset} {xd}/{wd}", rel=PARITY_TOL[want.dtype])
+
+
+@pytest.mark.parametrize("mode", ["torch", "gemma", "llama", "t5"])
+@pytest.mark.parametrize("kind", ["rms", "layer", "group"])
+def test_casting_modes_compute_float64_in_float64_and_stay_robust(kind, mode):
+    """float64 input: a float64 computation (Hugging Face's upcast to float32 is a floor, not a cap); float32 and
+    bfloat16 input at 1e20 and 1e30, where the conventions' own code overflows (x**2 in float32): within
+    tolerance of the float64 answer."""
+    g = torch.Generator().manual_seed(1)
+    m, shape, view = option_module(kind, mode, 1.0, torch.float32, g)
+    w, b = m.weight.double().view(view), None if kind == "rms" else m.bias.double().view(view)
+    for dtype, scale in ((torch.float64, 1.0), (torch.float64, 1e200), (torch.float32, 1e20), (torch.bfloat16, 1e30)):
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+        oracle = NORMS[kind](x.double() / scale, 1e-5 / scale / scale) * (w + 1) + (0 if b is None else b)
+        got = m.double()(x) if dtype == torch.float64 else m.float()(x)
+        assert_rel_close(got, oracle, dtype, f"{kind} {mode} {dtype} {scale:g}", rel=1e-12 if dtype == torch.float64 else None)
+        if dtype == torch.float32:
+            naive = REFS[mode](NORMS[kind], x, m.weight.view(view), None if b is None else b.float(), 1e-5, 1.0)
+            assert not torch.isfinite(naive).all() or (naive - oracle).abs().max() > 0.1  # the convention's own code fails here
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_channels_first_normalizes_dim_1_and_keeps_the_memory_format(kind):
+    cls, torch_cls = (nnk.RMSNorm, nn.RMSNorm) if kind == "rms" else (nnk.LayerNorm, nn.LayerNorm)
+    m, t = cls(6, eps=1e-5, channels_first=True), torch_cls(6, eps=1e-5)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+    t.load_state_dict(m.state_dict(), strict=True)
+    for shape in ((2, 6), (2, 6, 5), (2, 6, 3, 5), (2, 6, 2, 3, 4)):
+        x = torch.randn(shape)
+        want = t(x.movedim(1, -1)).movedim(-1, 1)
+        assert_rel_close(m(x), want, torch.float32, f"{shape}", rel=PARITY_TOL[torch.float32])
+        assert m(x).is_contiguous()
+    x = torch.randn(2, 6, 3, 5).to(memory_format=torch.channels_last)
+    assert m(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_options_keep_torchs_repr_and_state_dict_and_check_their_arguments():
+    assert repr(nnk.RMSNorm(8)) == repr(nn.RMSNorm(8)) and repr(nnk.LayerNorm(8)) == repr(nn.LayerNorm(8))
+    m = nnk.RMSNorm(8, eps=1e-6, casting_mode="llama", offset=1.0, channels_first=True)
+    assert repr(m) == "RMSNorm((8,), eps=1e-06, elementwise_affine=True, casting_mode='llama', offset=1.0, channels_first=True)"
+    assert list(m.state_dict()) == ["weight"]
+    nn.RMSNorm(8).load_state_dict(m.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="unknown casting_mode 'fp8'"):
+        nnk.RMSNorm(8, casting_mode="fp8")
+    with pytest.raises(ValueError, match="offset=1.0 .*elementwise_affine=False"):
+        nnk.LayerNorm(8, elementwise_affine=False, offset=1.0)
+    with pytest.raises(ValueError, match=r"normalized_shape must be \(C,\), got \(4, 8\)"):
+        nnk.RMSNorm((4, 8), channels_first=True)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_options_gradcheck(kind):
+    """The options are composed of differentiable ops around normkit's op: gradients and second derivatives."""
+    cls = nnk.RMSNorm if kind == "rms" else nnk.LayerNorm
+    m = cls(4, eps=1e-3, casting_mode="t5", offset=1.0, channels_first=True).double()
+    with torch.no_grad():
+        m.weight.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x, w: torch.func.functional_call(m, {"weight": w}, (x,)), (x, m.weight))
+    torch.autograd.gradgradcheck(m, (x,))

@@ -217,3 +217,22 @@ def test_record_norm_calls_names_the_innermost_module():
         ("layer_norm", "1.0", "_PermuteLayerNorm2d"), ("batch_norm", "1.1", "BatchNorm2d")]
     assert rec.calls[1].output.shape == y.shape
     torch.testing.assert_close(rec.calls[1].output, y, rtol=0, atol=0)  # recording changes nothing
+
+
+def test_a_recorder_outside_sees_the_calls_a_robust_mode_inside_routes():
+    """robust() entered inside record_norm_calls (as a hardened module's own forward does): each call is recorded
+    once, with normkit's output; entered outside, the same; recording changes no result."""
+    from normkit.robust import record_norm_calls
+
+    model = torch.nn.Sequential(_PermuteLayerNorm2d(4), torch.nn.BatchNorm2d(4))
+    x = torch.randn(2, 4, 3, 5) * 1e20
+    ref = copy.deepcopy(model).double()(x.double())
+    for inside in (True, False):
+        m = copy.deepcopy(model)
+        with (record_norm_calls(m) if inside else normkit.robust()) as outer:
+            with (normkit.robust() if inside else record_norm_calls(m)) as inner:
+                y = m(x)
+        rec = outer if inside else inner
+        assert [(c.function, c.module) for c in rec.calls] == [("layer_norm", "0"), ("batch_norm", "1")], inside
+        assert torch.isfinite(rec.calls[0].output).all() and torch.equal(rec.calls[1].output, y)
+        assert_rel_close(y, ref, torch.float32, f"robust inside the recorder: {inside}")

@@ -37,7 +37,8 @@ Checking
 from . import functional, models, nn
 from ._checks import MixedDtypeError, NormArgumentError, UnsupportedDtypeError
 from ._spec import Moments, merge_moments, moments
-from .convert import convert, fold_batchnorm, revert
+from .convert import convert, revert
+from .fold import fold_batchnorm
 from ._native import build, get_backend, set_backend, status
 from .robust import robust
 from .watch import watch

@@ -63,6 +63,20 @@ def batch_norm_module(input: Tensor, running_mean: Tensor | None, running_var: T
 torch.fx.wrap("batch_norm_module")
 
 
+def promoted_batch_norm(input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor, bias: Tensor, *,
+                        ranks: tuple[int, ...], eps: float) -> Tensor:
+    """Frozen batch norm computed in ``torch.promote_types`` of the input's and the buffers' dtypes, the output
+    in that dtype: torchvision's ``FrozenBatchNorm2d`` (``x * scale + shift`` with buffers of their own dtype),
+    for :func:`normkit.convert`'s twin of it. fx-wrapped: one node, its dtypes decided when it runs."""
+    dtype = torch.promote_types(input.dtype, running_mean.dtype)
+    rm, rv, w, b = (t.to(dtype) for t in (running_mean, running_var, weight, bias))
+    return batch_norm_module(input.to(dtype), rm, rv, w, b, None, ranks=ranks, training=False, track_running_stats=True,
+                             momentum=0.0, eps=eps)
+
+
+torch.fx.wrap("promoted_batch_norm")
+
+
 class _BatchNormForward(NotScriptable):
     """torch's BatchNorm semantics over :func:`normkit.functional.batch_norm` (see :func:`batch_norm_module`)."""
 
@@ -102,6 +116,7 @@ class _FrozenBatchNorm(NotScriptable, nn.Module):
     """
 
     _twin: type[_BatchNormForward]
+    casting_mode = "torch"  # "promote": torchvision's dtype rule (see promoted_batch_norm), set by normkit.convert
 
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
@@ -118,6 +133,9 @@ class _FrozenBatchNorm(NotScriptable, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.casting_mode == "promote":
+            return promoted_batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                       ranks=self._twin._ranks, eps=self.eps)
         return batch_norm_module(input, self.running_mean, self.running_var, self.weight, self.bias, None,
                                  ranks=self._twin._ranks, training=False, track_running_stats=True, momentum=0.0,
                                  eps=self.eps)
