@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch._prims_common import suggest_memory_format
 
 from .. import functional as nf
-from .._stats import compute_dtype
+from .._spec import compute_dtype
 from ..ops.local_response_norm import CONVENTIONS, REGIONS
 from ._toolchain import NotScriptable
 
