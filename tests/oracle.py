@@ -149,4 +149,7 @@ def lrn(x, axes, lo, hi, c, k, beta, dy=None):
         if dy is not None:
             q = dy * x * d ** LD(-beta - 1)
             out["dx"] = dy * d ** LD(-beta) - LD(2 * c * beta) * x * window(q, -1)
+            # |first term| + |second term|: where they nearly cancel (c x**2 >> k), no float evaluation of the
+            # formula is more accurate than its rounding of these
+            out["dx_terms"] = np.abs(dy * d ** LD(-beta)) + np.abs(LD(2 * c * beta) * x) * window(np.abs(q), -1)
     return out

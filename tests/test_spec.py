@@ -7,15 +7,16 @@ from __future__ import annotations
 import math
 
 import mpmath
+import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import oracle
 from normkit import _spec as spec
 from normkit._spec import inv_std, merge_moments, moments, mul_pow2
-from conftest import assert_rel_close
+from conftest import REL_TOL, _subnormal_spacing, assert_rel_close
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -159,9 +160,18 @@ def test_merged_grad_sums_equal_the_sums_of_the_union():
 @settings(max_examples=200, deadline=None)
 @given(amax_e=st.integers(-60, 60), gmax_e=st.integers(-130, 60), k_e=st.integers(-45, 100),
        c_e=st.integers(-130, 20), beta=st.sampled_from([0.0, 0.5, 0.75, 1.0, 1.25]), size=st.sampled_from([1, 3, 5]))
+@example(amax_e=11, gmax_e=1, k_e=0, c_e=0, beta=0.5, size=1)  # a cancelling gradient (below)
 def test_lrn_plain_formula_is_right_wherever_the_spec_says_it_is_safe(amax_e, gmax_e, k_e, c_e, beta, size):
     """Whenever lrn_plain_forward_ok / lrn_plain_backward_ok hold, LRN's plain float32 formula (forward and
-    backward, the product order the kernel uses too) is finite and within float32's tolerance of the oracle."""
+    backward, the product order the kernel uses too) is finite and as accurate as the robust decomposition:
+    forward within float32's tolerance of the oracle; backward within it wherever the robust path is, and
+    everywhere within float32's tolerance of the size of the gradient's two terms.
+
+    (The gradient ``dx = g d**-beta - 2 c beta x sum(g x d**(-beta-1))`` cancels where ``c x**2 >> k``: at
+    ``x`` up to 2**11, ``k = c = 1``, ``beta = 0.5``, ``size = 1`` the terms are 315 times ``max|dx|``, and the
+    robust path, torch's float32 and the plain formula are all 2e-5 of ``max|dx|`` off -- float32's rounding of
+    the terms. What the spec's conditions promise is the plain formula's safety, not a better conditioned
+    gradient.)"""
     from normkit.ops import local_response_norm as L
 
     torch.manual_seed(amax_e * 7919 + gmax_e)
@@ -177,4 +187,11 @@ def test_lrn_plain_formula_is_right_wherever_the_spec_says_it_is_safe(amax_e, gm
     if spec.lrn_plain_forward_ok(amax, size, c, k, beta, torch.float32):
         assert_rel_close(L._fast_forward(x, win), ref["y"], torch.float32, "plain forward")
     if spec.lrn_plain_backward_ok(amax, gmax, size, c, k, beta, torch.float32):
-        assert_rel_close(L._fast_backward(g, x, win), ref["dx"], torch.float32, "plain backward")
+        plain, robust = L._fast_backward(g, x, win), L._robust_backward(g, x, win)
+        tol, floor = REL_TOL[torch.float32], _subnormal_spacing(torch.float32)
+        err = {name: np.abs(oracle.ld(dx) - ref["dx"]).max() for name, dx in (("plain", plain), ("robust", robust))}
+        for name, dx in (("plain", plain), ("robust", robust)):
+            assert torch.isfinite(dx).all(), name
+            assert err[name] <= tol * ref["dx_terms"].max() + floor, (name, float(err[name]), float(ref["dx_terms"].max()))
+        if err["robust"] <= tol / 2 * np.abs(ref["dx"]).max():  # a gradient well within reach of float32
+            assert_rel_close(plain, ref["dx"], torch.float32, "plain backward")
