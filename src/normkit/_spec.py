@@ -8,7 +8,7 @@ subgraphs (:mod:`normkit.onnx.subgraphs`) are these functions transliterated to 
 same product order and with the same scaling. Each operator's own file (``ops/<op>.py``) opens with its
 formula and gradient and says which of these steps it composes.
 
-Why the steps look the way they do (measured in torch 2.13, see NUMERICS.md): done naively in the input's
+Why the steps look the way they do (failures measured in torch 2.13): done naively in the input's
 precision, a normalization fails in three ways -- the sum of squares overflows (float32 ``|x| > ~1.8e19``),
 ``E[x**2] - E[x]**2`` cancels catastrophically when the mean is large against the spread, and ``eps`` or
 ``1/sqrt(var + eps)`` leaves the dtype's range. The steps:
@@ -22,7 +22,7 @@ precision, a normalization fails in three ways -- the sum of squares overflows (
    shifted by the group's first element (exact at large offsets -- Sterbenz -- and 0 for a constant
    group), then two-pass: ``mean_d = sum(d) / n``, ``m2 = sum((d - mean_d)**2)``. Carried as
    :class:`Moments` ``(count, exponent, pivot, mean, m2)``. Running statistics move by
-   :func:`momentum_update`.
+   :func:`running_stats` (the variance made unbiased, then :func:`momentum_update`).
 4. **Merge** (:func:`merge_moments`): Chan et al.'s parallel update of two disjoint parts, in the scaled,
    shifted form.
 5. **Standardize from moments** (:func:`standardize_from_moments`): ``rstd = r * 2**k`` from
@@ -236,6 +236,15 @@ def momentum_update(running: Tensor | None, stat: Tensor, momentum: float | Tens
         return None
     ct = compute_dtype(running.dtype)
     return (running.to(ct) * (1.0 - momentum) + stat.to(ct) * momentum).to(running.dtype)
+
+
+def running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor, count: int,
+                  momentum: float | Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """torch's running statistics after a batch whose groups of ``count`` values have ``mean`` and biased ``var``:
+    each moved by :func:`momentum_update`, the variance first made unbiased (Bessel: ``var * count / (count - 1)``,
+    ``count > 1``). None stays None."""
+    return (momentum_update(running_mean, mean, momentum),
+            momentum_update(running_var, var * (count / (count - 1)), momentum))
 
 
 # =========================================================================== 4. merge

@@ -23,6 +23,7 @@ import torch.nn.utils.parametrize
 import torch.utils._pytree
 from torch import nn
 
+from . import _spec as spec
 from .convert import _TORCH_OF, TWINS, Swap, _check_model, _own_methods, warn_left
 from .nn.batchnorm import _FrozenBatchNorm
 from .recognize import (PROOF_TOL, frozen_batchnorm_proof, norm_like, probe_input, probe_shapes, randomized_copy, rel_error,
@@ -128,7 +129,8 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> bool:
     mean, var = bn.running_mean.double(), bn.running_var.double()
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
     beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
-    scale = gamma / torch.sqrt(var + bn.eps)
+    _, _, m, q = spec.eval_factor(var, gamma, float(bn.eps))  # gamma / sqrt(var + eps) = m * 2**q, as eval batch norm
+    scale = spec.mul_pow2(m, q)
     b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(mean)
     if isinstance(layer, _TRANSPOSED):
         g, k = layer.groups, [1] * (w.dim() - 2)

@@ -19,7 +19,7 @@ Eval (``training=False``), with the running statistics::
 
 In terms of the spec (:mod:`normkit._spec`): training is ``standardize`` over dims ``(0, 2, ...)`` --
 ``moments`` then ``standardize_from_moments`` -- and ``affine``, backward ``normalize_backward``
-(``affine_backward`` then ``standardize_backward``), running statistics ``momentum_update``; eval is
+(``affine_backward`` then ``standardize_backward``), running statistics ``running_stats``; eval is
 ``affine_with_stats`` and ``affine_with_stats_backward`` (``weight / sqrt(running_var + eps)`` one split
 factor, so no intermediate overflows where ``y`` is finite). :func:`~normkit.ops._normalize.standardize_affine`
 and :func:`~normkit.ops._normalize.stats_affine` run them, through a native kernel where one applies.
@@ -61,8 +61,8 @@ def batch_norm_stateless(input, running_mean, running_var, weight=None, bias=Non
     dims = (0, *range(2, input.dim()))
     y, mean, var = standardize_affine(input, w, b, dims, eps)
     y = torch_layout(y, input)
-    new_mean = spec.momentum_update(running_mean, mean.reshape(num_features), momentum)
-    new_var = spec.momentum_update(running_var, var.reshape(num_features) * (n / (n - 1)), momentum)
+    new_mean, new_var = spec.running_stats(running_mean, running_var, mean.reshape(num_features), var.reshape(num_features),
+                                           n, momentum)
     return y, new_mean, new_var
 
 

@@ -17,7 +17,7 @@ Without it, the running statistics normalize, as batch norm does in eval mode
 (``y = (x - running_mean) * (weight / sqrt(running_var + eps)) + bias``, ``dx = dy * weight * rstd``).
 
 In terms of the spec (:mod:`normkit._spec`): ``standardize`` over dims ``(2, ...)`` and ``affine``, backward
-``normalize_backward``, running statistics ``momentum_update``; without input statistics
+``normalize_backward``, running statistics ``running_stats`` (of the batch averages); without input statistics
 ``affine_with_stats`` and ``affine_with_stats_backward``. :func:`~normkit.ops._normalize.standardize_affine`
 and :func:`~normkit.ops._normalize.stats_affine` run them, through a native kernel where one applies.
 Contract (torch's): parameters as for batch norm, but any eps (torch checks none here); a contiguous output.
@@ -51,10 +51,8 @@ def instance_norm_stateless(input, running_mean=None, running_var=None, weight=N
     num_features = input.shape[1]
     y, mean, var = standardize_affine(input, w, b, tuple(range(2, input.dim())), eps)
     y = y.contiguous()
-    if running_mean is not None:
-        running_mean = spec.momentum_update(running_mean, mean.reshape(-1, num_features).mean(0), momentum)
-    if running_var is not None:
-        running_var = spec.momentum_update(running_var, (var * (m / (m - 1))).reshape(-1, num_features).mean(0), momentum)
+    running_mean, running_var = spec.running_stats(running_mean, running_var, mean.reshape(-1, num_features).mean(0),
+                                                   var.reshape(-1, num_features).mean(0), m, momentum)
     return y, running_mean, running_var
 
 

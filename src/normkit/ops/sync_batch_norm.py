@@ -3,11 +3,18 @@
 Shapes: every rank holds ``input (N_r, C, *)`` (``N_r`` may differ between ranks and may be 0); ``weight``,
 ``bias``, ``running_mean``, ``running_var`` of shape ``(C,)``, identical on every rank.
 
-The formula and gradient are batch norm's in training (:mod:`normkit.ops.batch_norm`) over the concatenation
-of all ranks' batches, in rank order (``n = sum_r N_r * prod(*)`` values per channel); the running
-statistics move identically on every rank (torch's momentum, the unbiased global variance). As torch's,
-``dweight``/``dbias`` are each rank's own part (sums over its own values); ``DistributedDataParallel``
-averages them.
+Batch norm in training (:mod:`normkit.ops.batch_norm`) over the concatenation of all ranks' batches, in rank
+order: for each channel ``c``, over the ``n = sum_r N_r * prod(*)`` values of every rank::
+
+    mean_c = sum(x) / n                var_c = sum((x - mean_c)**2) / n           (biased; sums over all ranks)
+    x_hat = (x - mean_c) / sqrt(var_c + eps)          y = x_hat * weight_c + bias_c
+    running_mean <- (1 - momentum) * running_mean + momentum * mean_c             (the same on every rank)
+    running_var  <- (1 - momentum) * running_var  + momentum * var_c * n / (n - 1)
+
+    g = dy * weight      dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))      (means over all ranks' values)
+    dweight = sum(dy * x_hat)        dbias = sum(dy)                              (over this rank's values)
+
+As torch's, ``dweight``/``dbias`` are each rank's own part; ``DistributedDataParallel`` averages them.
 
 In terms of the spec (:mod:`normkit._spec`), the same calls as single-process batch norm with the reduced
 quantities exchanged between them:
@@ -15,7 +22,7 @@ quantities exchanged between them:
 * forward: local ``moments`` (count, exponent, pivot, shifted mean, M2 per channel) -> ONE ``all_gather``
   of ``4 C + 2`` numbers -> ``merge_moments`` in rank order (skipping empty ranks, so every rank computes
   bit-identical statistics) -> ``center_scaled`` (the local values in the global scaled, shifted units) ->
-  ``standardize_from_moments`` -> ``affine``; ``momentum_update`` for the running statistics;
+  ``standardize_from_moments`` -> ``affine``; ``running_stats`` for the running statistics;
 * backward: ``affine_backward`` -> local ``grad_sums`` (exponent, pivot, ``sum(g_s)``, ``sum(g_s x_hat)``,
   ``sum(x_hat)``) -> ONE ``all_gather`` of ``5 C`` numbers -> ``merge_grad_sums`` in rank order ->
   ``standardize_backward_from_sums``.
@@ -166,7 +173,7 @@ def sync_batch_norm_backward(dy: Tensor, x_hat: Tensor, r: Tensor, k: Tensor, we
 
 class SyncBatchNormFunction(torch.autograd.Function):
     """``y = sync_batch_norm(x) * weight + bias``; also returns, non-differentiable and the same on every
-    rank, the global ``mean`` and unbiased ``var`` (``(C,)``, compute dtype; NaN for an empty global batch)
+    rank, the global ``mean`` and biased ``var`` (``(C,)``, compute dtype; NaN for an empty global batch)
     and the global count per channel (a 0-d int64 tensor).
 
     Backward is once-differentiable (as torch's SyncBatchNorm): double backward raises.
@@ -182,8 +189,6 @@ class SyncBatchNormFunction(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         if mean is None:
             mean = var = torch.full((x.shape[1],), float("nan"), dtype=compute_dtype(x.dtype), device=x.device)
-        else:
-            var = var * (n / (n - 1))  # unbiased, for the running statistics (as single-process batch norm)
         count = torch.tensor(n, dtype=torch.int64, device=x.device)
         ctx.mark_non_differentiable(mean, var, count)
         return y, mean, var, count
@@ -220,9 +225,10 @@ def sync_batch_norm_stateless(input, running_mean, running_var, weight=None, bia
         raise ValueError(f"SyncBatchNorm layer {name!r}: number of input channels should be non-zero")
     group = dist.group.WORLD if process_group is None else process_group
     y, mean, var, count = SyncBatchNormFunction.apply(input, weight, bias, float(eps), group, name)
-    if int(count) == 0:  # the whole group's batch is empty: the running statistics stay
+    n = int(count)
+    if n == 0:  # the whole group's batch is empty: the running statistics stay
         return y, running_mean, running_var
-    return y, spec.momentum_update(running_mean, mean, momentum), spec.momentum_update(running_var, var, momentum)
+    return (y, *spec.running_stats(running_mean, running_var, mean, var, n, momentum))
 
 
 def sync_batch_norm(input, running_mean, running_var, weight=None, bias=None, momentum=0.1, eps=1e-5,
