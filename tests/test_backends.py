@@ -22,7 +22,7 @@ import _dist
 import normkit
 import oracle
 from cases import OPERATORS, conformance_cases, run_normkit, run_oracle
-from conftest import DTYPES, REL_TOL, assert_rel_close, needs_native
+from conftest import DTYPES, assert_rel_close, backend, needs_native
 from normkit import _native
 from normkit.ops import local_response_norm as L
 
@@ -35,12 +35,8 @@ NATIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _with_backend(name, f, *args):
-    previous = normkit.get_backend()
-    normkit.set_backend(name)
-    try:
+    with backend(name):
         return f(*args)
-    finally:
-        normkit.set_backend(previous)
 
 
 def _judge(got: dict, ref: dict, spec: dict | None, dtype, label: str):

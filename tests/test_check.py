@@ -22,7 +22,7 @@ def test_known_failure_inputs_torch_fails_normkit_passes():
     failing = [r for r in rows if not r.normkit_ok]
     assert not failing, failing
     torch_failing = {(r.op, r.dtype, r.input) for r in rows if not r.torch_ok}
-    # the failures NUMERICS.md lists are shown (a fixed torch would make this test ask for an update)
+    # torch 2.13's measured failures (check.INPUTS) are shown (a fixed torch would make this test ask for an update)
     assert ("layer_norm", "float32", "magnitude 1e19") in torch_failing
     assert ("batch_norm", "float32", "constant 1e7") in torch_failing
     assert ("batch_norm", "float16", "offset 3e4 + N(0,64)") in torch_failing

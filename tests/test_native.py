@@ -13,7 +13,6 @@ import warnings
 import pytest
 import torch
 
-import normkit
 import normkit.functional as nf
 from normkit import _native
 from normkit.ops import _kernels, _plan
@@ -53,7 +52,7 @@ def _paths(record) -> set:
 
 # ---- the robustness sweep of test_robustness.py, through the kernels -------------------------------------
 
-from test_robustness import SHAPE, check_case, sweep  # noqa: E402  (one sweep, shared)
+from test_robustness import check_case, sweep  # noqa: E402  (one sweep, shared)
 
 
 def _both(op, x, p, dy):

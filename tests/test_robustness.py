@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import normkit
 import normkit.functional as nf
 import oracle
 from cases import OPS_BY_NAME, adversarial_inputs, run_normkit, run_oracle
 from conftest import DTYPES, assert_rel_close
+from conftest import backend as use_backend
 
 pytestmark = pytest.mark.skipif(not oracle.EXTENDED, reason="the oracle needs x86-64 80-bit long double")
 
@@ -38,10 +38,8 @@ def check_case(op, x, p, dy, dtype, label):
 def backend(request):
     """Every robustness case twice: through the native kernels where they serve (the default) and through
     the pure-torch reference path, which also runs under export, compile, torch.func and on GPUs."""
-    previous = normkit.get_backend()
-    normkit.set_backend(request.param)
-    yield request.param
-    normkit.set_backend(previous)
+    with use_backend(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -316,7 +316,9 @@ def inputs(dtypes=None, fast: bool = False) -> list[Input]:
     return out
 
 
-# the known failure inputs of NUMERICS.md (the fixed table ``normkit check`` showed before the sweep)
+# the inputs on which torch 2.13 was measured to fail -- float32 sums of squares overflowing (1e19, 1e30), cancelling
+# at an offset or a constant, float16 squares -- and their controls (the fixed table ``normkit check`` showed
+# before the sweep)
 INPUTS = [
     Input("unit normal", torch.float32, _normal(1.0)),
     Input("magnitude 1e19", torch.float32, _normal(1e19), scale=1e19),

@@ -53,7 +53,7 @@ def _entry(name: str, channels_last: bool):
 
 def _stats_norm(x: Tensor, weight: Tensor, bias: Tensor, layout: int, groups: int, eps: float, center: bool) -> tuple[Tensor, Tensor]:
     """``(y, stats)``: ``y = standardize(x) * weight + bias`` per group; ``stats`` (groups, 8) float32 holds
-    ``e, pivot, mean_d, r, k, mean, var`` (see norm_kernel.cpp). weight/bias: float32 of D (rows) or C values."""
+    ``e, pivot, mean_d, r, k, mean, var`` (``Stat`` in norm_common.h). weight/bias: float32 of D (rows) or C values."""
     y, stats = _entry("stats_forward", layout == GROUPS_CL)(x, weight, bias, layout, groups, eps, center)
     return y, stats
 

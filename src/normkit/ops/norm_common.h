@@ -74,7 +74,8 @@ inline int fast_ilogb(float v) {
   return biased != 0 && biased != 0xFF ? biased - 127 : static_cast<int>(std::ilogb(v));
 }
 
-inline int exponent_of(float amax) {  // floor(log2(amax)), clamped to the normal range; 0 gives the minimum
+// _spec.exponent: floor(log2(amax)), clamped to the normal range; 0 gives the minimum
+inline int exponent_of(float amax) {
   if (!(amax > 0.f)) return -kMaxExp;
   if (std::isinf(amax)) return kMaxExp;
   return std::min(std::max(fast_ilogb(amax), -kMaxExp), kMaxExp);
@@ -88,8 +89,8 @@ inline float exp2i(int q) {
   return f;
 }
 
-// t * 2**q for any integer q, with a single rounding. Where 2**q is a normal float, t * 2**q is that one
-// correctly rounded product, the value ldexp returns; the multiply replaces a libm call per group (with
+// _spec.mul_pow2: t * 2**q for any integer q, with a single rounding. Where 2**q is a normal float, t * 2**q is
+// that one correctly rounded product, the value ldexp returns; the multiply replaces a libm call per group (with
 // rows of 64-1024 values these per-group calls were a noticeable part of the time).
 inline float pow2(float t, int q) { return (q >= -126 && q <= 127) ? t * exp2i(q) : std::ldexp(t, q); }
 
