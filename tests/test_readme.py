@@ -65,3 +65,47 @@ def test_sample_check_output_is_what_the_command_prints():
     assert sample[-1].startswith("normkit backend") and sample[-2].startswith("torch fails")
     assert _stable(printed) == sample
     assert "kernels built" in _sample()[-1] and "native" in _sample()[-1], "the sample says the kernels served"
+
+
+# ------------------------------------------------------------------------------------------ the Layout section
+ROOT = Path(__file__).resolve().parents[1]
+# the directories whose every module the Layout names (models/ is named as a whole: its files are the zoo's)
+LAID_OUT = ("src/normkit", "src/normkit/ops", "src/normkit/nn", "src/normkit/check", "src/normkit/onnx", "benchmarks")
+
+
+def _layout() -> str:
+    section = README[README.index("## Layout\n"):]
+    return re.search(r"```\n(.*?)```", section, re.S).group(1)
+
+
+def _laid_out_paths(layout: str) -> list[str]:
+    """The paths in the Layout's first column (``a/b.py, c.py`` names ``a/b.py`` and ``a/c.py``; a ``<op>`` or
+    ``*`` pattern names no single file)."""
+    paths = []
+    for line in layout.splitlines():
+        if not line or line[0] == " ":
+            continue
+        head, *more = re.match(r"[^\s,]+(?:, [^\s,]+)*", line).group(0).split(", ")
+        base = head.rpartition("/")[0]
+        for p in [head] + [f"{base}/{m}" if base else m for m in more]:
+            if "<" not in p and "*" not in p:
+                paths.append(p)
+    return paths
+
+
+def test_layout_names_only_what_exists():
+    paths = _laid_out_paths(_layout())
+    assert len(paths) > 30, paths
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    assert not missing, f"the README's Layout names what the tree does not hold: {missing}"
+
+
+def test_layout_names_every_module():
+    """Every module of the package's directories and of benchmarks/, by its file name (an operator's file,
+    ``ops/<op>.py``, by its name in the list of operators): the Layout section is the map of the code, kept whole."""
+    layout = _layout()
+    ops = re.search(r"src/normkit/ops/<op>\.py(.*?)\nsrc/", layout, re.S).group(1)
+    unnamed = [f"{d}/{f.name}" for d in LAID_OUT for f in sorted((ROOT / d).iterdir())
+               if f.suffix in (".py", ".cpp", ".h") and f.name != "__init__.py" and f.name not in layout
+               and not (d == "src/normkit/ops" and re.search(rf"\b{f.stem}\b", ops))]
+    assert not unnamed, f"modules the README's Layout does not name: {unnamed}"
