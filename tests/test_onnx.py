@@ -565,7 +565,7 @@ def _rms_oracle(x, weight, eps):
 
 @pytest.fixture(scope="module")
 def llama_rmsnorm(tmp_path_factory):
-    from _thirdparty import transformers
+    from third_party import transformers
 
     transformers()
     modeling = pytest.importorskip("transformers.models.llama.modeling_llama", reason="transformers' Llama")
@@ -597,9 +597,9 @@ def test_verify_onnx_reference_keeps_the_models_downcasts_in_float64(llama_rmsno
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from _thirdparty import tiny_llama_config, transformers
+    from third_party import hf_config, transformers
 
-    tf, cfg = transformers(), tiny_llama_config()
+    tf, cfg = transformers(), hf_config("llama")
     torch.manual_seed(0)
     causal, base = tf.LlamaForCausalLM(cfg).eval(), tf.LlamaModel(cfg).eval()
     d = tmp_path_factory.mktemp("llama")
