@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import _native
-from ..cli import INTERRUPTED, UsageError, elapsed, output_dir
+from ..cli import INTERRUPTED, UsageError, output_dir, timing_line
 from .cases import DTYPES, OP_NAMES
 
 # what the bare command probes after the op sweep: (zoo name, input shape, dtypes)
@@ -218,8 +218,7 @@ def run(args: argparse.Namespace) -> int:
             report.print_rich(rows, results, backend)
         else:
             print(report.text(rows, results, backend))
-        wall, cpu = elapsed()
-        print(f"({wall:.1f} s, {cpu:.1f} s CPU since start-up{f'; report in {todo.out_dir}' if todo.out_dir else ''})")
+        print(timing_line(f"report in {todo.out_dir}" if todo.out_dir else ""))
     if interrupted:
         done = f"{len(rows)} op case(s), {sum(len(m.cases) for m in results)} layer case(s)"
         print(f"normkit check: interrupted (Ctrl-C); what finished is reported above ({done})", file=sys.stderr)
