@@ -71,7 +71,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from .. import convert
 from ..reference import float64_call, keep_float64
-from ..robust import NORM_FUNCTIONS, ROUTES, NormCallRecorder, robust
+from ..robust import ROUTES, NormCall, NormCallRecorder, record_norm_calls, robust
 from .cases import TOLERANCE, dtype_name
 from .errors import absmax, num, num_err, relative_error
 
@@ -299,26 +299,6 @@ def _tensors(obj) -> list[torch.Tensor]:
     return []
 
 
-class _NormTap(NormCallRecorder):
-    """:func:`normkit.robust.record_norm_calls` handing each call to the recorder as it happens (its tensors
-    copied at once: an inplace activation after a norm would overwrite them)."""
-
-    def __init__(self, recorder: _Recorder):
-        super().__init__(recorder.model)
-        self.recorder = recorder
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func not in NORM_FUNCTIONS:
-            return super().__torch_function__(func, types, args, kwargs)
-        # copied before the call: batch norm updates the running statistics it is given in place
-        before = self.recorder.keep(tuple(args)), self.recorder.keep(dict(kwargs or {}))
-        out = super().__torch_function__(func, types, args, kwargs)
-        nc = self.calls.pop()
-        nc.args, nc.kwargs = before
-        self.recorder.norm_call(func, nc)
-        return out
-
-
 class _Recorder:
     """Forward hooks on every submodule and a norm-call tap: the executed layers in order (see the module
     docstring), with inputs and outputs; on an exception, the module that raised."""
@@ -356,13 +336,20 @@ class _Recorder:
                                         norm_calls=frame.norm_calls))
         return hook
 
-    def norm_call(self, func, nc) -> None:
+    def norm_call(self, nc: NormCall) -> None:
+        """A torch functional norm call (:func:`normkit.robust.record_norm_calls`: its arguments kept before it
+        ran, batch norm updating the running statistics it is given), made inside the innermost frame."""
         owner = self.stack[-1] if self.stack else None
         if owner is not None:
             owner.norm_calls += 1
         name = nc.module or ""
         self.calls.append(_Call(name, self.modules.get(name, self.model), nc.args, nc.kwargs, _clone(nc.output),
-                                function=func, owner=owner))
+                                function=nc.torch_function, owner=owner))
+
+    def norm_calls(self) -> NormCallRecorder:
+        """The mode that hands every torch functional norm call to :meth:`norm_call`, its arguments copied at once
+        (an inplace activation after a norm would overwrite them)."""
+        return record_norm_calls(self.model, keep=self.keep, on_call=self.norm_call)
 
     def raising_layer(self) -> str | None:
         return self.stack[-1].name if self.stack else None
@@ -392,7 +379,7 @@ def _record(model: nn.Module, x: torch.Tensor, *, keep_inputs=True, reference=Fa
             if hardened:
                 stack.enter_context(robust())
             mode = stack.enter_context(keep_float64()) if reference else None
-            stack.enter_context(_NormTap(rec))
+            stack.enter_context(rec.norm_calls())
             try:
                 out = model(x)
             finally:
