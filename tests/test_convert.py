@@ -167,8 +167,18 @@ def test_sync_batchnorm_and_a_class_without_twin_convert_and_what_normkit_lacks_
 
 def test_convert_revert_and_fold_take_modules_only():
     for tool in (normkit.convert, normkit.revert, normkit.fold_batchnorm):
-        with pytest.raises(TypeError, match=r"expected a torch.nn.Module \(a model or a single layer\), got int"):
+        with pytest.raises(TypeError, match=r"expected a torch.nn.Module \(a model or a single layer\), got int$"):
             tool(42)
+        with pytest.raises(TypeError, match=r"got ZooEntry; build the model first: normkit.models.get\('resnet18'\)"):
+            tool(normkit.models.entry("resnet18"))
+        with pytest.raises(TypeError, match=r"got str; for a zoo model, build it first: normkit.models.get\('alexnet'\)"):
+            tool("alexnet")
+
+
+def test_convert_takes_a_zoo_model_as_built():
+    """normkit.models.get builds the model: straight into convert (issue 17: a ZooEntry used to reach it)."""
+    converted, report = normkit.convert(normkit.models.get("resnet18"), return_report=True)
+    assert len(report) == 20 and all(s.changed for s in report) and isinstance(converted.bn1, nnk.BatchNorm2d)
 
 
 def test_revert_refuses_options_torch_lacks():
