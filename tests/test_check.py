@@ -214,7 +214,7 @@ def test_unconverted_leaf_is_not_blamed_on_normkit():
 
 
 def test_timm_vit_twin_without_normkit_layers_is_not_called_failing():
-    from _thirdparty import timm_model
+    from third_party import timm_model
 
     m = timm_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2)
     r = probe.probe(m, (2, 3, 16, 16), name="vit", scales=(1.0, 1e20))
@@ -343,7 +343,7 @@ def test_interrupt_keeps_what_finished():
 def test_efficientnet_names_its_batchnormact():
     """timm efficientnet_b0 (float32, scales 1 and 1e20): its 49 batch norms live in BatchNormAct2d modules,
     which are not leaves; torch's first failing layer is the first of them, and normkit's batch_norm holds."""
-    from _thirdparty import timm_model
+    from third_party import timm_model
 
     # 64x64: the last stages still hold 2x2 values per channel (at 32x32 one: batch norm over 2 numbers per
     # channel is ill-conditioned, and the output is off by 1 at every scale -- rounding, not a broken norm)
@@ -359,7 +359,7 @@ def test_efficientnet_names_its_batchnormact():
 def test_hugging_face_llama_rmsnorm_is_judged_against_a_true_float64_reference():
     """The real LlamaRMSNorm (float32 inside): named as failing at 1e20 with its true error; convert makes it
     normkit's RMSNorm(casting_mode="llama") (issue 16), judged as normkit's twin with no change to the probe."""
-    from _thirdparty import transformers
+    from third_party import transformers
 
     transformers()
     modeling = pytest.importorskip("transformers.models.llama.modeling_llama", reason="transformers' Llama")
@@ -371,3 +371,106 @@ def test_hugging_face_llama_rmsnorm_is_judged_against_a_true_float64_reference()
     (case,) = [c for c in r.cases if c.layer == "1" and c.scale == 1e20]
     assert case.torch_error == pytest.approx(1.0) and f.normkit_by == "convert" and case.normkit_error < 1e-6
     assert r.ok and not r.outputs[-1]["normkit"]["wrong"]
+
+
+# ------------------------------------------------------------------------------------------ token ids
+class _SeenRMS(nn.Module):
+    """Passes its input through, noting (dtype, root mean square) of every call."""
+
+    seen: list = []
+
+    def forward(self, x):
+        _SeenRMS.seen.append((x.dtype, x.double().pow(2).mean().sqrt().item()))
+        return x
+
+
+class _TokensFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok, self.spy, self.norm = nn.Embedding(50, 16), _SeenRMS(), nn.LayerNorm(16)
+
+    def forward(self, ids):
+        assert ids.dtype == torch.long, "token ids stay integer"
+        return self.norm(self.spy(self.tok(ids)))
+
+
+class _EmbeddingNotFirst(nn.Module):
+    """Its first leaf is a LayerNorm: only get_input_embeddings() says where the ids go."""
+
+    def __init__(self, declare: bool):
+        super().__init__()
+        self.norm, self.tok, self.declare = nn.LayerNorm(16), nn.Embedding(50, 16), declare
+
+    def get_input_embeddings(self):
+        return self.tok if self.declare else None
+
+    def forward(self, ids):
+        return self.norm(self.tok(ids))
+
+
+def test_input_embedding_is_found_by_hugging_face_method_or_first_module():
+    assert probe.input_embedding(_TokensFirst()) == "tok"
+    assert probe.input_embedding(_EmbeddingNotFirst(declare=True)) == "tok"
+    assert probe.input_embedding(_EmbeddingNotFirst(declare=False)) is None
+    assert probe.input_embedding(_breaks_at_1e20()) is None
+    with pytest.raises(check.ProbeInputError, match="has no input embedding to scale"):
+        probe.probe(_breaks_at_1e20(), (4, 16), tokens=True)
+
+
+def test_token_ids_scale_the_input_embeddings_output():
+    """Token ids stay integer; at input scale s the embedding's output has a root mean square of about s in the
+    float64 run (its weight's RMS is 1 here, so a plain s * output would be off by 1/RMS otherwise)."""
+    torch.manual_seed(0)
+    m = _TokensFirst()
+    with torch.no_grad():
+        m.tok.weight.mul_(0.02)  # as Hugging Face initializes: RMS 0.02
+    _SeenRMS.seen = []
+    r = probe.probe(m, (3, 9), name="toks", scales=(1.0, 1e20))
+    assert (r.embedding, r.vocab) == ("tok", 50)
+    assert "toks (3, 9) token ids < 50, train mode, input scales 1, 1e20 (the root mean square of the output of tok)" \
+        in report.text([], [r])
+    float64_runs = [rms for dtype, rms in _SeenRMS.seen if dtype == torch.float64]
+    assert float64_runs
+    for scale in (1.0, 1e20):
+        assert any(0.5 * scale < rms < 2 * scale for rms in float64_runs), (scale, float64_runs)
+    f = r.first_failure("float32", "torch")
+    assert (f.layer, f.kind, f.scale, f.normkit_by) == ("norm", "LayerNorm", 1e20, "convert") and r.ok
+
+
+def test_check_on_hugging_face_llama_names_an_rmsnorm(tmp_path):
+    """issue 17's Done-when: `normkit check` on a tiny Hugging Face Llama (token ids; float32, scales 1 and 1e20)
+    names an LlamaRMSNorm as torch's first failing layer; normkit's converted model passes (exit 0: torch's
+    wrong output is explained by that layer, normkit's norms and output hold)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from third_party import transformers
+
+    transformers()  # skip without transformers
+    factory = tmp_path / "llama.py"
+    factory.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport third_party\n"
+                       "def make():\n    return third_party.hf_model('llama')\n")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "normkit", "check", "--model", f"{factory}:make", "--input-shape", "2,7",
+                           "--dtype", "float32", "--scales", "1,1e20", "--json", "--report", str(tmp_path / "rep")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (m,) = json.loads(proc.stdout)["models"]
+    assert (m["input_embedding"], m["vocab"], m["ok"]) == ("model.embed_tokens", 100, True)
+    f = m["first_failure"]["float32"]
+    assert f["normkit"] is None
+    t = f["torch"]
+    assert (t["layer"], t["kind"], t["scale"], t["normkit_by"]) == (
+        "model.layers.0.input_layernorm", "LlamaRMSNorm", 1e20, "convert")
+    rms = [c for c in m["layers"] if c["kind"] == "LlamaRMSNorm" and c["scale"] == 1e20]
+    assert len(rms) == 5 and all(c["torch_status"] == "fail" and c["torch_error"] == pytest.approx(1.0) for c in rms)
+    assert all(c["normkit_status"] == "ok" and c["normkit_error"] < 1e-6 for c in rms)
+    (at_1e20,) = [o for o in m["outputs"] if o["scale"] == 1e20]
+    assert at_1e20["torch"]["wrong"] and not at_1e20["normkit"]["wrong"] and at_1e20["normkit"]["error"] < 1e-5
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "(2, 7) token ids < 100, train mode, input scales 1, 1e20 (the root mean square of the output of " \
+           "model.embed_tokens)" in md
+    assert "model.layers.0.input_layernorm (LlamaRMSNorm): float32, out of tolerance from input scale 1e20 " \
+           "(normkit twin: max rel err" in md

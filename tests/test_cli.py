@@ -133,7 +133,10 @@ def test_bad_input_one_line_exit_2(capsys, files):
     assert "rejects input shape (2, 5): its own forward (Linear) raised RuntimeError" in err
     err = _bad(capsys, "--model", "resnet18", "--input-shape", "1,4,32,32", "--dtype", "float32")
     assert "resnet18 rejects input shape (1, 4, 32, 32): layer conv1 raised RuntimeError" in err
-    assert "--input-shape that the model accepts" in err
+    assert "pass an --input-shape (and --input-kind) that the model accepts" in err
+    err = _bad(capsys, "--model", "resnet18", "--input-kind", "tokens")
+    assert "--input-kind tokens: resnet18 has no input embedding to scale" in err
+    assert "invalid choice: 'ids'" in _bad(capsys, "--model", "resnet18", "--input-kind", "ids")
     assert "use one or the other" in _bad(capsys, "--model", "alexnet", "--op", "layer_norm")
     assert "not a shape" in _bad(capsys, "--model", "alexnet", "--input-shape", "1,3,a")
     for bad in ("0", "-1", "abc", "inf", "nan", "1,,2"):
@@ -238,6 +241,7 @@ def test_empty_and_conflicting_values_are_refused():
     _one_line(_run("check", "--model", "alexnet", "--scales", ""), "'' is not a positive number")
     _one_line(_run("check", "--report", ""), "--report '': give the directory")
     _one_line(_run("check", "--op", "layer_norm", "--mode", "eval"), "apply to the model probe, which --op skips")
+    _one_line(_run("check", "--op", "layer_norm", "--input-kind", "float"), "apply to the model probe, which --op skips")
     _one_line(_run("check", "--model", "alexnet", "--input-shape", ""), "is not a shape")
 
 

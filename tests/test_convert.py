@@ -167,8 +167,18 @@ def test_sync_batchnorm_and_a_class_without_twin_convert_and_what_normkit_lacks_
 
 def test_convert_revert_and_fold_take_modules_only():
     for tool in (normkit.convert, normkit.revert, normkit.fold_batchnorm):
-        with pytest.raises(TypeError, match=r"expected a torch.nn.Module \(a model or a single layer\), got int"):
+        with pytest.raises(TypeError, match=r"expected a torch.nn.Module \(a model or a single layer\), got int$"):
             tool(42)
+        with pytest.raises(TypeError, match=r"got ZooEntry; build the model first: normkit.models.get\('resnet18'\)"):
+            tool(normkit.models.entry("resnet18"))
+        with pytest.raises(TypeError, match=r"got str; for a zoo model, build it first: normkit.models.get\('alexnet'\)"):
+            tool("alexnet")
+
+
+def test_convert_takes_a_zoo_model_as_built():
+    """normkit.models.get builds the model: straight into convert (issue 17: a ZooEntry used to reach it)."""
+    converted, report = normkit.convert(normkit.models.get("resnet18"), return_report=True)
+    assert len(report) == 20 and all(s.changed for s in report) and isinstance(converted.bn1, nnk.BatchNorm2d)
 
 
 def test_revert_refuses_options_torch_lacks():
@@ -464,6 +474,52 @@ def test_fold_example_input_check_raises_when_the_rules_are_fooled():
     model = randomize_bn(Untraceable(call_forward_directly=True)).double().eval()
     with pytest.raises(RuntimeError, match="differs from the unfolded one on example_input"):
         normkit.fold_batchnorm(model, example_input=torch.randn(2, 2, 4, 4, dtype=torch.float64))
+
+
+class Float32Inside(nn.Module):
+    """As Hugging Face's LlamaRMSNorm: normalizes (over dim 1) in float32 whatever the model's dtype."""
+
+    def forward(self, x):
+        dtype, x = x.dtype, x.to(torch.float32)
+        return (x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-6)).to(dtype)
+
+
+def test_fold_example_input_check_is_float64_through_the_models_own_downcast():
+    """A float64 model is compared in float64 throughout: computed as written, the float32 norm at the end returns
+    zeros at 1e25 for the folded and the unfolded model alike (its squares overflow), which would hide the
+    wrong fold."""
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64) * 1e25
+    torch.manual_seed(0)
+    fooled = nn.Sequential(randomize_bn(Untraceable(call_forward_directly=True)), Float32Inside()).double().eval()
+    with torch.no_grad():
+        assert not fooled(x).abs().any(), "the trap: as written, the output is all zeros at 1e25"
+    with pytest.raises(RuntimeError, match="differs from the unfolded one on example_input.*compared in float64 throughout"):
+        normkit.fold_batchnorm(fooled, example_input=x)
+    # a fold that is right passes the same check (no false alarm), and is right in float64 indeed
+    torch.manual_seed(0)
+    right = nn.Sequential(randomize_bn(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))), Float32Inside()).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left, nothing lowered: no warning
+        folded = normkit.fold_batchnorm(right, example_input=x)
+    assert isinstance(folded[0][1], nn.Identity)
+    (want, lowered), (got, _) = float64_call(right, x), float64_call(folded, x)
+    assert not lowered and want.abs().max() > 0.1
+    assert_rel_close(got, want, torch.float64, "folded, in float64 throughout", rel=1e-12)
+
+
+class LeavesThroughNumpy(nn.Module):
+    """Computes in float32 through numpy: no torch function mode can lift that."""
+
+    def forward(self, x):
+        y = torch.from_numpy(x.detach().numpy().astype("float32"))
+        return (y * 2.0).to(x.dtype)
+
+
+def test_fold_example_input_check_says_when_it_is_not_float64_throughout():
+    torch.manual_seed(0)
+    model = nn.Sequential(randomize_bn(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))), LeavesThroughNumpy())
+    with pytest.warns(RuntimeWarning, match="not float64 throughout although the model is .*float32"):
+        normkit.fold_batchnorm(model.double().eval(), example_input=torch.randn(2, 2, 4, 4, dtype=torch.float64))
 
 
 def test_convert_keeps_dtype_device_and_hooks():

@@ -511,6 +511,27 @@ def test_cli_export_and_harden(tmp_path, capsys):
     assert not _ops(onnx.load(str(hard))) & NATIVE_TYPES
 
 
+def test_cli_export_of_a_token_id_model(tmp_path, capsys):
+    """A model whose input is token ids (a tiny Hugging Face Llama) exports with token ids, as normkit check feeds
+    them, its 5 RMS norms hardened; --verify runs it at input scale 1 and says why only there."""
+    from pathlib import Path
+
+    from third_party import transformers
+
+    from normkit.cli import main
+
+    transformers()
+    factory = tmp_path / "llama.py"
+    factory.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport third_party\n"
+                       "def make():\n    return third_party.hf_model('llama')\n")
+    out = tmp_path / "llama.onnx"
+    assert main(["export", f"{factory}:make", "-o", str(out), "--input-shape", "2,7", "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "5 robust normalization subgraph(s)" in text and "token ids < 100 in: verified at input scale 1 only" in text
+    assert text.strip().splitlines()[-1] == "verify: PASS -- every output within tolerance at input scales 1 and batch 1, 2"
+    assert onnx.load(str(out)).graph.input[0].type.tensor_type.elem_type == TP.INT64
+
+
 @pytest.mark.parametrize("argv,message", [
     (["harden", "missing.onnx", "-o", "x.onnx"], "no such file"),
     (["harden", "BAD", "-o", "x.onnx"], "not an ONNX model"),
@@ -565,7 +586,7 @@ def _rms_oracle(x, weight, eps):
 
 @pytest.fixture(scope="module")
 def llama_rmsnorm(tmp_path_factory):
-    from _thirdparty import transformers
+    from third_party import transformers
 
     transformers()
     modeling = pytest.importorskip("transformers.models.llama.modeling_llama", reason="transformers' Llama")
@@ -597,9 +618,9 @@ def test_verify_onnx_reference_keeps_the_models_downcasts_in_float64(llama_rmsno
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from _thirdparty import tiny_llama_config, transformers
+    from third_party import hf_config, transformers
 
-    tf, cfg = transformers(), tiny_llama_config()
+    tf, cfg = transformers(), hf_config("llama")
     torch.manual_seed(0)
     causal, base = tf.LlamaForCausalLM(cfg).eval(), tf.LlamaModel(cfg).eval()
     d = tmp_path_factory.mktemp("llama")

@@ -206,6 +206,8 @@ BAD = {
     "npz_not_npz": (["check", "g.onnx", "--inputs", "BAD.onnx"], "not an .npz file"),
     "dtype_down": (["check", "g.onnx", "--input-shape", "4,64", "--dtype", "float32"], "float32 files to float16 only"),
     "scales": (["check", "g.onnx", "--input-shape", "4,64", "--scales", "1,x"], "not a positive number"),
+    "report_in_a_file": (["check", "g.onnx", "--input-shape", "4,64", "--report", "g.onnx/rep"], "cannot create"),
+    "report_empty": (["check", "g.onnx", "--input-shape", "4,64", "--report", ""], "give the directory"),
 }
 
 
@@ -239,3 +241,12 @@ def test_npz_inputs_by_name(bad_dir, capsys):
     assert main(["check", str(bad_dir / "g.onnx"), "--inputs", str(bad_dir / "calib.npz"), "--json"]) == 1
     d = json.loads(capsys.readouterr().out)
     assert d["scales"] == [1.0] and d["inputs"] == {"x": [4, 64]} and d["norms"][0]["fails_from"] == 1.0
+
+
+def test_timing_line_counts_start_up(bad_dir):
+    r = _cli(["check", "g.onnx", "--input-shape", "4,64", "--scales", "1"], bad_dir)
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.endswith("s CPU since start-up)"), last
+    wall, cpu = (float(p.split()[0]) for p in last.strip("()").split(", ")[:2])
+    assert cpu > 0.5 and wall > 0, "importing torch and onnx alone takes more CPU than this: start-up is counted"

@@ -22,7 +22,6 @@ import pytest
 import torch
 from torch import nn
 
-import _thirdparty
 import normkit
 import third_party as tp
 from conftest import assert_matches_torch_or_oracle, assert_rel_close
@@ -181,7 +180,7 @@ def test_converted_models_pickle_into_a_fresh_process(tmp_path):
         x = tp.example(name)
         torch.save({"model": converted, "x": x, "y": converted(x)}, tmp_path / f"{name}.pt")
         assert torch.equal(copy.deepcopy(converted)(x), converted(x))
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import _thirdparty; _thirdparty._stub_torchvision_ops()\n"
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import third_party; third_party.stub_torchvision_ops()\n"
             "for name in ('convnext_atto', 'llama'):\n"
             "    saved = torch.load(f'{sys.argv[2]}/{name}.pt', weights_only=False)\n"
             "    assert torch.equal(saved['model'](saved['x']), saved['y']), name\n"
@@ -211,7 +210,7 @@ def test_fold_leaves_no_batchnorm_after_a_conv(name, prepare):
                 m.running_mean.uniform_(-0.5, 0.5, generator=g)
                 m.running_var.uniform_(0.5, 2.0, generator=g)
     if prepare == "frozen":
-        model = _thirdparty.timm().layers.freeze_batch_norm_2d(model)
+        model = tp.timm().layers.freeze_batch_norm_2d(model)
         assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     model = (normkit.convert(model) if prepare == "converted" else model).double()
     x = tp.image().double()
@@ -261,19 +260,19 @@ def test_export_onnx_runs_in_onnxruntime_at_1e20(name):
 # -------------------------------------------------------------------------- the norm classes themselves
 def _hf(module: str, cls: str, *args):
     def make():  # (hidden size, eps) by default
-        _thirdparty.transformers()
+        tp.transformers()
         return getattr(__import__(f"transformers.models.{module}", fromlist=[cls]), cls)(*(args or (16, 1e-6)))
     return make
 
 
 def _timm(cls: str, *args, **kwargs):
     def make():
-        return getattr(_thirdparty.timm().layers, cls)(*args, **kwargs)
+        return getattr(tp.timm().layers, cls)(*args, **kwargs)
     return make
 
 
 def _torchvision_frozen():
-    _thirdparty.timm()  # timm imports torchvision's FrozenBatchNorm2d (the one timm uses)
+    tp.timm()  # timm imports torchvision's FrozenBatchNorm2d (the one timm uses)
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     return FrozenBatchNorm2d(16)

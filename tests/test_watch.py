@@ -1,7 +1,8 @@
 """normkit.watch: each watched layer's headroom against a float64 numpy oracle computed from the input the
-layer received, for torch's norm modules, normkit's, functional norm calls inside other classes, and
-hand-written norms found by class name; the warning (once, naming the layer); no effect on outputs and
-gradients; hooks and the function mode gone afterwards."""
+layer received, for torch's norm modules, normkit's, functional norm calls inside other classes (and inside the
+classes normkit.convert hardened), and hand-written norms -- found by behaviour (what normkit.convert proves),
+never by class name; the warning (once, naming the layer); no effect on outputs and gradients; hooks and the
+function mode gone afterwards."""
 
 from __future__ import annotations
 
@@ -54,15 +55,49 @@ class LayerNorm2d(nn.Module):
         return F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias).permute(0, 3, 1, 2)
 
 
-class LlamaRMSNorm(nn.Module):
-    """Hugging Face-style hand-written RMSNorm: no norm function is called."""
+class LayerNorm2dSubclass(nn.LayerNorm):
+    """timm's LayerNorm2d: a subclass of torch's LayerNorm whose own forward permutes, so it normalizes dim 1,
+    not the trailing dims its class would."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class HandRMS(nn.Module):
+    """A hand-written RMS norm as Hugging Face writes it (no norm function is called), under a name that says
+    nothing: the watch finds it by what it computes."""
 
     def __init__(self, c):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(c))
+        self.weight, self.variance_epsilon = nn.Parameter(torch.ones(c)), 1e-6
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * self.weight
+
+
+class HandChannelsLayerNorm(nn.Module):
+    """A ConvNeXt-style hand-written layer norm over dim 1 of (N, C, H, W)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c)), 1e-6
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class FakeRMSNorm(nn.Module):
+    """Named like a norm, with an eps and a weight, but no normalization: not watched, with the reason."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(c)), 1e-6
+
+    def forward(self, x):
+        return x * self.weight
 
 
 def _layers():
@@ -77,7 +112,15 @@ def _layers():
         "InstanceNorm2d": (nn.InstanceNorm2d(4), (3, 4, 5, 6), per_instance, True),
         "LocalResponseNorm": (nn.LocalResponseNorm(3), (3, 4, 5, 6), lambda a: a.reshape(1, -1), False),
         "LayerNorm2d (F.layer_norm inside)": (LayerNorm2d(4), (3, 4, 5, 6), lambda a: np.moveaxis(a, 1, -1).reshape(-1, 4), True),
-        "LlamaRMSNorm (by class name)": (LlamaRMSNorm(6), (3, 4, 6), lambda a: a.reshape(1, -1), False),
+        "LayerNorm subclass with a forward of its own": (LayerNorm2dSubclass(4), (3, 4, 5, 6),
+                                                         lambda a: np.moveaxis(a, 1, -1).reshape(-1, 4), True),
+        "LayerNorm2d, hardened by normkit.convert": (normkit.convert(LayerNorm2d(4)), (3, 4, 5, 6),
+                                                     lambda a: np.moveaxis(a, 1, -1).reshape(-1, 4), True),
+        "hand-written RMS norm": (HandRMS(6), (3, 4, 6), lambda a: a.reshape(1, -1), False),
+        "hand-written layer norm over dim 1": (HandChannelsLayerNorm(4), (3, 4, 5, 6),
+                                               lambda a: np.moveaxis(a, 1, -1).reshape(-1, 4), True),
+        "normkit twin of it (channels_first)": (normkit.convert(HandChannelsLayerNorm(4)), (3, 4, 5, 6),
+                                                lambda a: np.moveaxis(a, 1, -1).reshape(-1, 4), True),
     }
 
 
@@ -88,8 +131,9 @@ def test_headroom_matches_the_oracle(name):
     seen = []
     layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
     w = watch(model, dtype=torch.float16)
-    model(torch.randn(shape))  # the first forward finds functional calls; hand-written norms are watched after it
-    calls = w.records["1"].calls if "1" in w.records else 0
+    model(torch.randn(shape))  # the first forward finds the functional calls of modules no probe names
+    calls = w.records["1"].calls
+    assert calls == 1 and not w.left
     for step, scale in enumerate((1.0, 37.0)):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(step)) * scale + 0.5 * scale
         model(x)
@@ -216,10 +260,32 @@ def test_bad_arguments():
         watch(nn.LayerNorm(3), every=0)
 
 
-def test_report_lists_every_layer():
-    model = nn.Sequential(nn.LayerNorm(4), LlamaRMSNorm(4))
+def test_report_lists_every_layer_and_what_is_not_watched():
+    model = nn.Sequential(nn.LayerNorm(4), HandRMS(4), FakeRMSNorm(4))
     with watch(model) as w:
         model(torch.randn(2, 4))
         model(torch.randn(2, 4))
+    assert set(w.records) == {"0", "1"} and w.records["1"].calls == 2
+    assert w.records["1"].how == "proven RMSNorm(casting_mode='llama') (hand-written)"
+    assert list(w.left) == ["2"] and "FakeRMSNorm: its float64 output is no normalization of its input" in w.left["2"]
     text = w.report()
-    assert "LayerNorm" in text and "class name (hand-written norm)" in text and len(text.splitlines()) == 4
+    assert "LayerNorm" in text and "HandRMS" in text and len(text.splitlines()) == 5
+    assert text.splitlines()[-1].startswith("not watched: 2 (FakeRMSNorm: its float64 output is no normalization")
+
+
+def test_hugging_face_hand_written_norms_are_watched_by_what_they_compute():
+    third_party = pytest.importorskip("third_party")
+    third_party.transformers()
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama", reason="transformers' Llama")
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5", reason="transformers' T5")
+    model = nn.Sequential(nn.Linear(8, 8), llama.LlamaRMSNorm(8), t5.T5LayerNorm(8))
+    w = watch(model, dtype=torch.float16)
+    seen = {}
+    for i in (1, 2):
+        model[i].register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].detach().clone()))
+    model(torch.randn(3, 8) * 40)
+    assert set(w.records) == {"1", "2"} and not w.left
+    for i in (1, 2):
+        assert w.records[str(i)].last == pytest.approx(oracle(seen[i], lambda a: a.reshape(1, -1), center=False), abs=1e-6)
+    assert {r.how for r in w.records.values()} == {"proven RMSNorm(casting_mode='llama') (hand-written)",
+                                                   "proven RMSNorm(casting_mode='t5') (hand-written)"}

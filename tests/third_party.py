@@ -1,26 +1,60 @@
-"""Real models from timm and Hugging Face transformers, for the tests: tiny builders and inputs of the twelve
-models tests/test_third_party.py runs (importing them, with torchvision's op registrations stubbed, is
-:mod:`_thirdparty`'s).
+"""Real models from timm and Hugging Face transformers, for the tests: how to import them, and tiny builders and
+inputs of the twelve models tests/test_third_party.py runs.
 
 Random init and tiny configs only (no hub, no network, no pretrained weights); every builder is seeded.
+
+Both libraries import torchvision when it is installed (timm depends on it), and torchvision's compiled
+operators do not load beside torch's CPU build: its ``_meta_registrations`` raises "operator torchvision::nms
+does not exist". Nothing here needs those operators, so empty modules stand in for the two registration
+modules before the first import (:func:`stub_torchvision_ops`); when timm or transformers is missing the test
+is skipped with that reason.
 """
 
 from __future__ import annotations
 
+import sys
+import types
+
+import pytest
 import torch
 from torch import nn
 
-import _thirdparty
+_STUBS = ("torchvision._meta_registrations", "torchvision._autograd_registrations")
+
+
+def stub_torchvision_ops() -> None:
+    """Empty stand-ins for torchvision's operator registrations (see the module docstring)."""
+    for name in _STUBS:
+        sys.modules.setdefault(name, types.ModuleType(name))
+
+
+def timm():
+    """The timm package, or a skip saying it is not installed."""
+    stub_torchvision_ops()
+    return pytest.importorskip("timm", reason="timm is not installed (pip install timm; the dev extra has it)")
+
+
+def transformers():
+    """The transformers package, or a skip saying it is not installed."""
+    stub_torchvision_ops()
+    return pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers; "
+                                                      "the dev extra has it)")
+
 
 # ------------------------------------------------------------------------------------------------ timm
 TIMM_MODELS = ("resnet18", "convnext_atto", "efficientnet_b0", "regnety_002", "resnet50_gn", "vit_tiny_patch16_224")
 IMAGE = (2, 3, 64, 64)  # batch 2 at 64 px
 
 
-def timm_model(name: str) -> nn.Module:
-    """timm ``name``, random init (seed 0), in eval mode; ViTs built for 64-px images."""
-    kwargs = {"img_size": IMAGE[-1]} if name.startswith("vit") else {}
-    return _thirdparty.timm_model(name, **kwargs).eval()
+def timm_model(name: str, seed: int = 0, **kwargs) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, **kwargs)`` with weights drawn from ``seed``, in eval mode;
+    ViTs built for 64-px images unless ``img_size`` is given."""
+    tm = timm()
+    if name.startswith("vit"):
+        kwargs.setdefault("img_size", IMAGE[-1])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return tm.create_model(name, pretrained=False, **kwargs).eval()
 
 
 def image(scale: float = 1.0, seed: int = 0) -> torch.Tensor:
@@ -57,15 +91,20 @@ class LastHiddenState(nn.Module):
         return self.model(input_ids=input_ids).last_hidden_state
 
 
+def hf_config(name: str):
+    """The tiny config of ``name`` (eager attention, no cache)."""
+    config_cls, _, kwargs = HF_CONFIGS[name]
+    config = getattr(transformers(), config_cls)(**kwargs, use_cache=False)
+    config._attn_implementation = "eager"
+    return config
+
+
 def hf_model(name: str) -> nn.Module:
     """The tiny ``name`` model (random init, seed 0, eager attention, no cache, no dropout) in eval mode,
     wrapped in :class:`LastHiddenState`."""
-    transformers = _thirdparty.transformers()
-    config_cls, model_cls, kwargs = HF_CONFIGS[name]
-    config = getattr(transformers, config_cls)(**kwargs, use_cache=False)
-    config._attn_implementation = "eager"
+    config = hf_config(name)
     torch.manual_seed(0)
-    return LastHiddenState(getattr(transformers, model_cls)(config)).eval()
+    return LastHiddenState(getattr(transformers(), HF_CONFIGS[name][1])(config)).eval()
 
 
 def token_ids(seed: int = 0) -> torch.Tensor:

@@ -28,5 +28,6 @@ def run(args) -> int:
         print(json.dumps(status, indent=1))
     else:
         for key, value in status.items():
-            print(f"{key}: {value}")
+            if key != "ops" or value:  # the path each op took: none ran in this command
+                print(f"{key}: {value}")
     return 0

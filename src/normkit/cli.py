@@ -101,6 +101,12 @@ def elapsed() -> tuple[float, float]:
 _IMPORTED = time.perf_counter()
 
 
+def timing_line(*notes: str) -> str:
+    """``(12.3 s, 11.8 s CPU since start-up; <note>; ...)``: what a command prints last (empty notes left out)."""
+    wall, cpu = elapsed()
+    return "(" + "; ".join([f"{wall:.1f} s, {cpu:.1f} s CPU since start-up", *(n for n in notes if n)]) + ")"
+
+
 def output_file(text: str, option: str) -> Path:
     """The path of a file to write, checked before any work: not empty, not a directory, in a directory that
     exists and can be written to."""

@@ -120,8 +120,17 @@ def _check_rules(rules, what):
 
 
 def _check_model(tool: str, model) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{tool}: expected a torch.nn.Module (a model or a single layer), got {type(model).__name__}")
+    if isinstance(model, nn.Module):
+        return
+    from .models import ZooEntry
+
+    if isinstance(model, ZooEntry):
+        fix = f"; build the model first: normkit.models.get({model.name!r})"
+    elif isinstance(model, str):
+        fix = f"; for a zoo model, build it first: normkit.models.get({model!r})"
+    else:
+        fix = ""
+    raise TypeError(f"{tool}: expected a torch.nn.Module (a model or a single layer), got {type(model).__name__}{fix}")
 
 
 def is_converted(module: nn.Module) -> bool:

@@ -28,7 +28,7 @@ from .convert import _TORCH_OF, TWINS, Swap, _check_model, _own_methods, warn_le
 from .nn.batchnorm import _FrozenBatchNorm
 from .recognize import (PROOF_TOL, frozen_batchnorm_proof, norm_like, probe_input, probe_shapes, randomized_copy, rel_error,
                         seeded_call, single_threaded)
-from .reference import keep_float64
+from .reference import float64_call, keep_float64
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED, nn.Linear)
@@ -192,9 +192,9 @@ def _trace(model: nn.Module, uses: _Uses) -> None:
             uses.reads[id(gm.get_submodule(node.target.rpartition(".")[0]))] += 1
 
 
-def _observe(model: nn.Module, args: tuple, uses: _Uses):
-    """Run the unfolded model on ``args``; return its output and record the rank of every module's output
-    (and, without a graph, how often each module was called)."""
+def _observe(model: nn.Module, args: tuple, uses: _Uses, check: "_Check"):
+    """Run the unfolded model on ``args`` (as ``check`` runs it); return its output and record the rank of every
+    module's output (and, without a graph, how often each module was called)."""
     calls, ranks = Counter(), {}
 
     def hook(module, inputs, output):
@@ -204,8 +204,7 @@ def _observe(model: nn.Module, args: tuple, uses: _Uses):
 
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     try:
-        with torch.no_grad():
-            reference = model(*args)
+        reference = check.run(model, args)
     finally:
         handle.remove()
     uses.output_ranks = ranks
@@ -371,11 +370,40 @@ def _example_args(example_input) -> tuple | None:
                     f"got {type(example_input).__name__}; pass example_input=(x,) to give one argument of another type")
 
 
-def _check_folded(folded: nn.Module, args: tuple, reference) -> None:
-    """Raise if ``folded`` differs from the unfolded model's ``reference`` output beyond FOLD_TOLERANCE."""
-    with torch.no_grad():
-        got = torch.utils._pytree.tree_leaves(folded(*args))
+@dataclass
+class _Check:
+    """How the folded and the unfolded model are compared on ``example_input``: as the model computes
+    (``float64=False``), or, for a float64 model, as a true float64 computation -- under
+    :func:`normkit.reference.keep_float64`, so the model's own downcasts (``.float()``, ``.to(torch.float32)``:
+    Hugging Face's RMS norms) stay float64 and cannot hide a difference (a float32 norm at 1e20 returns zeros
+    for both models). ``lowered`` collects what still computed in a lower dtype."""
+
+    float64: bool
+    lowered: list = field(default_factory=list)
+
+    @staticmethod
+    def for_model(model: nn.Module) -> "_Check":
+        tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        return _Check(bool(tensors) and all(t.dtype == torch.float64 for t in tensors))
+
+    def run(self, model: nn.Module, args: tuple):
+        with torch.no_grad():
+            if not self.float64:
+                return model(*args)
+            out, lowered = float64_call(model, *args)
+        self.lowered += [str(low) for low in lowered if str(low) not in self.lowered]
+        return out
+
+
+def _check_folded(folded: nn.Module, args: tuple, reference, check: _Check) -> None:
+    """Raise if ``folded`` differs from the unfolded model's ``reference`` output beyond FOLD_TOLERANCE (of the
+    output's dtype: float64 for a float64 model, whose comparison is a true float64 one)."""
+    got = torch.utils._pytree.tree_leaves(check.run(folded, args))
     want = torch.utils._pytree.tree_leaves(reference)
+    if check.lowered:
+        warnings.warn(f"fold_batchnorm: the comparison on example_input is not float64 throughout although the model is "
+                      f"({', '.join(check.lowered)}): the model forces a lower precision that cannot be lifted, which "
+                      f"may hide a difference", RuntimeWarning, stacklevel=3)
     for i, (g, w) in enumerate(zip(got, want)):
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             continue
@@ -385,7 +413,8 @@ def _check_folded(folded: nn.Module, args: tuple, reference) -> None:
         if not err <= tol * scale:
             raise RuntimeError(f"fold_batchnorm: the folded model differs from the unfolded one on example_input: output "
                                f"{i} is off by {err:.3e} = {err / scale if scale else float('inf'):.2e} of max|output| "
-                               f"(tolerance {tol:g}). Either the model is not deterministic (a module still in training "
+                               f"(tolerance {tol:g}{', compared in float64 throughout' if check.float64 else ''}). Either "
+                               f"the model is not deterministic (a module still in training "
                                f"mode, e.g. Dropout: call model.eval()), or its forward does something its graph does not "
                                f"show; keep the unfolded model (inplace=False leaves it untouched)")
 
@@ -413,7 +442,9 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, return_report: bo
 
     ``example_input``: a tensor or a tuple of positional arguments. The model runs on it before folding
     (ranks, call counts) and the folded model is compared with it after, raising RuntimeError beyond
-    ``FOLD_TOLERANCE`` (with ``inplace=True`` the model is then already folded).
+    ``FOLD_TOLERANCE`` (with ``inplace=True`` the model is then already folded). For a float64 model both
+    runs are true float64 computations (:func:`normkit.reference.keep_float64`: the model's own ``.float()``
+    stays float64), and a RuntimeWarning says so if something still computed in a lower dtype.
     Folding is computed in float64 and cast back. Raises in training mode. Returns the model (a
     ``torch.fx.GraphModule`` when a folded pair is not adjacent in an nn.Sequential), or ``(model, report)``.
     """
@@ -427,7 +458,8 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, return_report: bo
     uses = _Uses(Counter(id(m) for _, m in model.named_modules(remove_duplicate=False)),
                  Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False)))
     _trace(model, uses)
-    reference = None if args is None else _observe(model, args, uses)
+    check = _Check.for_model(model)
+    reference = None if args is None else _observe(model, args, uses, check)
     report: list[Swap] = []
     pairs = _graph_pairs(uses, report) if uses.graph is not None else _sequential_pairs(model, uses, report)
     folds = []
@@ -440,6 +472,6 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, return_report: bo
     report = list(dict.fromkeys(report))  # a BatchNorm called at several sites for one reason: one entry
     folded = _apply_folds(model, uses, folds) if folds else model
     if args is not None:
-        _check_folded(folded, args, reference)
+        _check_folded(folded, args, reference, check)
     warn_left("fold_batchnorm", report)
     return (folded, report) if return_report else folded

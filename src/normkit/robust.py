@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -138,9 +139,12 @@ NORM_FUNCTIONS = {f: f.__name__ for f in ROUTES}
 class NormCall:
     """One call of a torch functional normalization (a key of :data:`ROUTES`) seen by :func:`record_norm_calls`.
 
-    ``module`` is the qualified name of the innermost module whose ``forward`` was running (``""``: the root
-    model; ``None``: no module of the recorded model), ``module_type`` its class name; ``args``/``kwargs``
-    are the call's arguments as passed (tensors not copied), ``output`` its result.
+    ``function`` is the normalization's name (``"layer_norm"``), ``torch_function`` the function called
+    (``F.layer_norm`` and ``torch.layer_norm`` take their arguments in different orders); ``module`` is the
+    qualified name of the innermost module whose ``forward`` was running (``""``: the root model; ``None``: no
+    module of the recorded model, or modules not tracked), ``module_type`` its class name; ``args``/``kwargs``
+    are the call's arguments as passed (tensors not copied unless the recorder's ``keep`` copies them),
+    ``output`` its result.
     """
 
     function: str
@@ -149,6 +153,7 @@ class NormCall:
     args: tuple
     kwargs: dict
     output: object = None
+    torch_function: object = None
 
 
 _RECORDERS: list["NormCallRecorder"] = []  # the recorders entered, innermost last (for RobustMode to tell)
@@ -158,20 +163,24 @@ class NormCallRecorder(TorchFunctionMode):
     """The mode behind :func:`record_norm_calls`: every call of a function in :data:`ROUTES` is recorded with
     the innermost running module, then runs unchanged: torch's own function, or normkit's when :func:`robust`
     is active (entered outside the recorder, or inside it -- a hardened module's own -- which hands the call
-    to the recorder first: see :class:`RobustMode`)."""
+    to the recorder first: see :class:`RobustMode`). See :func:`record_norm_calls` for ``keep``, ``on_call``
+    and ``track_modules``."""
 
-    def __init__(self, model: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module | None = None, *, keep: Callable | None = None,
+                 on_call: Callable[[NormCall], None] | None = None, track_modules: bool = True) -> None:
         super().__init__()
         self.calls: list[NormCall] = []
         self.in_norm_call = False  # inside its own call of a recorded function (a RobustMode then just routes)
         self._names = {id(m): n for n, m in model.named_modules()} if model is not None else {}
+        self._keep, self._on_call, self._track = keep, on_call, track_modules
         self._stack: list[nn.Module] = []
         self._handles: list = []
 
     def __enter__(self):
-        pre = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, args: self._stack.append(m))
-        post = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: self._pop(m))
-        self._handles = [pre, post]
+        if self._track:
+            pre = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, args: self._stack.append(m))
+            post = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: self._pop(m))
+            self._handles = [pre, post]
         _RECORDERS.append(self)
         return super().__enter__()
 
@@ -192,6 +201,7 @@ class NormCallRecorder(TorchFunctionMode):
         name = NORM_FUNCTIONS.get(func)
         if name is None:
             return func(*args, **kwargs)
+        kept = (args, kwargs) if self._keep is None else (self._keep(tuple(args)), self._keep(dict(kwargs)))
         self.in_norm_call = True
         try:
             out = func(*args, **kwargs)
@@ -199,18 +209,29 @@ class NormCallRecorder(TorchFunctionMode):
             self.in_norm_call = False
         inner = next((m for m in reversed(self._stack) if id(m) in self._names), None) if self._names else (
             self._stack[-1] if self._stack else None)
-        self.calls.append(NormCall(name, self._names.get(id(inner)) if inner is not None else None,
-                                   type(inner).__name__ if inner is not None else None, args, kwargs, out))
+        call = NormCall(name, self._names.get(id(inner)) if inner is not None else None,
+                        type(inner).__name__ if inner is not None else None, *kept, out, func)
+        if self._on_call is None:
+            self.calls.append(call)
+        else:
+            self._on_call(call)
         return out
 
 
-def record_norm_calls(model: nn.Module | None = None) -> NormCallRecorder:
+def record_norm_calls(model: nn.Module | None = None, *, keep: Callable | None = None,
+                      on_call: Callable[[NormCall], None] | None = None, track_modules: bool = True) -> NormCallRecorder:
     """``with record_norm_calls(model) as rec: model(x)`` -- afterwards ``rec.calls`` lists every torch
     functional normalization call made (``F.layer_norm``, ``torch.batch_norm``, ...; the keys of
     :data:`ROUTES`), in order, each with the innermost module of ``model`` whose forward made it. Nothing is
     changed: the calls run as they would. This is how normkit sees norms that live inside other classes'
-    own ``forward`` (timm's ``BatchNormAct2d``, a permute-LayerNorm-permute ``LayerNorm2d``)."""
-    return NormCallRecorder(model)
+    own ``forward`` (timm's ``BatchNormAct2d``, a permute-LayerNorm-permute ``LayerNorm2d``).
+
+    ``keep``: applied to the call's arguments (the tuple, then the dict) before the function runs -- a copy, when
+    the function or what follows changes them (batch norm updates the running statistics it is given).
+    ``on_call``: called with each :class:`NormCall` as soon as it returns (then not kept in ``calls``).
+    ``track_modules=False``: no module attribution (``module`` None) and no global module hooks, for a caller
+    that knows which module is running (:func:`normkit.watch`)."""
+    return NormCallRecorder(model, keep=keep, on_call=on_call, track_modules=track_modules)
 
 
 # ------------------------------------------------------------------------------------ hardened classes

@@ -5,22 +5,25 @@ GroupNorm, InstanceNorm, BatchNorm on batch statistics) or of its input, ``x**2`
 mean ``sum(x**2) / N`` (the variance), which is never larger than the largest square. A norm layer's
 **headroom** is ``log2(finfo(dtype).max / largest intermediate)``: how many powers of two the input may still
 grow before the squares overflow. BatchNorm on running statistics forms ``x - running_mean`` (no squares).
-The largest square is ``max |x - mean|**2`` over the reduction groups (:func:`max_deviation`: a mean, a
-subtraction and an infinity norm).
+The largest square is ``max |x - mean|**2`` over the reduction groups (:func:`max_deviation`).
 
-What is watched:
+What is watched: the normalizations :func:`normkit.convert` recognizes -- by behaviour
+(:mod:`normkit.recognize`), never by class name:
 
 * torch's norm modules and normkit's (``nn.LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``BatchNorm1d/2d/3d``,
-  ``SyncBatchNorm``, ``InstanceNorm1d/2d/3d``, ``LocalResponseNorm``, normkit's subclasses and
-  ``FrozenBatchNorm*d``): a forward pre-hook on each;
-* norm layers inside other classes that call a functional norm in their own forward (timm's
-  ``LayerNorm2d``, torchvision's ConvNeXt ``LayerNorm2d``: ``F.layer_norm``, ``F.group_norm``,
-  ``F.batch_norm``, ``F.instance_norm``, ``F.rms_norm``, ``F.local_response_norm`` and the ``torch.*``
-  functions they dispatch to): found during the first watched forward by a ``TorchFunctionMode``, then
-  watched with that mode active inside those modules only;
-* hand-written norms that call no norm function (Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``): by class
-  name, a module whose class name ends in ``RMSNorm`` (squares of the input) or ``LayerNorm`` (centred over
-  the last axis) that made no functional norm call.
+  ``SyncBatchNorm``, ``InstanceNorm1d/2d/3d``, ``LocalResponseNorm``, ``FrozenBatchNorm*d``, and the twins
+  ``convert`` makes): a forward pre-hook on each;
+* hand-written norms the float64 probe of :func:`normkit.recognize.recognize` proves (Hugging Face's
+  ``LlamaRMSNorm``, ``T5LayerNorm``, Gemma's; a user's RMS, layer, group or frozen batch norm): a forward
+  pre-hook, measuring the norm each is proven to be;
+* torch functional norm calls (``F.layer_norm``, ``torch.batch_norm``, ... the keys of
+  :data:`normkit.robust.ROUTES`) in the forward of any other module -- the modules ``recognize`` proves to make
+  them (timm's ``LayerNorm2d``, ``BatchNormAct2d``), the ones ``convert`` hardened (their calls routed to
+  normkit), and every module :func:`normkit.robust.record_norm_calls` sees make one during the first watched
+  forward (the root model's own forward, a block with an inline ``F.layer_norm``): each call is measured by a
+  ``record_norm_calls`` recorder that is active only while those modules run;
+* every other norm-like module is left, with ``recognize``'s reason (:attr:`Watch.left`, and in
+  :meth:`Watch.report`).
 
 Each hook only launches the reductions; the values are read back once per forward of ``model`` (one host
 sync per step), when a warning (:class:`HeadroomWarning`) is issued the first time a layer comes within
@@ -33,49 +36,62 @@ import math
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from .convert import _TORCH_OF, TWINS, _own_methods
 from .nn.batchnorm import _FrozenBatchNorm
+from .recognize import norm_like, recognize
+from .robust import Hardened, NormCall, NormCallRecorder, record_norm_calls
 
 
 class HeadroomWarning(UserWarning):
     """A norm layer came within the watch's threshold of overflow (issued once per layer)."""
 
 
+def reduction(x: torch.Tensor, kind: str, dims=None, groups: int | None = None):
+    """``(x, kind, dims)`` with ``"group"``, ``"instance"`` and ``"batch"`` written as what they centre over:
+    ``"center"`` over explicit dims (``x`` reshaped to ``(N, groups, -1)`` for a group norm); ``"rms"``,
+    ``"center"`` and ``"given"`` unchanged. The one place a norm's kind becomes its reduction dims."""
+    if kind == "group":
+        return x.reshape(x.shape[0], groups, -1), "center", (2,)
+    if kind == "instance":
+        return x, "center", tuple(range(2, x.dim()))
+    if kind == "batch":
+        return x, "center", tuple(d for d in range(x.dim()) if d != 1)
+    return x, kind, dims
+
+
 def extremes(x: torch.Tensor, kind: str, dims=None, *, groups: int | None = None,
              mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(min, max)`` of what a textbook norm squares (or, for ``kind="given"``, subtracts): ``x - mean``
     per reduction group, or ``x`` itself for ``kind="rms"``; 0-D tensors in float32 (float64 for float64
-    input), no autograd graph (the input is detached). Three kernels at most (mean, subtract, aminmax):
-    cheap enough to run in every training step.
+    input), no autograd graph (the input is detached). Cheap enough to run in every training step: one
+    kernel for ``"rms"`` (aminmax), three for the others (a sum, the subtraction of ``sum / n`` in one
+    kernel, aminmax).
 
     ``kind``: ``"center"`` over the groups of ``dims``; ``"rms"``; ``"group"`` centred over
     ``(N, groups, -1)``; ``"instance"`` centred over dims 2..; ``"batch"`` centred over every dim but 1;
     ``"given"`` ``x - mean`` with ``mean`` per channel (dim 1).
     """
-    x = x.detach()
+    if x.requires_grad:
+        x = x.detach()
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if x.numel() == 0:
         zero = torch.zeros((), dtype=acc, device=x.device)
         return zero, zero
     if kind == "rms":
         lo, hi = torch.aminmax(x)
-        return lo.to(acc), hi.to(acc)
-    if kind == "group":
-        x, kind, dims = x.reshape(x.shape[0], groups, -1), "center", (2,)
-    elif kind == "instance":
-        kind, dims = "center", tuple(range(2, x.dim()))
-    elif kind == "batch":
-        dims = tuple(d for d in range(x.dim()) if d != 1)
+        return (lo, hi) if x.dtype == acc else (lo.to(acc), hi.to(acc))
+    x, kind, dims = reduction(x, kind, dims, groups)
     if kind == "given":
-        m = mean.detach().to(device=x.device, dtype=acc).reshape([1, -1] + [1] * (x.dim() - 2))
-    else:
-        m = x.mean(dims, keepdim=True, dtype=acc)
-    return torch.aminmax(x - m)
+        return torch.aminmax(x - mean.detach().to(device=x.device, dtype=acc).reshape([1, -1] + [1] * (x.dim() - 2)))
+    n = x.shape[dims[0]] if len(dims) == 1 else math.prod(x.shape[d] for d in dims)
+    # x - sum/n in one kernel (cheaper than mean, then subtract), in the accumulation dtype
+    return torch.aminmax(torch.sub(x, x.sum(dims, keepdim=True, dtype=acc), alpha=1.0 / n))
 
 
 def max_deviation(x: torch.Tensor, kind: str, dims=None, *, groups: int | None = None,
@@ -103,6 +119,12 @@ def headroom(largest: float, dtype: torch.dtype | float) -> float:
 
 
 _TOP: dict = {}  # dtype -> (largest value, name)
+_NORM_CLASSES = (*TWINS, *_TORCH_OF, _FrozenBatchNorm)  # torch's norm classes and normkit's
+
+
+def _top(dtype: torch.dtype) -> tuple[float, str]:
+    _TOP[dtype] = (torch.finfo(dtype).max, str(dtype).replace("torch.", ""))
+    return _TOP[dtype]
 
 
 # ------------------------------------------------------------------------------------------ what a call is
@@ -111,7 +133,7 @@ def _trailing(shape) -> tuple[int, ...]:
     return tuple(range(-n, 0))
 
 
-def _batch_spec(x, running_mean, training):
+def _batch_spec(running_mean, training):
     return ("batch", None, None, None) if training or running_mean is None else ("given", None, None, running_mean)
 
 
@@ -124,9 +146,9 @@ FUNCTIONAL = {
     F.group_norm: lambda input, num_groups, *a, **k: (input, "group", None, num_groups, None),
     torch.group_norm: lambda input, num_groups, *a, **k: (input, "group", None, num_groups, None),
     F.batch_norm: lambda input, running_mean, running_var, weight=None, bias=None, training=False, *a, **k:
-        (input, *_batch_spec(input, running_mean, training)),
+        (input, *_batch_spec(running_mean, training)),
     torch.batch_norm: lambda input, weight, bias, running_mean, running_var, training, *a, **k:
-        (input, *_batch_spec(input, running_mean, training)),
+        (input, *_batch_spec(running_mean, training)),
     F.instance_norm: lambda input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, *a, **k:
         (input, "instance", None, None, None) if use_input_stats else (input, "given", None, None, running_mean),
     torch.instance_norm: lambda input, weight, bias, running_mean, running_var, use_input_stats, *a, **k:
@@ -135,35 +157,37 @@ FUNCTIONAL = {
 }
 
 
-def module_spec(m: nn.Module):
-    """``(kind, dims, groups, mean)`` of a norm module's current call, or None for another module."""
-    if isinstance(m, nn.LayerNorm):
-        return "center", _trailing(m.normalized_shape), None, None
-    if isinstance(m, (nn.RMSNorm, nn.LocalResponseNorm)):
-        return "rms", None, None, None
-    if isinstance(m, nn.GroupNorm):
-        return "group", None, m.num_groups, None
-    if isinstance(m, nn.modules.instancenorm._InstanceNorm):
-        use_input = m.training or not m.track_running_stats
-        return ("instance", None, None, None) if use_input else ("given", None, None, m.running_mean)
-    if isinstance(m, nn.modules.batchnorm._NormBase):
-        return _batch_spec(None, m.running_mean, m.training or m.running_mean is None)
-    if isinstance(m, _FrozenBatchNorm):
-        return "given", None, None, m.running_mean
-    return None
+def module_spec(m: nn.Module, cls: type | None = None, attrs: dict | None = None) -> Callable[[], tuple] | None:
+    """A function giving ``(kind, dims, groups, mean)`` of module ``m``'s current call -- computed as an
+    instance of ``cls`` with the attributes ``attrs`` where given (a hand-written norm that
+    :func:`normkit.recognize.recognize` proves to compute as that normkit class), else as its own class; None
+    when that is no norm class. Constant for layer, RMS, group norm and LRN; batch and instance norm depend on
+    the module's mode at the call."""
+    cls, attrs = cls or type(m), attrs or {}
 
+    def get(name, default=None):
+        return attrs[name] if name in attrs else getattr(m, name, default)
 
-def _by_class_name(m: nn.Module):
-    name = type(m).__name__.lower()
-    if name.endswith("rmsnorm"):
-        return "rms", None, None, None
-    if name.endswith("layernorm"):
-        return "center", (-1,), None, None
-    return None
+    if issubclass(cls, nn.LayerNorm):
+        spec = ("center", (1,) if get("channels_first", False) else _trailing(get("normalized_shape")), None, None)
+    elif issubclass(cls, (nn.RMSNorm, nn.LocalResponseNorm)):
+        spec = ("rms", None, None, None)
+    elif issubclass(cls, nn.GroupNorm):
+        spec = ("group", None, get("num_groups"), None)
+    elif issubclass(cls, nn.modules.instancenorm._InstanceNorm):
+        return lambda: (("instance", None, None, None) if m.training or not m.track_running_stats
+                        else ("given", None, None, m.running_mean))
+    elif issubclass(cls, nn.modules.batchnorm._NormBase):
+        return lambda: _batch_spec(m.running_mean, m.training or m.running_mean is None)
+    elif issubclass(cls, _FrozenBatchNorm):
+        return lambda: ("given", None, None, m.running_mean)
+    else:
+        return None
+    return lambda: spec
 
 
 # ------------------------------------------------------------------------------------------ records
-@dataclass
+@dataclass(eq=False)
 class LayerRecord:
     """What the watch saw of one norm layer: ``how`` it is watched, the ``dtype`` judged against, the
     latest and lowest headroom (powers of two; the minimum over the calls in a step), the largest
@@ -182,24 +206,10 @@ class LayerRecord:
     history: deque = field(default_factory=lambda: deque(maxlen=1000))
 
 
-class _Spy(TorchFunctionMode):
-    """Records functional norm calls under the innermost watched host module."""
-
-    def __init__(self, watch: Watch):
-        super().__init__()
-        self.watch = watch
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        spec = FUNCTIONAL.get(func)
-        if spec is not None and self.watch._hosts:
-            self.watch._functional_call(func, spec(*args, **kwargs))
-        return func(*args, **kwargs)
-
-
 class Watch:
-    """Returned by :func:`watch`. ``records``: name -> :class:`LayerRecord`; ``report()``: a text table;
-    ``remove()`` (or leaving a ``with`` block) takes every hook off."""
+    """Returned by :func:`watch`. ``records``: name -> :class:`LayerRecord` of every watched layer; ``left``:
+    name -> why a norm-like module is not watched; ``report()``: a text table; ``remove()`` (or leaving a
+    ``with`` block) takes every hook off."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, threshold: float = 2.0, history: int = 1000,
                  every: int = 1):
@@ -211,101 +221,125 @@ class Watch:
             raise ValueError(f"normkit.watch: every={every!r} must be a positive integer (measure one step in every)")
         self.model, self.dtype, self.threshold, self._maxlen, self.every = model, dtype, float(threshold), history, every
         self.records: dict[str, LayerRecord] = {}
+        self.left: dict[str, str] = {}
         self._pending: list = []  # (record, kind, input dtype, (min, max) tensors) of this step
         self._handles: list = []
-        self._hosts: list[str] = []  # stack of host modules whose forward is running (functional calls)
-        self._discovering = True
-        self._on, self._steps, self._spying = True, 0, False  # measuring this step; steps seen; mode entered
-        self._seen_functional: set[str] = set()
-        self._spy = _Spy(self)
         self._modules = dict(model.named_modules())
+        self._hooked: set[str] = set()   # measured by a module hook
+        self._hosts: set[str] = set()    # measured through their functional norm calls
+        self._running: list[str] = []    # hosts (and hooked norms inside them) whose forward is running, innermost last
+        self._discovery: NormCallRecorder | None = None  # the first forward's recorder
+        self._spy = record_norm_calls(on_call=self._host_call, track_modules=False)  # active while a host runs
+        self._spying, self._on, self._steps = False, True, 0
         for name, m in self._modules.items():
-            if module_spec(m) is not None:
-                self._record(name, type(m).__name__, "module hook")
-                self._handles.append(m.register_forward_pre_hook(self._module_hook(name)))
+            self._classify(name, m)
         self._handles.append(model.register_forward_pre_hook(self._step_start))
         self._handles.append(model.register_forward_hook(self._step_end, always_call=True))
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ what each module is
+    def _classify(self, name: str, m: nn.Module) -> None:
+        # as normkit.convert decides: a class that computes as torch's or normkit's norm class (overriding none
+        # of its compute methods: not timm's LayerNorm2d, whose forward permutes) is that norm
+        base, own = _own_methods(m, _NORM_CLASSES)
+        if base is not None and not own:
+            self._hook(name, m, module_spec(m, base), type(m).__name__, "module hook")
+        elif isinstance(m, Hardened):
+            self._hosts.add(name)
+        elif norm_like(m):
+            found = recognize(m)
+            if found.action == "twin":
+                self._hook(name, m, module_spec(m, found.twin.cls, dict(found.twin.attrs)), type(m).__name__,
+                           f"proven {found.twin.label.removeprefix('normkit.nn.')} (hand-written)")
+            elif found.action == "harden":
+                self._hosts.add(name)
+            else:
+                self.left[name or type(m).__name__] = f"{type(m).__name__}: {found.reason}"
+
+    def _hook(self, name: str, m: nn.Module, spec: Callable, what: str, how: str) -> None:
+        record = self._record(name, what, how)
+        self._hooked.add(name)
+        measure = self._measure
+
+        def hook(module, args):
+            if self._on and args:
+                measure(record, args[0], *spec())
+
+        self._handles.append(m.register_forward_pre_hook(hook))
+
     def _record(self, name, what, how) -> LayerRecord:
         if name not in self.records:
             self.records[name] = LayerRecord(name or type(self.model).__name__, what, how, history=deque(maxlen=self._maxlen))
         return self.records[name]
 
-    def _measure(self, name, x, kind, dims, groups, mean):
-        if self._on and isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
-            self._pending.append((self.records[name], kind, x.dtype, extremes(x, kind, dims, groups=groups, mean=mean)))
+    def _measure(self, record, x, kind, dims, groups, mean):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+            self._pending.append((record, kind, x.dtype, extremes(x, kind, dims, groups=groups, mean=mean)))
 
-    def _module_hook(self, name):
-        def hook(module, args):
-            if not self._on:
-                return
-            spec = module_spec(module) or _by_class_name(module)
-            if args and spec is not None:
-                self._measure(name, args[0], *spec)
-        return hook
-
-    def _functional_call(self, func, spec):
-        name = self._hosts[-1]
+    def _measure_call(self, name: str, call: NormCall, how: str) -> None:
+        """A torch functional norm call made by module ``name`` (not by a norm module hooked for it)."""
+        if name in self._hooked:
+            return  # a hooked norm module's own functional call: its hook measured it
         m = self._modules[name]
-        if module_spec(m) is not None:
-            return  # a watched norm module's own functional call: its module hook measured it
-        if self._discovering:
-            self._seen_functional.add(name)
-        self._record(name, f"{type(m).__name__} -> {func.__name__}", "functional call in its forward")
-        self._measure(name, *spec)
+        if isinstance(m, Hardened):
+            how += " (hardened by normkit.convert)"
+        record = self._record(name, f"{type(m).__name__} -> {call.function}", how)
+        self._measure(record, *FUNCTIONAL[call.torch_function](*call.args, **call.kwargs))
 
-    def _push(self, name):
-        self._hosts.append(name)
-        if len(self._hosts) == 1 and not self._discovering and self._on:
+    # ------------------------------------------------------------------ the first forward: what calls norms
+    def _discovered(self, call: NormCall) -> None:
+        # the recorder is entered inside the model's call, which it does not see start: a call made by no
+        # submodule is the model's own forward's
+        name = call.module or ""
+        if name not in self._hooked:
+            self._hosts.add(name)
+        self._measure_call(name, call, "functional call in its forward")
+
+    def _finish_discovery(self) -> None:
+        """Push/pop hooks on every host, and on the hooked norms inside a host (their own calls are theirs)."""
+        hosted = set()
+        for host in sorted(self._hosts):
+            for sub, m in self._modules[host].named_modules(prefix=host):
+                if (sub == host or sub in self._hooked) and sub not in hosted:
+                    hosted.add(sub)
+                    self._handles += [m.register_forward_pre_hook(lambda module, args, sub=sub: self._push(sub)),
+                                      m.register_forward_hook(lambda module, args, out: self._pop(), always_call=True)]
+
+    # ------------------------------------------------------------------ every later forward
+    def _host_call(self, call: NormCall) -> None:
+        if self._running:
+            self._measure_call(self._running[-1], call, "functional call in its forward")
+
+    def _push(self, name: str) -> None:
+        if not self._on:
+            return
+        self._running.append(name)
+        if not self._spying:
             self._spy.__enter__()
             self._spying = True
 
-    def _pop(self):
-        if self._hosts:
-            self._hosts.pop()
-            if not self._hosts and self._spying:
-                self._spy.__exit__(None, None, None)
-                self._spying = False
+    def _pop(self) -> None:
+        if self._running:
+            self._running.pop()
+            if not self._running:
+                self._stop_spying()
 
-    def _push_pop_hooks(self, name, m) -> list:
-        return [m.register_forward_pre_hook(lambda module, args: self._push(name)),
-                m.register_forward_hook(lambda module, args, output: self._pop(), always_call=True)]
+    def _stop_spying(self) -> None:
+        self._running.clear()
+        if self._spying:
+            self._spying = False
+            self._spy.__exit__(None, None, None)
 
-    def _step_start(self, module, args):
-        if self._discovering:
-            # first forward: every submodule may hold a functional norm call; the mode sees them all
-            self._discovery = [h for name, m in self._modules.items() if name for h in self._push_pop_hooks(name, m)]
-            self._spy.__enter__()
-        if self._discovering or "" in self._seen_functional:
-            self._push("")
+    def _step_start(self, module, args) -> None:
+        if self._steps == 0 and self._discovery is None:
+            self._discovery = record_norm_calls(self.model, on_call=self._discovered)
+            self._discovery.__enter__()
 
-    def _finish_discovery(self):
-        self._spy.__exit__(None, None, None)
-        for h in self._discovery:
-            h.remove()
-        self._discovery = []
-        self._discovering = False
-        self._hosts.clear()
-        hosted = set()
-        for host in self._seen_functional:  # the hosts, and the norm modules inside them (their calls are theirs)
-            for sub, m in self._modules[host].named_modules(prefix=host):
-                if sub and (sub == host or module_spec(m) is not None) and sub not in hosted:
-                    hosted.add(sub)
-                    self._handles += self._push_pop_hooks(sub, m)
-        for name, m in self._modules.items():  # hand-written norms: by class name, when they called no norm function
-            if name and name not in self.records and _by_class_name(m) is not None:
-                self._record(name, type(m).__name__, "class name (hand-written norm)")
-                self._handles.append(m.register_forward_pre_hook(self._module_hook(name)))
-
-    def _step_end(self, module, args, output):
-        if self._discovering:
+    def _step_end(self, module, args, output) -> None:
+        if self._discovery is not None:
+            self._discovery.__exit__(None, None, None)
+            self._discovery = None
             self._finish_discovery()
-        elif self._hosts:
-            self._hosts.clear()
-            if self._spying:
-                self._spy.__exit__(None, None, None)
-                self._spying = False
+        self._stop_spying()
         self.flush()
         self._steps += 1
         self._on = self._steps % self.every == 0
@@ -314,31 +348,27 @@ class Watch:
     def flush(self) -> None:
         """Read this step's measurements (one host sync) into :attr:`records`; warn where a layer came within
         ``threshold`` powers of two of overflow for the first time. Called after every forward of the model."""
-        pending, self._pending = self._pending, []
+        pending = self._pending
         if not pending:
             return
-        if all(p[3][0].device.type == "cpu" for p in pending):
+        self._pending = []
+        if all(p[3][0].is_cpu for p in pending):
             values = [(lo.item(), hi.item()) for _, _, _, (lo, hi) in pending]  # no device to wait for
         else:  # one host sync for the whole step
             values = torch.stack([t.to(torch.float32) for p in pending for t in p[3]]).view(-1, 2).tolist()
-        step: dict[str, float] = {}
+        step: dict[LayerRecord, float] = {}  # each layer's lowest headroom in this step
         for (rec, kind, dtype, _), (lo, hi) in zip(pending, values):
-            name = rec.name
-            judged = self.dtype or dtype
-            if judged not in _TOP:
-                _TOP[judged] = (torch.finfo(judged).max, str(judged).replace("torch.", ""))
-            rec.dtype = _TOP[judged][1]
+            top, rec.dtype = _TOP.get(self.dtype or dtype) or _top(self.dtype or dtype)
             big = largest_intermediate(max(hi, -lo), kind)
             rec.calls += 1
-            rec.largest = max(rec.largest, big)
+            if big > rec.largest:
+                rec.largest = big
             if kind == "given":
                 rec.kinds.add(kind)
-            h = headroom(big, _TOP[judged][0])
-            if h < step.get(name, math.inf):
-                step[name] = h
-        recs = {p[0].name: p[0] for p in pending}
-        for name, h in step.items():
-            rec = recs[name]
+            h = headroom(big, top)
+            if h < step.get(rec, math.inf):
+                step[rec] = h
+        for rec, h in step.items():
             rec.last = h
             rec.lowest = min(rec.lowest, h)
             rec.history.append(h)
@@ -350,18 +380,24 @@ class Watch:
                               f"{torch.finfo(getattr(torch, rec.dtype)).max:.3g})", HeadroomWarning, stacklevel=2)
 
     def report(self) -> str:
-        """One line per watched layer: name, class, how it is watched, dtype, calls, latest and lowest headroom."""
+        """One line per watched layer: name, class, dtype, calls, latest and lowest headroom, how it is watched;
+        then the norm-like modules left unwatched, with the reason."""
         head = f"{'layer':<28} {'norm':<26} {'dtype':<8} {'calls':>6} {'headroom':>9} {'lowest':>8}  watched by"
         lines = [head, "-" * len(head)]
         for r in self.records.values():
             lines.append(f"{r.name[:28]:<28} {r.what[:26]:<26} {r.dtype:<8} {r.calls:>6} {r.last:>9.1f} {r.lowest:>8.1f}  {r.how}")
+        lines += [f"not watched: {name} ({why})" for name, why in self.left.items()]
         return "\n".join(lines)
 
     def remove(self) -> None:
         """Take every hook off the model (the records stay)."""
-        for h in self._handles + getattr(self, "_discovery", []):
+        for h in self._handles:
             h.remove()
-        self._handles, self._discovery = [], []
+        self._handles = []
+        if self._discovery is not None:  # removed during the first forward
+            self._discovery.__exit__(None, None, None)
+            self._discovery = None
+        self._stop_spying()
 
     def __enter__(self) -> Watch:
         return self

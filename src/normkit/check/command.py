@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import _native
-from ..cli import INTERRUPTED, UsageError, elapsed, output_dir
+from ..cli import INTERRUPTED, UsageError, output_dir, timing_line
 from .cases import DTYPES, OP_NAMES
 
 # what the bare command probes after the op sweep: (zoo name, input shape, dtypes)
@@ -37,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="probe this model instead: a zoo name or a file and a function returning an nn.Module (repeatable)")
     p.add_argument("--input-shape", metavar="N,C,H,W", help="input shape for --model (default: the zoo's, or the "
                    "model's example_input_shape attribute)")
+    p.add_argument("--input-kind", choices=("auto", "tokens", "float"),
+                   help="the model's input: token ids (the scale then multiplies the input embedding's output to that "
+                        "root mean square) or a float tensor times the scale; auto (default): token ids when the model's "
+                        "first module is an nn.Embedding (Hugging Face: get_input_embeddings())")
     p.add_argument("--scales", metavar="S1,S2,...", help="input scales for the model probe (default 1,1e4,1e20)")
     p.add_argument("--mode", choices=("train", "eval"),
                    help="norm layers on batch statistics (train, default; dropout stays off) or running statistics (eval)")
@@ -113,11 +117,13 @@ class _Plan:
     scales: list[float]
     mode: str
     out_dir: Path | None
+    tokens: bool | None = None     # --input-kind: None detects token-id models
 
 
 def plan(args: argparse.Namespace) -> _Plan:
     """Every argument checked and every model loaded, or a :class:`UsageError` naming the problem."""
     from . import models as user_models
+    from .probe import input_embedding
 
     seed = parse_seed(args.seed)
     dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else None
@@ -125,9 +131,9 @@ def plan(args: argparse.Namespace) -> _Plan:
     shape = parse_shape(args.input_shape) if args.input_shape is not None else None
     if args.op and args.model:
         raise UsageError("--op selects ops of the op sweep, which --model replaces; use one or the other")
-    if args.op and (shape or scales or args.mode):
-        raise UsageError("--input-shape/--scales/--mode apply to the model probe, which --op skips; drop them, "
-                         "or use --model NAME instead of --op")
+    if args.op and (shape or scales or args.mode or args.input_kind):
+        raise UsageError("--input-shape/--input-kind/--scales/--mode apply to the model probe, which --op skips; drop "
+                         "them, or use --model NAME instead of --op")
     if shape and args.model and len(args.model) > 1:
         raise UsageError("--input-shape applies to one model; give one --model with it")
     out_dir = output_dir(args.report, "--report") if args.report is not None else None
@@ -154,7 +160,13 @@ def plan(args: argparse.Namespace) -> _Plan:
                 targets.append((name, zoo.get(name, seed=seed), shp if shape is None else shape, dts))
     scales = scales or list(FAST_SCALES if args.fast and not args.model else DEFAULT_SCALES)
     ops = [] if args.model else (args.op or list(OP_NAMES))
-    return _Plan(seed, ops, dtypes, targets, scales, args.mode or "train", out_dir)
+    tokens = {"tokens": True, "float": False}.get(args.input_kind)
+    for name, model, _, _ in targets if tokens else ():
+        if input_embedding(model) is None:
+            raise UsageError(f"--input-kind tokens: {name} has no input embedding to scale (its first module is no "
+                             f"nn.Embedding, and it has no get_input_embeddings()); drop --input-kind, or use "
+                             f"--input-kind float")
+    return _Plan(seed, ops, dtypes, targets, scales, args.mode or "train", out_dir, tokens)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,9 +192,9 @@ def run(args: argparse.Namespace) -> int:
             with progress_bar(n, f"probe {name}", show) as advance:
                 try:
                     results.append(probe.probe(model, shp, name=name, dtypes=dts, scales=todo.scales,
-                                               mode=todo.mode, seed=todo.seed, progress=advance))
+                                               mode=todo.mode, seed=todo.seed, progress=advance, tokens=todo.tokens))
                 except probe.ProbeInputError as e:
-                    raise UsageError(f"{e}; pass --input-shape that the model accepts") from e
+                    raise UsageError(f"{e}; pass an --input-shape (and --input-kind) that the model accepts") from e
     except KeyboardInterrupt as e:
         interrupted = True
         if isinstance(e, probe.ProbeInterrupted) and e.partial.cases:
@@ -206,8 +218,7 @@ def run(args: argparse.Namespace) -> int:
             report.print_rich(rows, results, backend)
         else:
             print(report.text(rows, results, backend))
-        wall, cpu = elapsed()
-        print(f"({wall:.1f} s, {cpu:.1f} s CPU since start-up{f'; report in {todo.out_dir}' if todo.out_dir else ''})")
+        print(timing_line(f"report in {todo.out_dir}" if todo.out_dir else ""))
     if interrupted:
         done = f"{len(rows)} op case(s), {sum(len(m.cases) for m in results)} layer case(s)"
         print(f"normkit check: interrupted (Ctrl-C); what finished is reported above ({done})", file=sys.stderr)

@@ -1,6 +1,9 @@
-"""How ``normkit check`` scores an output against its float64 reference."""
+"""How ``normkit check`` scores an output against its float64 reference, and how it prints numbers."""
 
 from __future__ import annotations
+
+import math
+import re
 
 import torch
 
@@ -35,3 +38,29 @@ def absmax(t: torch.Tensor) -> float:
     if bool(torch.isfinite(t).all()):
         return t.abs().max().item()
     return torch.where(torch.isfinite(t), t.abs(), 0).max().item()
+
+
+# ------------------------------------------------------------------------------------------- printing
+def _compact(text: str) -> str:
+    """``2.5e-07`` -> ``2.5e-7``, ``1e+20`` -> ``1e20``, ``1.0e+00`` -> ``1.0``."""
+    text = re.sub(r"e([+-])0*(\d)", lambda m: "e" + ("-" if m.group(1) == "-" else "") + m.group(2), text)
+    return text[:-2] if text.endswith("e0") else text
+
+
+def num(v: float) -> str:
+    """A scale or magnitude: ``1``, ``100``, ``1e4``, ``65504``, ``3.4e38``."""
+    if v == int(v) and (v < 1e3 or (v < 1e5 and not str(int(v)).endswith("000"))):
+        return str(int(v))
+    return _compact(f"{v:.1e}".replace(".0e", "e"))
+
+
+def fmt_err(e: float | None) -> str:
+    """An error in a table: two digits (``2.3e-7``), ``non-finite``, or ``-`` for none."""
+    if e is None:
+        return "-"
+    return "non-finite" if not math.isfinite(e) else _compact(f"{e:.1e}")
+
+
+def num_err(e: float) -> str:
+    """An error in a sentence: one digit (``2e-7``)."""
+    return _compact(f"{e:.0e}")

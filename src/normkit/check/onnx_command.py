@@ -6,12 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
-from ..cli import UsageError
+from ..cli import UsageError, output_dir, timing_line
 from .command import parse_scales, parse_seed, parse_shape
 
 HELP = "float16/float32 headroom of every normalization in an ONNX file, the first node that breaks, and the fix"
@@ -127,12 +125,8 @@ def run(args: argparse.Namespace) -> int:
     if args.fix and not args.fix.endswith(".onnx"):
         raise UsageError(f"--fix {args.fix}: give the path of the .onnx file to write")
     out_dir = None
-    if args.report:
-        out_dir = Path(args.report)
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--report {args.report}: cannot create the directory ({e.strerror}); give a writable path") from e
+    if args.report is not None:
+        out_dir = output_dir(args.report, "--report")
         try:
             import matplotlib  # noqa: F401
         except ImportError:
@@ -152,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
         dtype = FLOAT_ELEMS.get(graph_dtype(model), "float32")
         scales = scales or ([1.0] if args.inputs else list(DEFAULT_SCALES[dtype]))
         show = not args.quiet and not args.json
-        t0 = time.perf_counter()
         result = probe_onnx(model, feeds, scales, name=name, evaluator=args.evaluator)
         result.converted = converted
         fixed = None
@@ -163,7 +156,6 @@ def run(args: argparse.Namespace) -> int:
             fixed = probe_onnx(hardened, feeds, scales, name=os.path.basename(args.fix), evaluator=result.evaluator)
     except OnnxError as e:
         raise UsageError(str(e)) from e
-    wall = time.perf_counter() - t0
 
     if out_dir is not None:
         files = onnx_report.plots(result, fixed, out_dir)
@@ -176,5 +168,5 @@ def run(args: argparse.Namespace) -> int:
             onnx_report.print_rich(result, fixed, args.fix)
         else:
             print(onnx_report.text(result, fixed, args.fix))
-        print(f"({wall:.1f} s{f'; wrote {args.fix}' if args.fix else ''}{f'; report in {out_dir}' if out_dir else ''})")
+        print(timing_line(f"wrote {args.fix}" if args.fix else "", f"report in {out_dir}" if out_dir else ""))
     return 0 if (fixed or result).ok else 1

@@ -50,7 +50,7 @@ from onnx import helper as oh
 from ..onnx import OnnxError
 from ..onnx.norms import NormSite, find_norms
 from ..onnx.verify import _lrn_op, _session, measure, to_float64
-from ..watch import headroom, largest_intermediate, max_deviation
+from ..watch import headroom, largest_intermediate, max_deviation, reduction
 from .cases import TOLERANCE
 
 FLOAT_ELEMS = {TP.FLOAT: "float32", TP.FLOAT16: "float16"}
@@ -360,12 +360,7 @@ def _variance(t: torch.Tensor, kind: str, dims, groups) -> float | None:
     """The largest ``sum((x - mean)**2) / N`` over the groups (``sum(x**2) / N`` for ``rms``)."""
     if kind == "given" or t.numel() == 0:
         return None
-    if kind == "group":
-        t, kind, dims = t.reshape(t.shape[0], groups, -1), "center", (2,)
-    elif kind == "instance":
-        kind, dims = "center", tuple(range(2, t.dim()))
-    elif kind == "batch":
-        dims = tuple(d for d in range(t.dim()) if d != 1)
+    t, kind, dims = reduction(t, kind, dims, groups)
     if kind == "rms":
         return float(t.square().mean(dims).max()) if dims else float(t.square().mean())
     return float(torch.var(t, dim=dims, correction=0).max())

@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 
 from .onnx_probe import FAILED, NormCase, OnnxResult
-from .report import _plain_table, fmt_err, num, strict
+from .errors import fmt_err, num
+from .report import _plain_table, strict
 
 EVALUATOR_NOTE = {
     "reference": "onnx.reference: every node computed in its declared dtype, as a float16 accelerator does",

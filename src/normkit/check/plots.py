@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .cases import TOLERANCE
 from .probe import ModelResult
-from .report import num
+from .errors import num
 from .sweep import Row
 
 FLOOR = 1e-9  # errors below this (often exactly 0) are drawn on it
@@ -122,7 +122,7 @@ def model_plot(m: ModelResult, out_dir: Path) -> str:
     ax.set_xlim(-0.7, n - 0.3)
     handles += [Line2D([], [], color="k", marker="x", ls="", label="torch"),
                 Line2D([], [], color="k", marker="o", mfc="none", ls="", label="normkit twin")]
-    fig.suptitle(f"{m.model} {tuple(m.input_shape)}, {m.mode} mode: each layer fed the float64 model's input to it, "
+    fig.suptitle(f"{m.header()}: each layer fed the float64 model's input to it, "
                  f"rounded to the dtype\ngrey columns: norm layers; top band: non-finite or raised; dashed: tolerance; "
                  f"bottom row: exact (< 1e-9); |: outside the dtype's range", fontsize=9)
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.45 / height), ncol=len(handles),

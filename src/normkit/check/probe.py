@@ -1,10 +1,15 @@
 """The model probe: where in a model does a normalization (or any layer) break, at which dtype and input
 scale, and does normkit's version hold there.
 
-**The float64 run.** For each input scale ``s`` the float64 copy of the model runs on ``s * x`` (``x`` a
-fixed standard-normal draw) under :func:`normkit.reference.keep_float64`, so the model's own downcasts
-(``.to(torch.float32)``, ``.float()``, ``dtype=`` arguments) stay float64: the reference is float64 all the
-way through. Whatever still computes in a lower dtype is recorded (:attr:`ModelResult.lowered`) and the
+**The input.** For each input scale ``s`` the model gets ``s * x`` (``x`` a fixed standard-normal draw). A
+model that takes token ids -- its input embedding found by :func:`input_embedding`: Hugging Face's
+``get_input_embeddings()``, or a first module that is an ``nn.Embedding`` -- gets fixed token ids instead, and
+the scale applies where it means something: the embedding's output is multiplied by ``s / RMS(its weight)``,
+so its root mean square is about ``s``, as that of ``s * x`` is (:class:`_Input`).
+
+**The float64 run.** For each input scale the float64 copy of the model runs on that input under
+:func:`normkit.reference.keep_float64`, so the model's own downcasts (``.to(torch.float32)``, ``.float()``,
+``dtype=`` arguments) stay float64: the reference is float64 all the way through. Whatever still computes in a lower dtype is recorded (:attr:`ModelResult.lowered`) and the
 report says the reference is not trusted there.
 
 **The layers** it records, in execution order:
@@ -66,22 +71,14 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from .. import convert
 from ..reference import float64_call, keep_float64
-from ..robust import NORM_FUNCTIONS, ROUTES, NormCallRecorder, robust
+from ..robust import ROUTES, NormCall, NormCallRecorder, record_norm_calls, robust
 from .cases import TOLERANCE, dtype_name
-from .errors import absmax, relative_error
+from .errors import absmax, num, num_err, relative_error
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
 FAILED = ("fail", "non-finite", "raised")
 WRONG_FACTOR = 10.0  # a model output this many times further off than at input scale 1 is wrong, not rounding
 HARDEN_HINT = "run the model under normkit.robust()"
-
-
-def num(v: float) -> str:
-    return f"{v:g}" if 1e-2 <= v < 1e4 and v == int(v) else f"{v:.0e}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
-
-
-def num_err(e: float) -> str:
-    return f"{e:.0e}".replace("e+0", "e").replace("e-0", "e-")
 
 
 class ProbeInputError(ValueError):
@@ -173,6 +170,18 @@ class ModelResult:
     lowered: list[str] = field(default_factory=list)   # what the float64 reference computed in a lower dtype
     left: dict[str, str] = field(default_factory=dict)  # norm modules normkit.convert left: name -> its reason
     complete: bool = True                              # False: interrupted (the finished (dtype, scale) pairs only)
+    embedding: str | None = None                       # token-id input: the input embedding the scale applies to
+    vocab: int | None = None                           # token-id input: ids drawn from range(vocab)
+
+    def header(self) -> str:
+        """``resnet18 (2, 3, 48, 48), train mode, input scales 1, 1e4, 1e20`` -- for token ids, where the
+        scale applies: ``llama.py:make (2, 7) token ids < 100, ..., input scales 1, 1e20 (the RMS of
+        embed_tokens' output)``."""
+        scales = ", ".join(num(s) for s in self.scales)
+        if self.embedding is None:
+            return f"{self.model} {tuple(self.input_shape)}, {self.mode} mode, input scales {scales}"
+        return (f"{self.model} {tuple(self.input_shape)} token ids < {self.vocab}, {self.mode} mode, input scales "
+                f"{scales} (the root mean square of the output of {self.embedding})")
 
     def first_failure(self, dtype: str, variant: str = "torch") -> Finding | None:
         """At the smallest scale where any layer of ``variant`` fails, the first such layer in execution order."""
@@ -290,26 +299,6 @@ def _tensors(obj) -> list[torch.Tensor]:
     return []
 
 
-class _NormTap(NormCallRecorder):
-    """:func:`normkit.robust.record_norm_calls` handing each call to the recorder as it happens (its tensors
-    copied at once: an inplace activation after a norm would overwrite them)."""
-
-    def __init__(self, recorder: _Recorder):
-        super().__init__(recorder.model)
-        self.recorder = recorder
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func not in NORM_FUNCTIONS:
-            return super().__torch_function__(func, types, args, kwargs)
-        # copied before the call: batch norm updates the running statistics it is given in place
-        before = self.recorder.keep(tuple(args)), self.recorder.keep(dict(kwargs or {}))
-        out = super().__torch_function__(func, types, args, kwargs)
-        nc = self.calls.pop()
-        nc.args, nc.kwargs = before
-        self.recorder.norm_call(func, nc)
-        return out
-
-
 class _Recorder:
     """Forward hooks on every submodule and a norm-call tap: the executed layers in order (see the module
     docstring), with inputs and outputs; on an exception, the module that raised."""
@@ -347,13 +336,20 @@ class _Recorder:
                                         norm_calls=frame.norm_calls))
         return hook
 
-    def norm_call(self, func, nc) -> None:
+    def norm_call(self, nc: NormCall) -> None:
+        """A torch functional norm call (:func:`normkit.robust.record_norm_calls`: its arguments kept before it
+        ran, batch norm updating the running statistics it is given), made inside the innermost frame."""
         owner = self.stack[-1] if self.stack else None
         if owner is not None:
             owner.norm_calls += 1
         name = nc.module or ""
         self.calls.append(_Call(name, self.modules.get(name, self.model), nc.args, nc.kwargs, _clone(nc.output),
-                                function=func, owner=owner))
+                                function=nc.torch_function, owner=owner))
+
+    def norm_calls(self) -> NormCallRecorder:
+        """The mode that hands every torch functional norm call to :meth:`norm_call`, its arguments copied at once
+        (an inplace activation after a norm would overwrite them)."""
+        return record_norm_calls(self.model, keep=self.keep, on_call=self.norm_call)
 
     def raising_layer(self) -> str | None:
         return self.stack[-1].name if self.stack else None
@@ -383,7 +379,7 @@ def _record(model: nn.Module, x: torch.Tensor, *, keep_inputs=True, reference=Fa
             if hardened:
                 stack.enter_context(robust())
             mode = stack.enter_context(keep_float64()) if reference else None
-            stack.enter_context(_NormTap(rec))
+            stack.enter_context(rec.norm_calls())
             try:
                 out = model(x)
             finally:
@@ -485,18 +481,91 @@ def _twin(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
     return twin, {s.name: s.after.removeprefix("left: ") for s in report if not s.changed}
 
 
-def materialize(model: nn.Module, input_shape, seed: int = 0) -> nn.Module:
+# ---------------------------------------------------------------------------------------- the input
+def input_embedding(model: nn.Module) -> str | None:
+    """The qualified name of the ``nn.Embedding`` a model's input goes into, when its input is token ids:
+    Hugging Face's ``get_input_embeddings()`` where the model defines one, else the model's first leaf module
+    (in registration order) when that is an ``nn.Embedding``. None for any other model."""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except Exception:  # noqa: BLE001 -- a model that defines it without one (NotImplementedError)
+            emb = None
+        if isinstance(emb, nn.Embedding) and id(emb) in names:
+            return names[id(emb)]
+    first = next((n for n, m in model.named_modules() if n and not any(m.children())), None)
+    return first if first is not None and isinstance(model.get_submodule(first), nn.Embedding) else None
+
+
+@dataclass
+class _Input:
+    """What the probe feeds the model at input scale ``s``: ``s * x`` for a float input (``x`` standard
+    normal); for token ids (``embedding`` set) the ids themselves, with the scale applied where it means
+    something -- the output of the input embedding is multiplied by ``s / RMS(its weight)`` (computed in
+    float64, rounded once to the model's dtype), so its root mean square is about ``s``, as that of ``s * x``
+    is (a forward hook on the embedding; nothing else changes, not even a head tied to its weight)."""
+
+    x: torch.Tensor
+    embedding: str | None = None
+    factor: list = field(default_factory=lambda: [1.0])  # the hook's multiplier now
+    rms: float = 1.0
+
+    def at(self, scale: float) -> torch.Tensor:
+        """The model's input at ``scale`` (for token ids: the ids; the embedding hook then scales)."""
+        if self.embedding is None:
+            return scale * self.x
+        self.factor[0] = scale / self.rms
+        return self.x
+
+    def hook(self, master: nn.Module) -> None:
+        """Register the scaling hook on ``master``'s embedding (copies of ``master`` share it: a function
+        is copied by reference)."""
+        emb = master.get_submodule(self.embedding)
+        self.rms = emb.weight.detach().double().pow(2).mean().sqrt().item() or 1.0
+        factor = self.factor
+
+        def scale_output(module, args, output):
+            return (output.double() * factor[0]).to(output.dtype)
+
+        emb.register_forward_hook(scale_output)
+
+
+def _token_input(model: nn.Module, tokens: bool | None) -> tuple[str, int] | None:
+    """``(embedding name, vocabulary size)`` when the probe feeds ``model`` token ids (``tokens``: None
+    detects it by :func:`input_embedding`, True requires it, False never)."""
+    name = input_embedding(model) if tokens is not False else None
+    if name is None:
+        if tokens:
+            raise ProbeInputError(f"{type(model).__name__} has no input embedding to scale (an nn.Embedding that is "
+                                  f"its first module, or Hugging Face's get_input_embeddings()); feed it float input")
+        return None
+    return name, model.get_submodule(name).num_embeddings
+
+
+def draw_input(shape, seed: int, vocab: int | None = None) -> torch.Tensor:
+    """The probe's seeded input of ``shape``: standard normal in float64, or token ids in ``range(vocab)``."""
+    g = torch.Generator().manual_seed(seed)
+    if vocab is not None:
+        return torch.randint(0, vocab, tuple(shape), generator=g)
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float64)
+
+
+def materialize(model: nn.Module, input_shape, seed: int = 0, tokens: bool | None = None) -> nn.Module:
     """``model`` itself, or -- when it holds lazy modules (``nn.LazyLinear``, ...) whose parameters do not
-    exist yet -- a copy on which one float32 forward of zeros of ``input_shape`` (eval mode, seeded) created
-    them. Raises :class:`ProbeInputError` when that forward rejects the shape."""
+    exist yet -- a copy on which one forward of zeros of ``input_shape`` (float32, or token ids 0 for a
+    token-id model; eval mode, seeded) created them. Raises :class:`ProbeInputError` when that forward rejects
+    the shape."""
     if not any(isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules()):
         return model
+    zeros = torch.zeros(tuple(input_shape), dtype=torch.long if _token_input(model, tokens) else torch.float32)
     model = copy.deepcopy(model)
     training = {m: m.training for m in model.modules()}
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
-            model.eval()(torch.zeros(tuple(input_shape)))
+            model.eval()(zeros)
     except Exception as e:  # noqa: BLE001 -- a shape the model rejects
         raise ProbeInputError(f"input shape {tuple(input_shape)} does not initialize the model's lazy modules: "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
@@ -506,11 +575,16 @@ def materialize(model: nn.Module, input_shape, seed: int = 0) -> nn.Module:
 
 
 def probe(model: nn.Module, input_shape, *, name: str = "model", dtypes=(torch.float32,), scales=(1.0, 1e4, 1e20),
-          mode: str = "train", seed: int = 0, progress: Callable[[int], None] | None = None) -> ModelResult:
+          mode: str = "train", seed: int = 0, progress: Callable[[int], None] | None = None,
+          tokens: bool | None = None) -> ModelResult:
     """Probe ``model`` (left untouched: it is copied) at each dtype and input scale; see the module docstring.
-    Raises :class:`ProbeInputError` when the float64 model rejects the input shape, and
-    :class:`ProbeInterrupted` (a ``KeyboardInterrupt``, with what finished) on Ctrl-C."""
-    result = ModelResult(name, tuple(input_shape), mode, [dtype_name(d) for d in dtypes], list(scales), [])
+    ``tokens``: feed token ids, the scale applied to the input embedding's output (see :class:`_Input`);
+    None (default) when :func:`input_embedding` finds one. Raises :class:`ProbeInputError` when the float64
+    model rejects the input shape, and :class:`ProbeInterrupted` (a ``KeyboardInterrupt``, with what
+    finished) on Ctrl-C."""
+    embedding, vocab = _token_input(model, tokens) or (None, None)
+    result = ModelResult(name, tuple(input_shape), mode, [dtype_name(d) for d in dtypes], list(scales), [],
+                         embedding=embedding, vocab=vocab)
     try:
         _probe(result, model, dtypes, scales, mode, seed, progress)
     except KeyboardInterrupt:
@@ -522,8 +596,11 @@ def probe(model: nn.Module, input_shape, *, name: str = "model", dtypes=(torch.f
 
 
 def _probe(result, model, dtypes, scales, mode, seed, progress):
-    master = _prepare(copy.deepcopy(materialize(model, result.input_shape, seed)), mode).double()
-    x = torch.randn(result.input_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    tokens = result.embedding is not None
+    master = _prepare(copy.deepcopy(materialize(model, result.input_shape, seed, tokens)), mode).double()
+    inp = _Input(draw_input(result.input_shape, seed, result.vocab), result.embedding)
+    if tokens:
+        inp.hook(master)
     f32_exact = all(torch.equal(t, t.float().double()) for t in master.state_dict().values() if t.is_floating_point())
     initial = {n: b.clone() for n, b in master.named_buffers()}
     for dtype in dtypes:
@@ -532,20 +609,21 @@ def _probe(result, model, dtypes, scales, mode, seed, progress):
         twin, left = _twin(model_dt)
         result.left.update(left)
         ref_dt = master if dtype == torch.float32 and f32_exact else copy.deepcopy(model_dt).double()
-        baseline = None if 1.0 in scales else _baseline(master, model_dt, twin, x, dtype)
+        baseline = None if 1.0 in scales else _baseline(master, model_dt, twin, inp.at(1.0), dtype)
         for scale in scales:
             if scale > torch.finfo(dtype).max:
                 continue
             _restore(master, initial)  # every float64 run starts from the same running statistics
-            ref = _record(master, scale * x, reference=True)
+            ref = _record(master, inp.at(scale), reference=True)
             if ref.error is not None:
                 at = f"layer {ref.raised_in}" if ref.raised_in else f"its own forward ({type(model).__name__})"
-                raise ProbeInputError(f"{result.model} rejects input shape {result.input_shape}: {at} raised "
+                what = f" of token ids < {result.vocab}" if result.vocab else ""
+                raise ProbeInputError(f"{result.model} rejects input shape {result.input_shape}{what}: {at} raised "
                                       f"{type(ref.error).__name__}: {str(ref.error).splitlines()[0]}") from ref.error
             _note_lowered(result, ref.lowered)
             if not result.layers:
                 result.layers = [c.name for c in ref.calls]
-            _probe_one(result, model_dt, twin, ref_dt, dtype, scale, x, ref)
+            _probe_one(result, model_dt, twin, ref_dt, dtype, scale, inp.at(scale), ref)
             del ref
             if progress:
                 progress(1)
@@ -564,6 +642,8 @@ def _note_lowered(result: ModelResult, lowered: list[str]) -> None:
 
 
 def _probe_one(result, model, twin, ref_model, dtype, scale, x, ref: _Run):
+    """Judge every layer of ``ref`` (the float64 run on ``x``, the model's input at ``scale``) and run both
+    variants whole in ``dtype``."""
     mods, twin_mods, ref_mods = dict(model.named_modules()), dict(twin.named_modules()), dict(ref_model.named_modules())
     dn = dtype_name(dtype)
     cases = []
@@ -584,7 +664,7 @@ def _probe_one(result, model, twin, ref_model, dtype, scale, x, ref: _Run):
         _note_lowered(result, v.lowered)
         cases.append(case)
     hardened = any(c.normkit_by == "robust" for c in cases)
-    xd = (scale * x).to(dtype)
+    xd = _cast(x, dtype)
     t_run = _record(model, xd, keep_inputs=False)
     n_run = _record(twin, xd, keep_inputs=False, hardened=hardened)
     for c, e in zip(cases, _propagated(t_run.calls, ref.calls)):
@@ -610,9 +690,9 @@ def _baseline(master, model_dt, twin, x, dtype) -> dict:
     under normkit.robust(), which changes nothing where convert left no norm computation)."""
     with torch.no_grad():
         ref, _ = float64_call(master, x)
-        outs = {"torch": _final(_Run([], model_dt(x.to(dtype)), None, None, []), ref, dtype)}
+        outs = {"torch": _final(_Run([], model_dt(_cast(x, dtype)), None, None, []), ref, dtype)}
         with robust():
-            outs["normkit"] = _final(_Run([], twin(x.to(dtype)), None, None, []), ref, dtype)
+            outs["normkit"] = _final(_Run([], twin(_cast(x, dtype)), None, None, []), ref, dtype)
     return outs
 
 

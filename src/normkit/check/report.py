@@ -6,32 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from collections import Counter
 
 import torch
 
+from .errors import fmt_err, num
 from .probe import HARDEN_HINT, ModelResult
 from .sweep import Row, Summary, summarize
-
-
-def _compact(text: str) -> str:
-    """``2.5e-07`` -> ``2.5e-7``, ``1e+20`` -> ``1e20``, ``1.0e+00`` -> ``1.0``."""
-    text = re.sub(r"e([+-])0*(\d)", lambda m: "e" + ("-" if m.group(1) == "-" else "") + m.group(2), text)
-    return text[:-2] if text.endswith("e0") else text
-
-
-def num(v: float) -> str:
-    """A scale or magnitude: ``1``, ``100``, ``1e4``, ``3.4e38``."""
-    if v == int(v) and (v < 1e3 or (v < 1e5 and not str(int(v)).endswith("000"))):
-        return str(int(v))
-    return _compact(f"{v:.1e}".replace(".0e", "e"))
-
-
-def fmt_err(e: float | None) -> str:
-    if e is None:
-        return "-"
-    return "non-finite" if not math.isfinite(e) else _compact(f"{e:.1e}")
 
 
 def fmt_mag(m: float | None, top: float | None = None) -> str:
@@ -172,8 +153,7 @@ def text(rows: list[Row], models: list[ModelResult], backend: dict | None = None
     if rows:
         out += _plain_table(OP_HEADER, [op_cells(s) for s in summarize(rows)]) + [""]
     for m in models:
-        out.append(f"{m.model} {tuple(m.input_shape)}, {m.mode} mode, input scales "
-                   f"{', '.join(num(s) for s in m.scales)}: first failing layer (torch), judged layer by layer")
+        out.append(f"{m.header()}: first failing layer (torch), judged layer by layer")
         out += ["  " + line for line in model_lines(m) + model_notes(m)] + [""]
     out.append(headline(rows, models))
     if backend:
@@ -201,8 +181,7 @@ def print_rich(rows: list[Row], models: list[ModelResult], backend: dict | None 
             t.add_row(*c)
         console.print(t)
     for m in models:
-        t = Table(title=f"{escape(m.model)} {tuple(m.input_shape)}, {m.mode} mode, input scales "
-                        f"{', '.join(num(s) for s in m.scales)}", title_justify="left", header_style="bold")
+        t = Table(title=escape(m.header()), title_justify="left", header_style="bold")
         t.add_column("dtype")
         t.add_column("first failing layer (torch), judged layer by layer")
         for line in model_lines(m):
@@ -242,7 +221,7 @@ def model_dict(m: ModelResult) -> dict:
     def finding(f):
         return None if f is None else dict(dataclasses.asdict(f), sentence=f.sentence())
     return {
-        "model": m.model, "input_shape": list(m.input_shape), "mode": m.mode, "dtypes": m.dtypes, "scales": m.scales,
+        "model": m.model, "input_shape": list(m.input_shape), "input_embedding": m.embedding, "vocab": m.vocab, "mode": m.mode, "dtypes": m.dtypes, "scales": m.scales,
         "ok": m.ok, "normkit_ok": m.normkit_ok, "normkit_output_ok": m.normkit_output_ok, "complete": m.complete,
         "reference_lowered": m.lowered, "left_by_convert": m.left, "notes": model_notes(m), "verdict": verdict(m),
         "first_failure": {d: {"torch": finding(m.first_failure(d, "torch")),
@@ -279,9 +258,8 @@ def markdown(rows: list[Row], models: list[ModelResult], plots: list[str], backe
             out += [f"- {s.op} {s.dtype}: {', '.join(s.torch_failures)}" for s in fails]
         out.append("")
     for m in models:
-        out += [f"## {m.model} {tuple(m.input_shape)}, {m.mode} mode", "",
-                f"Input scales {', '.join(num(s) for s in m.scales)}; each layer judged on the float64 model's "
-                f"input to it, rounded to the dtype.", ""]
+        out += [f"## {m.model}", "", f"{m.header()}; each layer judged on the float64 model's input to it, rounded "
+                f"to the dtype.", ""]
         out += [f"- {line.split(' ', 1)[0]}: {line.split(' ', 1)[1].strip()}" for line in model_lines(m)]
         out += [f"- {note}" for note in model_notes(m)]
         out += ["", "| dtype | scale | torch output | normkit output |", "|---|---|---|---|"]

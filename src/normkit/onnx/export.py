@@ -397,7 +397,8 @@ def export_onnx(model: nn.Module, example_input: Tensor, path=None, *, decompose
         left = {f"layer.{k}" if k else "layer": v for k, v in left.items()}
     if dtype is not None:
         model = model.to(dtype)
-        example_input = example_input.to(dtype)
+        if example_input.is_floating_point():  # token ids stay integer
+            example_input = example_input.to(dtype)
     no_form = _swap(model, decompose, opset)
     dynamic_shapes = None
     if dynamic_batch:

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..check import models as user_models
     from ..check.command import parse_seed, parse_shape
-    from ..check.probe import ProbeInputError, materialize
+    from ..check.probe import ProbeInputError, draw_input, input_embedding, materialize
     from ..cli import UsageError, output_file
     from . import OnnxError, export_onnx, verify_onnx
 
@@ -40,14 +40,16 @@ def run(args: argparse.Namespace) -> int:
     shape = shape or default_shape
     if shape is None:
         raise UsageError(f"{args.model}: give --input-shape (the model has no example_input_shape)")
+    embedding = input_embedding(model)  # token ids in, as normkit check decides
+    vocab = model.get_submodule(embedding).num_embeddings if embedding is not None else None
     try:
-        model = materialize(model, shape, seed)
+        model = materialize(model, shape, seed, tokens=embedding is not None)
     except ProbeInputError as e:
         raise UsageError(f"{args.model}: {e}; pass --input-shape that the model accepts") from e
     model.eval()  # a model to deploy; export_onnx would switch to eval mode anyway, with a warning
     dtype = torch.float16 if args.float16 else torch.float32
     gen = torch.Generator().manual_seed(seed)
-    example = torch.randn(shape, generator=gen)
+    example = draw_input(shape, seed, vocab).to(dtype if vocab is None else torch.long)
     try:
         _, report = export_onnx(model, example, str(output), decompose=not args.native, opset=args.opset,
                                 dynamic_batch=not args.static_batch, dtype=dtype)
@@ -58,13 +60,18 @@ def run(args: argparse.Namespace) -> int:
     if not args.verify:
         return 0
     scales = (1.0, 300.0, 1e4) if args.float16 else (1.0, 1e20)
+    if vocab is not None:  # the scale of a token-id model lives in its embedding's weights, which are in the file
+        scales = (1.0,)
+        print(f"token ids < {vocab} in: verified at input scale 1 only (the input scale of a token-id model is "
+              f"that of its embedding's output, whose weights the file holds)")
     batches = sorted({shape[0], 1}) if not args.static_batch else [shape[0]]
     ref_model = model.to(dtype) if args.float16 else model
     failed, lowered = [], set()
     print(f"{'scale':>8} {'batch':>5}  {'output':<12} {'rel err':>10} {'non-finite':>10}  {'tolerance':>9}")
     for scale in scales:
         for b in batches:
-            x = (torch.randn((b,) + tuple(shape[1:]), generator=gen) * scale).to(dtype)
+            x = (torch.randint(0, vocab, (b,) + tuple(shape[1:]), generator=gen) if vocab is not None
+                 else (torch.randn((b,) + tuple(shape[1:]), generator=gen) * scale).to(dtype))
             try:
                 errs = verify_onnx(str(output), ref_model, x)
             except OnnxError as e:
