@@ -34,13 +34,14 @@ output memory format.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from .. import _checks
+from .. import _checks, _native
 from .. import _spec as spec
 from . import _plan
 
@@ -262,16 +263,144 @@ def check_norm_args(op, input, weight, bias, running_mean, running_var, momentum
 
 
 def normalize_trailing(op, input, normalized_shape, weight, bias, eps, center, same_dtype_params=True):
-    """Layer and RMS norm: check, then standardize over the trailing ``normalized_shape`` dims and apply the
-    per-element affine. ``same_dtype_params``: torch's CPU parameter-dtype rule (layer norm; torch's RMS
-    norm accepts any). Returns ``y`` in torch's layout for neither (the caller decides)."""
-    _checks.check_floating(op, input)
-    shape = _checks.normalized_shape_tuple(op, normalized_shape, input)
-    _checks.check_param(op, "weight", weight, shape)
-    _checks.check_param(op, "bias", bias, shape)
-    if same_dtype_params:
-        _checks.check_param_dtypes(op, input, weight=weight, bias=bias)
-    _checks.check_eps(op, eps)
+    """Layer and RMS norm: check (:func:`normkit._checks.check_trailing`), then standardize over the trailing
+    ``normalized_shape`` dims and apply the per-element affine. ``same_dtype_params``: torch's CPU
+    parameter-dtype rule (layer norm; torch's RMS norm accepts any). Returns ``y`` in torch's layout for
+    neither (the caller decides)."""
+    shape = _checks.check_trailing(op, input, normalized_shape, weight, bias, eps, same_dtype_params)
     if input.numel() == 0:
         return empty_output(input, weight, bias)
     return standardize_affine(input, weight, bias, tuple(range(-len(shape), 0)), eps, center)[0]
+
+
+# ---- the cached routes of the functional entry points (normkit.ops._plan.route) ----------------------------
+# Each builder runs its op's argument checks (raising the op's own errors), plans the call and returns the
+# closure later calls of the same signature run: the kernel call and the output layout torch gives, nothing
+# else. None: the uncached path serves the signature (eager, or a layout only the planner handles).
+
+def _kernel_call(plan: _plan.Plan, eps: float, center: bool, fmt):
+    """``run(x, weight, bias) -> (y, stats)`` for a plan of :func:`normkit.ops._plan.plan_standardize`."""
+    if plan.perm is not None or plan.copy or plan.view is not None:
+        def run(x, weight, bias):
+            y, stats = _plan.run_standardize(plan, x, weight, bias, eps, center)
+            return (y if fmt is None else y.contiguous(memory_format=fmt)), stats
+        return run
+    call, layout, groups, c, op, path = _native.load().stats_norm, plan.layout, plan.groups, plan.C, plan.op, plan.path
+
+    def run(x, weight, bias):
+        if _native._recording:
+            _native.note(op, path)
+        y, stats = call(x, weight, bias, layout, groups, c, eps, center)
+        return (y if fmt is None else y.contiguous(memory_format=fmt)), stats
+    return run
+
+
+def _eval_call(plan: _plan.Plan, eps: float, fmt):
+    """``run(x, mean, var, weight, bias) -> y`` for a plan of :func:`normkit.ops._plan.plan_affine`."""
+    if plan.perm is not None or plan.copy:
+        def run(x, mean, var, weight, bias):
+            y = _plan.run_affine(plan, x, mean, var, weight, bias, eps)
+            return y if fmt is None else y.contiguous(memory_format=fmt)
+        return run
+    call, layout, op, path = _native.load().affine_eval, plan.layout, plan.op, plan.path
+
+    def run(x, mean, var, weight, bias):
+        if _native._recording:
+            _native.note(op, path)
+        y = call(x, mean, var, weight, bias, layout, eps)
+        return y if fmt is None else y.contiguous(memory_format=fmt)
+    return run
+
+
+def _fmt(plan, x, torch_layout: bool):
+    """The memory format the route must convert its output to (torch's: the input's suggested one when
+    ``torch_layout``, else contiguous), or None when the kernel's output already has it."""
+    return _plan.output_layout(plan, x, _plan.torch_format(x) if torch_layout else torch.contiguous_format)
+
+
+def _trailing_builder(op: str, center: bool, same_dtype_params: bool, torch_layout: bool):
+    def build(x, args, weight, bias=None):
+        normalized_shape, eps = args
+        if eps is None:  # RMS norm: the compute dtype's eps (rms_norm.py)
+            _checks.check_floating(op, x)
+            eps = torch.finfo(spec.compute_dtype(x.dtype)).eps
+        shape = _checks.check_trailing(op, x, normalized_shape, weight, bias, eps, same_dtype_params)
+        plan = _plan.plan_standardize(x, weight, bias, list(range(x.dim() - len(shape), x.dim())), center)
+        if isinstance(plan, str):
+            return None
+        run = _kernel_call(plan, float(eps), center, _fmt(plan, x, torch_layout))
+        if center:  # layer norm: route(x, weight, bias)
+            return lambda x, weight, bias: run(x, weight, bias)[0]
+        return lambda x, weight: run(x, weight, None)[0]  # RMS norm: route(x, weight)
+    return build
+
+
+_plan.BUILDERS["layer_norm"] = _trailing_builder("layer_norm", True, True, False)
+_plan.BUILDERS["rms_norm"] = _trailing_builder("rms_norm", False, False, True)
+
+
+def _build_group_norm(x, args, weight, bias):
+    num_groups, eps = args
+    _checks.check_group_norm("group_norm", x, num_groups, weight, bias, eps)
+    why = _plan.why_not(x, weight, bias)
+    if why is not None or not _plan.kernels_built():
+        return None
+    c = x.shape[1]
+    if x.is_contiguous():
+        plan = _plan.Plan(_plan.GROUPS, num_groups, c, "groups: group_norm/instance_norm")
+    else:
+        perm = _plan._channels_minor(x, 0) if x.dim() >= 3 else None
+        if perm is None:
+            return None  # the planner's copy (or grouped view) serves
+        plan = _plan.Plan(_plan.GROUPS_CL, num_groups, c, "groups: group_norm/instance_norm", "native (channels_last)", perm)
+    run = _kernel_call(plan, float(eps), True, _fmt(plan, x, True))
+    return lambda x, weight, bias: run(x, weight, bias)[0]
+
+
+_plan.BUILDERS["group_norm"] = _build_group_norm
+
+
+def _channel_norm_builder(op: str):
+    """Batch norm (``args = (training, momentum, eps)``) and instance norm (``(use_input_stats, momentum,
+    eps)``): ``route(x, running_mean, running_var, weight, bias) -> (y, new_running_mean, new_running_var)``
+    as their ``*_stateless`` forms return them."""
+    batch = op == "batch_norm"
+
+    def build(x, args, running_mean, running_var, weight, bias):
+        use_batch, momentum, eps = args
+        check_norm_args(op, x, weight, bias, running_mean, running_var, momentum, eps, need_running=not use_batch)
+        if batch:
+            _checks.check_batch_norm_eps(op, eps, use_batch)
+        if x.numel() == 0:
+            return None
+        nd, c = x.dim(), x.shape[1]
+        count = x.numel() // c if batch else math.prod(x.shape[2:])
+        if use_batch:
+            _checks.check_more_than_one(op, x, count, "value per channel" if batch else "spatial element")
+        if not use_batch:
+            plan = _plan.plan_affine(x, running_mean, running_var, weight, bias)
+            if isinstance(plan, str):
+                return None
+            run_eval = _eval_call(plan, float(eps), _fmt(plan, x, batch))
+
+            def eval_route(x, running_mean, running_var, weight, bias):
+                return run_eval(x, running_mean, running_var, weight, bias), running_mean, running_var
+            return eval_route
+        dims = [0, *range(2, nd)] if batch else list(range(2, nd))
+        plan = _plan.plan_standardize(x, channel_view(weight, nd), channel_view(bias, nd), dims, True)
+        if isinstance(plan, str):
+            return None
+        run = _kernel_call(plan, float(eps), True, _fmt(plan, x, batch))
+
+        def train_route(x, running_mean, running_var, weight, bias):
+            y, stats = run(x, weight, bias)
+            mean, var = stats[:, 5], stats[:, 6]
+            if not batch:  # instance norm: the batch averages of the per-instance statistics
+                mean, var = mean.view(-1, c).mean(0), var.view(-1, c).mean(0)
+            return (y, *spec.running_stats(running_mean, running_var, mean, var, count, momentum))
+        return train_route
+    return build
+
+
+_plan.BUILDERS["batch_norm"] = _channel_norm_builder("batch_norm")
+_plan.BUILDERS["instance_norm"] = _channel_norm_builder("instance_norm")

@@ -770,16 +770,15 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
   }
 }
 
-}  // namespace nk_cl
-
-// Forward with statistics of x (N, S, C), layout 3 (GROUPS_CL): a group per (n, g) = S rows x C / groups
-// channels; weight, bias float32 (C,). Returns (y (N, S, C), stats (N * groups, 8)) as stats_forward does.
-std::vector<torch::Tensor> stats_forward_cl(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, int64_t layout,
-                                            int64_t groups, double eps, bool center) {
-  using namespace nk_cl;
-  TORCH_CHECK(layout == 3, "stats_forward_cl: layout 3 (groups, channels last) expected, got ", layout);
-  check_input(x, 3, "stats_forward_cl", "(N, S, C)");
-  const int64_t N = x.size(0), S = x.size(1), C = x.size(2);
+// Forward with statistics of x, laid out (N, S, C) in memory (contiguous; any shape whose first dim is N and last C,
+// e.g. a channels_last tensor permuted channels-last), layout 3 (GROUPS_CL): a group per (n, g) = S rows x C / groups
+// channels; weight, bias float32, C values. Returns (y (x's sizes), stats (N * groups, 8)) as stats_forward does.
+std::tuple<torch::Tensor, torch::Tensor> stats_forward_cl(const torch::Tensor& x, const torch::Tensor& weight,
+                                                          const torch::Tensor& bias, int64_t groups, int64_t C,
+                                                          double eps, bool center) {
+  check_input(x, 2, "stats_forward_cl");
+  const Extent ex = extent(x, 3, C, "stats_forward_cl");
+  const int64_t N = ex.N, S = ex.S;
   TORCH_CHECK(groups >= 1 && C % groups == 0, "stats_forward_cl: groups=", groups, " must divide C=", C);
   check_param(weight, C, "stats_forward_cl: weight");
   check_param(bias, C, "stats_forward_cl: bias");
@@ -795,13 +794,13 @@ std::vector<torch::Tensor> stats_forward_cl(torch::Tensor x, torch::Tensor weigh
 }
 
 // Backward of stats_forward_cl: (dx or empty, dweight (float32) or empty, dbias (float32) or empty).
-std::vector<torch::Tensor> stats_backward_cl(torch::Tensor dy, torch::Tensor x, torch::Tensor weight, torch::Tensor stats,
-                                             int64_t layout, int64_t groups, bool center, bool need_dx, bool need_param) {
-  using namespace nk_cl;
-  TORCH_CHECK(layout == 3, "stats_backward_cl: layout 3 (groups, channels last) expected, got ", layout);
-  check_input(x, 3, "stats_backward_cl", "(N, S, C)");
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> stats_backward_cl(
+    const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& stats,
+    int64_t groups, int64_t C, bool center, bool need_dx, bool need_param) {
+  check_input(x, 2, "stats_backward_cl");
   check_grad(dy, x, "stats_backward_cl");
-  const int64_t N = x.size(0), S = x.size(1), C = x.size(2);
+  const Extent ex = extent(x, 3, C, "stats_backward_cl");
+  const int64_t N = ex.N, S = ex.S;
   TORCH_CHECK(groups >= 1 && C % groups == 0, "stats_backward_cl: groups=", groups, " must divide C=", C);
   check_param(weight, C, "stats_backward_cl: weight");
   check_stats(stats, N * groups, "stats_backward_cl");
@@ -818,40 +817,42 @@ std::vector<torch::Tensor> stats_backward_cl(torch::Tensor dy, torch::Tensor x, 
   return {dx, dw, db};
 }
 
-// y = (x - mean) * rsqrt(var + eps) * weight + bias per channel of x (R, C); mean, var, weight, bias float32 (C,).
-torch::Tensor eval_forward_cl(torch::Tensor x, torch::Tensor mean, torch::Tensor var, torch::Tensor weight,
-                              torch::Tensor bias, double eps) {
-  using namespace nk_cl;
-  check_input(x, 2, "eval_forward_cl", "(R, C)");
-  const int64_t R = x.size(0), C = x.size(1);
+// y = (x - mean) * rsqrt(var + eps) * weight + bias per channel of x (..., C) (contiguous, read as (R, C));
+// mean, var, weight, bias float32, C values.
+torch::Tensor eval_forward_cl(const torch::Tensor& x, const torch::Tensor& mean, const torch::Tensor& var,
+                              const torch::Tensor& weight, const torch::Tensor& bias, double eps) {
+  check_input(x, 1, "eval_forward_cl");
+  const int64_t C = x.size(-1), R = x.numel() / C;
   check_param(mean, C, "eval_forward_cl: mean"); check_param(var, C, "eval_forward_cl: var");
   check_param(weight, C, "eval_forward_cl: weight"); check_param(bias, C, "eval_forward_cl: bias");
   auto y = torch::empty(x.sizes(), x.options());
   dispatch_dtype(x, "eval_forward_cl", [&](auto tag) {
     using T = decltype(tag);
-    nk_cl::eval_forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), mean.data_ptr<float>(), var.data_ptr<float>(),
-                                weight.data_ptr<float>(), bias.data_ptr<float>(), eps, R, C);
+    eval_forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), mean.data_ptr<float>(), var.data_ptr<float>(),
+                         weight.data_ptr<float>(), bias.data_ptr<float>(), eps, R, C);
   });
   return y;
 }
 
 // Backward of eval_forward_cl: (dx or empty, dweight or empty, dbias or empty), parameter grads in float32.
-std::vector<torch::Tensor> eval_backward_cl(torch::Tensor dy, torch::Tensor x, torch::Tensor mean, torch::Tensor var,
-                                            torch::Tensor weight, double eps, bool need_dx, bool need_param) {
-  using namespace nk_cl;
-  check_input(x, 2, "eval_backward_cl", "(R, C)");
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> eval_backward_cl(
+    const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& mean, const torch::Tensor& var,
+    const torch::Tensor& weight, double eps, bool need_dx, bool need_param) {
+  check_input(x, 1, "eval_backward_cl");
   check_grad(dy, x, "eval_backward_cl");
-  const int64_t R = x.size(0), C = x.size(1);
+  const int64_t C = x.size(-1), R = x.numel() / C;
   check_param(mean, C, "eval_backward_cl: mean"); check_param(var, C, "eval_backward_cl: var");
   check_param(weight, C, "eval_backward_cl: weight");
   torch::Tensor dx, dw, db;  // not a structured binding: the lambda below captures them (C++17)
   std::tie(dx, dw, db) = grad_buffers(x, C, need_dx, need_param);
   dispatch_dtype(x, "eval_backward_cl", [&](auto tag) {
     using T = decltype(tag);
-    nk_cl::eval_backward_impl<T>(dy.data_ptr<T>(), x.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr,
-                                 mean.data_ptr<float>(), var.data_ptr<float>(), weight.data_ptr<float>(), eps, R, C,
-                                 need_dx, need_param, need_param ? dw.data_ptr<float>() : nullptr,
-                                 need_param ? db.data_ptr<float>() : nullptr);
+    eval_backward_impl<T>(dy.data_ptr<T>(), x.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr,
+                          mean.data_ptr<float>(), var.data_ptr<float>(), weight.data_ptr<float>(), eps, R, C,
+                          need_dx, need_param, need_param ? dw.data_ptr<float>() : nullptr,
+                          need_param ? db.data_ptr<float>() : nullptr);
   });
   return {dx, dw, db};
 }
+
+}  // namespace nk_cl

@@ -1,0 +1,318 @@
+// The normkit:: operators of the statistics kernels (schemas: normkit/ops/_kernels.py), registered here for the CPU
+// and Autograd dispatch keys, and their Python entry points.
+//
+//   stats_norm(x, weight?, bias?, layout, groups, C, eps, center) -> (y, stats)       norm_kernel.cpp / _cl
+//   stats_norm_backward(dy, x, weight?, stats, layout, groups, C, center, need_dx, need_param) -> (dx, dw, db)
+//   affine_eval(x, mean, var, weight?, bias?, layout, eps) -> y                       given statistics
+//   affine_eval_backward(dy, x, mean, var, weight?, layout, eps, need_dx, need_param) -> (dx, dw, db)
+//
+// CPU kernels (the *_cpu functions): any contiguous x that the layout reads (rows (R, D = C); (N, C, *); channels
+// last (N, *, C)), parameters of any shape with C values in float32 or x's dtype, or none (ones / zeros): the
+// conversions, the choice between norm_kernel.cpp and channels_last_kernel.cpp, and nothing else. Only CPU
+// kernels are registered: on another device the dispatcher refuses the call with its own clear error.
+//
+// Autograd (the *_autograd functions): where no input needs a gradient the call goes straight below autograd;
+// otherwise a torch::autograd::Function keeps x, the parameters and 8 floats of statistics per group, and its
+// backward calls the backward op through the dispatcher (so make_fx and torch.compile record it). When backward
+// itself is differentiated (grad mode on in backward: create_graph), it calls the *_backward_graph ops instead,
+// which normkit/ops/_kernels.py implements with the spec's differentiable torch ops.
+//
+// The Python entry points (exported by normkit/_native.py) are the dispatcher calls of the four ops: one C++ call
+// per normalization, with autograd, dispatch modes and fake tensors handled by the dispatcher.
+
+#include "norm_common.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+namespace nk_ops {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = c10::optional<Tensor>;
+using Tensor2 = std::tuple<Tensor, Tensor>;
+using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
+
+constexpr int64_t kGroupsCL = 3;  // channels last: x (N, *, C) (ops/_kernels.py: GROUPS_CL)
+
+// A parameter (weight, bias, mean, var) as the kernels read it: float32, contiguous, C values; `fill` where none
+inline Tensor param_f32(const OptTensor& t, int64_t C, float fill, const char* what) {
+  if (!t.has_value() || !t->defined()) return torch::full({C}, fill, torch::dtype(at::kFloat));
+  TORCH_CHECK(t->device().is_cpu() && t->is_floating_point() && t->numel() == C, what,
+              ": expected a floating-point CPU tensor of ", C, " elements, got sizes ", t->sizes(), ", dtype ",
+              t->scalar_type(), " on ", t->device());
+  return (t->scalar_type() == at::kFloat ? *t : t->to(at::kFloat)).contiguous();
+}
+
+inline bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
+inline bool requires_grad(const OptTensor& t) { return defined(t) && t->requires_grad(); }
+
+// ---- CPU kernels --------------------------------------------------------------------------------------------------
+
+Tensor2 stats_norm_cpu(const Tensor& x, const OptTensor& weight, const OptTensor& bias, int64_t layout, int64_t groups,
+                       int64_t C, double eps, bool center) {
+  const Tensor w = param_f32(weight, C, 1.f, "stats_norm: weight"), b = param_f32(bias, C, 0.f, "stats_norm: bias");
+  if (layout == kGroupsCL) return nk_cl::stats_forward_cl(x.contiguous(), w, b, groups, C, eps, center);
+  return nk_norm::stats_forward(x.contiguous(), w, b, layout, groups, C, eps, center);
+}
+
+Tensor3 stats_norm_backward_cpu(const Tensor& dy, const Tensor& x, const OptTensor& weight, const Tensor& stats,
+                                int64_t layout, int64_t groups, int64_t C, bool center, bool need_dx, bool need_param) {
+  const Tensor w = param_f32(weight, C, 1.f, "stats_norm_backward: weight");
+  if (layout == kGroupsCL)
+    return nk_cl::stats_backward_cl(dy.contiguous(), x.contiguous(), w, stats, groups, C, center, need_dx, need_param);
+  return nk_norm::stats_backward(dy.contiguous(), x.contiguous(), w, stats, layout, groups, C, center, need_dx, need_param);
+}
+
+// layout 2: x (N, C, *); layout 3: channels last, x (..., C)
+Tensor affine_eval_cpu(const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                       const OptTensor& bias, int64_t layout, double eps) {
+  TORCH_CHECK(layout == 2 || layout == kGroupsCL, "affine_eval: layout must be 2 (N, C, *) or 3 (channels last), got ",
+              layout);
+  TORCH_CHECK(x.dim() >= (layout == 2 ? 2 : 1), "affine_eval: expected x of at least ", layout == 2 ? 2 : 1,
+              " dims, got sizes ", x.sizes());
+  const int64_t C = layout == 2 ? x.size(1) : x.size(-1);
+  const Tensor m = param_f32(mean, C, 0.f, "affine_eval: mean"), v = param_f32(var, C, 1.f, "affine_eval: var");
+  const Tensor w = param_f32(weight, C, 1.f, "affine_eval: weight"), b = param_f32(bias, C, 0.f, "affine_eval: bias");
+  if (layout == kGroupsCL) return nk_cl::eval_forward_cl(x.contiguous(), m, v, w, b, eps);
+  return nk_norm::eval_forward(x.contiguous(), m, v, w, b, eps);
+}
+
+Tensor3 affine_eval_backward_cpu(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& var,
+                                 const OptTensor& weight, int64_t layout, double eps, bool need_dx, bool need_param) {
+  TORCH_CHECK(layout == 2 || layout == kGroupsCL, "affine_eval_backward: layout must be 2 or 3, got ", layout);
+  TORCH_CHECK(x.dim() >= (layout == 2 ? 2 : 1), "affine_eval_backward: expected x of at least ", layout == 2 ? 2 : 1,
+              " dims, got sizes ", x.sizes());
+  const int64_t C = layout == 2 ? x.size(1) : x.size(-1);
+  const Tensor m = param_f32(mean, C, 0.f, "affine_eval_backward: mean");
+  const Tensor v = param_f32(var, C, 1.f, "affine_eval_backward: var");
+  const Tensor w = param_f32(weight, C, 1.f, "affine_eval_backward: weight");
+  if (layout == kGroupsCL) return nk_cl::eval_backward_cl(dy.contiguous(), x.contiguous(), m, v, w, eps, need_dx, need_param);
+  return nk_norm::eval_backward(dy.contiguous(), x.contiguous(), m, v, w, eps, need_dx, need_param);
+}
+
+// ---- the ops, called through the dispatcher -----------------------------------------------------------------------
+
+#define NK_OP(name, fn)                                                                                     \
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("normkit::" name, "").typed<decltype(fn)>(); \
+  return op
+
+Tensor2 stats_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias, int64_t layout, int64_t groups,
+                   int64_t C, double eps, bool center) {
+  NK_OP("stats_norm", stats_norm_cpu).call(x, weight, bias, layout, groups, C, eps, center);
+}
+
+Tensor3 stats_norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& weight, const Tensor& stats, int64_t layout,
+                            int64_t groups, int64_t C, bool center, bool need_dx, bool need_param) {
+  NK_OP("stats_norm_backward", stats_norm_backward_cpu).call(dy, x, weight, stats, layout, groups, C, center, need_dx,
+                                                             need_param);
+}
+
+Tensor affine_eval(const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& weight, const OptTensor& bias,
+                   int64_t layout, double eps) {
+  NK_OP("affine_eval", affine_eval_cpu).call(x, mean, var, weight, bias, layout, eps);
+}
+
+Tensor3 affine_eval_backward(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                             int64_t layout, double eps, bool need_dx, bool need_param) {
+  NK_OP("affine_eval_backward", affine_eval_backward_cpu).call(dy, x, mean, var, weight, layout, eps, need_dx, need_param);
+}
+
+// the double-backward forms (ops/_kernels.py: the spec's differentiable ops, CompositeImplicitAutograd)
+Tensor3 stats_norm_backward_graph_sig(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t, int64_t,
+                                      int64_t, double, bool, bool, bool, bool);
+Tensor3 affine_eval_backward_graph_sig(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                       const OptTensor&, int64_t, double, bool, bool, bool);
+
+Tensor3 stats_norm_backward_graph(const Tensor& dy, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                                  int64_t layout, int64_t groups, int64_t C, double eps, bool center, bool need_dx,
+                                  bool need_w, bool need_b) {
+  NK_OP("stats_norm_backward_graph", stats_norm_backward_graph_sig).call(dy, x, weight, bias, layout, groups, C, eps,
+                                                                         center, need_dx, need_w, need_b);
+}
+
+Tensor3 affine_eval_backward_graph(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& var,
+                                   const OptTensor& weight, const OptTensor& bias, int64_t layout, double eps, bool need_dx,
+                                   bool need_w, bool need_b) {
+  NK_OP("affine_eval_backward_graph", affine_eval_backward_graph_sig).call(dy, x, mean, var, weight, bias, layout, eps,
+                                                                           need_dx, need_w, need_b);
+}
+#undef NK_OP
+
+// ---- autograd -----------------------------------------------------------------------------------------------------
+
+// A parameter gradient as its parameter has it: the kernels' float32 (C,) sums in the parameter's dtype and shape;
+// undefined where not asked for (or where the graph op returned an empty placeholder)
+inline Tensor as_param_grad(const Tensor& g, const Tensor& param, bool needed) {
+  if (!needed || !param.defined() || !g.defined() || g.numel() == 0) return Tensor();
+  return g.to(param.scalar_type()).reshape(param.sizes());
+}
+inline Tensor or_none(const Tensor& t, bool needed) { return needed && t.defined() && t.numel() > 0 ? t : Tensor(); }
+
+// needs_input_grad of the forward argument whose autograd edge is `edge` (the edges number only the tensors given:
+// an absent weight shifts the bias down by one); -1: an absent tensor
+inline bool needs(AutogradContext* ctx, int edge) { return edge >= 0 && ctx->needs_input_grad(edge); }
+
+struct StatsNormFn : public torch::autograd::Function<StatsNormFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                               int64_t layout, int64_t groups, int64_t C, double eps, bool center) {
+    Tensor y, stats;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(y, stats) = stats_norm(x, weight, bias, layout, groups, C, eps, center);
+    }
+    ctx->mark_non_differentiable({stats});
+    ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), stats});
+    ctx->saved_data["layout"] = layout;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["C"] = C;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["center"] = center;
+    return {y, stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &stats = saved[3];
+    const int64_t layout = ctx->saved_data["layout"].toInt(), groups = ctx->saved_data["groups"].toInt();
+    const int64_t C = ctx->saved_data["C"].toInt();
+    const bool center = ctx->saved_data["center"].toBool();
+    const bool need_dx = needs(ctx, 0), need_w = needs(ctx, w.defined() ? 1 : -1);
+    const bool need_b = needs(ctx, b.defined() ? 1 + w.defined() : -1);
+    const OptTensor wo = w.defined() ? OptTensor(w) : c10::nullopt, bo = b.defined() ? OptTensor(b) : c10::nullopt;
+    Tensor dx, dw, db;
+    if (at::GradMode::is_enabled()) {  // backward is being differentiated: the spec's ops, statistics rebuilt from x
+      std::tie(dx, dw, db) = stats_norm_backward_graph(grads[0], x, wo, bo, layout, groups, C,
+                                                       ctx->saved_data["eps"].toDouble(), center, need_dx, need_w, need_b);
+      return {or_none(dx, need_dx), or_none(dw, need_w), or_none(db, need_b), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+    std::tie(dx, dw, db) = stats_norm_backward(grads[0], x, wo, stats, layout, groups, C, center, need_dx, need_w || need_b);
+    return {need_dx ? dx : Tensor(), as_param_grad(dw, w, need_w), as_param_grad(db, b, need_b),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct AffineEvalFn : public torch::autograd::Function<AffineEvalFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& mean, const Tensor& var,
+                               const OptTensor& weight, const OptTensor& bias, int64_t layout, double eps) {
+    Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = affine_eval(x, mean, var, weight, bias, layout, eps);
+    }
+    ctx->save_for_backward({x, mean, var, weight.value_or(Tensor()), bias.value_or(Tensor())});
+    ctx->saved_data["layout"] = layout;
+    ctx->saved_data["eps"] = eps;
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &mean = saved[1], &var = saved[2], &w = saved[3], &b = saved[4];
+    const int64_t layout = ctx->saved_data["layout"].toInt();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool need_dx = needs(ctx, 0), need_w = needs(ctx, w.defined() ? 3 : -1);
+    const bool need_b = needs(ctx, b.defined() ? 3 + w.defined() : -1);
+    const OptTensor wo = w.defined() ? OptTensor(w) : c10::nullopt, bo = b.defined() ? OptTensor(b) : c10::nullopt;
+    Tensor dx, dw, db;
+    if (at::GradMode::is_enabled()) {
+      std::tie(dx, dw, db) = affine_eval_backward_graph(grads[0], x, mean, var, wo, bo, layout, eps, need_dx, need_w, need_b);
+      return {or_none(dx, need_dx), Tensor(), Tensor(), or_none(dw, need_w), or_none(db, need_b), Tensor(), Tensor()};
+    }
+    std::tie(dx, dw, db) = affine_eval_backward(grads[0], x, mean, var, wo, layout, eps, need_dx, need_w || need_b);
+    return {need_dx ? dx : Tensor(), Tensor(), Tensor(), as_param_grad(dw, w, need_w), as_param_grad(db, b, need_b),
+            Tensor(), Tensor()};
+  }
+};
+
+inline bool needs_grad(const Tensor& x, const OptTensor& a, const OptTensor& b) {
+  return at::GradMode::is_enabled() && (x.requires_grad() || requires_grad(a) || requires_grad(b));
+}
+
+Tensor2 stats_norm_autograd(const Tensor& x, const OptTensor& weight, const OptTensor& bias, int64_t layout,
+                            int64_t groups, int64_t C, double eps, bool center) {
+  if (!needs_grad(x, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return stats_norm(x, weight, bias, layout, groups, C, eps, center);
+  }
+  const auto out = StatsNormFn::apply(x, weight, bias, layout, groups, C, eps, center);
+  return {out[0], out[1]};
+}
+
+Tensor affine_eval_autograd(const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                            const OptTensor& bias, int64_t layout, double eps) {
+  if (!needs_grad(x, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return affine_eval(x, mean, var, weight, bias, layout, eps);
+  }
+  return AffineEvalFn::apply(x, mean, var, weight, bias, layout, eps)[0];
+}
+
+}  // namespace nk_ops
+
+TORCH_LIBRARY_IMPL(normkit, CPU, m) {
+  m.impl("stats_norm", &nk_ops::stats_norm_cpu);
+  m.impl("stats_norm_backward", &nk_ops::stats_norm_backward_cpu);
+  m.impl("affine_eval", &nk_ops::affine_eval_cpu);
+  m.impl("affine_eval_backward", &nk_ops::affine_eval_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(normkit, Autograd, m) {
+  m.impl("stats_norm", &nk_ops::stats_norm_autograd);
+  m.impl("affine_eval", &nk_ops::affine_eval_autograd);
+}
+
+// The Python entry points (normkit/_native.py exports these names)
+std::tuple<torch::Tensor, torch::Tensor> stats_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& weight,
+                                                    const c10::optional<torch::Tensor>& bias, int64_t layout,
+                                                    int64_t groups, int64_t C, double eps, bool center) {
+  return nk_ops::stats_norm(x, weight, bias, layout, groups, C, eps, center);
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> stats_norm_backward(
+    const torch::Tensor& dy, const torch::Tensor& x, const c10::optional<torch::Tensor>& weight, const torch::Tensor& stats,
+    int64_t layout, int64_t groups, int64_t C, bool center, bool need_dx, bool need_param) {
+  return nk_ops::stats_norm_backward(dy, x, weight, stats, layout, groups, C, center, need_dx, need_param);
+}
+
+torch::Tensor affine_eval(const torch::Tensor& x, const torch::Tensor& mean, const torch::Tensor& var,
+                          const c10::optional<torch::Tensor>& weight, const c10::optional<torch::Tensor>& bias,
+                          int64_t layout, double eps) {
+  return nk_ops::affine_eval(x, mean, var, weight, bias, layout, eps);
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> affine_eval_backward(
+    const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& mean, const torch::Tensor& var,
+    const c10::optional<torch::Tensor>& weight, int64_t layout, double eps, bool need_dx, bool need_param) {
+  return nk_ops::affine_eval_backward(dy, x, mean, var, weight, layout, eps, need_dx, need_param);
+}
+
+// The routing cache's key of a call's tensor arguments (normkit/ops/_plan.py: route): for each, 0 for None, else
+// its Python type, dims, sizes, strides, dtype and device, packed as bytes; None (no cached route may serve) where
+// an argument is neither a tensor nor None, or is a tensor of a torch.func transform or a Python subclass.
+pybind11::object signature(const pybind11::args& tensors) {
+  static const c10::DispatchKeySet kSpecial({c10::DispatchKey::Python,
+      c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::BatchedNestedTensor,
+      c10::DispatchKey::Functionalize});
+  int64_t key[96];
+  size_t n = 0;
+  for (const auto& h : tensors) {
+    if (h.is_none()) {
+      if (n + 1 > 96) return pybind11::none();
+      key[n++] = 0;
+      continue;
+    }
+    if (!THPVariable_Check(h.ptr())) return pybind11::none();
+    const at::Tensor& t = THPVariable_Unpack(h.ptr());
+    if (!(t.key_set() & kSpecial).empty() || t.layout() != at::kStrided) return pybind11::none();
+    const int64_t dim = t.dim();
+    if (n + 4 + 2 * dim > 96) return pybind11::none();
+    key[n++] = reinterpret_cast<int64_t>(Py_TYPE(h.ptr()));
+    key[n++] = dim | (static_cast<int64_t>(t.scalar_type()) << 8) | (static_cast<int64_t>(t.device().type()) << 16) |
+               (static_cast<int64_t>(t.device().index() + 1) << 32);
+    for (int64_t d = 0; d < dim; ++d) { key[n++] = t.size(d); key[n++] = t.stride(d); }
+  }
+  return pybind11::bytes(reinterpret_cast<const char*>(key), n * sizeof(int64_t));
+}
