@@ -126,9 +126,10 @@ def _shift(a, axis, offset):
     return out
 
 
-def lrn(x, axes, lo, hi, c, k, beta, dy=None):
+def lrn(x, axes, lo, hi, c, k, beta, dy=None, terms=False):
     """Local response normalization with an explicit window [i - lo, i + hi] along each of ``axes``:
-    y = x * (k + c * sum x**2)**-beta, and (with dy) the closed-form dx written with explicit loops."""
+    y = x * (k + c * sum x**2)**-beta, and (with dy) the closed-form dx written with explicit loops; with
+    ``terms``, also ``dx_terms``: the sum of the magnitudes of dx's two terms (the scale its rounding is judged on)."""
     import itertools
 
     offsets = list(itertools.product(range(-lo, hi + 1), repeat=len(axes)))
@@ -149,7 +150,7 @@ def lrn(x, axes, lo, hi, c, k, beta, dy=None):
         if dy is not None:
             q = dy * x * d ** LD(-beta - 1)
             out["dx"] = dy * d ** LD(-beta) - LD(2 * c * beta) * x * window(q, -1)
-            # |first term| + |second term|: where they nearly cancel (c x**2 >> k), no float evaluation of the
-            # formula is more accurate than its rounding of these
-            out["dx_terms"] = np.abs(dy * d ** LD(-beta)) + np.abs(LD(2 * c * beta) * x) * window(np.abs(q), -1)
+            if terms:  # |first term| + |second term|: where they nearly cancel (c x**2 >> k), no float evaluation
+                # of the formula is more accurate than its rounding of these
+                out["dx_terms"] = np.abs(dy * d ** LD(-beta)) + np.abs(LD(2 * c * beta) * x) * window(np.abs(q), -1)
     return out

@@ -234,7 +234,7 @@ def test_lazy_modules_are_initialized_or_the_shape_is_named(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "lazy.py:make (3, 4)" in proc.stdout and "2 (Linear)" not in proc.stdout
     _one_line(_run("check", "--model", spec, "--input-shape", "3,5"), "does not initialize the model's lazy modules",
-              "--input-shape that the model accepts")
+              "pass an --input-shape (and --input-kind) that the model accepts")
 
 
 def test_empty_and_conflicting_values_are_refused():
@@ -292,7 +292,8 @@ def test_ctrl_c_prints_what_finished_and_exits_130(tmp_path):
     assert proc.returncode == 130, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("normkit check: interrupted (Ctrl-C); what finished is reported above")
-    assert "models.py:fast (2, 4)" in out and "1 (LayerNorm): float32, non-finite from input scale 1e20" in out
+    assert "models.py:fast (2, 4)" in out and "1 (LayerNorm): float32, non-finite from input scale 1e20" in out, \
+        (out, err)
     assert "models.py:slow" not in out, "nothing of the interrupted model finished"
 
 
