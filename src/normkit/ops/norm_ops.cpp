@@ -147,7 +147,8 @@ Tensor3 affine_eval_backward_graph(const Tensor& dy, const Tensor& x, const Tens
 // undefined where not asked for (or where the graph op returned an empty placeholder)
 inline Tensor as_param_grad(const Tensor& g, const Tensor& param, bool needed) {
   if (!needed || !param.defined() || !g.defined() || g.numel() == 0) return Tensor();
-  return g.to(param.scalar_type()).reshape(param.sizes());
+  const Tensor t = g.scalar_type() == param.scalar_type() ? g : g.to(param.scalar_type());
+  return t.sizes() == param.sizes() ? t : t.reshape(param.sizes());
 }
 inline Tensor or_none(const Tensor& t, bool needed) { return needed && t.defined() && t.numel() > 0 ? t : Tensor(); }
 
@@ -164,6 +165,7 @@ struct StatsNormFn : public torch::autograd::Function<StatsNormFn> {
       std::tie(y, stats) = stats_norm(x, weight, bias, layout, groups, C, eps, center);
     }
     ctx->mark_non_differentiable({stats});
+    ctx->set_materialize_grads(false);  // stats never has a gradient: no zeros made for it
     ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), stats});
     ctx->saved_data["layout"] = layout;
     ctx->saved_data["groups"] = groups;
@@ -174,6 +176,7 @@ struct StatsNormFn : public torch::autograd::Function<StatsNormFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(8);  // (grads are not materialized: y had no gradient)
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &stats = saved[3];
     const int64_t layout = ctx->saved_data["layout"].toInt(), groups = ctx->saved_data["groups"].toInt();
