@@ -440,6 +440,22 @@ def test_first_kernel_use_inside_torch_compile():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
+def test_kernels_built_is_marked_as_the_public_decorator_marks():
+    """normkit marks kernels_built constant for Dynamo without importing torch._dynamo: the mark must be the
+    one torch.compiler.assume_constant_result sets (a torch upgrade that changes it fails here)."""
+    def probe():
+        return True
+    torch.compiler.assume_constant_result(probe)
+    mine = _kernels.assume_constant_result(lambda: True)
+    assert vars(probe) == vars(mine) != {}
+
+
+def test_importing_normkit_does_not_import_dynamo():
+    out = subprocess.run([sys.executable, "-c", "import sys, normkit; print('torch._dynamo' in sys.modules)"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_env_switch_disables_without_building():
     code = ("import torch, normkit._native as n, normkit.ops._plan as f; "
             "assert f.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None; "

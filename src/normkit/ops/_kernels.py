@@ -174,7 +174,15 @@ def affine_eval_call(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None
     return _native.load().affine_eval(x, mean, var, weight, bias, layout, eps)
 
 
-@torch.compiler.assume_constant_result
+def assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` (about 2 s) with
+    normkit: the decorator only marks ``fn``, and Dynamo reads the mark when it traces a call
+    (test_native.py checks that the public decorator marks a function the same way)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@assume_constant_result
 def kernels_built() -> bool:
     """Whether the kernels are loaded (building them on first use). torch.compile runs this once while it
     traces and keeps the answer as a constant: the loader's lock and build are never traced."""
