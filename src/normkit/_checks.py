@@ -95,7 +95,9 @@ def check_param_dtypes(op: str, input: Tensor, **params: Tensor | None) -> None:
 def check_eps(op: str, eps: float) -> None:
     """eps must be a real number (NaN is refused: it can only give NaN). Its sign is checked per op:
     torch accepts any eps except in batch norm (:func:`check_batch_norm_eps`)."""
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or math.isnan(eps):
+    # eps != eps: NaN (math.isnan breaks torch.compile's graph on the symbolic float it makes of an eps that
+    # changed between compiled calls)
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or eps != eps:
         raise ValueError(f"{op}: expected eps to be a real number, got {eps!r}; pass e.g. eps=1e-5")
 
 

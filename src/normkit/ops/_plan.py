@@ -13,15 +13,17 @@ transform or forward-mode AD is active on it; the program is not being exported;
 * trailing dims (layer / RMS norm): rows ``(R, D)``;
 * dims ``2..``, affine-free or with a per-channel affine ``(1, A, *lead, 1, ...)`` (instance norm, group
   norm's grouped view): groups of consecutive channels ``(N, C, S)``;
-* dims ``(0, 2, ...)`` (batch norm in training): a group per channel, ``(N, C, S)`` with ``S >= 8``;
-* given statistics (batch / instance norm in eval): ``(N, C, S)`` with ``S >= 8``.
+* dims ``(0, 2, ...)`` (batch norm in training): a group per channel, ``(N, C, S)`` with ``S >= 8`` (``S = 1``:
+  channels last, below);
+* given statistics (batch / instance norm in eval): ``(N, C, S)``, any ``S``.
 
 Channels-last inputs (``channels_last``, ``channels_last_3d``, and group norm's grouped view of them: any
 input whose channel dims are innermost in memory) run natively in that layout, as the contiguous
 ``(N, *S, C)`` array ``x.permute(0, 2, ..., 1)`` is, with no copy and any ``S``: instance and group norm as
 groups of ``S`` rows by ``Cg`` channels (``GROUPS_CL``; batch norm as one sample of ``N * S`` rows with a group
-per channel), eval per channel of ``(..., C)``; the output keeps the input's strides. Any other non-contiguous
-input is first copied to contiguous.
+per channel -- also a contiguous ``(N, C)`` input, whose channels are innermost too), eval per channel of
+``(..., C)``; the output keeps the input's strides. Any other non-contiguous input is first copied to
+contiguous.
 
 **The cache.** The functional entry points look their call up in :data:`ROUTES` first (:func:`route`): the key
 is the op, the input's shape, strides, dtype and device, the op's Python arguments, and each other tensor's
@@ -179,15 +181,17 @@ def _channels_last_plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, d
     """For an input whose channel dims are innermost in memory, its plan in layout ``GROUPS_CL``; else None
     (the caller's copy to contiguous then serves)."""
     nd = x.dim()
-    if not center or nd < 3:
+    if not center or nd < 2:
         return None
     c = x.shape[1]
     if dims == [0, *range(2, nd)]:  # batch norm in training: one sample of N * S rows, a group per channel
         perm = _channels_minor(x, 0) if _per_channel(x, weight, bias) else None
         if perm is None:
             return None
+        if perm == tuple(range(nd)):  # (N, C) or one value per (n, c): already channels last
+            return Plan(GROUPS_CL, c, c, _op_name(CHANNELS, center), "native (channels_last)", view=(1, -1, c))
         return Plan(GROUPS_CL, c, c, _op_name(CHANNELS, center), "native (channels_last)", perm, (1, -1, c))
-    if dims != list(range(2, nd)):
+    if nd < 3 or dims != list(range(2, nd)):
         return None
     leads = {_channel_split(x, p) for p in (weight, bias) if p is not None}  # instance norm, group norm's grouped view
     if None in leads or len(leads) > 1:
@@ -208,11 +212,11 @@ def plan_standardize(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims
         return why
     dims = sorted(d % x.dim() for d in dims)
     contiguous = x.is_contiguous()
-    if not contiguous:
-        plan = _channels_last_plan(x, weight, bias, dims, center)
-        if plan is not None:
-            return plan if kernels_built() else "kernels unavailable"
-    plan = _contiguous_plan(x, weight, bias, dims, center, copy=not contiguous)
+    plan = None if contiguous else _channels_last_plan(x, weight, bias, dims, center)
+    if plan is None:
+        plan = _contiguous_plan(x, weight, bias, dims, center, copy=not contiguous)
+    if isinstance(plan, str) and contiguous:  # batch norm of one value per (n, c): its channels are innermost
+        plan = _channels_last_plan(x, weight, bias, dims, center) or plan
     if isinstance(plan, Plan) and not kernels_built():
         return "kernels unavailable"
     return plan
@@ -228,8 +232,8 @@ def plan_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bia
             return Plan(GROUPS_CL, 1, x.shape[1], "batch_norm/instance_norm (eval)", "native (channels_last)", perm) \
                 if kernels_built() else "kernels unavailable"
     if why is None:
-        if x.dim() < 3 or math.prod(x.shape[2:]) < MIN_SEGMENT:
-            why = f"fewer than {MIN_SEGMENT} values per (n, c)"
+        if x.dim() < 2:
+            why = "no channel dim"
         elif not _per_channel_values(x, mean, var, weight, bias):
             why = "parameter shape"
         elif not kernels_built():

@@ -676,12 +676,9 @@ void backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Geo&
 // it is not one float, or where x - mean can overflow for a finite x: |mean| >= 2**103, the half ulp of FLT_MAX.
 inline std::vector<Factor> eval_consts(const float* mean, const float* var, const float* w, const float* b, double eps,
                                        int64_t C, Planes& pl, std::vector<uint8_t>& slow) {
-  const Eps eps_split(eps);
-  std::vector<Factor> factors;
-  factors.reserve(C);
+  std::vector<Factor> factors = channel_factors(w, var, C, eps);
   for (int64_t c = 0; c < C; ++c) {
-    const Factor fa(w[c], var[c], eps_split);
-    factors.push_back(fa);
+    const Factor& fa = factors[c];
     pl.a(0, 0)[c] = mean[c]; pl.a(1, 0)[c] = fa.rstd(); pl.a(2, 0)[c] = fa.f; pl.a(3, 0)[c] = fa.m;
     pl.a(4, 0)[c] = static_cast<float>(fa.q); pl.a(5, 0)[c] = b ? b[c] : 0.f; pl.a(6, 0)[c] = fa.one ? 1.f : 0.f;
     slow[c] = !fa.one || !(std::abs(mean[c]) < 0x1p103f);

@@ -223,6 +223,15 @@ struct Factor {
   float rstd() const { return std::ldexp(r, k); }  // inf only where 1/sqrt(var + eps) leaves float32 itself
 };
 
+// Factor of every channel, computed once per call (rows of the same channel share it)
+inline std::vector<Factor> channel_factors(const float* w, const float* var, int64_t C, double eps) {
+  const Eps eps_split(eps);
+  std::vector<Factor> out;
+  out.reserve(C);
+  for (int64_t c = 0; c < C; ++c) out.emplace_back(w[c], var[c], eps_split);
+  return out;
+}
+
 // _spec.apply_factor: v * m * 2**q (1/3 <= |m| < 4) with no intermediate overflow where the result is finite:
 // for q < 0 the value is first scaled down by 2**-4 (exact for the large values where it matters; tiny ones
 // give 0 either way)

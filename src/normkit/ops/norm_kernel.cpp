@@ -470,12 +470,12 @@ void stats_backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, cons
 template <typename T>
 void eval_forward_impl(const T* x, T* y, const float* mean, const float* var, const float* w, const float* b,
                        double eps, int64_t N, int64_t C, int64_t S) {
-  const Eps eps_split(eps);
+  const std::vector<Factor> factors = channel_factors(w, var, C, eps);
   at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)), [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t c = row % C;
       const float mu = mean[c], bc = b[c];
-      const Factor fa(w[c], var[c], eps_split);
+      const Factor& fa = factors[c];
       const T* xp = x + row * S;
       T* yp = y + row * S;
       float big = 0.f;  // max |x - mean|: inf when the difference overflowed somewhere
@@ -510,7 +510,7 @@ void eval_forward_impl(const T* x, T* y, const float* mean, const float* var, co
 template <typename T>
 void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const float* var, const float* w, double eps,
                         int64_t N, int64_t C, int64_t S, bool need_dx, bool need_param, float* dw, float* db) {
-  const Eps eps_split(eps);
+  const std::vector<Factor> factors = channel_factors(w, var, C, eps);
   std::vector<float> segw(need_param ? N * C : 0), segb(need_param ? N * C : 0);
   at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)), [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
@@ -518,7 +518,7 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
       const float mu = mean[c];
       const T* dyp = dy + row * S;
       const T* xp = x + row * S;
-      const Factor fa(w[c], var[c], eps_split);  // dx = dy * (w * rstd), the factor split as in forward
+      const Factor& fa = factors[c];  // dx = dy * (w * rstd), the factor split as in forward
       const float rs = fa.rstd();
       T* dxp = need_dx ? dx + row * S : nullptr;
       if (need_dx && !fa.one) {
@@ -555,7 +555,6 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
     }
   });
   if (need_param) {
-    const Eps eps_split(eps);
     for (int64_t c = 0; c < C; ++c) {
       Acc aw, ab;
       for (int64_t n = 0; n < N; ++n) { aw.add(segw[n * C + c]); ab.add(segb[n * C + c]); }
@@ -564,7 +563,7 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
         dw[c] = eval_dweight(N * S, [&](int64_t i, float& d, float& xv) {
           const int64_t at = ((i / S) * C + c) * S + i % S;
           d = ld(dy[at]); xv = ld(x[at]);
-        }, mean[c], Factor(w[c], var[c], eps_split));
+        }, mean[c], factors[c]);
       }
     }
   }
