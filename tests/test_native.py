@@ -366,9 +366,27 @@ def _opcheck_samples():
     yield _kernels.affine_eval, (torch.randn(18, 6), torch.randn(6), torch.rand(6) + 1, None, torch.randn(6), cl, 1e-5)
     yield _kernels.affine_eval_backward, (torch.randn(18, 6), torch.randn(18, 6), torch.randn(6), torch.rand(6, dtype=f),
                                        torch.randn(6), cl, 1e-5, True, True)
+    # any strides (the ops are flexible_layout: Inductor hands channels_last tensors to them), outputs in x's
+    chl = (lambda t: t.contiguous(memory_format=torch.channels_last))
+    yield _kernels.stats_norm, (chl(torch.randn(2, 6, 3, 3)), torch.rand(6) + .5, torch.randn(6), 2, 1, 6, 1e-5, True)
+    yield _kernels.stats_norm, (chl(torch.randn(2, 6, 3, 3)), torch.rand(6) + .5, None, 1, 3, 6, 1e-5, True)
+    yield _kernels.stats_norm, (torch.randn(7, 5).t(), torch.rand(7) + .5, torch.randn(7), 0, 1, 7, 1e-5, True)
+    stats = _kernels.stats_norm(chl(torch.randn(2, 6, 3, 3)), None, None, 2, 1, 6, 1e-5, True)[1]
+    yield _kernels.stats_norm_backward, (torch.randn(2, 6, 3, 3), chl(torch.randn(2, 6, 3, 3)), torch.ones(6), stats, 2, 1, 6,
+                                         True, True, True)
+    yield _kernels.affine_eval, (chl(torch.randn(2, 6, 3, 3)), torch.randn(6), torch.rand(6) + 1, torch.randn(6), None, 2, 1e-5)
+    yield _kernels.affine_eval_backward, (torch.randn(2, 6, 3, 3), chl(torch.randn(2, 6, 3, 3)), torch.randn(6),
+                                       torch.rand(6) + 1, torch.randn(6), 2, 1e-5, True, True)
 
 
-@pytest.mark.parametrize("i", range(12))
+N_OPCHECK = 18  # the samples run the kernels: counted here, not at collection (where they may not be built)
+
+
+def test_opcheck_covers_every_sample():
+    assert len(list(_opcheck_samples())) == N_OPCHECK
+
+
+@pytest.mark.parametrize("i", range(N_OPCHECK))
 def test_opcheck(i):
     op, args = list(_opcheck_samples())[i]
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and op in (_kernels.stats_norm, _kernels.affine_eval)

@@ -30,6 +30,9 @@ row, affine per element (layer / RMS norm); ``GROUPS`` ``x (N, C, *)`` read as `
 group per ``(n, g)`` of ``S`` rows by ``C / groups`` channels. ``affine_eval`` takes ``CHANNELS`` (``x (N, C,
 *)``) or ``GROUPS_CL`` (``x (..., C)``).
 
+Inputs may have any strides (the ops are tagged ``flexible_layout``: Inductor keeps convolutions channels last on
+CPU and need not convert around them); outputs of ``x``'s shape have the strides ``torch.empty_like(x)`` gives.
+
 Calls: :func:`stats_norm_call` and :func:`affine_eval_call` are the operators -- one C++ call through the
 dispatcher (``normkit._native``'s entry points), or, while Dynamo traces, the ``torch.ops`` overloads it
 records.
@@ -61,8 +64,8 @@ _SCHEMAS = {
                                   " int layout, float eps, bool need_dx, bool need_w, bool need_b)"
                                   " -> (Tensor, Tensor, Tensor)",
 }
-for _name, _schema in _SCHEMAS.items():
-    torch.library.define(f"normkit::{_name}", _schema)
+for _name, _schema in _SCHEMAS.items():  # flexible_layout: Inductor may pass any strides (outputs follow x's)
+    torch.library.define(f"normkit::{_name}", _schema, tags=(torch.Tag.flexible_layout,))
 
 stats_norm = torch.ops.normkit.stats_norm.default
 stats_norm_backward = torch.ops.normkit.stats_norm_backward.default
@@ -78,18 +81,16 @@ def n_groups(x_shape, layout: int, groups: int, C) -> int:
     return numel // C if layout == ROWS else C if layout == CHANNELS else x_shape[0] * groups
 
 
-def _contiguous_like(x: Tensor) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
+# Outputs of x's shape have x's strides, as torch.empty_like lays them out (ops/norm_ops.cpp does the same).
 
 @torch.library.register_fake("normkit::stats_norm")
 def _(x, weight, bias, layout, groups, C, eps, center):
-    return _contiguous_like(x), x.new_empty((n_groups(x.shape, layout, groups, C), 8), dtype=torch.float32)
+    return torch.empty_like(x), x.new_empty((n_groups(x.shape, layout, groups, C), 8), dtype=torch.float32)
 
 
 def _grad_fakes(x, n, need_dx, need_param):
     n = n if need_param else 0
-    return (_contiguous_like(x) if need_dx else x.new_empty((0,)), x.new_empty((n,), dtype=torch.float32),
+    return (torch.empty_like(x) if need_dx else x.new_empty((0,)), x.new_empty((n,), dtype=torch.float32),
             x.new_empty((n,), dtype=torch.float32))
 
 
@@ -100,7 +101,7 @@ def _(dy, x, weight, stats, layout, groups, C, center, need_dx, need_param):
 
 @torch.library.register_fake("normkit::affine_eval")
 def _(x, mean, var, weight, bias, layout, eps):
-    return _contiguous_like(x)
+    return torch.empty_like(x)
 
 
 @torch.library.register_fake("normkit::affine_eval_backward")

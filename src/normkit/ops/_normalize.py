@@ -173,6 +173,32 @@ class StatsAffine(torch.autograd.Function):
         return _affine_tangent(txw, x_hat, tweight, tbias, x.dtype), None
 
 
+class StatsAffineCompiled(StatsAffine):
+    """:class:`StatsAffine` for ``torch.compile``: the same function, in the form Inductor fuses with its
+    neighbours at the cost of a few multiplies per element. :func:`normkit._spec.affine_with_stats` applies
+    the split factor ``weight * rstd = m * 2**q`` (:func:`~normkit._spec.eval_factor`, per channel) to
+    ``x - mean`` with an exponent ``q + h`` that depends on the element (``h = 1`` where ``x - mean`` overflows
+    and is taken in halves, :func:`~normkit._spec.centered`); here the factor is applied with the channel's own
+    ``q`` (:func:`~normkit._spec.apply_factor`, whose powers of two are then per channel) to ``x - mean``, and to
+    the halves times 2 where the difference overflows. Equal to the spec's: ``2 * apply_factor(v, m, q)`` and
+    ``apply_factor(v, m, q + 1)`` are both ``v * m`` rounded once, scaled by the exact ``2**(q + 1)``. Backward
+    is :class:`StatsAffine`'s. (Where the shift makes ``h`` per element, Inductor computed the powers of two
+    for every element: 1.5x torch's compiled ResNet-18 instead of about 1.0x.)"""
+
+    @staticmethod
+    def forward(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        ct = spec.compute_dtype(x.dtype)
+        xc, mc = x.to(ct), mean.to(ct)
+        r, k, m, q = spec.eval_factor(var.to(ct), None if weight is None else weight.to(ct), eps)
+        diff = xc - mc
+        halves = torch.isinf(diff) & torch.isfinite(xc) & torch.isfinite(mc)
+        d = torch.where(halves, xc * 0.5 - mc * 0.5, diff)
+        y = spec.apply_factor(d, m, q) * torch.where(halves, 2.0, 1.0)
+        x_hat = spec.apply_factor(d, r, k) * torch.where(halves, 2.0, 1.0)
+        y = y if bias is None else y + bias.to(ct)
+        return _output(y, x.dtype, x_hat), x_hat
+
+
 def _with_jvp(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
     """``function`` with its ``tangent`` installed as ``jvp``, for forward-mode AD.
 
@@ -209,6 +235,8 @@ def stats_affine(x, mean, var, weight, bias, eps):
     fast = _plan.stats_affine(x, mean, var, weight, bias, eps)
     if fast is not None:
         return fast
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():  # Inductor fuses it (StatsAffineCompiled)
+        return StatsAffineCompiled.apply(x, mean, var, weight, bias, float(eps))[0]
     return _pick(StatsAffine, StatsAffineJvp).apply(x, mean, var, weight, bias, float(eps))[0]
 
 

@@ -226,6 +226,8 @@ def plan_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bia
     """The plan of ``(x - mean) * rsqrt(var + eps) * weight + bias`` with per-channel statistics and
     parameters (each shaped ``(1, C, 1, ...)`` or ``(C,)``), or why no kernel serves it."""
     why = why_not(x, mean, var, weight, bias)
+    if why is None and _is_compiling():  # Inductor fuses the spec's pointwise form with its neighbours: no kernel
+        return "compiled: a pointwise form Inductor fuses"
     if why is None and x.dim() >= 3 and not x.is_contiguous():
         perm = _channels_minor(x, 0)
         if perm is not None and _per_channel_values(x, mean, var, weight, bias):

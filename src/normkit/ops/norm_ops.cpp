@@ -6,10 +6,10 @@
 //   affine_eval(x, mean, var, weight?, bias?, layout, eps) -> y                       given statistics
 //   affine_eval_backward(dy, x, mean, var, weight?, layout, eps, need_dx, need_param) -> (dx, dw, db)
 //
-// CPU kernels (the *_cpu functions): any contiguous x that the layout reads (rows (R, D = C); (N, C, *); channels
-// last (N, *, C)), parameters of any shape with C values in float32 or x's dtype, or none (ones / zeros): the
-// conversions, the choice between norm_kernel.cpp and channels_last_kernel.cpp, and nothing else. Only CPU
-// kernels are registered: on another device the dispatcher refuses the call with its own clear error.
+// CPU kernels (the *_cpu functions): x as the layout reads it (rows (R, D = C); (N, C, *); channels last (N, *, C)),
+// in any memory layout (below), parameters of any shape with C values in float32 or x's dtype, or none (ones /
+// zeros): the conversions, the choice between norm_kernel.cpp and channels_last_kernel.cpp, and nothing else. Only
+// CPU kernels are registered: on another device the dispatcher refuses the call with its own clear error.
 //
 // Autograd (the *_autograd functions): where no input needs a gradient the call goes straight below autograd;
 // otherwise a torch::autograd::Function keeps x, the parameters and 8 floats of statistics per group, and its
@@ -50,47 +50,113 @@ inline bool defined(const OptTensor& t) { return t.has_value() && t->defined(); 
 inline bool requires_grad(const OptTensor& t) { return defined(t) && t->requires_grad(); }
 
 // ---- CPU kernels --------------------------------------------------------------------------------------------------
+// Outputs have x's strides, as at::empty_like(x) lays them out (the fake kernels say so, and Inductor, which keeps
+// convolutions channels last on CPU, may hand over any layout): a contiguous x as it is; an x whose channel dims
+// (those after the first, C values) are innermost in memory -- channels_last, or group norm's grouped view of it --
+// through the channels-last kernels (layouts GROUPS and CHANNELS); anything else computed on a contiguous copy and
+// copied back into x's strides.
+
+// The permutation moving x's channel dims (1..j, C values) after the others, where that makes x contiguous; else empty
+std::vector<int64_t> channels_minor(const Tensor& x, int64_t C) {
+  const int64_t nd = x.dim();
+  if (nd < 3 || x.is_contiguous()) return {};
+  int64_t j = 1, prod = 1;
+  for (; j < nd && prod < C; ++j) prod *= x.size(j);
+  if (prod != C || j >= nd) return {};
+  std::vector<int64_t> perm{0};
+  for (int64_t d = j; d < nd; ++d) perm.push_back(d);
+  for (int64_t d = 1; d < j; ++d) perm.push_back(d);
+  return x.permute(perm).is_contiguous() ? perm : std::vector<int64_t>{};
+}
+
+std::vector<int64_t> inverse(const std::vector<int64_t>& perm) {
+  std::vector<int64_t> inv(perm.size());
+  for (size_t i = 0; i < perm.size(); ++i) inv[perm[i]] = static_cast<int64_t>(i);
+  return inv;
+}
+
+// `t` (computed contiguous) in the strides at::empty_like(like) gives
+Tensor in_strides_of(const Tensor& t, const Tensor& like) {
+  if (like.is_contiguous()) return t;
+  Tensor out = at::empty_like(like);
+  out.copy_(t);
+  return out;
+}
+
+// x read as (N', S, C) channels last by the _cl kernels: batch norm (CHANNELS) as one sample of N * S rows
+inline Tensor cl_rows(const Tensor& xp, int64_t layout, int64_t C) { return layout == 2 ? xp.reshape({1, -1, C}) : xp; }
 
 Tensor2 stats_norm_cpu(const Tensor& x, const OptTensor& weight, const OptTensor& bias, int64_t layout, int64_t groups,
                        int64_t C, double eps, bool center) {
   const Tensor w = param_f32(weight, C, 1.f, "stats_norm: weight"), b = param_f32(bias, C, 0.f, "stats_norm: bias");
   if (layout == kGroupsCL) return nk_cl::stats_forward_cl(x.contiguous(), w, b, groups, C, eps, center);
-  return nk_norm::stats_forward(x.contiguous(), w, b, layout, groups, C, eps, center);
+  const auto perm = layout == 1 || layout == 2 ? channels_minor(x, C) : std::vector<int64_t>{};
+  if (!perm.empty()) {
+    const Tensor xp = x.permute(perm);
+    Tensor y, stats;
+    std::tie(y, stats) = nk_cl::stats_forward_cl(cl_rows(xp, layout, C), w, b, layout == 2 ? C : groups, C, eps, center);
+    return {y.view(xp.sizes()).permute(inverse(perm)), stats};
+  }
+  Tensor y, stats;
+  std::tie(y, stats) = nk_norm::stats_forward(x.contiguous(), w, b, layout, groups, C, eps, center);
+  return {in_strides_of(y, x), stats};
 }
 
 Tensor3 stats_norm_backward_cpu(const Tensor& dy, const Tensor& x, const OptTensor& weight, const Tensor& stats,
                                 int64_t layout, int64_t groups, int64_t C, bool center, bool need_dx, bool need_param) {
   const Tensor w = param_f32(weight, C, 1.f, "stats_norm_backward: weight");
+  TORCH_CHECK(dy.sizes() == x.sizes(), "stats_norm_backward: expected dy of x's sizes ", x.sizes(), ", got ", dy.sizes());
   if (layout == kGroupsCL)
     return nk_cl::stats_backward_cl(dy.contiguous(), x.contiguous(), w, stats, groups, C, center, need_dx, need_param);
-  return nk_norm::stats_backward(dy.contiguous(), x.contiguous(), w, stats, layout, groups, C, center, need_dx, need_param);
+  Tensor dx, dw, db;
+  const auto perm = layout == 1 || layout == 2 ? channels_minor(x, C) : std::vector<int64_t>{};
+  if (!perm.empty()) {
+    const Tensor xp = x.permute(perm);
+    std::tie(dx, dw, db) = nk_cl::stats_backward_cl(cl_rows(dy.permute(perm).contiguous(), layout, C), cl_rows(xp, layout, C),
+                                                    w, stats, layout == 2 ? C : groups, C, center, need_dx, need_param);
+    return {need_dx ? dx.view(xp.sizes()).permute(inverse(perm)) : dx, dw, db};
+  }
+  std::tie(dx, dw, db) = nk_norm::stats_backward(dy.contiguous(), x.contiguous(), w, stats, layout, groups, C, center,
+                                                 need_dx, need_param);
+  return {need_dx ? in_strides_of(dx, x) : dx, dw, db};
+}
+
+inline int64_t eval_channels(const Tensor& x, int64_t layout, const char* op) {
+  TORCH_CHECK(layout == 2 || layout == kGroupsCL, op, ": layout must be 2 (N, C, *) or 3 (channels last), got ", layout);
+  TORCH_CHECK(x.dim() >= (layout == 2 ? 2 : 1), op, ": expected x of at least ", layout == 2 ? 2 : 1, " dims, got sizes ",
+              x.sizes());
+  return layout == 2 ? x.size(1) : x.size(-1);
 }
 
 // layout 2: x (N, C, *); layout 3: channels last, x (..., C)
 Tensor affine_eval_cpu(const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& weight,
                        const OptTensor& bias, int64_t layout, double eps) {
-  TORCH_CHECK(layout == 2 || layout == kGroupsCL, "affine_eval: layout must be 2 (N, C, *) or 3 (channels last), got ",
-              layout);
-  TORCH_CHECK(x.dim() >= (layout == 2 ? 2 : 1), "affine_eval: expected x of at least ", layout == 2 ? 2 : 1,
-              " dims, got sizes ", x.sizes());
-  const int64_t C = layout == 2 ? x.size(1) : x.size(-1);
+  const int64_t C = eval_channels(x, layout, "affine_eval");
   const Tensor m = param_f32(mean, C, 0.f, "affine_eval: mean"), v = param_f32(var, C, 1.f, "affine_eval: var");
   const Tensor w = param_f32(weight, C, 1.f, "affine_eval: weight"), b = param_f32(bias, C, 0.f, "affine_eval: bias");
   if (layout == kGroupsCL) return nk_cl::eval_forward_cl(x.contiguous(), m, v, w, b, eps);
-  return nk_norm::eval_forward(x.contiguous(), m, v, w, b, eps);
+  const auto perm = channels_minor(x, C);
+  if (!perm.empty()) return nk_cl::eval_forward_cl(x.permute(perm), m, v, w, b, eps).permute(inverse(perm));
+  return in_strides_of(nk_norm::eval_forward(x.contiguous(), m, v, w, b, eps), x);
 }
 
 Tensor3 affine_eval_backward_cpu(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& var,
                                  const OptTensor& weight, int64_t layout, double eps, bool need_dx, bool need_param) {
-  TORCH_CHECK(layout == 2 || layout == kGroupsCL, "affine_eval_backward: layout must be 2 or 3, got ", layout);
-  TORCH_CHECK(x.dim() >= (layout == 2 ? 2 : 1), "affine_eval_backward: expected x of at least ", layout == 2 ? 2 : 1,
-              " dims, got sizes ", x.sizes());
-  const int64_t C = layout == 2 ? x.size(1) : x.size(-1);
+  const int64_t C = eval_channels(x, layout, "affine_eval_backward");
+  TORCH_CHECK(dy.sizes() == x.sizes(), "affine_eval_backward: expected dy of x's sizes ", x.sizes(), ", got ", dy.sizes());
   const Tensor m = param_f32(mean, C, 0.f, "affine_eval_backward: mean");
   const Tensor v = param_f32(var, C, 1.f, "affine_eval_backward: var");
   const Tensor w = param_f32(weight, C, 1.f, "affine_eval_backward: weight");
   if (layout == kGroupsCL) return nk_cl::eval_backward_cl(dy.contiguous(), x.contiguous(), m, v, w, eps, need_dx, need_param);
-  return nk_norm::eval_backward(dy.contiguous(), x.contiguous(), m, v, w, eps, need_dx, need_param);
+  Tensor dx, dw, db;
+  const auto perm = channels_minor(x, C);
+  if (!perm.empty()) {
+    std::tie(dx, dw, db) = nk_cl::eval_backward_cl(dy.permute(perm).contiguous(), x.permute(perm), m, v, w, eps, need_dx,
+                                                   need_param);
+    return {need_dx ? dx.permute(inverse(perm)) : dx, dw, db};
+  }
+  std::tie(dx, dw, db) = nk_norm::eval_backward(dy.contiguous(), x.contiguous(), m, v, w, eps, need_dx, need_param);
+  return {need_dx ? in_strides_of(dx, x) : dx, dw, db};
 }
 
 // ---- the ops, called through the dispatcher -----------------------------------------------------------------------
