@@ -13,6 +13,8 @@ each of their loops. The operators:
 * ``normkit::affine_eval(x, mean, var, weight?, bias?, layout, eps) -> y``: given statistics per channel;
 * ``normkit::affine_eval_backward(dy, x, mean, var, weight?, layout, eps, need_dx, need_param)
   -> (dx, dweight, dbias)``;
+* ``normkit::eval_constants(mean, var, weight?, eps) -> (6, C)``: ``affine_eval``'s per-channel constants, for
+  the form of it that ``torch.compile`` fuses (:class:`normkit.ops._normalize.StatsAffineCompiled`);
 * ``normkit::stats_norm_backward_graph`` / ``normkit::affine_eval_backward_graph``: the backward in the spec's
   differentiable torch ops (``CompositeImplicitAutograd``), which the C++ backward calls when a graph is
   being built in backward (double backward).
@@ -57,6 +59,7 @@ _SCHEMAS = {
     "affine_eval": "(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, int layout, float eps) -> Tensor",
     "affine_eval_backward": "(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, int layout, float eps,"
                             " bool need_dx, bool need_param) -> (Tensor, Tensor, Tensor)",
+    "eval_constants": "(Tensor mean, Tensor var, Tensor? weight, float eps) -> Tensor",
     "stats_norm_backward_graph": "(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, int layout, int groups, int C,"
                                  " float eps, bool center, bool need_dx, bool need_w, bool need_b)"
                                  " -> (Tensor, Tensor, Tensor)",
@@ -71,6 +74,7 @@ stats_norm = torch.ops.normkit.stats_norm.default
 stats_norm_backward = torch.ops.normkit.stats_norm_backward.default
 affine_eval = torch.ops.normkit.affine_eval.default
 affine_eval_backward = torch.ops.normkit.affine_eval_backward.default
+eval_constants = torch.ops.normkit.eval_constants.default
 
 
 def n_groups(x_shape, layout: int, groups: int, C) -> int:
@@ -102,6 +106,11 @@ def _(dy, x, weight, stats, layout, groups, C, center, need_dx, need_param):
 @torch.library.register_fake("normkit::affine_eval")
 def _(x, mean, var, weight, bias, layout, eps):
     return torch.empty_like(x)
+
+
+@torch.library.register_fake("normkit::eval_constants")
+def _(mean, var, weight, eps):
+    return var.new_empty((6, var.numel()), dtype=torch.float32)
 
 
 @torch.library.register_fake("normkit::affine_eval_backward")

@@ -64,6 +64,20 @@ def _affine_tangent(tx_hat_w: Tensor, x_hat: Tensor, tweight: Tensor | None, tbi
     return ty.to(dtype)
 
 
+def _stats_affine_backward(dy, x, mean, var, weight, bias, eps, needs):
+    """The gradients of :class:`StatsAffine` (and :class:`StatsAffineCompiled`), one per input: ``dx`` and
+    ``dweight`` by :func:`~normkit._spec.affine_with_stats_backward`, ``dbias = sum(dy)``; none to the statistics."""
+    ct = spec.compute_dtype(x.dtype)
+    dy = dy.to(ct)
+    w = None if weight is None else weight.to(ct)
+    dims = [i for i in range(x.dim()) if mean.shape[i] == 1]  # the per-channel statistics' broadcast dims
+    dx, dweight = spec.affine_with_stats_backward(dy, x.to(ct), mean.to(ct), var.to(ct), eps, w, dims, needs[0],
+                                                  weight is not None and needs[3])
+    dweight = None if dweight is None else dweight.sum_to_size(weight.shape).to(weight.dtype)
+    dbias = dy.sum_to_size(bias.shape).to(bias.dtype) if bias is not None and needs[4] else None
+    return (None if dx is None else dx.to(x.dtype)), None, None, dweight, dbias, None
+
+
 def _weighted(t: Tensor, weight: Tensor | None) -> Tensor:
     return t if weight is None else t * weight.to(t.dtype)
 
@@ -149,17 +163,8 @@ class StatsAffine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, unused):
-        x, mean, var, weight, bias, x_hat = ctx.saved_tensors
-        ct = x_hat.dtype
-        needs = ctx.needs_input_grad
-        dy = dy.to(ct)
-        w = None if weight is None else weight.to(ct)
-        dims = [i for i in range(x.dim()) if mean.shape[i] == 1]  # the per-channel statistics' broadcast dims
-        dx, dweight = spec.affine_with_stats_backward(dy, x.to(ct), mean.to(ct), var.to(ct), ctx.eps, w, dims, needs[0],
-                                                      weight is not None and needs[3])
-        dweight = None if dweight is None else dweight.sum_to_size(weight.shape).to(weight.dtype)
-        dbias = dy.sum_to_size(bias.shape).to(bias.dtype) if bias is not None and needs[4] else None
-        return (None if dx is None else dx.to(x.dtype)), None, None, dweight, dbias, None
+        x, mean, var, weight, bias, _ = ctx.saved_tensors
+        return _stats_affine_backward(dy, x, mean, var, weight, bias, ctx.eps, ctx.needs_input_grad)
 
     @staticmethod
     def tangent(ctx, tx, tmean, tvar, tweight, tbias, unused):
@@ -173,30 +178,35 @@ class StatsAffine(torch.autograd.Function):
         return _affine_tangent(txw, x_hat, tweight, tbias, x.dtype), None
 
 
-class StatsAffineCompiled(StatsAffine):
-    """:class:`StatsAffine` for ``torch.compile``: the same function, in the form Inductor fuses with its
-    neighbours at the cost of a few multiplies per element. :func:`normkit._spec.affine_with_stats` applies
-    the split factor ``weight * rstd = m * 2**q`` (:func:`~normkit._spec.eval_factor`, per channel) to
-    ``x - mean`` with an exponent ``q + h`` that depends on the element (``h = 1`` where ``x - mean`` overflows
-    and is taken in halves, :func:`~normkit._spec.centered`); here the factor is applied with the channel's own
-    ``q`` (:func:`~normkit._spec.apply_factor`, whose powers of two are then per channel) to ``x - mean``, and to
-    the halves times 2 where the difference overflows. Equal to the spec's: ``2 * apply_factor(v, m, q)`` and
-    ``apply_factor(v, m, q + 1)`` are both ``v * m`` rounded once, scaled by the exact ``2**(q + 1)``. Backward
-    is :class:`StatsAffine`'s. (Where the shift makes ``h`` per element, Inductor computed the powers of two
-    for every element: 1.5x torch's compiled ResNet-18 instead of about 1.0x.)"""
+class StatsAffineCompiled(torch.autograd.Function):
+    """:class:`StatsAffine` for ``torch.compile``: the same function, as a chain of multiplies by per-channel
+    constants (``normkit::eval_constants``, from the native kernels) that Inductor fuses with its neighbours:
+    ``y = ((((x * a - a * mean) * m') * 2**k1) * 2**k2) * 2**k3 + bias`` -- :func:`~normkit._spec.affine_with_stats`'s
+    split factor (:func:`~normkit._spec.eval_factor`, :func:`~normkit._spec.apply_factor` and
+    :func:`~normkit._spec.mul_pow2`'s three powers of two) with ``x - mean`` taken in halves for every element of a
+    channel whose mean is large enough for the difference to overflow (``ops/norm_ops.cpp`` shows why that gives
+    each element the spec's value). Backward is :class:`StatsAffine`'s. (Written as the spec's ops, Inductor
+    computed the powers of two for every element: compiled ResNet-18 took 1.5x torch's compiled time.)"""
 
     @staticmethod
     def forward(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        from ._kernels import eval_constants
+
         ct = spec.compute_dtype(x.dtype)
-        xc, mc = x.to(ct), mean.to(ct)
-        r, k, m, q = spec.eval_factor(var.to(ct), None if weight is None else weight.to(ct), eps)
-        diff = xc - mc
-        halves = torch.isinf(diff) & torch.isfinite(xc) & torch.isfinite(mc)
-        d = torch.where(halves, xc * 0.5 - mc * 0.5, diff)
-        y = spec.apply_factor(d, m, q) * torch.where(halves, 2.0, 1.0)
-        x_hat = spec.apply_factor(d, r, k) * torch.where(halves, 2.0, 1.0)
-        y = y if bias is None else y + bias.to(ct)
-        return _output(y, x.dtype, x_hat), x_hat
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        a, am, m, p1, p2, p3 = (c.view(shape) for c in eval_constants(mean, var, weight, eps).unbind(0))
+        y = ((((x.to(ct) * a - am) * m) * p1) * p2) * p3
+        return (y if bias is None else y + bias.to(ct)).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, mean, var, weight, bias, eps = inputs
+        ctx.save_for_backward(x, mean, var, weight, bias)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _stats_affine_backward(dy, *ctx.saved_tensors, ctx.eps, ctx.needs_input_grad)
 
 
 def _with_jvp(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
@@ -231,12 +241,14 @@ def standardize_affine(x, weight, bias, dims, eps, center=True):
 
 
 def stats_affine(x, mean, var, weight, bias, eps):
-    """``y`` with given statistics (:class:`StatsAffine`). A fused native kernel serves where one applies."""
-    fast = _plan.stats_affine(x, mean, var, weight, bias, eps)
-    if fast is not None:
-        return fast
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():  # Inductor fuses it (StatsAffineCompiled)
-        return StatsAffineCompiled.apply(x, mean, var, weight, bias, float(eps))[0]
+    """``y`` with given statistics (:class:`StatsAffine`). A fused native kernel serves where one applies
+    (:func:`normkit.ops._plan.plan_affine`); under torch.compile, the form Inductor fuses (:class:`StatsAffineCompiled`)."""
+    plan = _plan.plan_affine(x, mean, var, weight, bias)
+    if plan is _plan.COMPILED:
+        return StatsAffineCompiled.apply(x, mean, var, weight, bias, float(eps))
+    if isinstance(plan, _plan.Plan):
+        return _plan.run_affine(plan, x, mean.detach(), var.detach(), weight, bias, eps)
+    _native.note("batch_norm/instance_norm (eval)", f"eager ({plan})")
     return _pick(StatsAffine, StatsAffineJvp).apply(x, mean, var, weight, bias, float(eps))[0]
 
 

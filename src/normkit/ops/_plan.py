@@ -52,6 +52,7 @@ from ._kernels import CHANNELS, GROUPS, GROUPS_CL, ROWS, affine_eval_call, kerne
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_SEGMENT = 8  # channel layouts with fewer spatial values per (n, c) run eagerly (a kernel per value is no gain)
 MAX_ROUTES = 4096  # signatures cached; the cache starts afresh beyond (a model with ever-changing shapes)
+COMPILED = "compiled: the pointwise form Inductor fuses"  # plan_affine under torch.compile (ops/_normalize.py)
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -224,10 +225,12 @@ def plan_standardize(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims
 
 def plan_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None) -> Plan | str:
     """The plan of ``(x - mean) * rsqrt(var + eps) * weight + bias`` with per-channel statistics and
-    parameters (each shaped ``(1, C, 1, ...)`` or ``(C,)``), or why no kernel serves it."""
+    parameters (each shaped ``(1, C, 1, ...)`` or ``(C,)``), or why no kernel serves it; :data:`COMPILED`
+    while Dynamo traces, where the kernels would serve: Inductor then gets the pointwise form it fuses with the
+    neighbouring ops (:class:`normkit.ops._normalize.StatsAffineCompiled`) instead of an opaque kernel call."""
     why = why_not(x, mean, var, weight, bias)
-    if why is None and _is_compiling():  # Inductor fuses the spec's pointwise form with its neighbours: no kernel
-        return "compiled: a pointwise form Inductor fuses"
+    if why is None and _is_compiling():  # Inductor fuses a pointwise form with its neighbours: no kernel call
+        return COMPILED if kernels_built() else "kernels unavailable"
     if why is None and x.dim() >= 3 and not x.is_contiguous():
         perm = _channels_minor(x, 0)
         if perm is not None and _per_channel_values(x, mean, var, weight, bias):
@@ -293,10 +296,7 @@ def standardize_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, di
 def stats_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
     """``y`` as :func:`normkit.ops._normalize.stats_affine` returns it, from a native kernel; else ``None``."""
     plan = plan_affine(x, mean, var, weight, bias)
-    if isinstance(plan, str):
-        _native.note("batch_norm/instance_norm (eval)", f"eager ({plan})")
-        return None
-    return run_affine(plan, x, mean.detach(), var.detach(), weight, bias, eps)
+    return None if isinstance(plan, str) else run_affine(plan, x, mean.detach(), var.detach(), weight, bias, eps)
 
 
 # ---- the cache ------------------------------------------------------------------------------------------------

@@ -159,6 +159,38 @@ Tensor3 affine_eval_backward_cpu(const Tensor& dy, const Tensor& x, const Tensor
   return {need_dx ? in_strides_of(dx, x) : dx, dw, db};
 }
 
+// _spec.affine_with_stats of each channel as a chain of multiplies by per-channel constants, for torch.compile's eval
+// batch norm (ops/_normalize.py: StatsAffineCompiled), which Inductor fuses with its neighbours:
+//   y = ((((x * a - a * mean) * m') * 2**k1) * 2**k2) * 2**k3 + bias.
+// Rows: a, a * mean, m', 2**k1, 2**k2, 2**k3. m * 2**q = weight * rstd is _spec.eval_factor's split factor (Factor);
+// _spec.apply_factor(d, m, q') is mul_pow2((d * 2**-s) * m, q' + s), s = 4 where q' < 0, so m' = m * 2**-s and
+// k1 + k2 + k3 = q' + s, split as _spec.mul_pow2 splits it (each a normal power of two). _spec.centered takes
+// x - mean in halves (h = 1, q' = q + 1) where the difference overflows, which for a finite x can happen only if
+// |mean| >= 2**103 (half an ulp of FLT_MAX): a = 1/2 for such a channel, for all its elements -- there x * 1/2 and
+// mean * 1/2 are exact (x's rounding is negligible against the mean), so each element gets the spec's value.
+Tensor eval_constants_cpu(const Tensor& mean, const Tensor& var, const OptTensor& weight, double eps) {
+  const int64_t C = var.numel();
+  TORCH_CHECK(C > 0, "eval_constants: expected statistics of at least one channel");
+  const Tensor mu = param_f32(mean, C, 0.f, "eval_constants: mean"), v = param_f32(var, C, 1.f, "eval_constants: var");
+  const Tensor w = param_f32(weight, C, 1.f, "eval_constants: weight");
+  Tensor out = torch::empty({6, C}, torch::dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const float *pm = mu.data_ptr<float>(), *pv = v.data_ptr<float>(), *pw = w.data_ptr<float>();
+  const nk_norm::Eps eps_split(eps);
+  constexpr int bound = 3 * nk_norm::kMaxExp;
+  for (int64_t c = 0; c < C; ++c) {
+    const nk_norm::Factor fa(pw[c], pv[c], eps_split);
+    const int h = std::isfinite(pm[c]) && std::abs(pm[c]) >= 0x1p103f ? 1 : 0;
+    const float a = h ? 0.5f : 1.f;
+    const int qh = fa.q + h, sh = qh < 0 ? 4 : 0;
+    const int k = std::min(std::max(qh + sh, -bound), bound);
+    const int k1 = k / 3, k2 = (k - k1) / 2, k3 = k - k1 - k2;  // C++ division truncates, as torch.trunc
+    o[c] = a; o[C + c] = pm[c] * a; o[2 * C + c] = fa.m * nk_norm::exp2i(-sh);
+    o[3 * C + c] = nk_norm::exp2i(k1); o[4 * C + c] = nk_norm::exp2i(k2); o[5 * C + c] = nk_norm::exp2i(k3);
+  }
+  return out;
+}
+
 // ---- the ops, called through the dispatcher -----------------------------------------------------------------------
 
 #define NK_OP(name, fn)                                                                                     \
@@ -326,6 +358,7 @@ TORCH_LIBRARY_IMPL(normkit, CPU, m) {
   m.impl("stats_norm_backward", &nk_ops::stats_norm_backward_cpu);
   m.impl("affine_eval", &nk_ops::affine_eval_cpu);
   m.impl("affine_eval_backward", &nk_ops::affine_eval_backward_cpu);
+  m.impl("eval_constants", &nk_ops::eval_constants_cpu);
 }
 
 TORCH_LIBRARY_IMPL(normkit, Autograd, m) {
