@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import normkit
-from conftest import assert_rel_close
+from conftest import assert_rel_close, needs_native
 
 
 def _model(eps: float) -> nn.Module:
@@ -65,3 +65,32 @@ def test_compiled_ordinary_data_matches_eager(train):
     compiled = torch.compile(copy.deepcopy(twin), fullgraph=True)
     x = torch.randn(2, 4, 6, 6)
     assert_rel_close(compiled(x), twin(x).double(), torch.float32, "compiled vs eager")
+
+
+@needs_native
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_compiled_forms_compute_the_kernels_values(layout):
+    """The Functions torch.compile traces for batch norm (StandardizeAffineCompiled, StatsAffineCompiled), run
+    eagerly, agree with the kernels' ops on the conformance registry's batch norm cases (magnitudes to the top
+    of float32, offsets, constant channels, running_var = weight = 1e-20): the same spec functions."""
+    from normkit.check.cases import conformance_cases
+    from normkit.ops import _kernels
+    from normkit.ops._normalize import StandardizeAffineCompiled, StatsAffineCompiled
+
+    normkit.build()  # the operators below are called directly: their CPU kernels come with the extension
+    shape = (4, 6, 5, 3)
+    for name in ("batch_norm", "batch_norm_eval"):
+        for i, case in enumerate(conformance_cases(torch.float32, [name])):
+            x, p, _ = case.data(shape, seed=i)
+            x = x.contiguous(memory_format=layout)
+            eps = case.eps if case.eps is not None else 1e-5
+            w, b = p.get("weight"), p.get("bias")
+            if name == "batch_norm":
+                got, stats = StandardizeAffineCompiled.apply(x, w, b, eps)
+                ref, ref_stats = _kernels.stats_norm(x, w, b, _kernels.CHANNELS, 1, 6, eps, True)
+                assert torch.equal(stats, ref_stats), case.label
+            else:
+                view = (lambda t: None if t is None else t.view(1, -1, 1, 1))
+                got = StatsAffineCompiled.apply(x, view(p["running_mean"]), view(p["running_var"]), view(w), view(b), eps)
+                ref = _kernels.affine_eval(x, p["running_mean"], p["running_var"], w, b, _kernels.CHANNELS, eps)
+            assert_rel_close(got, ref.double(), torch.float32, f"{name} {case.label}")

@@ -377,9 +377,13 @@ def _opcheck_samples():
     yield _kernels.affine_eval, (chl(torch.randn(2, 6, 3, 3)), torch.randn(6), torch.rand(6) + 1, torch.randn(6), None, 2, 1e-5)
     yield _kernels.affine_eval_backward, (torch.randn(2, 6, 3, 3), chl(torch.randn(2, 6, 3, 3)), torch.randn(6),
                                        torch.rand(6) + 1, torch.randn(6), 2, 1e-5, True, True)
+    # the constants of the forms torch.compile fuses
+    yield _kernels.group_stats, (torch.randn(2, 6, 3, 3), 2, 1, 6, 1e-5, True)
+    yield _kernels.group_stats, (chl(torch.randn(2, 6, 3, 3)), 1, 3, 6, 1e-5, True)
+    yield _kernels.eval_constants, (torch.randn(6), torch.rand(6) + 1, torch.randn(6), 1e-5)
 
 
-N_OPCHECK = 18  # the samples run the kernels: counted here, not at collection (where they may not be built)
+N_OPCHECK = 21  # the samples run the kernels: counted here, not at collection (where they may not be built)
 
 
 def test_opcheck_covers_every_sample():

@@ -15,6 +15,9 @@ each of their loops. The operators:
   -> (dx, dweight, dbias)``;
 * ``normkit::eval_constants(mean, var, weight?, eps) -> (6, C)``: ``affine_eval``'s per-channel constants, for
   the form of it that ``torch.compile`` fuses (:class:`normkit.ops._normalize.StatsAffineCompiled`);
+* ``normkit::group_stats(x, layout, groups, C, eps, center) -> (stats, (7, groups))``: ``stats_norm``'s statistics
+  alone and each group's ``x_hat`` constants, for the form of batch norm in training that ``torch.compile`` fuses
+  (:class:`normkit.ops._normalize.StandardizeAffineCompiled`);
 * ``normkit::stats_norm_backward_graph`` / ``normkit::affine_eval_backward_graph``: the backward in the spec's
   differentiable torch ops (``CompositeImplicitAutograd``), which the C++ backward calls when a graph is
   being built in backward (double backward).
@@ -60,6 +63,7 @@ _SCHEMAS = {
     "affine_eval_backward": "(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, int layout, float eps,"
                             " bool need_dx, bool need_param) -> (Tensor, Tensor, Tensor)",
     "eval_constants": "(Tensor mean, Tensor var, Tensor? weight, float eps) -> Tensor",
+    "group_stats": "(Tensor x, int layout, int groups, int C, float eps, bool center) -> (Tensor, Tensor)",
     "stats_norm_backward_graph": "(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, int layout, int groups, int C,"
                                  " float eps, bool center, bool need_dx, bool need_w, bool need_b)"
                                  " -> (Tensor, Tensor, Tensor)",
@@ -75,6 +79,8 @@ stats_norm_backward = torch.ops.normkit.stats_norm_backward.default
 affine_eval = torch.ops.normkit.affine_eval.default
 affine_eval_backward = torch.ops.normkit.affine_eval_backward.default
 eval_constants = torch.ops.normkit.eval_constants.default
+group_stats = torch.ops.normkit.group_stats.default
+stats_norm_backward_graph = torch.ops.normkit.stats_norm_backward_graph.default
 
 
 def n_groups(x_shape, layout: int, groups: int, C) -> int:
@@ -106,6 +112,12 @@ def _(dy, x, weight, stats, layout, groups, C, center, need_dx, need_param):
 @torch.library.register_fake("normkit::affine_eval")
 def _(x, mean, var, weight, bias, layout, eps):
     return torch.empty_like(x)
+
+
+@torch.library.register_fake("normkit::group_stats")
+def _(x, layout, groups, C, eps, center):
+    g = n_groups(x.shape, layout, groups, C)
+    return x.new_empty((g, 8), dtype=torch.float32), x.new_empty((7, g), dtype=torch.float32)
 
 
 @torch.library.register_fake("normkit::eval_constants")

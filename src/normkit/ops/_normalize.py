@@ -64,6 +64,51 @@ def _affine_tangent(tx_hat_w: Tensor, x_hat: Tensor, tweight: Tensor | None, tbi
     return ty.to(dtype)
 
 
+class StandardizeAffineCompiled(torch.autograd.Function):
+    """Batch norm in training for ``torch.compile``: ``(y, stats)`` as ``normkit::stats_norm`` gives them, with the
+    statistics and each channel's ``x_hat`` constants from the kernels (``normkit::group_stats``: one read of
+    ``x``, nothing written but the constants) and ``y = x_hat * weight + bias`` as a chain of multiplies
+    (:func:`~normkit._spec.standardize_from_moments`' ``x_hat`` as the kernels form it) that Inductor fuses with
+    its neighbours (the activation after it), so no normalized copy of ``x`` is written and read again.
+    Backward is the kernels' (``normkit::stats_norm_backward``); while a graph is being built in backward, the
+    spec's differentiable ops (``normkit::stats_norm_backward_graph``). ``x (N, C, *)`` in any strides;
+    ``weight``, ``bias`` per channel."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        from ._kernels import CHANNELS, group_stats
+
+        c = x.shape[1]
+        stats, consts = group_stats(x, CHANNELS, 1, c, eps, True)
+        shape = (1, c, *([1] * (x.dim() - 2)))
+        s, piv, md, r, p1, p2, p3 = (k.view(shape) for k in consts.unbind(0))
+        x_hat = ((((((x.to(torch.float32) * s) - piv) - md) * r) * p1) * p2) * p3
+        y = spec.affine(x_hat, None if weight is None else weight.view(shape), None if bias is None else bias.view(shape))
+        return y.to(x.dtype), stats
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, weight, bias, output[1])
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, dy, dstats):
+        from ._kernels import CHANNELS, stats_norm_backward, stats_norm_backward_graph
+
+        x, weight, bias, stats = ctx.saved_tensors
+        need_dx, need_w, need_b = ctx.needs_input_grad[:3]
+        c = x.shape[1]
+        if torch.is_grad_enabled():
+            dx, dw, db = stats_norm_backward_graph(dy, x, weight, bias, CHANNELS, 1, c, ctx.eps, True, need_dx, need_w, need_b)
+        else:
+            dx, dw, db = stats_norm_backward(dy, x, weight, stats, CHANNELS, 1, c, True, need_dx, need_w or need_b)
+            dw = dw.reshape(weight.shape).to(weight.dtype) if need_w else None
+            db = db.reshape(bias.shape).to(bias.dtype) if need_b else None
+        return (dx if need_dx else None), (dw if need_w else None), (db if need_b else None), None
+
+
 def _stats_affine_backward(dy, x, mean, var, weight, bias, eps, needs):
     """The gradients of :class:`StatsAffine` (and :class:`StatsAffineCompiled`), one per input: ``dx`` and
     ``dweight`` by :func:`~normkit._spec.affine_with_stats_backward`, ``dbias = sum(dy)``; none to the statistics."""
@@ -232,10 +277,17 @@ def _pick(function, with_jvp):
 
 def standardize_affine(x, weight, bias, dims, eps, center=True):
     """``(y, mean, var)``: ``y = standardize(x over dims) * weight + bias`` with biased ``var`` (keepdim
-    shape). A fused native kernel serves where one applies (:func:`normkit.ops._plan.standardize_affine`)."""
-    fast = _plan.standardize_affine(x, weight, bias, dims, eps, center)
-    if fast is not None:
-        return fast
+    shape). A fused native kernel serves where one applies (:func:`normkit.ops._plan.plan_standardize`); batch
+    norm in training under torch.compile takes its statistics from the kernels and gives Inductor the affine
+    to fuse (:class:`StandardizeAffineCompiled`)."""
+    plan = _plan.plan_standardize(x, weight, bias, dims, center)
+    if isinstance(plan, _plan.Plan):
+        if plan.op == _plan.BATCH_NORM_TRAIN and torch.compiler.is_compiling():
+            y, stats = StandardizeAffineCompiled.apply(x, weight, bias, float(eps))
+        else:
+            y, stats = _plan.run_standardize(plan, x, weight, bias, eps, center)
+        return (y, *_plan.moments(stats, x, dims))
+    _native.note("layer/rms/group/instance/batch norm", f"eager ({plan})")
     y, _, _, _, mean, var = _pick(StandardizeAffine, StandardizeAffineJvp).apply(x, weight, bias, tuple(dims), float(eps), center)
     return y, mean, var
 

@@ -135,10 +135,13 @@ def _channel_split(x: Tensor, p: Tensor) -> int | None:
     return lead if all(v == 1 for v in rest[lead:]) else None
 
 
+BATCH_NORM_TRAIN = "channels: batch_norm (train)"  # the op name of its plans (ops/_normalize.py compiles it apart)
+
+
 def _op_name(layout: int, center: bool) -> str:
     return {ROWS: "rows: layer_norm" if center else "rows: rms_norm",
             GROUPS: "groups: group_norm/instance_norm",
-            CHANNELS: "channels: batch_norm (train)", GROUPS_CL: "groups: group_norm/instance_norm"}[layout]
+            CHANNELS: BATCH_NORM_TRAIN, GROUPS_CL: "groups: group_norm/instance_norm"}[layout]
 
 
 def _contiguous_plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims, center: bool, copy: bool):
@@ -284,10 +287,9 @@ def moments(stats: Tensor, x: Tensor, dims) -> tuple[Tensor, Tensor]:
 
 def standardize_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims, eps: float, center: bool = True):
     """``(y, mean, var)`` as :func:`normkit.ops._normalize.standardize_affine` returns them, from a native
-    kernel; ``None`` where none applies (the caller then runs the eager path)."""
+    kernel; ``None`` where none applies."""
     plan = plan_standardize(x, weight, bias, dims, center)
     if isinstance(plan, str):
-        _native.note("layer/rms/group/instance/batch norm", f"eager ({plan})")
         return None
     y, stats = run_standardize(plan, x, weight, bias, eps, center)
     return (y, *moments(stats, x, dims))

@@ -393,7 +393,7 @@ struct Step {
 // Runs the steps in order for every sample: a whole sample on one thread when there are at least two samples
 // per thread (its later passes then find its data in cache), else step by step, parallel over (sample, chunk).
 // Either way every sum is taken in the same order.
-inline void run_steps(const Geo& g, std::initializer_list<Step> steps) {
+inline void run_steps(const Geo& g, const std::vector<Step>& steps) {
   if (g.N >= 2 * at::get_num_threads()) {
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
@@ -518,7 +518,7 @@ void forward_impl(const T* x, T* y, Stat* stats, const Geo& g, const float* w, c
       }
     }
   };
-  const bool nt = streaming(y, C, N * S * C);
+  const bool nt = y != nullptr && streaming(y, C, N * S * C);
   auto output_consts = [&](int64_t n, int64_t) {
     float* out[6] = {pl.a(4, n), pl.a(5, n), pl.a(6, n), pl.a(7, n), pl.a(8, n), pl.a(9, n)};
     xhat_consts(stats + n * G, g, out, slow.data() + n * C);
@@ -533,12 +533,16 @@ void forward_impl(const T* x, T* y, Stat* stats, const Geo& g, const float* w, c
         }, y + n * S * C, nt);
   };
   auto robust_sample = [&](int64_t n) { return any_robust[n] != 0; };
-  run_steps(g, {{true, moments}, {false, decide},
-                {true, [&](int64_t n, int64_t ch) { robust_pass(n, ch, false); }, robust_sample},
-                {false, [&](int64_t n, int64_t) { robust_finish(n, false); }, robust_sample},
-                {true, [&](int64_t n, int64_t ch) { robust_pass(n, ch, true); }, robust_sample},
-                {false, [&](int64_t n, int64_t) { robust_finish(n, true); }, robust_sample},
-                {false, output_consts}, {true, output}});
+  std::vector<Step> steps{{true, moments}, {false, decide},
+                          {true, [&](int64_t n, int64_t ch) { robust_pass(n, ch, false); }, robust_sample},
+                          {false, [&](int64_t n, int64_t) { robust_finish(n, false); }, robust_sample},
+                          {true, [&](int64_t n, int64_t ch) { robust_pass(n, ch, true); }, robust_sample},
+                          {false, [&](int64_t n, int64_t) { robust_finish(n, true); }, robust_sample}};
+  if (y != nullptr) {  // (null: the statistics alone)
+    steps.push_back({false, output_consts});
+    steps.push_back({true, output});
+  }
+  run_steps(g, steps);
 }
 
 // _spec.normalize_backward per group of channels-last rows (the steps below, in order)
@@ -772,20 +776,22 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
 // channels; weight, bias float32, C values. Returns (y (x's sizes), stats (N * groups, 8)) as stats_forward does.
 std::tuple<torch::Tensor, torch::Tensor> stats_forward_cl(const torch::Tensor& x, const torch::Tensor& weight,
                                                           const torch::Tensor& bias, int64_t groups, int64_t C,
-                                                          double eps, bool center) {
+                                                          double eps, bool center, bool output) {
   check_input(x, 2, "stats_forward_cl");
   const Extent ex = extent(x, 3, C, "stats_forward_cl");
   const int64_t N = ex.N, S = ex.S;
   TORCH_CHECK(groups >= 1 && C % groups == 0, "stats_forward_cl: groups=", groups, " must divide C=", C);
-  check_param(weight, C, "stats_forward_cl: weight");
-  check_param(bias, C, "stats_forward_cl: bias");
-  auto y = torch::empty(x.sizes(), x.options());
+  if (output) {
+    check_param(weight, C, "stats_forward_cl: weight");
+    check_param(bias, C, "stats_forward_cl: bias");
+  }
+  torch::Tensor y = output ? torch::empty(x.sizes(), x.options()) : torch::Tensor();
   auto stats = torch::empty({N * groups, 8}, x.options().dtype(at::kFloat));
   const Geo g(N, S, C, groups);
   dispatch_dtype(x, "stats_forward_cl", [&](auto tag) {
     using T = decltype(tag);
-    forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), reinterpret_cast<Stat*>(stats.data_ptr<float>()), g,
-                    weight.data_ptr<float>(), bias.data_ptr<float>(), eps, center);
+    forward_impl<T>(x.data_ptr<T>(), output ? y.data_ptr<T>() : nullptr, reinterpret_cast<Stat*>(stats.data_ptr<float>()),
+                    g, output ? weight.data_ptr<float>() : nullptr, output ? bias.data_ptr<float>() : nullptr, eps, center);
   });
   return {y, stats};
 }

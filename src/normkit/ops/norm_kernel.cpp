@@ -264,6 +264,7 @@ void stats_forward_impl(const T* x, T* y, Stat* stats, const Shape& sh, const fl
     for (int64_t gi = g0; gi < g1; ++gi) {
       const Stat st = group_stats(x, sh, gi, eps_split, center);
       stats[gi] = st;
+      if (y == nullptr) continue;  // the statistics alone (stats_forward with output = false)
       const XHat h(st);
       const int64_t base = sh.base(gi), stride = sh.stride();
       for (int64_t j = 0; j < sh.nseg(); ++j) {
@@ -583,19 +584,23 @@ Shape make_shape(const torch::Tensor& x, int64_t layout, int64_t groups, int64_t
 }
 
 // Forward with statistics of x: layout 0 rows (R, D = C), 1 groups, 2 channels (x (N, C, *) read as (N, C, S)); x
-// contiguous, of any shape the layout reads. weight, bias: float32, C values. Returns (y (x's sizes), stats (groups, 8)).
+// contiguous, of any shape the layout reads. weight, bias: float32, C values. Returns (y (x's sizes), stats (groups, 8));
+// with output false, the statistics alone (y undefined; weight and bias unread).
 std::tuple<torch::Tensor, torch::Tensor> stats_forward(const torch::Tensor& x, const torch::Tensor& weight,
                                                        const torch::Tensor& bias, int64_t layout, int64_t groups,
-                                                       int64_t C, double eps, bool center) {
+                                                       int64_t C, double eps, bool center, bool output) {
   const Shape sh = make_shape(x, layout, groups, C, "stats_forward");
-  check_param(weight, C, "stats_forward: weight");
-  check_param(bias, C, "stats_forward: bias");
-  auto y = torch::empty(x.sizes(), x.options());
+  if (output) {
+    check_param(weight, C, "stats_forward: weight");
+    check_param(bias, C, "stats_forward: bias");
+  }
+  torch::Tensor y = output ? torch::empty(x.sizes(), x.options()) : torch::Tensor();
   auto stats = torch::empty({sh.groups(), 8}, x.options().dtype(at::kFloat));
   dispatch_dtype(x, "stats_forward", [&](auto tag) {
     using T = decltype(tag);
-    stats_forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), reinterpret_cast<Stat*>(stats.data_ptr<float>()), sh,
-                    weight.data_ptr<float>(), bias.data_ptr<float>(), eps, center);
+    stats_forward_impl<T>(x.data_ptr<T>(), output ? y.data_ptr<T>() : nullptr,
+                          reinterpret_cast<Stat*>(stats.data_ptr<float>()), sh, output ? weight.data_ptr<float>() : nullptr,
+                          output ? bias.data_ptr<float>() : nullptr, eps, center);
   });
   return {y, stats};
 }

@@ -86,20 +86,49 @@ Tensor in_strides_of(const Tensor& t, const Tensor& like) {
 // x read as (N', S, C) channels last by the _cl kernels: batch norm (CHANNELS) as one sample of N * S rows
 inline Tensor cl_rows(const Tensor& xp, int64_t layout, int64_t C) { return layout == 2 ? xp.reshape({1, -1, C}) : xp; }
 
+// stats_forward of the layout's kernel for any strides of x (see above); `output` false: the statistics alone
+Tensor2 stats_any_layout(const Tensor& x, const Tensor& w, const Tensor& b, int64_t layout, int64_t groups, int64_t C,
+                         double eps, bool center, bool output) {
+  if (layout == kGroupsCL) return nk_cl::stats_forward_cl(x.contiguous(), w, b, groups, C, eps, center, output);
+  const auto perm = layout == 1 || layout == 2 ? channels_minor(x, C) : std::vector<int64_t>{};
+  Tensor y, stats;
+  if (!perm.empty()) {
+    const Tensor xp = x.permute(perm);
+    std::tie(y, stats) = nk_cl::stats_forward_cl(cl_rows(xp, layout, C), w, b, layout == 2 ? C : groups, C, eps, center,
+                                                 output);
+    return {output ? y.view(xp.sizes()).permute(inverse(perm)) : y, stats};
+  }
+  std::tie(y, stats) = nk_norm::stats_forward(x.contiguous(), w, b, layout, groups, C, eps, center, output);
+  return {output ? in_strides_of(y, x) : y, stats};
+}
+
 Tensor2 stats_norm_cpu(const Tensor& x, const OptTensor& weight, const OptTensor& bias, int64_t layout, int64_t groups,
                        int64_t C, double eps, bool center) {
   const Tensor w = param_f32(weight, C, 1.f, "stats_norm: weight"), b = param_f32(bias, C, 0.f, "stats_norm: bias");
-  if (layout == kGroupsCL) return nk_cl::stats_forward_cl(x.contiguous(), w, b, groups, C, eps, center);
-  const auto perm = layout == 1 || layout == 2 ? channels_minor(x, C) : std::vector<int64_t>{};
-  if (!perm.empty()) {
-    const Tensor xp = x.permute(perm);
-    Tensor y, stats;
-    std::tie(y, stats) = nk_cl::stats_forward_cl(cl_rows(xp, layout, C), w, b, layout == 2 ? C : groups, C, eps, center);
-    return {y.view(xp.sizes()).permute(inverse(perm)), stats};
+  return stats_any_layout(x, w, b, layout, groups, C, eps, center, true);
+}
+
+// stats_norm's statistics alone, and each group's x_hat as a chain of multiplies by its constants -- rows 2**-e, pivot,
+// mean_d, r, 2**k1, 2**k2, 2**k3 (XHat's; k1 + k2 + k3 = k + e, split as _spec.mul_pow2 splits it):
+//   x_hat = ((((((x * 2**-e) - pivot) - mean_d) * r) * 2**k1) * 2**k2) * 2**k3,
+// _spec.standardize_from_moments' x_hat, as the kernels form it (for torch.compile's batch norm in training, whose
+// affine Inductor then fuses with its neighbours: ops/_normalize.py, StandardizeAffineCompiled).
+Tensor2 group_stats_cpu(const Tensor& x, int64_t layout, int64_t groups, int64_t C, double eps, bool center) {
+  const Tensor none;
+  const Tensor stats = std::get<1>(stats_any_layout(x, none, none, layout, groups, C, eps, center, false));
+  const int64_t G = stats.size(0);
+  Tensor consts = torch::empty({7, G}, torch::dtype(at::kFloat));
+  const auto* st = reinterpret_cast<const nk_norm::Stat*>(stats.data_ptr<float>());
+  float* o = consts.data_ptr<float>();
+  constexpr int bound = 3 * nk_norm::kMaxExp;
+  for (int64_t g = 0; g < G; ++g) {
+    const nk_norm::XHat h(st[g]);
+    const int q = std::min(std::max(h.q, -bound), bound);
+    const int k1 = q / 3, k2 = (q - k1) / 2, k3 = q - k1 - k2;  // C++ division truncates, as torch.trunc
+    o[g] = h.s; o[G + g] = h.piv; o[2 * G + g] = h.mean_d; o[3 * G + g] = h.r;
+    o[4 * G + g] = nk_norm::exp2i(k1); o[5 * G + g] = nk_norm::exp2i(k2); o[6 * G + g] = nk_norm::exp2i(k3);
   }
-  Tensor y, stats;
-  std::tie(y, stats) = nk_norm::stats_forward(x.contiguous(), w, b, layout, groups, C, eps, center);
-  return {in_strides_of(y, x), stats};
+  return {stats, consts};
 }
 
 Tensor3 stats_norm_backward_cpu(const Tensor& dy, const Tensor& x, const OptTensor& weight, const Tensor& stats,
@@ -359,6 +388,7 @@ TORCH_LIBRARY_IMPL(normkit, CPU, m) {
   m.impl("affine_eval", &nk_ops::affine_eval_cpu);
   m.impl("affine_eval_backward", &nk_ops::affine_eval_backward_cpu);
   m.impl("eval_constants", &nk_ops::eval_constants_cpu);
+  m.impl("group_stats", &nk_ops::group_stats_cpu);
 }
 
 TORCH_LIBRARY_IMPL(normkit, Autograd, m) {
