@@ -15,7 +15,7 @@ import torch
 
 import normkit.functional as nf
 from normkit import _native
-from normkit.ops import _kernels, _plan
+from normkit.ops import _kernels, _normalize, _plan
 
 import oracle
 from cases import OPS, OPS_BY_NAME, num_groups, run_normkit, run_oracle, trailing_dims
@@ -405,8 +405,9 @@ def test_custom_op_is_one_node_in_fx(mode, grad):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def f(x):
-        y = _plan.standardize_affine(x, None, None, (-1,), 1e-5, True)[0]
-        return y + _plan.stats_affine(x.view(2, 4, 8), torch.zeros(1, 4, 1), torch.ones(1, 4, 1), None, None, 1e-5).reshape(8, 8)
+        y = _normalize.standardize_affine(x, None, None, (-1,), 1e-5, True)[0]
+        return y + _normalize.stats_affine(x.view(2, 4, 8), torch.zeros(1, 4, 1), torch.ones(1, 4, 1), None, None,
+                                           1e-5).reshape(8, 8)
     with torch.set_grad_enabled(grad):
         gm = make_fx(f, tracing_mode=mode)(torch.randn(8, 8))
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
@@ -418,8 +419,8 @@ def test_backward_ops_are_recorded_in_fx():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def f(x, w):
-        y = _plan.standardize_affine(x, w.view(1, 4, 1), None, (0, 2), 1e-5, True)[0]
-        y = y + _plan.stats_affine(x, torch.zeros(1, 4, 1), torch.ones(1, 4, 1), w.view(1, 4, 1), None, 1e-5)
+        y = _normalize.standardize_affine(x, w.view(1, 4, 1), None, (0, 2), 1e-5, True)[0]
+        y = y + _normalize.stats_affine(x, torch.zeros(1, 4, 1), torch.ones(1, 4, 1), w.view(1, 4, 1), None, 1e-5)
         return torch.autograd.grad(y.square().sum(), (x, w))
     x, w = torch.randn(2, 4, 9, requires_grad=True), torch.rand(4).add(0.5).requires_grad_()
     gm = make_fx(f)(x, w)
@@ -433,8 +434,8 @@ def test_no_grad_calls_match_the_op():
     """The dispatcher-free no-grad route and the custom op give identical results."""
     x, w, b = torch.randn(4, 6, 9), torch.rand(6) + 0.5, torch.randn(6)
     with torch.no_grad():
-        direct = _plan.standardize_affine(x, w.view(1, 6, 1), b.view(1, 6, 1), (0, 2), 1e-5, True)
-    via_op = _plan.standardize_affine(x, w.view(1, 6, 1).requires_grad_(), b.view(1, 6, 1), (0, 2), 1e-5, True)
+        direct = _normalize.standardize_affine(x, w.view(1, 6, 1), b.view(1, 6, 1), (0, 2), 1e-5, True)
+    via_op = _normalize.standardize_affine(x, w.view(1, 6, 1).requires_grad_(), b.view(1, 6, 1), (0, 2), 1e-5, True)
     for a, o in zip(direct, via_op):
         assert torch.equal(a, o.detach())
 
@@ -443,7 +444,7 @@ def test_no_grad_calls_match_the_op():
 
 def test_set_backend_eager_serves_eagerly(routed):
     with backend("eager"):
-        assert _plan.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None
+        assert _plan.plan_standardize(torch.randn(4, 8), None, None, (-1,), True) == "backend eager"
         assert _native.status()["backend"] == "eager"
     with pytest.raises(ValueError):
         _native.set_backend("fast")
@@ -480,7 +481,7 @@ def test_importing_normkit_does_not_import_dynamo():
 
 def test_env_switch_disables_without_building():
     code = ("import torch, normkit._native as n, normkit.ops._plan as f; "
-            "assert f.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None; "
+            "assert f.plan_standardize(torch.randn(4, 8), None, None, (-1,), True) == 'backend eager'; "
             "assert n._module is None and n.status()['backend'] == 'eager'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NORMKIT_NATIVE": "0"},
                          capture_output=True, text=True, timeout=120)
@@ -496,8 +497,8 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(_native, "_compile", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert _plan.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None
-        assert _plan.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None
+        assert _plan.plan_standardize(torch.randn(4, 8), None, None, (-1,), True) == "kernels unavailable"
+        assert _plan.plan_standardize(torch.randn(4, 8), None, None, (-1,), True) == "kernels unavailable"
     assert len([w for w in caught if "native kernels unavailable" in str(w.message)]) == 1
     assert "unavailable" in _native.status()["kernels"]
     with pytest.raises(RuntimeError, match="cannot run here .*no compiler.*install a C\\+\\+ compiler"):

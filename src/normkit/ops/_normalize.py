@@ -407,7 +407,7 @@ def _eval_call(plan: _plan.Plan, eps: float, fmt):
 def _fmt(plan, x, torch_layout: bool):
     """The memory format the route must convert its output to (torch's: the input's suggested one when
     ``torch_layout``, else contiguous), or None when the kernel's output already has it."""
-    return _plan.output_layout(plan, x, _plan.torch_format(x) if torch_layout else torch.contiguous_format)
+    return _plan.output_layout(plan, x, suggest_memory_format(x) if torch_layout else torch.contiguous_format)
 
 
 def _trailing_builder(op: str, center: bool, same_dtype_params: bool, torch_layout: bool):

@@ -44,7 +44,6 @@ from typing import Callable, NamedTuple
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
-from torch._prims_common import suggest_memory_format
 
 from .. import _native
 from ._kernels import CHANNELS, GROUPS, GROUPS_CL, ROWS, affine_eval_call, kernels_built, stats_norm_call
@@ -285,22 +284,6 @@ def moments(stats: Tensor, x: Tensor, dims) -> tuple[Tensor, Tensor]:
     return stats[:, 5].reshape(keep), stats[:, 6].reshape(keep)
 
 
-def standardize_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims, eps: float, center: bool = True):
-    """``(y, mean, var)`` as :func:`normkit.ops._normalize.standardize_affine` returns them, from a native
-    kernel; ``None`` where none applies."""
-    plan = plan_standardize(x, weight, bias, dims, center)
-    if isinstance(plan, str):
-        return None
-    y, stats = run_standardize(plan, x, weight, bias, eps, center)
-    return (y, *moments(stats, x, dims))
-
-
-def stats_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-    """``y`` as :func:`normkit.ops._normalize.stats_affine` returns it, from a native kernel; else ``None``."""
-    plan = plan_affine(x, mean, var, weight, bias)
-    return None if isinstance(plan, str) else run_affine(plan, x, mean.detach(), var.detach(), weight, bias, eps)
-
-
 # ---- the cache ------------------------------------------------------------------------------------------------
 
 ROUTES: dict = {}  # signature -> the route (a closure) or None (the eager path serves that signature)
@@ -343,8 +326,3 @@ def output_layout(plan: Plan, x: Tensor, fmt: torch.memory_format) -> torch.memo
         permuted = tuple(shape[p] for p in plan.perm)
         probe = torch.empty(permuted, device="meta").permute(_inverse(plan.perm))
     return None if probe.is_contiguous(memory_format=fmt) else fmt
-
-
-def torch_format(x: Tensor) -> torch.memory_format:
-    """The memory format torch's batch, group and RMS norm give their output for ``x``."""
-    return suggest_memory_format(x)
