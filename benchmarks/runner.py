@@ -315,39 +315,36 @@ def markdown(out) -> str:
              f"per case and mode, 20/3 of that for whole models, were spent: the runs column); spread = interquartile "
              f"range / median (largest over the providers of the row). Ratios below 1: normkit faster.", ""]
     rows = out["rows"]
-    ops = [r for r in rows if r.get("group", "ops") == "ops"]
-    if ops:
-        lines += ["| case | mode | normkit ms | torch ms | normkit / torch | normkit / eager | normkit / ORT | x floor (normkit, torch) | saved MB (normkit / torch) | runs | spread | normkit backend |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in ops:
-            ms, saved = r["ms"], r.get("saved_MB", {})
-            sv = f"{saved['normkit']} / {saved['torch']}" if "normkit" in saved and "torch" in saved else "—"
-            lines.append(
-                f"| {r['case']} | {r['mode']} | {_fmt(ms.get('normkit'))} | {_fmt(ms.get('torch'))} | "
-                f"{_fmt(r.get('normkit/torch'))} | {_fmt(r.get('normkit/normkit-eager'))} | {_fmt(r.get('normkit/onnxruntime'))} | "
-                f"{_fmt(r.get('normkit_x_floor'), '.1f')}, {_fmt(r.get('torch_x_floor'), '.1f')} | {sv} | {r.get('runs', '—')} | "
-                f"{max(r['spread'].values()):.0%} | {r.get('normkit_backend') or '—'} |")
-        lines.append("")
-    small = [r for r in rows if "us" in r]
-    if small:
-        lines += ["| call (small) | mode | normkit us | torch us | normkit / torch | runs | spread | normkit backend |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in small:
-            us = r["us"]
-            lines.append(f"| {r['case']} | {r['mode']} | {_fmt(us.get('normkit'))} | {_fmt(us.get('torch'))} | "
-                         f"{_fmt(r.get('normkit/torch'))} | {r['runs']} | {max(r['spread'].values()):.0%} | "
-                         f"{r.get('normkit_backend') or '—'} |")
-        lines.append("")
-    models = [r for r in rows if r.get("op") == "model"]
-    if models:
-        lines += ["| model | mode | normkit ms | torch ms | normkit / torch | compile s (normkit, torch) | runs | spread |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in models:
-            ms, cs = r["ms"], r.get("compile_s", {})
-            compiled = f"{cs['normkit']}, {cs['torch']}" if "normkit" in cs and "torch" in cs else "—"
-            lines.append(f"| {r['case']} | {r['mode']} | {_fmt(ms.get('normkit'), '.3f')} | {_fmt(ms.get('torch'), '.3f')} | "
-                         f"{_fmt(r.get('normkit/torch'), '.3f')} | {compiled} | {r['runs']} | {max(r['spread'].values()):.0%} |")
-        lines.append("")
+
+    def table(header: str, chosen: list, cells) -> None:
+        if chosen:
+            lines.extend([header, "|" + "---|" * header.count(" | ") + "---|", *(f"| {' | '.join(cells(r))} |" for r in chosen), ""])
+
+    def ops_cells(r):
+        ms, saved = r["ms"], r.get("saved_MB", {})
+        return [r["case"], r["mode"], _fmt(ms.get("normkit")), _fmt(ms.get("torch")), _fmt(r.get("normkit/torch")),
+                _fmt(r.get("normkit/normkit-eager")), _fmt(r.get("normkit/onnxruntime")),
+                f"{_fmt(r.get('normkit_x_floor'), '.1f')}, {_fmt(r.get('torch_x_floor'), '.1f')}",
+                f"{saved['normkit']} / {saved['torch']}" if "normkit" in saved and "torch" in saved else "—",
+                str(r.get("runs", "—")), f"{max(r['spread'].values()):.0%}", r.get("normkit_backend") or "—"]
+
+    def small_cells(r):
+        return [r["case"], r["mode"], _fmt(r["us"].get("normkit")), _fmt(r["us"].get("torch")), _fmt(r.get("normkit/torch")),
+                str(r["runs"]), f"{max(r['spread'].values()):.0%}", r.get("normkit_backend") or "—"]
+
+    def model_cells(r):
+        cs = r.get("compile_s", {})
+        return [r["case"], r["mode"], _fmt(r["ms"].get("normkit"), ".3f"), _fmt(r["ms"].get("torch"), ".3f"),
+                _fmt(r.get("normkit/torch"), ".3f"), f"{cs['normkit']}, {cs['torch']}" if "normkit" in cs and "torch" in cs
+                else "—", str(r["runs"]), f"{max(r['spread'].values()):.0%}"]
+
+    table("| case | mode | normkit ms | torch ms | normkit / torch | normkit / eager | normkit / ORT | x floor (normkit, torch) "
+          "| saved MB (normkit / torch) | runs | spread | normkit backend |",
+          [r for r in rows if r.get("group", "ops") == "ops"], ops_cells)
+    table("| call (small) | mode | normkit us | torch us | normkit / torch | runs | spread | normkit backend |",
+          [r for r in rows if "us" in r], small_cells)
+    table("| model | mode | normkit ms | torch ms | normkit / torch | compile s (normkit, torch) | runs | spread |",
+          [r for r in rows if r.get("op") == "model"], model_cells)
     return "\n".join(lines)
 
 
