@@ -39,3 +39,24 @@ def test_runner_writes_json_and_table(tmp_path):
     assert row["normkit_backend"].startswith("rows: rms_norm: native" if native else "layer/rms/group/instance/batch norm: eager")
     table = (tmp_path / "latest.md").read_text()
     assert "| rms_norm (8192, 1024) float32 | fwd |" in table
+
+
+def test_small_group_reports_microseconds_per_call(tmp_path):
+    """The small group times single calls in loops and reports microseconds per call, normkit against torch."""
+    rc = runner.main(["--group", "small", "--only", "layer_norm (1, 768)", "--repeat", "3", "--budget", "0", "--no-plot",
+                      "--out", str(tmp_path)])
+    assert rc == 0
+    out = json.loads((tmp_path / "latest.json").read_text())
+    (row,) = out["rows"]
+    assert row["group"] == "small" and row["mode"] == "fwd" and row["calls_per_sample"] >= 1
+    assert set(row["us"]) == {"normkit", "torch"} and all(v > 0 for v in row["us"].values())
+    assert out["threads"] == "small 1"
+    native = _native.get_backend() != "eager"
+    assert row["normkit_backend"].startswith("rows: layer_norm: native" if native else "layer/rms/group/instance/batch norm: eager")
+    assert "| layer_norm (1, 768) float32 | fwd |" in (tmp_path / "latest.md").read_text()
+
+
+def test_groups_are_listed_by_name(capsys):
+    assert runner.main(["--list", "--group", "batch1", "--group", "compiled"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert "batch1: model resnet18 (1, 3, 224, 224)" in listed and "compiled: compiled mobilenet_v2 (8, 3, 224, 224)" in listed
