@@ -157,3 +157,33 @@ def test_jvp_keeps_dtypes(dtype):
     _, ref = torch.func.jvp(lambda x, w: nf.layer_norm(x, (5,), w), (x.double(), w.double()),
                             (torch.ones_like(x, dtype=D), torch.ones_like(w, dtype=D)))
     assert_rel_close(ty, ref, dtype, "tangent")
+
+
+@pytest.mark.parametrize("dual", ["input", "weight", "none"])
+def test_one_dual_argument_inside_a_dual_level(dual):
+    """Inside ``fwAD.dual_level()`` a call whose arguments carry no tangent takes the kernels (the routing
+    cache refuses only dual tensors); one dual argument -- the input or only the weight -- gives torch's
+    tangent. float32: float64 is served by the eager path."""
+    from normkit import _native
+
+    x = torch.randn(3, 4, 5, dtype=torch.float32)
+    w = torch.rand(5, dtype=torch.float32) + 0.5
+    tx, tw = torch.randn_like(x), torch.randn_like(w)
+    results = []
+    for lib in (nf, F):
+        with fwAD.dual_level(), _native.recording() as paths:
+            xs = fwAD.make_dual(x, tx) if dual == "input" else x
+            ws = fwAD.make_dual(w, tw) if dual == "weight" else w
+            out = fwAD.unpack_dual(lib.layer_norm(xs, (5,), ws))
+            results.append((out.primal.clone(), out.tangent))
+            if lib is nf:
+                path = " ".join(paths.values())
+    (y, ty), (ref_y, ref_ty) = results
+    assert_rel_close(y, ref_y, torch.float32, "primal")
+    if dual == "none":
+        assert ty is None and ref_ty is None
+        if _native.serving:
+            assert path.startswith("native"), path
+    else:
+        assert_rel_close(ty, ref_ty, torch.float32, "tangent")
+        assert path.startswith("eager"), path

@@ -98,6 +98,11 @@ def _plain(t: Tensor | None) -> bool:
     return t is None or not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
+def _dual(t: Tensor | None) -> bool:
+    """A dual tensor of forward-mode AD (its tangent needs the eager path's jvp)."""
+    return t is not None and _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(t).tangent is not None
+
+
 def why_not(x: Tensor, *others: Tensor | None) -> str | None:
     """The reason no kernel can serve this input, or None."""
     if not _native.serving:
@@ -110,7 +115,7 @@ def why_not(x: Tensor, *others: Tensor | None) -> str | None:
         return "empty"
     if torch.compiler.is_exporting():  # the program keeps the reference decomposition: portable, ONNX-exportable
         return "exporting"
-    if not _is_compiling() and (not all(_plain(t) for t in (x, *others)) or _forward_ad._current_level >= 0):
+    if not _is_compiling() and not all(_plain(t) and not _dual(t) for t in (x, *others)):
         return "torch.func transform or forward AD"
     if any(t is not None and (t.device != x.device) for t in others):
         return "parameters on another device"
@@ -295,11 +300,11 @@ def route(op: str, x, args: tuple, *tensors) -> Callable | None:
     arguments ``tensors`` (or None) -- built on the first call of its signature; None where the eager path
     (or the uncached planner) serves. Called as ``route(x, *tensors)``. The tensors' part of the key is the
     extension's ``signature`` (type, sizes, strides, dtype, device of each, in one C++ call; None for
-    anything but plain tensors and None)."""
+    anything but plain tensors and None: tensor subclasses, torch.func's wrapped and forward AD's dual tensors)."""
     if _is_compiling():  # first: Dynamo traces the planner and the torch.ops overloads, never this cache
         return None
     module = _native._module
-    if module is None or not _native.serving or type(x) is not Tensor or _forward_ad._current_level >= 0:
+    if module is None or not _native.serving or type(x) is not Tensor:
         return None
     tensors_key = module.signature(x, *tensors)
     if tensors_key is None:

@@ -423,7 +423,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> affine_eval_backward(
 
 // The routing cache's key of a call's tensor arguments (normkit/ops/_plan.py: route): for each, 0 for None, else
 // its Python type, dims, sizes, strides, dtype and device, packed as bytes; None (no cached route may serve) where
-// an argument is neither a tensor nor None, or is a tensor of a torch.func transform or a Python subclass.
+// an argument is neither a tensor nor None, or is a tensor of a torch.func transform, a Python subclass, or a dual
+// tensor of forward-mode AD (torch.autograd.forward_ad's one level).
 pybind11::object signature(const pybind11::args& tensors) {
   static const c10::DispatchKeySet kSpecial({c10::DispatchKey::Python,
       c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::BatchedNestedTensor,
@@ -438,7 +439,7 @@ pybind11::object signature(const pybind11::args& tensors) {
     }
     if (!THPVariable_Check(h.ptr())) return pybind11::none();
     const at::Tensor& t = THPVariable_Unpack(h.ptr());
-    if (!(t.key_set() & kSpecial).empty() || t.layout() != at::kStrided) return pybind11::none();
+    if (!(t.key_set() & kSpecial).empty() || t.layout() != at::kStrided || t._fw_grad(0).defined()) return pybind11::none();
     const int64_t dim = t.dim();
     if (n + 4 + 2 * dim > 96) return pybind11::none();
     key[n++] = reinterpret_cast<int64_t>(Py_TYPE(h.ptr()));
