@@ -3,13 +3,14 @@ LayerNorm / RMSNorm patterns exporters emit, with float64 numpy references, for 
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
-NP = {TP.FLOAT: np.float32, TP.FLOAT16: np.float16}
+NP = {TP.FLOAT: np.float32, TP.FLOAT16: np.float16, TP.BFLOAT16: ml_dtypes.bfloat16, TP.DOUBLE: np.float64}
 
 
 def _model(nodes, x_shape, inits, opset, elem=TP.FLOAT, domains=(), n_out=1):
@@ -273,10 +274,12 @@ def _layer_norm_body(name: str, x: str, out: str, elem) -> onnx.GraphProto:
     return oh.make_graph([node], name, [], [oh.make_tensor_value_info(out, elem, None)], [s])
 
 
-def layer_norm_in_if(elem=TP.FLOAT):
-    """``If(cond)`` whose both branches normalize the outer ``x`` with LayerNormalization (scale linspace(0.5, 1.5))."""
-    node = oh.make_node("If", ["cond"], ["y"], then_branch=_layer_norm_body("then", "x", "yt", elem),
-                        else_branch=_layer_norm_body("else", "x", "ye", elem), name="if")
+def layer_norm_in_if(elem=TP.FLOAT, else_norm: bool = True):
+    """``If(cond)`` whose both branches normalize the outer ``x`` with LayerNormalization (scale linspace(0.5, 1.5));
+    without ``else_norm`` the else branch passes ``x`` through (the only norm is in the then branch)."""
+    other = _layer_norm_body("else", "x", "ye", elem) if else_norm else oh.make_graph(
+        [oh.make_node("Identity", ["x"], ["ye"], name="else/Identity")], "else", [], [oh.make_tensor_value_info("ye", elem, None)])
+    node = oh.make_node("If", ["cond"], ["y"], then_branch=_layer_norm_body("then", "x", "yt", elem), else_branch=other, name="if")
     g = oh.make_graph([node], "g", [oh.make_tensor_value_info("x", elem, ["N", 3, C]),
                                     oh.make_tensor_value_info("cond", TP.BOOL, [])],
                       [oh.make_tensor_value_info("y", elem, ["N", 3, C])])
@@ -300,6 +303,33 @@ def layer_norm_in_loop(elem=TP.FLOAT):
                       [oh.make_tensor_value_info("y", elem, ["N", 3, C])])
     model = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
     return model, lambda x: ref_standardize(x, (-1,), 1e-5) * np.linspace(0.5, 1.5, C)
+
+
+def rms_in_loop(trips: int = 3, growth: float = 4.0, elem=TP.FLOAT16):
+    """A ``Loop`` of ``trips`` iterations over ``(N, 3, C)``: each multiplies its carried value by ``growth``
+    and normalizes the product with the decomposed RMSNorm pattern (``Mul -> ReduceMean -> Add -> Sqrt ->
+    Div``), a scan output; iteration ``i`` normalizes ``x * growth**(i + 1)``."""
+    dt = NP[elem]
+    body = oh.make_graph(
+        [oh.make_node("Identity", ["cond_in"], ["cond_out"]),
+         oh.make_node("Constant", [], ["g"], value=nh.from_array(np.array(growth, dt)), name="loop/g"),
+         oh.make_node("Mul", ["v_in", "g"], ["v_out"], name="loop/grow"),
+         oh.make_node("Mul", ["v_out", "v_out"], ["sq"], name="loop/rms/Mul"),
+         oh.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1], keepdims=1, name="loop/rms/ReduceMean"),
+         oh.make_node("Constant", [], ["eps"], value=nh.from_array(np.array(1e-6, dt)), name="loop/rms/eps"),
+         oh.make_node("Add", ["ms", "eps"], ["mse"], name="loop/rms/Add"),
+         oh.make_node("Sqrt", ["mse"], ["rms"], name="loop/rms/Sqrt"),
+         oh.make_node("Div", ["v_out", "rms"], ["n"], name="loop/rms/Div")],
+        "body", [oh.make_tensor_value_info("i", TP.INT64, []), oh.make_tensor_value_info("cond_in", TP.BOOL, []),
+                 oh.make_tensor_value_info("v_in", elem, ["N", 3, C])],
+        [oh.make_tensor_value_info("cond_out", TP.BOOL, []), oh.make_tensor_value_info("v_out", elem, ["N", 3, C]),
+         oh.make_tensor_value_info("n", elem, ["N", 3, C])])
+    nodes = [oh.make_node("Constant", [], ["trip"], value=oh.make_tensor("trip", TP.INT64, [], [trips])),
+             oh.make_node("Constant", [], ["true"], value=oh.make_tensor("true", TP.BOOL, [], [True])),
+             oh.make_node("Loop", ["trip", "true", "x"], ["last", "y"], body=body, name="loop")]
+    g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", elem, ["N", 3, C])],
+                      [oh.make_tensor_value_info("y", elem, [trips, "N", 3, C])])
+    return oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
 
 
 def norms_in_local_function(elem=TP.FLOAT):

@@ -20,7 +20,8 @@ from onnx import TensorProto as TP
 from normkit.check.onnx_probe import FAILED, probe_onnx, random_feeds
 from normkit.cli import main
 
-from onnx_graphs import cast_model, decomposed, ms_cases, native_cases, rms_after_matmul
+from onnx_graphs import (cast_model, decomposed, layer_norm_in_if, ms_cases, native_cases, norms_in_local_function,
+                         rms_after_matmul, rms_in_loop)
 
 F16_MAX = 65504.0
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -111,6 +112,74 @@ def test_float32_graph_in_onnxruntime_and_first_failure_in_topological_order():
     assert all(c.status in FAILED for c in result.cases if c.scale == 1e20)
     first = result.norms[result.first_failure().index]
     assert first.name.startswith("other/") and result.first_failure().scale == 1e20
+
+
+# ----------------------------------------------------------------------------------------- bodies and functions
+def test_norm_inside_an_if_branch_breaks_at_the_known_scale(tmp_path, capsys):
+    """The graph's only norm is a float16 LayerNormalization in an If's then branch (the else branch passes x
+    through): measured through the If node, it breaks where the oracle says; with the branch not taken it is
+    listed as not measured, never silently absent; --fix hardens it inside the body and the check holds."""
+    model, _ = layer_norm_in_if(TP.FLOAT16, else_norm=False)
+    feeds = random_feeds(model, {"x": (2, 3, 6), "cond": ()}, seed=2)
+    feeds["cond"] = np.array(True)
+    s_break = _break_scale(feeds["x"], (-1,), True)
+    result = probe_onnx(model, feeds, [1.0, s_break / 2, s_break * 2])
+    assert [(s.name, s.where) for s in result.norms] == [("then/LayerNorm", "If 'if' then_branch")] and not result.unmeasured
+    one, low, high = result.cases
+    assert one.status == "ok" and one.headroom == pytest.approx(_square_headroom(feeds["x"], (-1,), True), abs=0.05)
+    assert low.status == "ok" and low.headroom == pytest.approx(2.0, abs=0.05)
+    assert high.status in FAILED and high.headroom == pytest.approx(-2.0, abs=0.05)
+    assert result.first_failure() is high and not result.ok
+
+    feeds["cond"] = np.array(False)
+    skipped = probe_onnx(model, feeds, [1.0, s_break * 2])
+    assert [c.status for c in skipped.cases] == ["not taken", "not taken"] and skipped.ok
+    from normkit.check import onnx_report
+    assert "not measured: then/LayerNorm (LayerNormalization) inside If 'if' then_branch: its If branch was not taken" \
+        in onnx_report.text(skipped)
+
+    g, calib = tmp_path / "if.onnx", tmp_path / "calib.npz"
+    onnx.save(model, g)
+    np.savez(calib, x=feeds["x"], cond=np.array(True))
+    fixed = tmp_path / "fixed.onnx"
+    assert main(["check", str(g), "--inputs", str(calib), "--scales", f"1,{s_break * 2}", "--json", "--fix", str(fixed)]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["norms"][0]["fails_from"] == s_break * 2 and d["fixed"]["ok"]
+    (hard,) = d["fixed"]["norms"]
+    assert hard["op"] == "normkit (LayerNormalization)" and hard["where"] == "If 'if' then_branch"
+    assert all(c["status"] == "ok" for c in hard["cases"])
+
+
+@pytest.mark.parametrize("evaluator", ["reference", "ort"])
+def test_norm_inside_a_loop_judged_at_its_worst_iteration(evaluator):
+    """A decomposed RMSNorm in a Loop body normalizes x * 4**(i + 1) at iteration i: the check judges every
+    iteration and keeps the worst, the last one, whose headroom the oracle gives. ONNX Runtime computes the
+    float16 squares wider: its output passes and the check marks the overflow from the float64 run."""
+    model = rms_in_loop(trips=3, growth=4.0)
+    feeds = random_feeds(model, {"x": (2, 3, 6)}, seed=4)
+    last = (feeds["x"].astype(np.float64) * 64).astype(np.float16)
+    s_break = _break_scale(last, (-1,), False)
+    result = probe_onnx(model, feeds, [s_break / 2, s_break * 2], evaluator=evaluator)
+    (site,) = result.norms
+    assert site.where == "Loop 'loop' body" and site.nodes[0] == "loop/rms/Mul" and len(site.nodes) == 5
+    low, high = result.cases
+    assert low.status == "ok" and low.headroom == pytest.approx(2.0, abs=0.05) and "(index 2)" in low.message
+    assert high.headroom == pytest.approx(-2.0, abs=0.05) and "the worst of 3 iterations (index 2)" in high.message
+    assert high.status == ("overflow" if evaluator == "ort" else "fail") or high.status == "non-finite"
+
+
+def test_norms_inside_a_model_local_function_are_measured():
+    """A model-local function holding a decomposed RMSNorm followed by LayerNormalization (float32, ONNX
+    Runtime): inlined on a copy, both are measured; the RMS pattern's squares overflow float32 by 1e20, the
+    LayerNorm after it sees normalized values and holds."""
+    model, _ = norms_in_local_function()
+    feeds = random_feeds(model, {"x": (2, 3, 6)})
+    result = probe_onnx(model, feeds, [1.0, 1e20])
+    ops = [s.op for s in result.norms]
+    assert ops == ["decomposed RMSNorm", "LayerNormalization"] and not result.unmeasured
+    rms, ln = (result.cases_of(i) for i in range(2))
+    assert rms[0].status == "ok" and rms[1].status in FAILED and rms[1].headroom < 0
+    assert all(c.status == "ok" for c in ln)
 
 
 # ----------------------------------------------------------------------------------------- the issue's example

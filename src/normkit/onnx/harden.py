@@ -35,7 +35,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from . import subgraphs as sg
 from ._errors import OnnxError
-from .norms import FLOATS, HARDENED_KEY, NATIVE_OPS, PENDING, attr as _attr, decomposed_rules, site_of
+from .norms import FLOATS, HARDENED_KEY, NATIVE_OPS, PENDING, attr as _attr, bodies, decomposed_rules, site_of
 
 MIN_OPSET = 11
 MAX_OPSET = 25
@@ -265,24 +265,25 @@ def _replace(graph: ir.Graph, node: ir.Node, outs: list) -> None:
     graph.remove(node, safe=True)
 
 
-def _region(node: ir.Node, outs: list, label: str, where: str) -> dict:
+def _region(node: ir.Node, outs: list, label: str, where: str, path: tuple) -> dict:
     """What :data:`.norms.HARDENED_KEY` records of one replacement: the node's label, how its statistics
-    are formed, the nodes it replaced, and the value names its subgraph connects."""
+    are formed, the nodes it replaced, the value names its subgraph connects, and the body holding it
+    (:attr:`.norms.NormSite.where` and ``path``)."""
     site = site_of(node)
     return {"name": site.name if site else node.name or node.op_type, "op": label, "kind": site.kind if site else "center",
             "nodes": site.nodes if site else [node.name or node.op_type], "attrs": site.attrs if site else {},
             "inputs": [v.name for v in node.inputs if v is not None and not v.is_initializer()
                        and v.const_value is None and (v.producer() is None or v.producer().op_type != "Constant")],
-            "outputs": [o.name for o, n in zip(node.outputs, outs) if n is not None], "where": where}
+            "outputs": [o.name for o, n in zip(node.outputs, outs) if n is not None], "where": where,
+            "path": [list(p) for p in path]}
 
 
-def _harden_graph(graph: ir.Graph, opset: int, report: HardenReport, where: str = "", regions: list | None = None) -> None:
+def _harden_graph(graph: ir.Graph, opset: int, report: HardenReport, where: str = "", regions: list | None = None,
+                  path: tuple = ()) -> None:
     """Replace every normalization node of ``graph`` and of the If/Loop/Scan bodies inside it."""
     for idx, node in enumerate(list(graph)):
-        for a in node.attributes.values():
-            bodies = [a.value] if a.type == ir.AttributeType.GRAPH else a.value if a.type == ir.AttributeType.GRAPHS else []
-            for body in bodies:
-                _harden_graph(body, opset, report, f"{node.op_type} {node.name!r} {a.name}", regions)
+        for body, w, p in bodies(node, where, path):
+            _harden_graph(body, opset, report, w, regions, p)
         key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
         if key not in NATIVE_OPS and node.domain != PENDING:
             continue
@@ -296,7 +297,7 @@ def _harden_graph(graph: ir.Graph, opset: int, report: HardenReport, where: str 
             report.replacements.append(Replacement(node.name or "", label, False, outs, where))
             continue
         if regions is not None:
-            regions.append(_region(node, outs, label, where))
+            regions.append(_region(node, outs, label, where, path))
         graph.insert_before(node, g.nodes)
         _replace(graph, node, outs)
         report.replacements.append(Replacement(node.name or "", label, where=where))

@@ -165,7 +165,9 @@ class NormSite:
     (``center``/``rms`` over ``axes``, ``given`` for inference BatchNormalization, ``group``, ``lrn``,
     ``skip``/``skip_rms``, ``embed``); ``nodes``: the node names it spans; ``inputs``/``outputs``: value
     names (data input first, constants left out; the outputs measured); ``where``: empty in the main graph,
-    else the subgraph holding it (not measured there)."""
+    else the If/Loop/Scan body holding it, in words (``If 'if' then_branch``; nested bodies joined by
+    `` > ``); ``path``: the same as ``(first output of the node holding the body, attribute name)`` pairs,
+    outermost first (see :func:`body_of`)."""
 
     name: str
     op: str
@@ -176,6 +178,7 @@ class NormSite:
     attrs: dict = field(default_factory=dict)
     where: str = ""
     hardened: bool = False
+    path: tuple = ()
 
     def label(self) -> str:
         extra = f" (+{len(self.nodes) - 1} nodes)" if len(self.nodes) > 1 else ""
@@ -196,7 +199,7 @@ def _kind(op: str, center: bool = True) -> str:
             "LRN": "lrn", "EmbedLayerNormalization": "embed"}.get(op, "center" if center else "rms")
 
 
-def site_of(node: ir.Node, where: str = "") -> NormSite | None:
+def site_of(node: ir.Node, where: str = "", path: tuple = ()) -> NormSite | None:
     """The :class:`NormSite` of a native node or a pattern placeholder, or None."""
     key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
     outputs = [v.name for v in node.outputs[:1]]
@@ -205,24 +208,44 @@ def site_of(node: ir.Node, where: str = "") -> NormSite | None:
         center = bool(attr(node, "center", 1))
         return NormSite(names[-1], f"decomposed {attr(node, 'form', 'LayerNorm' if center else 'RMSNorm')}",
                         _kind("", center), names, [node.inputs[0].name], outputs,
-                        {"axes": list(attr(node, "axes", [-1])), "epsilon": float(attr(node, "epsilon", 0.0))}, where)
+                        {"axes": list(attr(node, "axes", [-1])), "epsilon": float(attr(node, "epsilon", 0.0))}, where,
+                        path=path)
     if key not in NATIVE_OPS:
         return None
     inputs = [v.name for v in node.inputs if v is not None and not _is_const(v)]
     attrs = {k: a.value for k, a in node.attributes.items() if a.type in (ir.AttributeType.INT, ir.AttributeType.FLOAT)}
     return NormSite(node.name or node.op_type, node.op_type, _kind(node.op_type), [node.name or node.op_type],
-                    inputs, outputs, attrs, where)
+                    inputs, outputs, attrs, where, path=path)
 
 
-def _walk(graph: ir.Graph, where: str, out: list[NormSite]) -> None:
+def bodies(node: ir.Node, where: str = "", path: tuple = ()):
+    """``(body graph, where, path)`` of each If/Loop/Scan body (graph attribute) of ``node``, ``where`` and
+    ``path`` being those of the graph holding ``node`` (see :class:`NormSite`)."""
+    for a in node.attributes.values():
+        graphs = [a.value] if a.type == ir.AttributeType.GRAPH else a.value if a.type == ir.AttributeType.GRAPHS else []
+        for g in graphs:
+            here = f"{node.op_type} {node.name!r} {a.name}"
+            yield g, f"{where} > {here}" if where else here, path + ((node.outputs[0].name, a.name),)
+
+
+def body_of(graph: onnx.GraphProto, path) -> onnx.GraphProto | None:
+    """The body graph at ``path`` (:attr:`NormSite.path`) inside ``graph``, or None."""
+    for out, name in path:
+        node = next((n for n in graph.node if n.output and n.output[0] == out), None)
+        a = next((a for a in node.attribute if a.name == name and a.type == onnx.AttributeProto.GRAPH), None) if node else None
+        if a is None:
+            return None
+        graph = a.g
+    return graph
+
+
+def _walk(graph: ir.Graph, where: str, path: tuple, out: list[NormSite]) -> None:
     for node in graph:
-        site = site_of(node, where)
+        site = site_of(node, where, path)
         if site is not None:
             out.append(site)
-        for a in node.attributes.values():
-            graphs = [a.value] if a.type == ir.AttributeType.GRAPH else a.value if a.type == ir.AttributeType.GRAPHS else []
-            for g in graphs:
-                _walk(g, f"{node.op_type} {node.name!r} {a.name}", out)
+        for g, w, p in bodies(node, where, path):
+            _walk(g, w, p, out)
 
 
 def hardened_regions(proto: onnx.ModelProto) -> list[dict]:
@@ -238,8 +261,9 @@ def hardened_regions(proto: onnx.ModelProto) -> list[dict]:
 
 def find_norms(proto: onnx.ModelProto) -> list[NormSite]:
     """Every normalization in ``proto`` (see the module docstring): native nodes and decomposed patterns
-    in topological order (model-local functions inlined first; those inside If/Loop bodies carry
-    ``where``), then the regions a previous ``harden_onnx`` wrote, by the values they connect."""
+    in topological order (model-local functions inlined first: the value names are then the inlined
+    model's; those inside If/Loop/Scan bodies carry ``where`` and ``path`` and come after the main graph's),
+    then the regions a previous ``harden_onnx`` wrote, by the values they connect."""
     from onnx.inliner import inline_local_functions
 
     if proto.functions:
@@ -251,12 +275,22 @@ def find_norms(proto: onnx.ModelProto) -> list[NormSite]:
     model = ir.serde.deserialize_model(proto)
     decomposed_rules().apply_to_model(model)
     sites: list[NormSite] = []
-    _walk(model.graph, "", sites)
+    _walk(model.graph, "", (), sites)
     position = {i.name: -1 for i in proto.graph.input}
     position.update({o: k for k, n in enumerate(proto.graph.node) for o in n.output})
     for r in hardened_regions(proto):
-        if all(v in position for v in r["inputs"] + r["outputs"]):
+        path = tuple(tuple(p) for p in r.get("path", ()))
+        body = body_of(proto.graph, path)
+        known = position if not path else {o for n in body.node for o in n.output} if body is not None else set()
+        if body is not None and all(v in known for v in r["outputs"]) and (path or all(v in known for v in r["inputs"])):
             sites.append(NormSite(r["name"], f"normkit ({r['op']})", r["kind"], r["nodes"], r["inputs"], r["outputs"],
-                                  r.get("attrs", {}), "", hardened=True))
-    # topological order: by the position of the node that produces the first output; subgraphs last
-    return sorted(sites, key=lambda s: (bool(s.where), position.get(s.outputs[0], len(position)) if s.outputs else 0))
+                                  r.get("attrs", {}), r.get("where", ""), hardened=True, path=path))
+    # topological order: by the position of the node that produces the first output; a norm inside a body at
+    # the node holding the body (its outermost one), after the norms before it, in the body's own order
+    def order(s):
+        if not s.path:
+            return position.get(s.outputs[0], len(position)) if s.outputs else 0, 0, 0
+        body = body_of(proto.graph, s.path)
+        inner = {o: k for k, n in enumerate(body.node) for o in n.output} if body is not None else {}
+        return position.get(s.path[0][0], len(position)), 1, inner.get(s.outputs[0], 0) if s.outputs else 0
+    return sorted(sites, key=order)
