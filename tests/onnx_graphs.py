@@ -109,7 +109,8 @@ def ms_cases(elem=TP.FLOAT):
 def decomposed(center: bool, axes_attr: bool, square: str, normalize: str, affine: bool, elem=TP.FLOAT, cast: bool = False):
     """The decomposed LayerNorm (``center``) or RMSNorm pattern over the last axis, as exporters write it:
     ``axes`` as an attribute (opset 17) or an input (opset 18); ``square`` "pow" or "mul"; ``normalize``
-    "div" or "reciprocal"; optional scale and bias; ``cast``: computed in float32 between Casts."""
+    "div" (``d / Sqrt(v)``) or ``d`` times an inverse std (:func:`inv_std_nodes`: "reciprocal", "pow",
+    "div1"); optional scale and bias; ``cast``: computed in float32 between Casts."""
     opset = 17 if axes_attr else 18
     nodes, inits = [], {}
     x = "x"
@@ -138,11 +139,9 @@ def decomposed(center: bool, axes_attr: bool, square: str, normalize: str, affin
     else:
         nodes.append(oh.make_node("Mul", [d, d], ["sq"]))
     mean("sq", "var")
-    nodes += [oh.make_node("Add", ["var", "eps"], ["ve"]), oh.make_node("Sqrt", ["ve"], ["sd"])]
-    if normalize == "div":
-        nodes.append(oh.make_node("Div", [d, "sd"], ["n"]))
-    else:
-        nodes += [oh.make_node("Reciprocal", ["sd"], ["r"]), oh.make_node("Mul", [d, "r"], ["n"])]
+    nodes.append(oh.make_node("Add", ["var", "eps"], ["ve"]))
+    nodes += [oh.make_node("Mul", [d, "r"], ["n"])] if normalize != "div" else [oh.make_node("Div", [d, "sd"], ["n"])]
+    nodes[-1:-1] = inv_std_nodes(normalize, "ve", "sd", "r", cdt)
     out = "n"
     if cast:
         nodes.append(oh.make_node("Cast", ["n"], ["nc"], to=elem))
@@ -158,6 +157,67 @@ def decomposed(center: bool, axes_attr: bool, square: str, normalize: str, affin
     def ref(xv):
         y = ref_standardize(xv, (-1,), 1e-5, center)
         return y * s + b if affine else y
+
+    return model, ref
+
+
+def inv_std_nodes(form: str, v: str, sd: str, out: str, elem, prefix: str = "") -> list:
+    """Nodes computing ``sd = Sqrt(v)`` ("div": the caller divides by it) or ``out = 1 / sqrt(v)`` as exporters
+    write it: "reciprocal" ``Reciprocal(Sqrt(v))``; "pow" ``Pow(v, -0.5)`` (tf2onnx's Rsqrt); "div1"
+    ``Div(1, Sqrt(v))`` (older torch.onnx's rsqrt)."""
+    if form == "pow":
+        return [oh.make_node("Constant", [], [f"{prefix}mhalf"], value=oh.make_tensor(f"{prefix}mhalf", elem, [], [-0.5])),
+                oh.make_node("Pow", [v, f"{prefix}mhalf"], [out], name=f"{prefix}Pow_inv")]
+    nodes = [oh.make_node("Sqrt", [v], [sd], name=f"{prefix}Sqrt")]
+    if form == "reciprocal":
+        nodes.append(oh.make_node("Reciprocal", [sd], [out], name=f"{prefix}Reciprocal"))
+    elif form == "div1":
+        nodes += [oh.make_node("Constant", [], [f"{prefix}one"], value=oh.make_tensor(f"{prefix}one", elem, [], [1.0])),
+                  oh.make_node("Div", [f"{prefix}one", sd], [out], name=f"{prefix}Div_inv")]
+    return nodes
+
+
+def tf_batch_norm(moments: bool, inv: str = "pow", gamma: bool = True, offset: bool = True, elem=TP.FLOAT16,
+                  mean=None, var=None, shape=("N", 4, 4, C)):
+    """TensorFlow's batch norm over channels-last ``(N, H, W, C)`` as ``tf.nn.batch_normalization`` writes
+    it and tf2onnx exports it: ``y = x * scale + (offset - mean * scale)`` (``Neg(mean * scale)`` without
+    ``offset``), ``scale = gamma * inv_std(var + eps)`` (:func:`inv_std_nodes`; the inverse std alone without
+    ``gamma``), eps 1e-3; ``moments``: ``mean = ReduceMean(x)``, ``var = ReduceMean((x - mean)^2)`` over
+    axes (0, 1, 2) (``tf.nn.moments``), else the constants ``mean`` and ``var`` (per channel). Returns the
+    model and a float64 reference of x."""
+    g_, b_ = _lin(C, 0.5, 2.0), _lin(C, -1, 1)
+    nodes, inits = [], {}
+    if moments:
+        nodes += [oh.make_node("ReduceMean", ["x"], ["mean"], axes=[0, 1, 2], keepdims=1, name="bn/moments/mean"),
+                  oh.make_node("Sub", ["x", "mean"], ["d"], name="bn/moments/Sub"),
+                  oh.make_node("Mul", ["d", "d"], ["sq"], name="bn/moments/SquaredDifference"),
+                  oh.make_node("ReduceMean", ["sq"], ["var"], axes=[0, 1, 2], keepdims=1, name="bn/moments/variance")]
+    else:
+        inits.update(mean=np.asarray(mean, np.float64), var=np.asarray(var, np.float64))
+    nodes.append(oh.make_node("Constant", [], ["eps"], value=oh.make_tensor("eps", elem, [], [1e-3]), name="bn/eps"))
+    nodes.append(oh.make_node("Add", ["var", "eps"], ["ve"], name="bn/add"))
+    nodes += inv_std_nodes(inv, "ve", "sd", "inv", elem, "bn/")
+    if gamma:
+        inits["gamma"] = g_
+        nodes.append(oh.make_node("Mul", ["gamma", "inv"], ["scale"], name="bn/mul"))
+    scale = "scale" if gamma else "inv"
+    nodes += [oh.make_node("Mul", ["x", scale], ["xs"], name="bn/mul_1"), oh.make_node("Mul", ["mean", scale], ["ms"], name="bn/mul_2")]
+    if offset:
+        inits["offset"] = b_
+        nodes.append(oh.make_node("Sub", ["offset", "ms"], ["shift"], name="bn/sub"))
+    else:
+        nodes.append(oh.make_node("Neg", ["ms"], ["shift"], name="bn/neg"))
+    nodes.append(oh.make_node("Add", ["xs", "shift"], ["y"], name="bn/add_1"))
+    model = _model(nodes, list(shape), inits, 13 if moments else 17, elem)
+
+    def held(v):  # a constant as the graph holds it: rounded to its dtype
+        return np.asarray(v, np.float64).astype(NP[elem]).astype(np.float64)
+
+    def ref(x):
+        x = x.astype(np.float64)
+        m = x.mean(axis=(0, 1, 2)) if moments else held(mean)
+        v = ((x - m) ** 2).mean(axis=(0, 1, 2)) if moments else held(var)
+        return (x - m) / np.sqrt(v + held(1e-3)) * (held(g_) if gamma else 1.0) + (held(b_) if offset else 0.0)
 
     return model, ref
 

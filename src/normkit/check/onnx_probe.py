@@ -665,7 +665,8 @@ def probe_onnx(model: onnx.ModelProto, base_feeds: dict[str, np.ndarray], scales
     """Check ``model`` on ``s * base_feeds`` for each scale ``s`` (see the module docstring). Raises
     :class:`normkit.onnx.OnnxError` (one line) when the graph rejects the inputs or the evaluator cannot
     run a graph of this dtype. ``progress(n)`` is called as the work advances: once per scale for the
-    graph's runs, then once per (norm, scale); :func:`work` is the total."""
+    graph's runs, then once per (norm, scale); the total (:func:`work`) is passed as ``progress(0, total=n)``
+    once the norms are found (:func:`normkit.check.command.progress_bar`'s ``advance`` takes it)."""
     from onnx.inliner import inline_local_functions
 
     elem = graph_dtype(model)
@@ -679,8 +680,9 @@ def probe_onnx(model: onnx.ModelProto, base_feeds: dict[str, np.ndarray], scales
                         f"which computes every node in bfloat16")
     if model.functions:  # the values find_norms names are the inlined model's
         model = inline_local_functions(model)
-    progress = progress or (lambda n=1: None)
+    progress = progress or (lambda n=1, total=None: None)
     sites = find_norms(model)
+    progress(0, total=work(len(sites), len(scales)))
     types = value_types(model)
     isolated = []
     for site in sites:
@@ -703,6 +705,7 @@ def probe_onnx(model: onnx.ModelProto, base_feeds: dict[str, np.ndarray], scales
                 exp.refused[p] = f"its values could not be brought out of the body ({exc})"
     progress(len(scales))
     keep = [k for k, s in enumerate(sites) if s.path not in exp.refused]
+    progress(0, total=work(len(keep), len(scales)))
     result = OnnxResult(name, FLOAT_ELEMS[elem], evaluator, list(scales), {k: list(v.shape) for k, v in base_feeds.items()},
                         [sites[k] for k in keep],
                         unmeasured=[(s, exp.refused[s.path]) for s in sites if s.path in exp.refused])
