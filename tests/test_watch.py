@@ -144,6 +144,74 @@ def test_headroom_matches_the_oracle(name):
     w.remove()
 
 
+class Scaled(nn.Module):
+    """Multiplies by a fixed factor: each norm of a stack below sees inputs of another scale."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "GroupNorm", "BatchNorm2d", "RMSNorm"])
+def test_norms_of_one_shape_are_measured_together_each_against_its_own_oracle(name):
+    """Three norms of one kind and shape are measured in one stacked batch at the end of the forward: each
+    record still gets its own input's oracle (and BatchNorm on running statistics, each its own mean)."""
+    layer, shape, groups_of, center = _layers()[name]
+    norms = [type(layer)(*([2, 4] if name == "GroupNorm" else [4] if name == "BatchNorm2d" else [layer.normalized_shape]))
+             for _ in range(3)]
+    model = nn.Sequential(*[m for k, n in enumerate(norms) for m in (Scaled(10.0 ** k), n)])
+    seen = {}
+    for k, n in enumerate(norms):
+        n.register_forward_pre_hook(lambda m, args, k=k: seen.__setitem__(k, args[0].detach().clone()))
+    w = watch(model, dtype=torch.float16)
+    model(torch.randn(shape) + 0.5)
+    for k in range(3):
+        rec = w.records[str(2 * k + 1)]
+        assert rec.calls == 1 and rec.last == pytest.approx(oracle(seen[k], groups_of, center), abs=1e-6), (k, rec)
+    if name == "BatchNorm2d":  # on running statistics: x - running_mean, a different mean per layer
+        for k, n in enumerate(norms):
+            with torch.no_grad():
+                n.running_mean.fill_(float(k) * 100)
+        model.eval()
+        model(torch.randn(shape))
+        for k, n in enumerate(norms):
+            dev = (seen[k] - n.running_mean.view(1, -1, 1, 1)).abs().max().item()
+            assert w.records[str(2 * k + 1)].last == pytest.approx(math.log2(F16_MAX) - math.log2(dev), abs=1e-6)
+
+
+class ChangesItsNormInput(nn.Module):
+    """Normalizes x, then (with ``change``) changes x in place: fine under no_grad; in training the backward
+    would refuse it (the norm saved x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.change = nn.LayerNorm(4), True
+
+    def forward(self, x):
+        x = x.clone()
+        y = self.norm(x)
+        if self.change:
+            x.mul_(1e6)
+        return y
+
+
+def test_an_input_changed_in_place_before_the_forward_ends_is_counted_not_mismeasured():
+    model = ChangesItsNormInput()
+    w = watch(model)
+    with torch.no_grad():
+        model(torch.randn(2, 4))
+    rec = w.records["norm"]
+    assert rec.stale == 1 and rec.calls == 0 and rec.last == math.inf
+    model.change = False
+    x = torch.randn(2, 4)
+    model(x)
+    expect = math.log2(torch.finfo(torch.float32).max) - 2 * math.log2((x - x.mean(-1, keepdim=True)).abs().max().item())
+    assert rec.stale == 1 and rec.calls == 1 and rec.last == pytest.approx(expect, abs=1e-5)
+
+
 def test_batchnorm_eval_measures_the_distance_from_the_running_mean():
     bn = nn.BatchNorm2d(4).eval()
     with torch.no_grad():

@@ -25,9 +25,13 @@ What is watched: the normalizations :func:`normkit.convert` recognizes -- by beh
 * every other norm-like module is left, with ``recognize``'s reason (:attr:`Watch.left`, and in
   :meth:`Watch.report`).
 
-Each hook only launches the reductions; the values are read back once per forward of ``model`` (one host
-sync per step), when a warning (:class:`HeadroomWarning`) is issued the first time a layer comes within
-``threshold`` powers of two of overflow.
+Each hook only notes its input; when the forward of ``model`` ends, the inputs noted are measured together --
+those of one kind, shape and dtype stacked, so a model's LayerNorms cost the same few kernels as one
+(:func:`deviations`) -- and read back once (one host sync per step), when a warning
+(:class:`HeadroomWarning`) is issued the first time a layer comes within ``threshold`` powers of two of
+overflow. The inputs are held until then: in training autograd holds them anyway (the norms save their
+input); an input changed in place before the forward ends (possible only where autograd does not save it)
+is not measured and is counted in :attr:`LayerRecord.stale`.
 """
 
 from __future__ import annotations
@@ -65,40 +69,59 @@ def reduction(x: torch.Tensor, kind: str, dims=None, groups: int | None = None):
     return x, kind, dims
 
 
-def extremes(x: torch.Tensor, kind: str, dims=None, *, groups: int | None = None,
-             mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(min, max)`` of what a textbook norm squares (or, for ``kind="given"``, subtracts): ``x - mean``
-    per reduction group, or ``x`` itself for ``kind="rms"``; 0-D tensors in float32 (float64 for float64
-    input), no autograd graph (the input is detached). Cheap enough to run in every training step: one
-    kernel for ``"rms"`` (aminmax), three for the others (a sum, the subtraction of ``sum / n`` in one
-    kernel, aminmax).
+def deviations(xs: list[torch.Tensor], kind: str, dims=None, *, groups: int | None = None,
+               mean: torch.Tensor | None = None) -> torch.Tensor:
+    """The largest magnitude of what a textbook norm squares (or, for ``kind="given"``, subtracts), for each
+    of several inputs of one shape, dtype and device: ``max |x - mean|`` over the reduction groups, or
+    ``max |x|`` for ``kind="rms"``; a 1-D tensor with one entry per input, in float32 (float64 for float64
+    input), no autograd graph. The inputs are stacked, so the kernels are the same few whatever their
+    number: ``abs`` and ``amax`` for ``"rms"``, a sum and the subtraction of ``sum / n`` (one kernel) before
+    them for the others, plus the stack for more than one input.
 
     ``kind``: ``"center"`` over the groups of ``dims``; ``"rms"``; ``"group"`` centred over
     ``(N, groups, -1)``; ``"instance"`` centred over dims 2..; ``"batch"`` centred over every dim but 1;
     ``"given"`` ``x - mean`` with ``mean`` per channel (dim 1).
     """
-    if x.requires_grad:
-        x = x.detach()
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if x.numel() == 0:
-        zero = torch.zeros((), dtype=acc, device=x.device)
-        return zero, zero
-    if kind == "rms":
-        lo, hi = torch.aminmax(x)
-        return (lo, hi) if x.dtype == acc else (lo.to(acc), hi.to(acc))
-    x, kind, dims = reduction(x, kind, dims, groups)
-    if kind == "given":
-        return torch.aminmax(x - mean.detach().to(device=x.device, dtype=acc).reshape([1, -1] + [1] * (x.dim() - 2)))
-    n = x.shape[dims[0]] if len(dims) == 1 else math.prod(x.shape[d] for d in dims)
-    # x - sum/n in one kernel (cheaper than mean, then subtract), in the accumulation dtype
-    return torch.aminmax(torch.sub(x, x.sum(dims, keepdim=True, dtype=acc), alpha=1.0 / n))
+    acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    k = len(xs)
+    if xs[0].numel() == 0:
+        return torch.zeros(k, dtype=acc, device=xs[0].device)
+    grad = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)  # as a function: a tenth of what the no_grad() context costs inside a hook
+    try:
+        if k == 1 and kind in ("rms", "center"):  # one input: no stack
+            d = (xs[0] if kind == "rms" else _centred(xs[0], dims, acc, batch=False)).abs().amax().reshape(1)
+            return d if d.dtype == acc else d.to(acc)
+        t = torch.stack(xs) if k > 1 else xs[0].unsqueeze(0)  # (k, *shape)
+        if kind == "group":  # the inputs as one larger batch: each group lies inside one input
+            y, kind, dims = reduction(t.flatten(0, 1), kind, dims, groups)
+        else:  # the dims of one input, shifted past the stack's
+            y, (_, kind, dims) = t, reduction(xs[0], kind, dims, groups)
+            dims = tuple(d + 1 if d >= 0 else d for d in dims) if dims is not None else None
+        if kind == "rms":
+            d = y
+        elif kind == "given":  # x - mean per channel: dim 1 of each input
+            d = y - mean.detach().to(device=y.device, dtype=acc).reshape([1, 1, -1] + [1] * (y.dim() - 3))
+        else:
+            d = _centred(y, dims, acc)
+        d = d.reshape(k, -1).abs().amax(1)  # per input (aminmax along a dim is five times slower on CPU)
+        return d if d.dtype == acc else d.to(acc)
+    finally:
+        torch.set_grad_enabled(grad)
+
+
+def _centred(y: torch.Tensor, dims, acc, batch: bool = True) -> torch.Tensor:
+    """``y - mean`` over ``dims`` in the accumulation dtype: the subtraction of ``sum / n`` in one kernel
+    (cheaper than a mean, then a subtraction). No ``dims``: every dim (but the stack's, with ``batch``)."""
+    dims = tuple(d if d >= 0 else d + y.dim() for d in dims) if dims else tuple(range(int(batch), y.dim()))
+    n = math.prod(y.shape[d] for d in dims)
+    return torch.sub(y, y.sum(dims, keepdim=True, dtype=acc), alpha=1.0 / n)
 
 
 def max_deviation(x: torch.Tensor, kind: str, dims=None, *, groups: int | None = None,
                   mean: torch.Tensor | None = None) -> torch.Tensor:
-    """The largest magnitude of :func:`extremes`' values, ``max(max, -min)``, as a 0-D tensor."""
-    lo, hi = extremes(x, kind, dims, groups=groups, mean=mean)
-    return torch.maximum(hi, -lo)
+    """:func:`deviations` of one input, as a 0-D tensor."""
+    return deviations([x], kind, dims, groups=groups, mean=mean)[0]
 
 
 def largest_intermediate(deviation: float, kind: str) -> float:
@@ -191,7 +214,8 @@ def module_spec(m: nn.Module, cls: type | None = None, attrs: dict | None = None
 class LayerRecord:
     """What the watch saw of one norm layer: ``how`` it is watched, the ``dtype`` judged against, the
     latest and lowest headroom (powers of two; the minimum over the calls in a step), the largest
-    intermediate seen, and the per-step history (the last ``maxlen`` steps)."""
+    intermediate seen, the per-step history (the last ``maxlen`` steps), and the calls not measured because
+    their input was changed in place before the forward ended (``stale``)."""
 
     name: str
     what: str
@@ -202,6 +226,7 @@ class LayerRecord:
     lowest: float = math.inf
     largest: float = 0.0
     warned: bool = False
+    stale: int = 0  # calls whose input was changed in place before the step's measurement (not measured)
     kinds: set = field(default_factory=set)  # "given" once BatchNorm ran on running statistics
     history: deque = field(default_factory=lambda: deque(maxlen=1000))
 
@@ -222,7 +247,7 @@ class Watch:
         self.model, self.dtype, self.threshold, self._maxlen, self.every = model, dtype, float(threshold), history, every
         self.records: dict[str, LayerRecord] = {}
         self.left: dict[str, str] = {}
-        self._pending: list = []  # (record, kind, input dtype, (min, max) tensors) of this step
+        self._pending: list = []  # (record, input, (kind, dims, groups, mean), input's version) of this step
         self._handles: list = []
         self._modules = dict(model.named_modules())
         self._hooked: set[str] = set()   # measured by a module hook
@@ -233,8 +258,8 @@ class Watch:
         self._spying, self._on, self._steps = False, True, 0
         for name, m in self._modules.items():
             self._classify(name, m)
-        self._handles.append(model.register_forward_pre_hook(self._step_start))
-        self._handles.append(model.register_forward_hook(self._step_end, always_call=True))
+        self._start = model.register_forward_pre_hook(self._step_start)  # the first forward only
+        self._handles += [self._start, model.register_forward_hook(self._step_end, always_call=True)]
 
     # ------------------------------------------------------------------ what each module is
     def _classify(self, name: str, m: nn.Module) -> None:
@@ -258,11 +283,12 @@ class Watch:
     def _hook(self, name: str, m: nn.Module, spec: Callable, what: str, how: str) -> None:
         record = self._record(name, what, how)
         self._hooked.add(name)
-        measure = self._measure
+        note = self._pending.append
 
-        def hook(module, args):
+        def hook(module, args):  # the hot path: note the input (flush measures it)
             if self._on and args:
-                measure(record, args[0], *spec())
+                x = args[0]
+                note((record, x, spec(), getattr(x, "_version", 0)))
 
         self._handles.append(m.register_forward_pre_hook(hook))
 
@@ -272,8 +298,8 @@ class Watch:
         return self.records[name]
 
     def _measure(self, record, x, kind, dims, groups, mean):
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
-            self._pending.append((record, kind, x.dtype, extremes(x, kind, dims, groups=groups, mean=mean)))
+        # only noted here: the step's inputs are measured together when the forward ends (flush)
+        self._pending.append((record, x, (kind, dims, groups, mean), getattr(x, "_version", 0)))
 
     def _measure_call(self, name: str, call: NormCall, how: str) -> None:
         """A torch functional norm call made by module ``name`` (not by a norm module hooked for it)."""
@@ -338,28 +364,50 @@ class Watch:
         if self._discovery is not None:
             self._discovery.__exit__(None, None, None)
             self._discovery = None
+            self._start.remove()
             self._finish_discovery()
-        self._stop_spying()
-        self.flush()
+        if self._spying or self._running:
+            self._stop_spying()
+        if self._pending:
+            self.flush()
         self._steps += 1
         self._on = self._steps % self.every == 0
 
     # ------------------------------------------------------------------ results
     def flush(self) -> None:
-        """Read this step's measurements (one host sync) into :attr:`records`; warn where a layer came within
-        ``threshold`` powers of two of overflow for the first time. Called after every forward of the model."""
-        pending = self._pending
-        if not pending:
+        """Measure this step's norm inputs and read the values (one host sync) into :attr:`records`; warn where
+        a layer came within ``threshold`` powers of two of overflow for the first time. Called after every
+        forward of the model. Inputs of one kind, shape and dtype are measured together
+        (:func:`deviations`); an input changed in place since its norm read it cannot be measured any more
+        and is counted in the layer's ``stale`` (autograd forbids that for inputs it saves, as in training)."""
+        if not self._pending:
             return
-        self._pending = []
-        if all(p[3][0].is_cpu for p in pending):
-            values = [(lo.item(), hi.item()) for _, _, _, (lo, hi) in pending]  # no device to wait for
-        else:  # one host sync for the whole step
-            values = torch.stack([t.to(torch.float32) for p in pending for t in p[3]]).view(-1, 2).tolist()
+        pending = self._pending[:]
+        self._pending.clear()  # the same list: the hooks hold its append
+        batches: dict[tuple, list] = {}
+        for rec, x, spec, version in pending:
+            if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()):
+                continue
+            if getattr(x, "_version", 0) != version:
+                rec.stale += 1
+                continue
+            kind, dims, groups, mean = spec
+            key = (kind, dims, groups, id(mean), x.shape, x.dtype, x.device)
+            batches.setdefault(key, []).append((rec, x, spec))
+        if not batches:
+            return
+        parts, order = [], []
+        for items in batches.values():
+            kind, dims, groups, mean = items[0][2]
+            parts.append(deviations([x for _, x, _ in items], kind, dims, groups=groups, mean=mean))
+            order += [(rec, kind, x.dtype) for rec, x, _ in items]
+        if len({(p.dtype, p.device) for p in parts}) > 1:
+            parts = [p.to(device=parts[0].device, dtype=torch.float64) for p in parts]
+        values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()  # one host sync
         step: dict[LayerRecord, float] = {}  # each layer's lowest headroom in this step
-        for (rec, kind, dtype, _), (lo, hi) in zip(pending, values):
+        for (rec, kind, dtype), dev in zip(order, values):
             top, rec.dtype = _TOP.get(self.dtype or dtype) or _top(self.dtype or dtype)
-            big = largest_intermediate(max(hi, -lo), kind)
+            big = largest_intermediate(dev, kind)
             rec.calls += 1
             if big > rec.largest:
                 rec.largest = big
@@ -385,7 +433,9 @@ class Watch:
         head = f"{'layer':<28} {'norm':<26} {'dtype':<8} {'calls':>6} {'headroom':>9} {'lowest':>8}  watched by"
         lines = [head, "-" * len(head)]
         for r in self.records.values():
-            lines.append(f"{r.name[:28]:<28} {r.what[:26]:<26} {r.dtype:<8} {r.calls:>6} {r.last:>9.1f} {r.lowest:>8.1f}  {r.how}")
+            stale = f" ({r.stale} call(s) not measured: input changed in place first)" if r.stale else ""
+            lines.append(f"{r.name[:28]:<28} {r.what[:26]:<26} {r.dtype:<8} {r.calls:>6} {r.last:>9.1f} {r.lowest:>8.1f}  "
+                         f"{r.how}{stale}")
         lines += [f"not watched: {name} ({why})" for name, why in self.left.items()]
         return "\n".join(lines)
 

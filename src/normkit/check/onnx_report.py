@@ -129,7 +129,7 @@ def text(result: OnnxResult, fixed: OnnxResult | None = None, fix_path: str | No
         out += _plain_table(header, rows(result, fixed)) + [""]
         pats = pattern_lines(result)
         if pats:
-            out += ["nodes of each pattern (or that harden replaced); the body holding a norm:"] + pats + [""]
+            out += ["nodes of each pattern (or that harden replaced), and the body holding it:"] + pats + [""]
     out += [finding(result), verdict(result)]
     if fixed is not None:
         out += ["", f"fixed ({fix_path}): {finding(fixed)}", f"fixed: {verdict(fixed)}"]
@@ -206,7 +206,7 @@ def markdown(result: OnnxResult, fixed: OnnxResult | None, fix_path: str | None,
         out.append("")
         pats = pattern_lines(result)
         if pats:
-            out += ["Nodes of each pattern (or that harden replaced); the body holding a norm:", ""] + [f"- {p.strip()}" for p in pats] + [""]
+            out += ["Nodes of each pattern (or that harden replaced), and the body holding it:", ""] + [f"- {p.strip()}" for p in pats] + [""]
     out += [finding(result), "", verdict(result), ""]
     if fixed is not None:
         out += [f"Fixed file `{fix_path}`: {finding(fixed)}", "", verdict(fixed), ""]
