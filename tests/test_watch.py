@@ -182,6 +182,38 @@ def test_norms_of_one_shape_are_measured_together_each_against_its_own_oracle(na
             assert w.records[str(2 * k + 1)].last == pytest.approx(math.log2(F16_MAX) - math.log2(dev), abs=1e-6)
 
 
+def test_large_inputs_one_by_one_and_small_ones_stacked_in_one_forward():
+    """Same-shaped inputs above normkit.watch.STACKED elements are measured one by one (a stack would copy
+    them), small ones stacked; in one forward, each record gets its own input's oracle."""
+    from normkit.watch import STACKED
+
+    big = nn.Sequential(*[m for k in range(3) for m in (Scaled(10.0 ** k), nn.LayerNorm(128))])
+    small = nn.Sequential(*[m for k in range(2) for m in (Scaled(3.0 ** k), nn.RMSNorm(8))])
+
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.big, self.small = big, small
+
+        def forward(self, x, y):
+            return self.big(x).sum() + self.small(y).sum()
+
+    model = Both()
+    seen = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            m.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0].detach().clone()))
+    x = torch.randn(2, STACKED // 128 + 2, 128)
+    assert x.numel() > STACKED
+    w = watch(model, every=1)
+    model(x, torch.randn(4, 8))
+    assert len(w.records) == 5
+    for name, rec in w.records.items():
+        center = name.startswith("big")
+        assert rec.calls == 1 and rec.last == pytest.approx(
+            oracle(seen[name], last_dims(1), center, dtype=torch.float32), abs=1e-6), (name, rec)
+
+
 class ChangesItsNormInput(nn.Module):
     """Normalizes x, then (with ``change``) changes x in place: fine under no_grad; in training the backward
     would refuse it (the norm saved x)."""

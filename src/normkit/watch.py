@@ -27,7 +27,7 @@ What is watched: the normalizations :func:`normkit.convert` recognizes -- by beh
 
 Each hook only notes its input; when the forward of ``model`` ends, the inputs noted are measured together --
 those of one kind, shape and dtype stacked, so a model's LayerNorms cost the same few kernels as one
-(:func:`deviations`) -- and read back once (one host sync per step), when a warning
+(:func:`deviations`; larger inputs one by one, :func:`extremes`) -- and read back once (one host sync per step), when a warning
 (:class:`HeadroomWarning`) is issued the first time a layer comes within ``threshold`` powers of two of
 overflow. The inputs are held until then: in training autograd holds them anyway (the norms save their
 input); an input changed in place before the forward ends (possible only where autograd does not save it)
@@ -69,59 +69,76 @@ def reduction(x: torch.Tensor, kind: str, dims=None, groups: int | None = None):
     return x, kind, dims
 
 
-def deviations(xs: list[torch.Tensor], kind: str, dims=None, *, groups: int | None = None,
-               mean: torch.Tensor | None = None) -> torch.Tensor:
-    """The largest magnitude of what a textbook norm squares (or, for ``kind="given"``, subtracts), for each
-    of several inputs of one shape, dtype and device: ``max |x - mean|`` over the reduction groups, or
-    ``max |x|`` for ``kind="rms"``; a 1-D tensor with one entry per input, in float32 (float64 for float64
-    input), no autograd graph. The inputs are stacked, so the kernels are the same few whatever their
-    number: ``abs`` and ``amax`` for ``"rms"``, a sum and the subtraction of ``sum / n`` (one kernel) before
-    them for the others, plus the stack for more than one input.
+def _terms(xs: list[torch.Tensor], kind: str, dims, groups, mean, acc) -> torch.Tensor:
+    """What a textbook norm squares (``x - mean`` per reduction group, ``x`` for ``"rms"``) or subtracts
+    (``"given"``), for inputs of one shape stacked along a new first dim (no copy for one input)."""
+    k = len(xs)
+    t = torch.stack(xs) if k > 1 else xs[0].unsqueeze(0)  # (k, *shape)
+    if kind == "group":  # the inputs as one larger batch: each group lies inside one input
+        y, kind, dims = reduction(t.flatten(0, 1), kind, dims, groups)
+    else:  # the dims of one input, shifted past the stack's
+        y, (_, kind, dims) = t, reduction(xs[0], kind, dims, groups)
+        dims = tuple(d + 1 if d >= 0 else d for d in dims) if dims is not None else None
+    if kind == "rms":
+        return y
+    if kind == "given":  # x - mean per channel: dim 1 of each input
+        return y - mean.detach().to(device=y.device, dtype=acc).reshape([1, 1, -1] + [1] * (y.dim() - 3))
+    dims = tuple(d if d >= 0 else d + y.dim() for d in dims) if dims else tuple(range(1, y.dim()))
+    n = math.prod(y.shape[d] for d in dims)
+    # x - sum/n in one kernel (cheaper than mean, then subtract), in the accumulation dtype
+    return torch.sub(y, y.sum(dims, keepdim=True, dtype=acc), alpha=1.0 / n)
+
+
+class _NoGrad:
+    """Grad mode off, switched as a function: a tenth of what the ``no_grad()`` context costs inside a hook."""
+
+    def __enter__(self):
+        self.grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+
+    def __exit__(self, *exc):
+        torch.set_grad_enabled(self.grad)
+
+
+def extremes(x: torch.Tensor, kind: str, dims=None, *, groups: int | None = None,
+             mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min, max)`` of what a textbook norm squares (or, for ``kind="given"``, subtracts): ``x - mean``
+    per reduction group, or ``x`` itself for ``kind="rms"``; 0-D tensors in float32 (float64 for float64
+    input), no autograd graph. One kernel for ``"rms"`` (aminmax, no temporary), three for the others (a sum,
+    the subtraction of ``sum / n`` in one kernel, aminmax).
 
     ``kind``: ``"center"`` over the groups of ``dims``; ``"rms"``; ``"group"`` centred over
     ``(N, groups, -1)``; ``"instance"`` centred over dims 2..; ``"batch"`` centred over every dim but 1;
     ``"given"`` ``x - mean`` with ``mean`` per channel (dim 1).
     """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.numel() == 0:
+        zero = torch.zeros((), dtype=acc, device=x.device)
+        return zero, zero
+    with _NoGrad():
+        lo, hi = torch.aminmax(_terms([x], kind, dims, groups, mean, acc))
+    return (lo, hi) if lo.dtype == acc else (lo.to(acc), hi.to(acc))
+
+
+def deviations(xs: list[torch.Tensor], kind: str, dims=None, *, groups: int | None = None,
+               mean: torch.Tensor | None = None) -> torch.Tensor:
+    """``max |d|`` of :func:`extremes`' values for each of several inputs of one shape, dtype and device, as
+    a 1-D tensor: the inputs stacked, so the kernels are the same few whatever their number (a stack,
+    :func:`extremes`' sum and subtraction, ``abs``, ``amax`` per input -- ``aminmax`` along a dim is five times
+    slower on CPU). Worth it for small inputs, where each kernel costs its call more than its work."""
     acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
-    k = len(xs)
     if xs[0].numel() == 0:
-        return torch.zeros(k, dtype=acc, device=xs[0].device)
-    grad = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)  # as a function: a tenth of what the no_grad() context costs inside a hook
-    try:
-        if k == 1 and kind in ("rms", "center"):  # one input: no stack
-            d = (xs[0] if kind == "rms" else _centred(xs[0], dims, acc, batch=False)).abs().amax().reshape(1)
-            return d if d.dtype == acc else d.to(acc)
-        t = torch.stack(xs) if k > 1 else xs[0].unsqueeze(0)  # (k, *shape)
-        if kind == "group":  # the inputs as one larger batch: each group lies inside one input
-            y, kind, dims = reduction(t.flatten(0, 1), kind, dims, groups)
-        else:  # the dims of one input, shifted past the stack's
-            y, (_, kind, dims) = t, reduction(xs[0], kind, dims, groups)
-            dims = tuple(d + 1 if d >= 0 else d for d in dims) if dims is not None else None
-        if kind == "rms":
-            d = y
-        elif kind == "given":  # x - mean per channel: dim 1 of each input
-            d = y - mean.detach().to(device=y.device, dtype=acc).reshape([1, 1, -1] + [1] * (y.dim() - 3))
-        else:
-            d = _centred(y, dims, acc)
-        d = d.reshape(k, -1).abs().amax(1)  # per input (aminmax along a dim is five times slower on CPU)
-        return d if d.dtype == acc else d.to(acc)
-    finally:
-        torch.set_grad_enabled(grad)
-
-
-def _centred(y: torch.Tensor, dims, acc, batch: bool = True) -> torch.Tensor:
-    """``y - mean`` over ``dims`` in the accumulation dtype: the subtraction of ``sum / n`` in one kernel
-    (cheaper than a mean, then a subtraction). No ``dims``: every dim (but the stack's, with ``batch``)."""
-    dims = tuple(d if d >= 0 else d + y.dim() for d in dims) if dims else tuple(range(int(batch), y.dim()))
-    n = math.prod(y.shape[d] for d in dims)
-    return torch.sub(y, y.sum(dims, keepdim=True, dtype=acc), alpha=1.0 / n)
+        return torch.zeros(len(xs), dtype=acc, device=xs[0].device)
+    with _NoGrad():
+        d = _terms(xs, kind, dims, groups, mean, acc).reshape(len(xs), -1).abs().amax(1)
+    return d if d.dtype == acc else d.to(acc)
 
 
 def max_deviation(x: torch.Tensor, kind: str, dims=None, *, groups: int | None = None,
                   mean: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`deviations` of one input, as a 0-D tensor."""
-    return deviations([x], kind, dims, groups=groups, mean=mean)[0]
+    """The largest magnitude of :func:`extremes`' values, ``max(max, -min)``, as a 0-D tensor."""
+    lo, hi = extremes(x, kind, dims, groups=groups, mean=mean)
+    return torch.maximum(hi, -lo)
 
 
 def largest_intermediate(deviation: float, kind: str) -> float:
@@ -142,6 +159,7 @@ def headroom(largest: float, dtype: torch.dtype | float) -> float:
 
 
 _TOP: dict = {}  # dtype -> (largest value, name)
+STACKED = 1 << 14  # elements per input up to which same-shaped inputs are measured stacked (deviations)
 _NORM_CLASSES = (*TWINS, *_TORCH_OF, _FrozenBatchNorm)  # torch's norm classes and normkit's
 
 
@@ -378,7 +396,7 @@ class Watch:
         """Measure this step's norm inputs and read the values (one host sync) into :attr:`records`; warn where
         a layer came within ``threshold`` powers of two of overflow for the first time. Called after every
         forward of the model. Inputs of one kind, shape and dtype are measured together
-        (:func:`deviations`); an input changed in place since its norm read it cannot be measured any more
+        (:func:`deviations`; larger inputs one by one, :func:`extremes`); an input changed in place since its norm read it cannot be measured any more
         and is counted in the layer's ``stale`` (autograd forbids that for inputs it saves, as in training)."""
         if not self._pending:
             return
@@ -396,14 +414,24 @@ class Watch:
             batches.setdefault(key, []).append((rec, x, spec))
         if not batches:
             return
-        parts, order = [], []
+        parts, pairs, order, paired = [], [], [], []
         for items in batches.values():
             kind, dims, groups, mean = items[0][2]
-            parts.append(deviations([x for _, x, _ in items], kind, dims, groups=groups, mean=mean))
-            order += [(rec, kind, x.dtype) for rec, x, _ in items]
+            if len(items) > 1 and items[0][1].numel() <= STACKED:
+                parts.append(deviations([x for _, x, _ in items], kind, dims, groups=groups, mean=mean))
+                order += [(rec, kind, x.dtype) for rec, x, _ in items]
+            else:  # one input, or inputs large enough that a stack's copy costs more than the calls it saves
+                for rec, x, _ in items:
+                    pairs += extremes(x, kind, dims, groups=groups, mean=mean)
+                    paired.append((rec, kind, x.dtype))
+        if pairs:
+            parts.append(torch.stack(pairs) if len({(p.dtype, p.device) for p in pairs}) == 1 else
+                         torch.stack([p.to(device=pairs[0].device, dtype=torch.float64) for p in pairs]))
         if len({(p.dtype, p.device) for p in parts}) > 1:
             parts = [p.to(device=parts[0].device, dtype=torch.float64) for p in parts]
-        values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()  # one host sync
+        flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()  # one host sync
+        values = flat[:len(order)] + [max(hi, -lo) for lo, hi in zip(flat[len(order)::2], flat[len(order) + 1::2])]
+        order += paired
         step: dict[LayerRecord, float] = {}  # each layer's lowest headroom in this step
         for (rec, kind, dtype), dev in zip(order, values):
             top, rec.dtype = _TOP.get(self.dtype or dtype) or _top(self.dtype or dtype)
