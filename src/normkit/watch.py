@@ -160,6 +160,7 @@ def headroom(largest: float, dtype: torch.dtype | float) -> float:
 
 _TOP: dict = {}  # dtype -> (largest value, name)
 STACKED = 1 << 14  # elements per input up to which same-shaped inputs are measured stacked (deviations)
+# (from 3 centred inputs or 5 RMS ones: below that, one by one takes fewer calls)
 _NORM_CLASSES = (*TWINS, *_TORCH_OF, _FrozenBatchNorm)  # torch's norm classes and normkit's
 
 
@@ -417,7 +418,9 @@ class Watch:
         parts, pairs, order, paired = [], [], [], []
         for items in batches.values():
             kind, dims, groups, mean = items[0][2]
-            if len(items) > 1 and items[0][1].numel() <= STACKED:
+            if len(items) >= (5 if kind == "rms" else 3) and items[0][1].numel() <= STACKED:
+                # stacked: 4 calls for RMS inputs (stack, reshape, abs, amax), 6 for centred ones; one by one: 1
+                # (aminmax) and 3 (sum, subtraction, aminmax) per input
                 parts.append(deviations([x for _, x, _ in items], kind, dims, groups=groups, mean=mean))
                 order += [(rec, kind, x.dtype) for rec, x, _ in items]
             else:  # one input, or inputs large enough that a stack's copy costs more than the calls it saves

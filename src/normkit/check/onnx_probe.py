@@ -9,8 +9,11 @@ exposed as graph outputs -- only those, so the rest of the graph runs as written
 each norm is judged **in isolation**, as the model probe judges a layer: its own nodes (the native node,
 the decomposed pattern, or the region ``harden_onnx`` wrote) are extracted into a small graph, fed the
 float64 graph's input to the norm rounded to the dtype, and compared with the float64 copy of the same
-nodes on the same rounded input, so an upstream error cannot make a later norm look broken. Per norm and
-scale:
+nodes on the same rounded input, so an upstream error cannot make a later norm look broken. Model-local
+functions are inlined on a copy first; a norm inside an If/Loop/Scan body is measured through the node
+holding the body (:func:`expose`), at every Loop iteration (the worst kept), ``not taken`` where its If branch
+did not run; a body whose values cannot be brought out is listed in :attr:`OnnxResult.unmeasured` with the
+reason. Per norm and scale:
 
 * ``max_input``: the largest ``|x|`` the norm receives (float64 graph);
 * ``variance``: the largest ``sum((x - mean)**2) / N`` over its groups (``sum(x**2) / N`` for RMS norms);
@@ -26,13 +29,15 @@ Status: ``ok``; ``fail`` (error above :data:`normkit.check.cases.TOLERANCE`); ``
 where float64 is finite); ``overflow`` (an intermediate beyond the dtype's range although the evaluator's
 output passed: ONNX Runtime's CPU provider computes float16 nodes in float32); ``raised`` (the evaluator
 refused the nodes); ``range`` (the norm's input itself lies beyond the dtype: no normalization can fix
-that, reported apart). The first failing node is the first in topological order at the smallest failing
-scale.
+that, reported apart); ``not taken`` (inside an If branch the inputs do not take; not a failure). The first
+failing node is the first in topological order at the smallest failing scale.
 
 Evaluators: ``reference`` (``onnx.reference``, computing every node in its declared dtype, as a float16
-accelerator does; ONNX Runtime's contrib norms are given textbook implementations here) and ``ort`` (ONNX
-Runtime's CPU provider, graph optimizations off). Default: ``reference`` for float16 graphs, ``ort`` for
-float32 graphs.
+accelerator does -- bfloat16 through ml_dtypes; ONNX Runtime's contrib norms are given textbook
+implementations here) and ``ort`` (ONNX Runtime's CPU provider, graph optimizations off; it cannot run
+bfloat16 graphs: refused). Default: ``reference`` for float16 and bfloat16 graphs, ``ort`` for float32 and
+float64 graphs. A float64 graph is its own reference: its norms pass by construction, its headroom is
+against float64's largest value.
 """
 
 from __future__ import annotations
