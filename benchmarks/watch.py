@@ -22,6 +22,7 @@ import time
 from .runner import _spread
 
 SHAPES = [(2, 16, 64), (8, 64, 64), (16, 128, 64)]  # (batch, sequence, d_model): the zoo's example first
+DEEP = [(8, (2, 16, 64))]  # (blocks, shape): a stack of blocks, whose same-shaped norms the watch measures together
 
 
 def _step(model, opt, x):
@@ -32,8 +33,10 @@ def _step(model, opt, x):
     return run
 
 
-def measure(zoo: str, shape, repeat: int, warmup: int, budget_s: float, every: int = 1) -> dict:
+def measure(zoo: str, shape, repeat: int, warmup: int, budget_s: float, every: int = 1, blocks: int = 1) -> dict:
     base = models.get(zoo, seq_len=shape[1]).train()
+    if blocks > 1:
+        base = torch.nn.Sequential(*[models.get(zoo, seq_len=shape[1]) for _ in range(blocks)]).train()
     plain, watched = base, copy.deepcopy(base)
     w = watch(watched, every=every)
     x = torch.randn(shape)
@@ -43,7 +46,8 @@ def measure(zoo: str, shape, repeat: int, warmup: int, budget_s: float, every: i
     w.remove()
     med = {k: statistics.median(v) * 1e3 for k, v in {**{f"{k}_wall": v for k, v in wall.items()},
                                                     **{f"{k}_cpu": v for k, v in cpu.items()}}.items()}
-    return {"model": zoo, "shape": list(shape), "every": every, "plain_cpu_ms": med["plain_cpu"], "watched_cpu_ms": med["watched_cpu"],
+    return {"model": zoo, "blocks": blocks, "shape": list(shape), "every": every, "plain_cpu_ms": med["plain_cpu"],
+            "watched_cpu_ms": med["watched_cpu"],
             "overhead_cpu_pct": 100.0 * (med["watched_cpu"] / med["plain_cpu"] - 1.0),
             "plain_wall_ms": med["plain_wall"], "watched_wall_ms": med["watched_wall"],
             "overhead_wall_pct": 100.0 * (med["watched_wall"] / med["plain_wall"] - 1.0),
@@ -74,17 +78,19 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--budget", type=float, default=8.0, help="seconds per case to keep sampling after --repeat")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--every", type=int, nargs="+", default=[1, 4], help="watch(every=N) settings to measure")
+    p.add_argument("--every", type=int, nargs="+", default=[1, 4, 8], help="watch(every=N) settings to measure (8: the default)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "watch.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = [measure(zoo, shape, args.repeat, args.warmup, args.budget, every)
-            for zoo in ("transformer_block", "transformer_block_rms") for shape in SHAPES for every in args.every]
-    print(f"{'model':<22} {'input':<14} {'every':>5} {'CPU ms plain':>12} {'watched':>8} {'overhead':>9} {'spread':>10}  "
+    cases = [(1, shape) for shape in SHAPES] + DEEP
+    rows = [measure(zoo, shape, args.repeat, args.warmup, args.budget, every, blocks)
+            for zoo in ("transformer_block", "transformer_block_rms") for blocks, shape in cases for every in args.every]
+    print(f"{'model':<27} {'input':<14} {'every':>5} {'CPU ms plain':>12} {'watched':>8} {'overhead':>9} {'spread':>10}  "
           f"{'wall ms plain':>13} {'watched':>8} {'overhead':>9}")
     for r in rows:
         spread = "/".join(f"{v:.0%}" for v in r["spread_cpu"].values())
-        print(f"{r['model']:<22} {str(tuple(r['shape'])):<14} {r['every']:>5} {r['plain_cpu_ms']:>12.3f} {r['watched_cpu_ms']:>8.3f} "
+        name = r["model"] + (f" x{r['blocks']}" if r["blocks"] > 1 else "")
+        print(f"{name:<27} {str(tuple(r['shape'])):<14} {r['every']:>5} {r['plain_cpu_ms']:>12.3f} {r['watched_cpu_ms']:>8.3f} "
               f"{r['overhead_cpu_pct']:>8.1f}% {spread:>10}  {r['plain_wall_ms']:>13.3f} {r['watched_wall_ms']:>8.3f} "
               f"{r['overhead_wall_pct']:>8.1f}%")
     Path(args.out).write_text(json.dumps({"torch": torch.__version__, "threads": args.threads,

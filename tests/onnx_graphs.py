@@ -3,13 +3,14 @@ LayerNorm / RMSNorm patterns exporters emit, with float64 numpy references, for 
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
-NP = {TP.FLOAT: np.float32, TP.FLOAT16: np.float16}
+NP = {TP.FLOAT: np.float32, TP.FLOAT16: np.float16, TP.BFLOAT16: ml_dtypes.bfloat16, TP.DOUBLE: np.float64}
 
 
 def _model(nodes, x_shape, inits, opset, elem=TP.FLOAT, domains=(), n_out=1):
@@ -108,7 +109,8 @@ def ms_cases(elem=TP.FLOAT):
 def decomposed(center: bool, axes_attr: bool, square: str, normalize: str, affine: bool, elem=TP.FLOAT, cast: bool = False):
     """The decomposed LayerNorm (``center``) or RMSNorm pattern over the last axis, as exporters write it:
     ``axes`` as an attribute (opset 17) or an input (opset 18); ``square`` "pow" or "mul"; ``normalize``
-    "div" or "reciprocal"; optional scale and bias; ``cast``: computed in float32 between Casts."""
+    "div" (``d / Sqrt(v)``) or ``d`` times an inverse std (:func:`inv_std_nodes`: "reciprocal", "pow",
+    "div1"); optional scale and bias; ``cast``: computed in float32 between Casts."""
     opset = 17 if axes_attr else 18
     nodes, inits = [], {}
     x = "x"
@@ -137,11 +139,9 @@ def decomposed(center: bool, axes_attr: bool, square: str, normalize: str, affin
     else:
         nodes.append(oh.make_node("Mul", [d, d], ["sq"]))
     mean("sq", "var")
-    nodes += [oh.make_node("Add", ["var", "eps"], ["ve"]), oh.make_node("Sqrt", ["ve"], ["sd"])]
-    if normalize == "div":
-        nodes.append(oh.make_node("Div", [d, "sd"], ["n"]))
-    else:
-        nodes += [oh.make_node("Reciprocal", ["sd"], ["r"]), oh.make_node("Mul", [d, "r"], ["n"])]
+    nodes.append(oh.make_node("Add", ["var", "eps"], ["ve"]))
+    nodes += [oh.make_node("Mul", [d, "r"], ["n"])] if normalize != "div" else [oh.make_node("Div", [d, "sd"], ["n"])]
+    nodes[-1:-1] = inv_std_nodes(normalize, "ve", "sd", "r", cdt)
     out = "n"
     if cast:
         nodes.append(oh.make_node("Cast", ["n"], ["nc"], to=elem))
@@ -157,6 +157,67 @@ def decomposed(center: bool, axes_attr: bool, square: str, normalize: str, affin
     def ref(xv):
         y = ref_standardize(xv, (-1,), 1e-5, center)
         return y * s + b if affine else y
+
+    return model, ref
+
+
+def inv_std_nodes(form: str, v: str, sd: str, out: str, elem, prefix: str = "") -> list:
+    """Nodes computing ``sd = Sqrt(v)`` ("div": the caller divides by it) or ``out = 1 / sqrt(v)`` as exporters
+    write it: "reciprocal" ``Reciprocal(Sqrt(v))``; "pow" ``Pow(v, -0.5)`` (tf2onnx's Rsqrt); "div1"
+    ``Div(1, Sqrt(v))`` (older torch.onnx's rsqrt)."""
+    if form == "pow":
+        return [oh.make_node("Constant", [], [f"{prefix}mhalf"], value=oh.make_tensor(f"{prefix}mhalf", elem, [], [-0.5])),
+                oh.make_node("Pow", [v, f"{prefix}mhalf"], [out], name=f"{prefix}Pow_inv")]
+    nodes = [oh.make_node("Sqrt", [v], [sd], name=f"{prefix}Sqrt")]
+    if form == "reciprocal":
+        nodes.append(oh.make_node("Reciprocal", [sd], [out], name=f"{prefix}Reciprocal"))
+    elif form == "div1":
+        nodes += [oh.make_node("Constant", [], [f"{prefix}one"], value=oh.make_tensor(f"{prefix}one", elem, [], [1.0])),
+                  oh.make_node("Div", [f"{prefix}one", sd], [out], name=f"{prefix}Div_inv")]
+    return nodes
+
+
+def tf_batch_norm(moments: bool, inv: str = "pow", gamma: bool = True, offset: bool = True, elem=TP.FLOAT16,
+                  mean=None, var=None, shape=("N", 4, 4, C)):
+    """TensorFlow's batch norm over channels-last ``(N, H, W, C)`` as ``tf.nn.batch_normalization`` writes
+    it and tf2onnx exports it: ``y = x * scale + (offset - mean * scale)`` (``Neg(mean * scale)`` without
+    ``offset``), ``scale = gamma * inv_std(var + eps)`` (:func:`inv_std_nodes`; the inverse std alone without
+    ``gamma``), eps 1e-3; ``moments``: ``mean = ReduceMean(x)``, ``var = ReduceMean((x - mean)^2)`` over
+    axes (0, 1, 2) (``tf.nn.moments``), else the constants ``mean`` and ``var`` (per channel). Returns the
+    model and a float64 reference of x."""
+    g_, b_ = _lin(C, 0.5, 2.0), _lin(C, -1, 1)
+    nodes, inits = [], {}
+    if moments:
+        nodes += [oh.make_node("ReduceMean", ["x"], ["mean"], axes=[0, 1, 2], keepdims=1, name="bn/moments/mean"),
+                  oh.make_node("Sub", ["x", "mean"], ["d"], name="bn/moments/Sub"),
+                  oh.make_node("Mul", ["d", "d"], ["sq"], name="bn/moments/SquaredDifference"),
+                  oh.make_node("ReduceMean", ["sq"], ["var"], axes=[0, 1, 2], keepdims=1, name="bn/moments/variance")]
+    else:
+        inits.update(mean=np.asarray(mean, np.float64), var=np.asarray(var, np.float64))
+    nodes.append(oh.make_node("Constant", [], ["eps"], value=oh.make_tensor("eps", elem, [], [1e-3]), name="bn/eps"))
+    nodes.append(oh.make_node("Add", ["var", "eps"], ["ve"], name="bn/add"))
+    nodes += inv_std_nodes(inv, "ve", "sd", "inv", elem, "bn/")
+    if gamma:
+        inits["gamma"] = g_
+        nodes.append(oh.make_node("Mul", ["gamma", "inv"], ["scale"], name="bn/mul"))
+    scale = "scale" if gamma else "inv"
+    nodes += [oh.make_node("Mul", ["x", scale], ["xs"], name="bn/mul_1"), oh.make_node("Mul", ["mean", scale], ["ms"], name="bn/mul_2")]
+    if offset:
+        inits["offset"] = b_
+        nodes.append(oh.make_node("Sub", ["offset", "ms"], ["shift"], name="bn/sub"))
+    else:
+        nodes.append(oh.make_node("Neg", ["ms"], ["shift"], name="bn/neg"))
+    nodes.append(oh.make_node("Add", ["xs", "shift"], ["y"], name="bn/add_1"))
+    model = _model(nodes, list(shape), inits, 13 if moments else 17, elem)
+
+    def held(v):  # a constant as the graph holds it: rounded to its dtype
+        return np.asarray(v, np.float64).astype(NP[elem]).astype(np.float64)
+
+    def ref(x):
+        x = x.astype(np.float64)
+        m = x.mean(axis=(0, 1, 2)) if moments else held(mean)
+        v = ((x - m) ** 2).mean(axis=(0, 1, 2)) if moments else held(var)
+        return (x - m) / np.sqrt(v + held(1e-3)) * (held(g_) if gamma else 1.0) + (held(b_) if offset else 0.0)
 
     return model, ref
 
@@ -273,10 +334,12 @@ def _layer_norm_body(name: str, x: str, out: str, elem) -> onnx.GraphProto:
     return oh.make_graph([node], name, [], [oh.make_tensor_value_info(out, elem, None)], [s])
 
 
-def layer_norm_in_if(elem=TP.FLOAT):
-    """``If(cond)`` whose both branches normalize the outer ``x`` with LayerNormalization (scale linspace(0.5, 1.5))."""
-    node = oh.make_node("If", ["cond"], ["y"], then_branch=_layer_norm_body("then", "x", "yt", elem),
-                        else_branch=_layer_norm_body("else", "x", "ye", elem), name="if")
+def layer_norm_in_if(elem=TP.FLOAT, else_norm: bool = True):
+    """``If(cond)`` whose both branches normalize the outer ``x`` with LayerNormalization (scale linspace(0.5, 1.5));
+    without ``else_norm`` the else branch passes ``x`` through (the only norm is in the then branch)."""
+    other = _layer_norm_body("else", "x", "ye", elem) if else_norm else oh.make_graph(
+        [oh.make_node("Identity", ["x"], ["ye"], name="else/Identity")], "else", [], [oh.make_tensor_value_info("ye", elem, None)])
+    node = oh.make_node("If", ["cond"], ["y"], then_branch=_layer_norm_body("then", "x", "yt", elem), else_branch=other, name="if")
     g = oh.make_graph([node], "g", [oh.make_tensor_value_info("x", elem, ["N", 3, C]),
                                     oh.make_tensor_value_info("cond", TP.BOOL, [])],
                       [oh.make_tensor_value_info("y", elem, ["N", 3, C])])
@@ -300,6 +363,33 @@ def layer_norm_in_loop(elem=TP.FLOAT):
                       [oh.make_tensor_value_info("y", elem, ["N", 3, C])])
     model = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
     return model, lambda x: ref_standardize(x, (-1,), 1e-5) * np.linspace(0.5, 1.5, C)
+
+
+def rms_in_loop(trips: int = 3, growth: float = 4.0, elem=TP.FLOAT16):
+    """A ``Loop`` of ``trips`` iterations over ``(N, 3, C)``: each multiplies its carried value by ``growth``
+    and normalizes the product with the decomposed RMSNorm pattern (``Mul -> ReduceMean -> Add -> Sqrt ->
+    Div``), a scan output; iteration ``i`` normalizes ``x * growth**(i + 1)``."""
+    dt = NP[elem]
+    body = oh.make_graph(
+        [oh.make_node("Identity", ["cond_in"], ["cond_out"]),
+         oh.make_node("Constant", [], ["g"], value=nh.from_array(np.array(growth, dt)), name="loop/g"),
+         oh.make_node("Mul", ["v_in", "g"], ["v_out"], name="loop/grow"),
+         oh.make_node("Mul", ["v_out", "v_out"], ["sq"], name="loop/rms/Mul"),
+         oh.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1], keepdims=1, name="loop/rms/ReduceMean"),
+         oh.make_node("Constant", [], ["eps"], value=nh.from_array(np.array(1e-6, dt)), name="loop/rms/eps"),
+         oh.make_node("Add", ["ms", "eps"], ["mse"], name="loop/rms/Add"),
+         oh.make_node("Sqrt", ["mse"], ["rms"], name="loop/rms/Sqrt"),
+         oh.make_node("Div", ["v_out", "rms"], ["n"], name="loop/rms/Div")],
+        "body", [oh.make_tensor_value_info("i", TP.INT64, []), oh.make_tensor_value_info("cond_in", TP.BOOL, []),
+                 oh.make_tensor_value_info("v_in", elem, ["N", 3, C])],
+        [oh.make_tensor_value_info("cond_out", TP.BOOL, []), oh.make_tensor_value_info("v_out", elem, ["N", 3, C]),
+         oh.make_tensor_value_info("n", elem, ["N", 3, C])])
+    nodes = [oh.make_node("Constant", [], ["trip"], value=oh.make_tensor("trip", TP.INT64, [], [trips])),
+             oh.make_node("Constant", [], ["true"], value=oh.make_tensor("true", TP.BOOL, [], [True])),
+             oh.make_node("Loop", ["trip", "true", "x"], ["last", "y"], body=body, name="loop")]
+    g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", elem, ["N", 3, C])],
+                      [oh.make_tensor_value_info("y", elem, [trips, "N", 3, C])])
+    return oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
 
 
 def norms_in_local_function(elem=TP.FLOAT):

@@ -20,7 +20,8 @@ from onnx import TensorProto as TP
 from normkit.check.onnx_probe import FAILED, probe_onnx, random_feeds
 from normkit.cli import main
 
-from onnx_graphs import cast_model, decomposed, ms_cases, native_cases, rms_after_matmul
+from onnx_graphs import (NP, cast_model, decomposed, layer_norm_in_if, ms_cases, native_cases, norms_in_local_function,
+                         rms_after_matmul, rms_in_loop, tf_batch_norm)
 
 F16_MAX = 65504.0
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -113,6 +114,162 @@ def test_float32_graph_in_onnxruntime_and_first_failure_in_topological_order():
     assert first.name.startswith("other/") and result.first_failure().scale == 1e20
 
 
+# ----------------------------------------------------------------------------------------- bodies and functions
+def test_norm_inside_an_if_branch_breaks_at_the_known_scale(tmp_path, capsys):
+    """The graph's only norm is a float16 LayerNormalization in an If's then branch (the else branch passes x
+    through): measured through the If node, it breaks where the oracle says; with the branch not taken it is
+    listed as not measured, never silently absent; --fix hardens it inside the body and the check holds."""
+    model, _ = layer_norm_in_if(TP.FLOAT16, else_norm=False)
+    feeds = random_feeds(model, {"x": (2, 3, 6), "cond": ()}, seed=2)
+    feeds["cond"] = np.array(True)
+    s_break = _break_scale(feeds["x"], (-1,), True)
+    result = probe_onnx(model, feeds, [1.0, s_break / 2, s_break * 2])
+    assert [(s.name, s.where) for s in result.norms] == [("then/LayerNorm", "If 'if' then_branch")] and not result.unmeasured
+    one, low, high = result.cases
+    assert one.status == "ok" and one.headroom == pytest.approx(_square_headroom(feeds["x"], (-1,), True), abs=0.05)
+    assert low.status == "ok" and low.headroom == pytest.approx(2.0, abs=0.05)
+    assert high.status in FAILED and high.headroom == pytest.approx(-2.0, abs=0.05)
+    assert result.first_failure() is high and not result.ok
+
+    feeds["cond"] = np.array(False)
+    skipped = probe_onnx(model, feeds, [1.0, s_break * 2])
+    assert [c.status for c in skipped.cases] == ["not taken", "not taken"] and skipped.ok
+    from normkit.check import onnx_report
+    assert "not measured: then/LayerNorm (LayerNormalization) inside If 'if' then_branch: its If branch was not taken" \
+        in onnx_report.text(skipped)
+
+    g, calib = tmp_path / "if.onnx", tmp_path / "calib.npz"
+    onnx.save(model, g)
+    np.savez(calib, x=feeds["x"], cond=np.array(True))
+    fixed = tmp_path / "fixed.onnx"
+    assert main(["check", str(g), "--inputs", str(calib), "--scales", f"1,{s_break * 2}", "--json", "--fix", str(fixed)]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["norms"][0]["fails_from"] == s_break * 2 and d["fixed"]["ok"]
+    (hard,) = d["fixed"]["norms"]
+    assert hard["op"] == "normkit (LayerNormalization)" and hard["where"] == "If 'if' then_branch"
+    assert all(c["status"] == "ok" for c in hard["cases"])
+
+
+@pytest.mark.parametrize("evaluator", ["reference", "ort"])
+def test_norm_inside_a_loop_judged_at_its_worst_iteration(evaluator):
+    """A decomposed RMSNorm in a Loop body normalizes x * 4**(i + 1) at iteration i: the check judges every
+    iteration and keeps the worst, the last one, whose headroom the oracle gives. ONNX Runtime computes the
+    float16 squares wider: its output passes and the check marks the overflow from the float64 run."""
+    model = rms_in_loop(trips=3, growth=4.0)
+    feeds = random_feeds(model, {"x": (2, 3, 6)}, seed=4)
+    last = (feeds["x"].astype(np.float64) * 64).astype(np.float16)
+    s_break = _break_scale(last, (-1,), False)
+    result = probe_onnx(model, feeds, [s_break / 2, s_break * 2], evaluator=evaluator)
+    (site,) = result.norms
+    assert site.where == "Loop 'loop' body" and site.nodes[0] == "loop/rms/Mul" and len(site.nodes) == 5
+    low, high = result.cases
+    assert low.status == "ok" and low.headroom == pytest.approx(2.0, abs=0.05) and "(index 2)" in low.message
+    assert high.headroom == pytest.approx(-2.0, abs=0.05) and "the worst of 3 iterations (index 2)" in high.message
+    assert high.status == ("overflow" if evaluator == "ort" else "fail") or high.status == "non-finite"
+
+
+def test_norms_inside_a_model_local_function_are_measured():
+    """A model-local function holding a decomposed RMSNorm followed by LayerNormalization (float32, ONNX
+    Runtime): inlined on a copy, both are measured; the RMS pattern's squares overflow float32 by 1e20, the
+    LayerNorm after it sees normalized values and holds."""
+    model, _ = norms_in_local_function()
+    feeds = random_feeds(model, {"x": (2, 3, 6)})
+    result = probe_onnx(model, feeds, [1.0, 1e20])
+    ops = [s.op for s in result.norms]
+    assert ops == ["decomposed RMSNorm", "LayerNormalization"] and not result.unmeasured
+    rms, ln = (result.cases_of(i) for i in range(2))
+    assert rms[0].status == "ok" and rms[1].status in FAILED and rms[1].headroom < 0
+    assert all(c.status == "ok" for c in ln)
+
+
+# ----------------------------------------------------------------------------------------- TensorFlow's batch norm
+def test_tensorflow_batch_norm_moments_breaks_at_the_known_scale():
+    """tf.nn.moments + batch_normalization (channels last, Rsqrt as Pow(v, -0.5)), float16: found as one
+    pattern with its nodes; its headroom is the oracle's largest square of x - mean (per channel, over N, H,
+    W); it fails once the float16 sum of those squares passes 65504, before the headroom reaches 0."""
+    model, _ = tf_batch_norm(True, "pow")
+    feeds = random_feeds(model, {"x": (2, 4, 4, 6)}, seed=5)
+    x = feeds["x"].astype(np.float64)
+    s_break = _break_scale(feeds["x"], (0, 1, 2), True)
+    # onnx.reference's float16 ReduceMean sums in float16: the 32 squares' sum overflows before any one square
+    s_sum = math.sqrt(F16_MAX / ((x - x.mean(axis=(0, 1, 2))) ** 2).sum(axis=(0, 1, 2)).max())
+    low_s = s_sum / 1.5
+    result = probe_onnx(model, feeds, [low_s, s_break * 2])
+    (site,) = result.norms
+    assert site.op == "decomposed TF batch norm, batch moments" and "bn/moments/SquaredDifference" in site.nodes
+    assert site.name == "bn/add_1" and site.attrs["axes"] == [0, 1, 2]
+    low, high = result.cases
+    expect = _square_headroom((feeds["x"] * low_s).astype(np.float16), (0, 1, 2), True)
+    assert low.status == "ok" and low.headroom == pytest.approx(expect, abs=0.05), low
+    assert high.status in FAILED and high.headroom == pytest.approx(-2.0, abs=0.05), high
+
+
+def test_tensorflow_batch_norm_given_statistics_headroom():
+    """With constant statistics the largest intermediate is x * scale (or mean * scale): the check's headroom
+    is log2(65504 / that), computed here in float64; the form fails by cancellation before it overflows."""
+    mean, var = np.linspace(100.0, 600.0, 6), np.full(6, 1 / 64 - 1e-3)
+    model, _ = tf_batch_norm(False, "reciprocal", mean=mean, var=var)
+    x0 = mean + np.random.default_rng(6).standard_normal((2, 4, 4, 6))
+    gamma = np.linspace(0.5, 2.0, 6)
+    result = probe_onnx(model, {"x": x0.astype(np.float16)}, [1.0, 16.0])
+    (site,) = result.norms
+    assert site.op == "decomposed TF batch norm, given statistics" and site.kind == "given"
+    for case, s in zip(result.cases, (1.0, 16.0)):
+        x = (x0.astype(np.float16) * s).astype(np.float16).astype(np.float64)
+        scale = gamma / np.sqrt(var.astype(np.float16).astype(np.float64) + np.float64(np.float16(1e-3)))
+        largest = max(np.abs(x * scale).max(), np.abs(mean * scale).max())
+        assert case.headroom == pytest.approx(math.log2(F16_MAX / largest), abs=0.02), (s, case)
+    # at scale 1 nothing overflows, but x * scale (up to ~1e4, float16 spacing 8) cancels against mean * scale
+    first, second = result.cases
+    assert first.status == "fail" and first.headroom > 0 and math.isfinite(first.error) and first.error > 1e-2
+    assert second.status in FAILED and second.headroom < 0
+
+
+# ----------------------------------------------------------------------------------------- bfloat16, float64
+def test_bfloat16_graph_in_bfloat16(tmp_path, capsys):
+    """A bfloat16 decomposed LayerNorm, computed in bfloat16 by onnx.reference: its squares pass bfloat16's
+    largest value at the oracle's scale (about 1.8e19 for unit data), and the hardened file holds. Below that
+    it carries a few bfloat16 roundings (each node rounds to 8 bits): errors of 3e-3 to 9e-3, around the
+    check's bfloat16 tolerance (5.9e-3), so the test bounds the error there instead of naming a status."""
+    model = cast_model(decomposed(True, False, "pow", "div", True)[0], TP.BFLOAT16)
+    feeds = random_feeds(model, {"x": (2, 3, 6)}, seed=7)
+    x64 = feeds["x"].astype(np.float64)
+    d = x64 - x64.mean(axis=-1, keepdims=True)
+    top = float(torch.finfo(torch.bfloat16).max)
+    s_break = math.sqrt(top) / np.abs(d).max()
+    result = probe_onnx(model, feeds, [1.0, s_break / 2, s_break * 2])
+    assert result.dtype == "bfloat16" and result.evaluator == "reference"
+    one, low, high = result.cases
+    assert one.error < 1e-2 and low.error < 1e-2 and one.status != "overflow" and low.status != "overflow"
+    assert low.headroom == pytest.approx(2.0, abs=0.1) and high.headroom == pytest.approx(-2.0, abs=0.1)
+    assert high.status in FAILED and (high.status == "non-finite" or high.error > 0.5)
+    g = tmp_path / "bf16.onnx"
+    onnx.save(model, g)
+    code = main(["check", str(g), "--input-shape", "2,3,6", "--json", "--fix", str(tmp_path / "f.onnx")])
+    d = json.loads(capsys.readouterr().out)
+    cases = d["norms"][0]["cases"]
+    assert d["scales"] == [1.0, 1e10, 1e20] and cases[2]["headroom"] < 0 and cases[2]["status"] in FAILED
+    assert code == 0 and d["fixed"]["ok"] and d["fixed"]["norms"][0]["op"].startswith("normkit")
+
+
+def test_float64_graph_passes_against_itself(tmp_path, capsys):
+    """A float64 graph is its own reference: every norm passes (error about 0) and the headroom is against
+    float64's largest value -- at 1e100 the squares (1e200) are still far below it."""
+    model = cast_model(native_cases()["LayerNormalization"][0], TP.DOUBLE)
+    g = tmp_path / "f64.onnx"
+    onnx.save(model, g)
+    assert main(["check", str(g), "--input-shape", "2,3,6", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    cases = d["norms"][0]["cases"]
+    assert d["dtype"] == "float64" and [c["scale"] for c in cases] == [1.0, 1e50, 1e100]
+    assert all(c["status"] == "ok" and c["error"] < 1e-12 for c in cases)
+    x = random_feeds(model, {"x": (2, 3, 6)})["x"] * 1e100
+    expect = math.log2(torch.finfo(torch.float64).max) - 2 * math.log2(np.abs(x - x.mean(-1, keepdims=True)).max())
+    assert cases[2]["headroom"] == pytest.approx(expect, abs=0.01)
+    assert main(["check", str(g), "--input-shape", "2,3,6"]) == 0
+    assert "a float64 graph is its own float64 reference" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------------------- the issue's example
 def test_exporter_rmsnorm_exits_1_and_fix_checks_clean(tmp_path, capsys):
     g = tmp_path / "g.onnx"
@@ -188,6 +345,58 @@ def test_zoo_native_export_float32(tmp_path, capsys, zoo):
     assert code == 0 and d["fixed"]["ok"]
 
 
+# ----------------------------------------------------------------------------------------- progress bar
+def test_progress_reaches_its_total():
+    """probe_onnx announces its total once the norms are known (the graph's runs, then each norm at each
+    scale) and advances to it exactly, the branch not taken included."""
+    model, _ = layer_norm_in_if(TP.FLOAT16)
+    feeds = random_feeds(model, {"x": (2, 3, 6), "cond": ()})
+    totals, done = [], []
+
+    def progress(n=1, total=None):
+        done.append(n)
+        if total is not None:
+            totals.append(total)
+
+    result = probe_onnx(model, feeds, [1.0, 1e3], progress=progress)
+    assert len(result.norms) == 2 and totals[-1] == 2 * (1 + 2) == sum(done)
+
+
+def _stderr_on_a_terminal(args, cwd) -> tuple[int, str]:
+    """Run ``normkit ARGS`` with stderr on a pseudo-terminal (stdout piped); returns the exit status and what
+    reached the terminal."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, PYTHONWARNINGS="ignore", COLUMNS="120")
+    proc = subprocess.run([sys.executable, "-m", "normkit", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=slave,
+                          timeout=300, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:  # the terminal's other end is closed: all is read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminals via the pty module: Linux only")
+def test_progress_bar_on_a_terminal_only(bad_dir):
+    """As the model check: a rich bar on stderr when it is a terminal (one for the file, one for --fix's),
+    counting to the total; none with --json or --quiet."""
+    code, err = _stderr_on_a_terminal(["check", "g.onnx", "--input-shape", "4,64", "--scales", "1,1e3", "--fix",
+                                       "fixed.onnx"], bad_dir)
+    assert code == 0 and "check g.onnx" in err and "check fixed.onnx" in err and "4/4" in err, err
+    for quiet in ("--json", "--quiet"):
+        code, err = _stderr_on_a_terminal(["check", "g.onnx", "--input-shape", "4,64", "--scales", "1,1e3", quiet], bad_dir)
+        assert code == 1 and err == "", (quiet, err)
+
+
 # ----------------------------------------------------------------------------------------- bad input
 def _cli(args, cwd):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -205,6 +414,8 @@ BAD = {
     "npz_unknown_name": (["check", "g.onnx", "--inputs", "other.npz"], "has no input 'z'"),
     "npz_not_npz": (["check", "g.onnx", "--inputs", "BAD.onnx"], "not an .npz file"),
     "dtype_down": (["check", "g.onnx", "--input-shape", "4,64", "--dtype", "float32"], "float32 files to float16 only"),
+    "dtype_bfloat16": (["check", "g32.onnx", "--input-shape", "4,64", "--dtype", "bfloat16"], "no well-kept converter"),
+    "bfloat16_in_ort": (["check", "bf16.onnx", "--input-shape", "4,64", "--evaluator", "ort"], "use --evaluator reference"),
     "scales": (["check", "g.onnx", "--input-shape", "4,64", "--scales", "1,x"], "not a positive number"),
     "report_in_a_file": (["check", "g.onnx", "--input-shape", "4,64", "--report", "g.onnx/rep"], "cannot create"),
     "report_empty": (["check", "g.onnx", "--input-shape", "4,64", "--report", ""], "give the directory"),
@@ -216,6 +427,8 @@ def bad_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     onnx.save(rms_after_matmul(), d / "g.onnx")
     onnx.save(rms_after_matmul(features="symbolic"), d / "sym.onnx")
+    onnx.save(rms_after_matmul(elem=TP.FLOAT), d / "g32.onnx")
+    onnx.save(rms_after_matmul(elem=TP.BFLOAT16), d / "bf16.onnx")
     (d / "BAD.onnx").write_text("not onnx \x00\xff")
     np.savez(d / "other.npz", z=np.zeros((4, 64)))
     return d

@@ -130,7 +130,7 @@ def test_headroom_matches_the_oracle(name):
     model = nn.Sequential(nn.Identity(), layer)
     seen = []
     layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
-    w = watch(model, dtype=torch.float16)
+    w = watch(model, dtype=torch.float16, every=1)
     model(torch.randn(shape))  # the first forward finds the functional calls of modules no probe names
     calls = w.records["1"].calls
     assert calls == 1 and not w.left
@@ -144,12 +144,112 @@ def test_headroom_matches_the_oracle(name):
     w.remove()
 
 
+class Scaled(nn.Module):
+    """Multiplies by a fixed factor: each norm of a stack below sees inputs of another scale."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "GroupNorm", "BatchNorm2d", "RMSNorm"])
+def test_norms_of_one_shape_are_measured_together_each_against_its_own_oracle(name):
+    """Five norms of one kind and shape are measured in one stacked batch at the end of the forward: each
+    record still gets its own input's oracle (and BatchNorm on running statistics, each its own mean)."""
+    layer, shape, groups_of, center = _layers()[name]
+    norms = [type(layer)(*([2, 4] if name == "GroupNorm" else [4] if name == "BatchNorm2d" else [layer.normalized_shape]))
+             for _ in range(5)]
+    model = nn.Sequential(*[m for k, n in enumerate(norms) for m in (Scaled(10.0 ** k), n)])
+    seen = {}
+    for k, n in enumerate(norms):
+        n.register_forward_pre_hook(lambda m, args, k=k: seen.__setitem__(k, args[0].detach().clone()))
+    w = watch(model, dtype=torch.float16, every=1)
+    model(torch.randn(shape) + 0.5)
+    for k in range(5):
+        rec = w.records[str(2 * k + 1)]
+        assert rec.calls == 1 and rec.last == pytest.approx(oracle(seen[k], groups_of, center), abs=1e-6), (k, rec)
+    if name == "BatchNorm2d":  # on running statistics: x - running_mean, a different mean per layer
+        for k, n in enumerate(norms):
+            with torch.no_grad():
+                n.running_mean.fill_(float(k) * 100)
+        model.eval()
+        model(torch.randn(shape))
+        for k, n in enumerate(norms):
+            dev = (seen[k] - n.running_mean.view(1, -1, 1, 1)).abs().max().item()
+            assert w.records[str(2 * k + 1)].last == pytest.approx(math.log2(F16_MAX) - math.log2(dev), abs=1e-6)
+
+
+def test_large_inputs_one_by_one_and_small_ones_stacked_in_one_forward():
+    """Same-shaped inputs above normkit.watch.STACKED elements are measured one by one (a stack would copy
+    them), small ones stacked; in one forward, each record gets its own input's oracle."""
+    from normkit.watch import STACKED
+
+    big = nn.Sequential(*[m for k in range(3) for m in (Scaled(10.0 ** k), nn.LayerNorm(128))])
+    small = nn.Sequential(*[m for k in range(2) for m in (Scaled(3.0 ** k), nn.RMSNorm(8))])
+
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.big, self.small = big, small
+
+        def forward(self, x, y):
+            return self.big(x).sum() + self.small(y).sum()
+
+    model = Both()
+    seen = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            m.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0].detach().clone()))
+    x = torch.randn(2, STACKED // 128 + 2, 128)
+    assert x.numel() > STACKED
+    w = watch(model, every=1)
+    model(x, torch.randn(4, 8))
+    assert len(w.records) == 5
+    for name, rec in w.records.items():
+        center = name.startswith("big")
+        assert rec.calls == 1 and rec.last == pytest.approx(
+            oracle(seen[name], last_dims(1), center, dtype=torch.float32), abs=1e-6), (name, rec)
+
+
+class ChangesItsNormInput(nn.Module):
+    """Normalizes x, then (with ``change``) changes x in place: fine under no_grad; in training the backward
+    would refuse it (the norm saved x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.change = nn.LayerNorm(4), True
+
+    def forward(self, x):
+        x = x.clone()
+        y = self.norm(x)
+        if self.change:
+            x.mul_(1e6)
+        return y
+
+
+def test_an_input_changed_in_place_before_the_forward_ends_is_counted_not_mismeasured():
+    model = ChangesItsNormInput()
+    w = watch(model, every=1)
+    with torch.no_grad():
+        model(torch.randn(2, 4))
+    rec = w.records["norm"]
+    assert rec.stale == 1 and rec.calls == 0 and rec.last == math.inf
+    model.change = False
+    x = torch.randn(2, 4)
+    model(x)
+    expect = math.log2(torch.finfo(torch.float32).max) - 2 * math.log2((x - x.mean(-1, keepdim=True)).abs().max().item())
+    assert rec.stale == 1 and rec.calls == 1 and rec.last == pytest.approx(expect, abs=1e-5)
+
+
 def test_batchnorm_eval_measures_the_distance_from_the_running_mean():
     bn = nn.BatchNorm2d(4).eval()
     with torch.no_grad():
         bn.running_mean.copy_(torch.tensor([0.0, 100.0, -3.0, 7.0]))
     model = nn.Sequential(bn)
-    w = watch(model)
+    w = watch(model, every=1)
     x = torch.randn(2, 4, 3, 3)
     model(x)
     dev = (x - bn.running_mean.view(1, -1, 1, 1)).abs().max().item()
@@ -159,14 +259,14 @@ def test_batchnorm_eval_measures_the_distance_from_the_running_mean():
 def test_default_dtype_is_the_input_dtype_and_frozen_batchnorm():
     frozen = normkit.nn.FrozenBatchNorm2d(4)
     model = nn.Sequential(frozen, nn.LayerNorm(3)).to(torch.bfloat16)
-    w = watch(model)
+    w = watch(model, every=1)
     model(torch.randn(2, 4, 3, 3, dtype=torch.bfloat16))
     assert {r.dtype for r in w.records.values()} == {"bfloat16"} and set(w.records) == {"0", "1"}
 
 
 def test_warns_once_naming_the_layer_that_comes_close():
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.LayerNorm(8))
-    w = watch(model, dtype=torch.float16)
+    w = watch(model, dtype=torch.float16, every=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model(torch.randn(4, 8))  # far from overflow: no warning
@@ -196,7 +296,7 @@ def test_outputs_and_gradients_unchanged_and_hooks_removed():
 
     y0, g0 = step(model)
     stats0 = model[2].running_mean.clone()
-    w = watch(model)
+    w = watch(model, every=1)
     y1, g1 = step(model)
     y2, g2 = step(model)  # after discovery: the functional call is watched through the mode, inside its host only
     assert torch.equal(y0, y1) and torch.equal(y1, y2)
@@ -218,7 +318,7 @@ def test_an_exception_inside_a_host_leaves_no_mode_behind():
             return y
 
     model = nn.Sequential(Failing())
-    w = watch(model)
+    w = watch(model, every=1)
     model(torch.randn(2, 4))
     with pytest.raises(ValueError, match="boom"):
         model(torch.randn(3, 4))
@@ -233,13 +333,22 @@ def test_root_module_calling_a_functional_norm():
             return F.group_norm(x, 2)
 
     root = Root()
-    w = watch(root, dtype=torch.float16)
+    w = watch(root, dtype=torch.float16, every=1)
     x = torch.randn(2, 4, 5)
     root(x)
     root(x * 10)
     rec = w.records[""]
     assert rec.name == "Root" and rec.calls == 2
     assert rec.last == pytest.approx(oracle(x * 10, per_group(2)), abs=1e-6)
+
+
+def test_default_measures_one_forward_in_eight():
+    """The default keeps the watch cheap (see benchmarks/watch.py): forwards 0 and 8 of 10 are measured."""
+    model = nn.Sequential(nn.LayerNorm(5))
+    w = watch(model)
+    for _ in range(10):
+        model(torch.randn(2, 5))
+    assert w.every == 8 and w.records["0"].calls == 2 and len(w.records["0"].history) == 2
 
 
 def test_every_measures_one_step_in_n():
@@ -262,7 +371,7 @@ def test_bad_arguments():
 
 def test_report_lists_every_layer_and_what_is_not_watched():
     model = nn.Sequential(nn.LayerNorm(4), HandRMS(4), FakeRMSNorm(4))
-    with watch(model) as w:
+    with watch(model, every=1) as w:
         model(torch.randn(2, 4))
         model(torch.randn(2, 4))
     assert set(w.records) == {"0", "1"} and w.records["1"].calls == 2
@@ -279,7 +388,7 @@ def test_hugging_face_hand_written_norms_are_watched_by_what_they_compute():
     llama = pytest.importorskip("transformers.models.llama.modeling_llama", reason="transformers' Llama")
     t5 = pytest.importorskip("transformers.models.t5.modeling_t5", reason="transformers' T5")
     model = nn.Sequential(nn.Linear(8, 8), llama.LlamaRMSNorm(8), t5.T5LayerNorm(8))
-    w = watch(model, dtype=torch.float16)
+    w = watch(model, dtype=torch.float16, every=1)
     seen = {}
     for i in (1, 2):
         model[i].register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].detach().clone()))

@@ -93,9 +93,10 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 @contextlib.contextmanager
 def progress_bar(total: int, label: str, enabled: bool):
-    """A rich progress bar on stderr, only when stderr is a terminal; yields ``advance(n)``."""
+    """A rich progress bar on stderr, only when stderr is a terminal; yields ``advance(n, total=None)``
+    (``total``: the new total, when the work turns out larger or smaller than first thought)."""
     if not enabled or total <= 0 or not sys.stderr.isatty():
-        yield lambda n=1: None
+        yield lambda n=1, total=None: None
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -103,7 +104,7 @@ def progress_bar(total: int, label: str, enabled: bool):
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True) as prog:
         task = prog.add_task(label, total=total)
-        yield lambda n=1: prog.advance(task, n)
+        yield lambda n=1, total=None: prog.update(task, advance=n, total=total)
 
 
 @dataclass

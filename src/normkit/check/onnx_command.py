@@ -10,18 +10,24 @@ import sys
 import numpy as np
 
 from ..cli import UsageError, output_dir, timing_line
-from .command import parse_scales, parse_seed, parse_shape
+from .command import parse_scales, parse_seed, parse_shape, progress_bar
 
-HELP = "float16/float32 headroom of every normalization in an ONNX file, the first node that breaks, and the fix"
+HELP = "headroom of every normalization in an ONNX file (float16, bfloat16, float32), the first node that breaks, and the fix"
 EPILOG = """exit status: 0 every norm passes (with --fix: every norm of the fixed file); 1 a norm fails (error
 out of tolerance, non-finite, an intermediate beyond the dtype's range) or a graph output is non-finite
 where float64 is finite; 2 usage error (one line; --debug shows the traceback).
-Finds native norm nodes, ONNX Runtime's contrib norms, the decomposed LayerNorm/RMSNorm/E[x^2]-E[x]^2
-patterns harden_onnx rewrites, and the regions a previous harden wrote; runs the graph with each norm's
-input and output exposed and its float64 copy on the same inputs, and judges each norm alone on the
-float64 input to it, rounded to the dtype."""
+Finds native norm nodes, ONNX Runtime's contrib norms, the decomposed LayerNorm/RMSNorm/E[x^2]-E[x]^2/
+TensorFlow batch-norm patterns harden_onnx rewrites, and the regions a previous harden wrote, in the main
+graph, in If/Loop/Scan bodies and in model-local functions; runs the graph with each norm's input and output
+exposed and its float64 copy on the same inputs, and judges each norm alone on the float64 input to it,
+rounded to the dtype. A float64 file is its own reference: its norms pass by construction."""
 
-DEFAULT_SCALES = {"float16": (1.0, 1e2, 1e3, 1e4), "float32": (1.0, 1e10, 1e20)}
+DEFAULT_SCALES = {"float16": (1.0, 1e2, 1e3, 1e4), "bfloat16": (1.0, 1e10, 1e20), "float32": (1.0, 1e10, 1e20),
+                  "float64": (1.0, 1e50, 1e100)}
+NO_BF16_CONVERTER = ("--dtype bfloat16: no well-kept converter turns a float32 ONNX file into bfloat16 here "
+                     "(onnxconverter-common converts to float16 only; NVIDIA Model Optimizer's autocast would replace "
+                     "this environment's onnx and ONNX Runtime); export the model in bfloat16 instead "
+                     "(torch.onnx.export of model.to(torch.bfloat16)) and check that file")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,11 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the declared static shape)")
     p.add_argument("--inputs", metavar="FILE.npz", help="real calibration inputs, one array per graph input name")
     p.add_argument("--scales", metavar="S1,S2,...", help="multiply the float inputs by each (default float16: "
-                   "1,1e2,1e3,1e4; float32: 1,1e10,1e20; with --inputs: 1)")
-    p.add_argument("--dtype", choices=("float32", "float16"), help="check in this dtype (default: the file's own; "
-                   "float16 converts a float32 file with onnxconverter-common)")
+                   "1,1e2,1e3,1e4; bfloat16 and float32: 1,1e10,1e20; float64: 1,1e50,1e100; with --inputs: 1)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="check in this dtype (default: the "
+                   "file's own; float16 converts a float32 file with onnxconverter-common; bfloat16 is refused: no "
+                   "well-kept converter)")
     p.add_argument("--evaluator", choices=("reference", "ort"), help="reference: onnx.reference, every node in its "
-                   "declared dtype (default for float16); ort: ONNX Runtime CPU (default for float32)")
+                   "declared dtype (default for float16 and bfloat16); ort: ONNX Runtime CPU (default for float32 and "
+                   "float64; it cannot run bfloat16)")
     p.add_argument("--fix", metavar="OUT.onnx", help="write the hardened graph (harden_onnx) and check it too")
     p.add_argument("--report", metavar="DIR", help="write report.md, results.json and PNG plots to DIR")
     p.add_argument("--json", action="store_true", help="print the results as strict JSON instead of the table")
@@ -137,8 +145,10 @@ def run(args: argparse.Namespace) -> int:
         own = FLOAT_ELEMS.get(graph_dtype(model))
         converted = ""
         if args.dtype and args.dtype != own:
+            if args.dtype == "bfloat16":
+                raise UsageError(NO_BF16_CONVERTER)
             if (own, args.dtype) != ("float32", "float16"):
-                raise UsageError(f"--dtype {args.dtype}: the file is {own or 'not a float32/float16 graph'}; normkit "
+                raise UsageError(f"--dtype {args.dtype}: the file is {own or 'not a float graph'}; normkit "
                                  f"converts float32 files to float16 only")
             model = to_float16(model)
             converted = " (converted from float32 by onnxconverter-common)"
@@ -146,14 +156,17 @@ def run(args: argparse.Namespace) -> int:
         dtype = FLOAT_ELEMS.get(graph_dtype(model), "float32")
         scales = scales or ([1.0] if args.inputs else list(DEFAULT_SCALES[dtype]))
         show = not args.quiet and not args.json
-        result = probe_onnx(model, feeds, scales, name=name, evaluator=args.evaluator)
+        with progress_bar(2 * len(scales), f"check {name}", show) as advance:  # probe_onnx sets the total
+            result = probe_onnx(model, feeds, scales, name=name, evaluator=args.evaluator, progress=advance)
         result.converted = converted
         fixed = None
         if args.fix:
             from ..onnx import harden_onnx
 
             hardened, _report = harden_onnx(model, args.fix)
-            fixed = probe_onnx(hardened, feeds, scales, name=os.path.basename(args.fix), evaluator=result.evaluator)
+            with progress_bar(2 * len(scales), f"check {os.path.basename(args.fix)}", show) as advance:
+                fixed = probe_onnx(hardened, feeds, scales, name=os.path.basename(args.fix), evaluator=result.evaluator,
+                                   progress=advance)
     except OnnxError as e:
         raise UsageError(str(e)) from e
 

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from .onnx_probe import FAILED, NormCase, OnnxResult
+from .onnx_probe import FAILED, NOT_TAKEN, NormCase, OnnxResult
 from .errors import fmt_err, num
 from .report import _plain_table, strict
 
@@ -64,7 +64,9 @@ def rows(result: OnnxResult, fixed: OnnxResult | None = None) -> list[tuple[str,
 
 
 def pattern_lines(result: OnnxResult) -> list[str]:
-    return [f"  {i + 1}: {', '.join(s.nodes)}" for i, s in enumerate(result.norms) if len(s.nodes) > 1]
+    """Per norm of several nodes or inside a body: its nodes and the body holding it."""
+    return [f"  {i + 1}: {', '.join(s.nodes)}" + (f" (inside {s.where})" if s.where else "")
+            for i, s in enumerate(result.norms) if len(s.nodes) > 1 or s.where]
 
 
 def finding(result: OnnxResult) -> str:
@@ -111,7 +113,12 @@ def intro(result: OnnxResult) -> list[str]:
              f"{', '.join(num(s) for s in result.scales)}",
              f"evaluator {result.evaluator} ({EVALUATOR_NOTE[result.evaluator]}); reference: the float64 copy in onnx.reference",
              f"{len(result.norms)} normalization(s): " + (", ".join(f"{k} x{v}" for k, v in kinds.items()) or "none")]
-    lines += [f"not measured (inside a subgraph): {s.name} ({s.op}) in {s.where}" for s in result.unmeasured]
+    if result.dtype == "float64":
+        lines.append("a float64 graph is its own float64 reference: every norm passes by construction (error about 0); "
+                     "the headroom is against float64's largest value, 1.8e308")
+    lines += [f"not measured: {s.name} ({s.op}) inside {s.where}: {why}" for s, why in result.unmeasured]
+    lines += [f"not measured: {s.name} ({s.op}) inside {s.where}: {result.cases_of(i)[0].message}"
+              for i, s in enumerate(result.norms) if all(c.status == NOT_TAKEN for c in result.cases_of(i))]
     return lines
 
 
@@ -122,7 +129,7 @@ def text(result: OnnxResult, fixed: OnnxResult | None = None, fix_path: str | No
         out += _plain_table(header, rows(result, fixed)) + [""]
         pats = pattern_lines(result)
         if pats:
-            out += ["nodes of each pattern (or that harden replaced):"] + pats + [""]
+            out += ["nodes of each pattern (or that harden replaced), and the body holding it:"] + pats + [""]
     out += [finding(result), verdict(result)]
     if fixed is not None:
         out += ["", f"fixed ({fix_path}): {finding(fixed)}", f"fixed: {verdict(fixed)}"]
@@ -179,7 +186,7 @@ def result_dict(r: OnnxResult) -> dict:
                                                          sentence=finding(r)),
         "norms": [dict(dataclasses.asdict(s), index=i, fails_from=r.fails_from(i), lowest_headroom=r.lowest_headroom(i),
                        cases=[dataclasses.asdict(c) for c in r.cases_of(i)]) for i, s in enumerate(r.norms)],
-        "unmeasured": [dataclasses.asdict(s) for s in r.unmeasured],
+        "unmeasured": [dict(dataclasses.asdict(s), reason=why) for s, why in r.unmeasured],
         "outputs": r.outputs,
     }
 
@@ -199,7 +206,7 @@ def markdown(result: OnnxResult, fixed: OnnxResult | None, fix_path: str | None,
         out.append("")
         pats = pattern_lines(result)
         if pats:
-            out += ["Nodes of each pattern (or that harden replaced):", ""] + [f"- {p.strip()}" for p in pats] + [""]
+            out += ["Nodes of each pattern (or that harden replaced), and the body holding it:", ""] + [f"- {p.strip()}" for p in pats] + [""]
     out += [finding(result), "", verdict(result), ""]
     if fixed is not None:
         out += [f"Fixed file `{fix_path}`: {finding(fixed)}", "", verdict(fixed), ""]

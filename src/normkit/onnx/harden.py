@@ -35,7 +35,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from . import subgraphs as sg
 from ._errors import OnnxError
-from .norms import FLOATS, HARDENED_KEY, NATIVE_OPS, PENDING, attr as _attr, decomposed_rules, site_of
+from .norms import FLOATS, HARDENED_KEY, NATIVE_OPS, PENDING, attr as _attr, bodies, rewrite_decomposed, site_of
 
 MIN_OPSET = 11
 MAX_OPSET = 25
@@ -147,7 +147,7 @@ def _build(node: ir.Node, g: sg.Builder, graph: ir.Graph):
     x = node.inputs[0]
     dtype = x.dtype if x is not None else None
     if dtype not in FLOATS:
-        return f"input type {dtype} (float32 and float16 are hardened)"
+        return f"input type {dtype} (float32, float16 and bfloat16 are hardened)"
     rank = x.shape.rank() if x.shape is not None else None
     extra_used = [i for i, v in enumerate(node.outputs[1:], 1) if _used(v, graph)]
     eps = float(_attr(node, "epsilon", 1e-5))
@@ -161,6 +161,8 @@ def _build(node: ir.Node, g: sg.Builder, graph: ir.Graph):
     if dom == PENDING and op == "RMSNormalization":
         axes = _trailing_axes(int(_attr(node, "axis", -1)), rank)
         return [sg.rms_norm(g, x, _opt(node, 1), axes, eps, dtype)]
+    if dom == PENDING and op == "BatchNormGiven":  # TensorFlow's, statistics broadcast as the graph holds them
+        return [sg.batch_norm_given(g, x, _opt(node, 3), _opt(node, 4), node.inputs[1], node.inputs[2], eps, dtype)]
     if dom == PENDING and op == "Norm":
         axes = list(_attr(node, "axes", [-1]))
         if any(a >= 0 for a in axes):
@@ -168,6 +170,8 @@ def _build(node: ir.Node, g: sg.Builder, graph: ir.Graph):
                 return "non-negative axes on an input of unknown rank"
             axes = [a - rank for a in axes]
         out_type = ir.DataType(int(_attr(node, "out_type", int(dtype))))
+        if _opt(node, 1) is not None or _opt(node, 2) is not None:  # TensorFlow's batch moments: scale, offset inside
+            return [sg.layer_norm(g, x, _opt(node, 1), _opt(node, 2), axes, eps, dtype)]
         if _attr(node, "center", 1):
             y = sg.standardize(g, g.to_f32(x, dtype), axes, eps)
         else:
@@ -230,7 +234,7 @@ def _embed_layer_norm(node: ir.Node, g: sg.Builder, graph: ir.Graph):
     ids, seg_ids, word, pos, seg, gamma, beta, mask, pos_ids = (_opt(node, i) for i in range(9))
     dtype = word.dtype if word is not None else None
     if dtype not in FLOATS:
-        return f"embedding type {dtype} (float32 and float16 are hardened)"
+        return f"embedding type {dtype} (float32, float16 and bfloat16 are hardened)"
     if _used(_opt_out(node, 1), graph) and mask is None:
         return "its mask_index output is used without a mask input"
     if pos_ids is None:  # positions 0..S-1, broadcast over the batch
@@ -265,29 +269,30 @@ def _replace(graph: ir.Graph, node: ir.Node, outs: list) -> None:
     graph.remove(node, safe=True)
 
 
-def _region(node: ir.Node, outs: list, label: str, where: str) -> dict:
+def _region(node: ir.Node, outs: list, label: str, where: str, path: tuple) -> dict:
     """What :data:`.norms.HARDENED_KEY` records of one replacement: the node's label, how its statistics
-    are formed, the nodes it replaced, and the value names its subgraph connects."""
+    are formed, the nodes it replaced, the value names its subgraph connects, and the body holding it
+    (:attr:`.norms.NormSite.where` and ``path``)."""
     site = site_of(node)
     return {"name": site.name if site else node.name or node.op_type, "op": label, "kind": site.kind if site else "center",
             "nodes": site.nodes if site else [node.name or node.op_type], "attrs": site.attrs if site else {},
             "inputs": [v.name for v in node.inputs if v is not None and not v.is_initializer()
                        and v.const_value is None and (v.producer() is None or v.producer().op_type != "Constant")],
-            "outputs": [o.name for o, n in zip(node.outputs, outs) if n is not None], "where": where}
+            "outputs": [o.name for o, n in zip(node.outputs, outs) if n is not None], "where": where,
+            "path": [list(p) for p in path]}
 
 
-def _harden_graph(graph: ir.Graph, opset: int, report: HardenReport, where: str = "", regions: list | None = None) -> None:
+def _harden_graph(graph: ir.Graph, opset: int, report: HardenReport, where: str = "", regions: list | None = None,
+                  path: tuple = ()) -> None:
     """Replace every normalization node of ``graph`` and of the If/Loop/Scan bodies inside it."""
     for idx, node in enumerate(list(graph)):
-        for a in node.attributes.values():
-            bodies = [a.value] if a.type == ir.AttributeType.GRAPH else a.value if a.type == ir.AttributeType.GRAPHS else []
-            for body in bodies:
-                _harden_graph(body, opset, report, f"{node.op_type} {node.name!r} {a.name}", regions)
+        for body, w, p in bodies(node, where, path):
+            _harden_graph(body, opset, report, w, regions, p)
         key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
         if key not in NATIVE_OPS and node.domain != PENDING:
             continue
         label = node.op_type
-        if node.domain == PENDING and node.op_type == "Norm":
+        if node.domain == PENDING and node.op_type in ("Norm", "BatchNormGiven"):
             label = "decomposed " + _attr(node, "form", "LayerNorm" if _attr(node, "center", 1) else "RMSNorm")
         prefix = f"normkit{idx}_{(node.name or node.op_type)}" if not where else f"normkit_{id(graph):x}_{idx}_{node.name or node.op_type}"
         g = sg.Builder(opset, prefix=prefix)
@@ -296,7 +301,7 @@ def _harden_graph(graph: ir.Graph, opset: int, report: HardenReport, where: str 
             report.replacements.append(Replacement(node.name or "", label, False, outs, where))
             continue
         if regions is not None:
-            regions.append(_region(node, outs, label, where))
+            regions.append(_region(node, outs, label, where, path))
         graph.insert_before(node, g.nodes)
         _replace(graph, node, outs)
         report.replacements.append(Replacement(node.name or "", label, where=where))
@@ -325,7 +330,7 @@ def harden_ir(model: ir.Model, report: HardenReport | None = None) -> HardenRepo
     opset = model.opset_imports.get("", None)
     if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
         raise OnnxError(f"unsupported opset {opset}: normkit hardens models with opset {MIN_OPSET} to {MAX_OPSET}")
-    decomposed_rules().apply_to_model(model)
+    rewrite_decomposed(model)
     regions: list[dict] = []
     _harden_graph(model.graph, opset, report, regions=regions)
     left = [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain == PENDING]

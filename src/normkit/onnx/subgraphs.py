@@ -11,8 +11,9 @@ function (:meth:`Builder.floor_log2`, :meth:`~Builder.exponent`, :meth:`~Builder
 
 * :func:`standardize` is ``moments`` then ``standardize_from_moments`` (``layer_norm``, ``rms_norm`` and
   ``group_norm`` add the spec's ``affine``);
-* :func:`batch_norm_inference` is ``affine_with_stats``: ``weight * rstd`` one split factor
-  (``eval_factor``) applied to ``x - mean`` (``centered``) by ``apply_factor``;
+* :func:`affine_with_stats` is ``affine_with_stats``: ``weight * rstd`` one split factor (``eval_factor``)
+  applied to ``x - mean`` (``centered``) by ``apply_factor``; :func:`batch_norm_inference` (channel axis 1)
+  and :func:`batch_norm_given` (statistics broadcast as the graph holds them) apply it;
 * :func:`lrn` is ``local_response_norm.py``'s robust forward: ``frexp`` pairs, the squares' window sum
   aligned to its largest exponent, ``scaled_sum``, ``power_pair``.
 
@@ -249,31 +250,47 @@ def group_norm(g: Builder, x, scale, bias, num_groups: int, eps: float, dtype, p
     return g.from_f32(g.op("Reshape", y, shape), dtype)
 
 
-def batch_norm_inference(g: Builder, x, scale, bias, mean, var, eps: float, dtype) -> ir.Value:
-    """BatchNormalization with given statistics, channel axis 1: :func:`normkit._spec.affine_with_stats`.
+def affine_with_stats(g: Builder, x, scale, bias, mean, var, eps: float) -> ir.Value:
+    """:func:`normkit._spec.affine_with_stats` on float32 values: ``scale``, ``bias``, ``mean`` and ``var``
+    broadcast against ``x`` as given (``scale``/``bias`` may be None).
 
     ``rstd = r * 2**k`` (``inv_std`` of ``var`` with ``e = 0``), ``scale * rstd`` split as ``m * 2**q``
     (``eval_factor``), ``x - mean`` taken in halves where it overflows (``centered``), then
     ``apply_factor`` and ``+ bias``: ``(x - mean) * rstd`` is never formed, so ``x = 1e30``,
     ``var = 1e-20``, ``scale = 1e-20`` gives 1e20 (it used to give inf: ``1e40`` before the weight)."""
-    shape = g.op("Shape", x)
-    xr = g.op("Reshape", g.to_f32(x, dtype), g.ints([0, 0, -1]))
-    mu = _channel_view(g, g.to_f32(mean, dtype))
-    v = _channel_view(g, g.to_f32(var, dtype))
-    r, k = g.inv_std(v, g.const(0.0), eps)
+    r, k = g.inv_std(var, g.const(0.0), eps)
     if scale is not None:
-        w = _channel_view(g, g.to_f32(scale, dtype))
-        ew = g.exponent(g.op("Abs", w))
-        m, q = g.mul(g.mul(w, g.pow2(g.op("Neg", ew))), r), g.add(ew, k)
+        ew = g.exponent(g.op("Abs", scale))
+        m, q = g.mul(g.mul(scale, g.pow2(g.op("Neg", ew))), r), g.add(ew, k)
     else:
         m, q = r, k
-    diff = g.sub(xr, mu)
-    overflow = g.op("And", g.op("IsInf", diff), g.op("Not", g.op("Or", g.op("IsInf", xr), g.op("IsInf", mu))))
-    d = g.op("Where", overflow, g.sub(g.mul(xr, 0.5), g.mul(mu, 0.5)), diff)
+    diff = g.sub(x, mean)
+    overflow = g.op("And", g.op("IsInf", diff), g.op("Not", g.op("Or", g.op("IsInf", x), g.op("IsInf", mean))))
+    d = g.op("Where", overflow, g.sub(g.mul(x, 0.5), g.mul(mean, 0.5)), diff)
     y = g.apply_factor(d, m, g.add(q, g.as_float(overflow)))
-    if bias is not None:
-        y = g.add(y, _channel_view(g, g.to_f32(bias, dtype)))
+    return y if bias is None else g.add(y, bias)
+
+
+def batch_norm_inference(g: Builder, x, scale, bias, mean, var, eps: float, dtype) -> ir.Value:
+    """BatchNormalization with given statistics, channel axis 1: :func:`affine_with_stats` on the
+    ``(N, C, -1)`` view with each per-channel vector as ``(C, 1)``."""
+    shape = g.op("Shape", x)
+    xr = g.op("Reshape", g.to_f32(x, dtype), g.ints([0, 0, -1]))
+
+    def channel(v):
+        return None if v is None else _channel_view(g, g.to_f32(v, dtype))
+
+    y = affine_with_stats(g, xr, channel(scale), channel(bias), channel(mean), channel(var), eps)
     return g.from_f32(g.op("Reshape", y, shape), dtype)
+
+
+def batch_norm_given(g: Builder, x, scale, bias, mean, var, eps: float, dtype) -> ir.Value:
+    """A batch norm with given statistics whose ``scale``, ``bias``, ``mean`` and ``var`` broadcast against
+    ``x`` as the graph holds them (TensorFlow's channels-last ``(C,)`` vectors): :func:`affine_with_stats`."""
+    def f32(v):
+        return None if v is None else g.to_f32(v, dtype)
+
+    return g.from_f32(affine_with_stats(g, f32(x), f32(scale), f32(bias), f32(mean), f32(var), eps), dtype)
 
 
 def _shifted(g: Builder, t: ir.Value, axis: int, offset: int, rank: int, fill: float) -> ir.Value:

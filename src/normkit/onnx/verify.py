@@ -214,17 +214,18 @@ def verify_onnx(path, model: torch.nn.Module, inputs, *, evaluator: str | None =
 
 # ------------------------------------------------------------------------------------------ harden check
 def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with every float32/float16 tensor, type and cast made float64 (a reference
+    """A copy of ``model`` with every float32/float16/bfloat16 tensor, type and cast made float64 (a reference
     that cannot overflow where float32 does)."""
     m = copy.deepcopy(model)
     D = onnx.TensorProto.DOUBLE
+    lower = _FLOAT_TYPES + (onnx.TensorProto.BFLOAT16,)
 
     def fix_type(t):
-        if t.HasField("tensor_type") and t.tensor_type.elem_type in _FLOAT_TYPES:
+        if t.HasField("tensor_type") and t.tensor_type.elem_type in lower:
             t.tensor_type.elem_type = D
 
     def fix_tensor(t):
-        if t.data_type in _FLOAT_TYPES:
+        if t.data_type in lower:
             arr = onnx.numpy_helper.to_array(t).astype(np.float64)
             t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
 
@@ -239,7 +240,7 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
                     fix_tensor(a.t)
                 elif a.type == onnx.AttributeProto.GRAPH:
                     fix_graph(a.g)
-                elif a.name == "to" and a.type == onnx.AttributeProto.INT and a.i in _FLOAT_TYPES:
+                elif a.name == "to" and a.type == onnx.AttributeProto.INT and a.i in lower:
                     a.i = D
 
     fix_graph(m.graph)
