@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# the venv's tools first (its ninja builds the kernels, whatever ninja the system or an activated env has)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: demo test bench native clean
 
@@ -13,7 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q torch==2.13.0 -e '.[dev]'  # torch named again: nothing the extras pull in may replace it
 	touch $@
 
-# the native kernels, compiled ahead of time (cached per machine); where that fails, the eager path serves
+# the native kernels, compiled ahead of time (cached per build setup: sources, flags, torch and its location,
+# compiler, ninja, Python); where that fails, the eager path serves
 native: $(VENV)/.installed
 	-$(VENV)/bin/normkit build
 

@@ -1,6 +1,12 @@
 """normkit benchmarks: normkit (default backend), normkit's eager reference, torch and ONNX Runtime, timed in one
 process, interleaved, medians after warm-up.
 
+Groups (``--group``, repeatable; default ``ops`` and ``models``): ``ops`` (the operators on large shapes),
+``models`` (zoo models at batch 8), ``small`` (single calls on small tensors: microseconds per call, normkit
+against torch, 1 thread), ``batch1`` (zoo models at batch 1 in eval, 1 thread), ``compiled`` (zoo models under
+``torch.compile``, normkit's converted model against torch's, both compiled; the compile time is reported
+apart). Small calls are timed in loops of as many calls as fill about a millisecond, each loop one sample.
+
 Per case and mode (fwd, fwd+bwd) it reports each provider's median time and its spread (interquartile range
 over the median: how noisy the machine was), normkit / torch and normkit / ONNX Runtime ratios, normkit's
 achieved GB/s and its multiple of the memory-traffic floor (bytes that must move -- fwd: read x, write y;
@@ -8,9 +14,11 @@ fwd+bwd: that plus read x and dy, write dx -- over the copy bandwidth of a preal
 interleaved with the case), the bytes each keeps for backward, and which backend served normkit. Writes
 ``benchmarks/results/latest.{json,md,png}``.
 
-    python -m benchmarks                      # the whole suite, whole models included (minutes on 2 cores)
+    python -m benchmarks                      # the ops and models groups (minutes on 2 cores)
     python -m benchmarks --quick              # float32, contiguous, one shape per op, fewer repeats
     python -m benchmarks --only layer_norm --only rms --mode fwd --providers normkit,torch
+    python -m benchmarks --group small --group batch1    # per-call overhead: batch 1, decoding
+    python -m benchmarks --group compiled     # torch.compile (compiles each model twice per mode: minutes)
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ import torch
 import normkit
 from normkit import _native
 
-from .cases import CASES, MODEL_CASES, Case, ModelCase
+from .cases import BATCH1_CASES, CASES, COMPILED_CASES, MODEL_CASES, SMALL_CASES, CallCase, Case, ModelCase
 
 PROVIDERS = ("normkit", "normkit-eager", "torch", "onnxruntime")
+GROUPS = ("ops", "models", "small", "batch1", "compiled")
+GROUP_THREADS = {"small": 1, "batch1": 1}  # the groups' default thread count (--threads sets every group's)
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -170,10 +180,10 @@ def run_case(case: Case, modes, providers, repeat, warmup, threads, budget_s=0.0
             if name == "onnxruntime":
                 fn = _ort_forward(case, x, p, threads) if mode == "fwd" else "forward only"
             else:
-                _native._last_path.clear()
-                fn = _timed_callable(mode, makers[name], x, p)
+                with _native.recording() as record:
+                    fn = _timed_callable(mode, makers[name], x, p)
                 if name == "normkit":
-                    backend = "; ".join(f"{k}: {v}" for k, v in _native._last_path.items()) or "—"
+                    backend = "; ".join(f"{k}: {v}" for k, v in record.items()) or "—"
             (skipped if isinstance(fn, str) else fns)[name] = fn
         fns["copy"] = lambda: dst.copy_(src)
         samples = interleaved(fns, repeat, warmup, budget_s)
@@ -204,8 +214,41 @@ def run_case(case: Case, modes, providers, repeat, warmup, threads, budget_s=0.0
     return rows
 
 
-def run_model_case(case: ModelCase, modes, providers, repeat, warmup, budget_s=0.0):
-    """The torch model against ``normkit.convert(model)`` (default backend): eval forward and a train step."""
+def run_call_case(case: CallCase, providers, repeat, budget_s=0.0):
+    """Single calls of a small case, normkit against torch: microseconds per call. Each sample is a loop of as
+    many calls as fill about a millisecond (the same count for both providers), interleaved."""
+    calls = {k: v for k, v in case.calls().items() if k in providers}
+    with _native.recording() as record:
+        calls["normkit"]()
+    backend = "; ".join(f"{k}: {v}" for k, v in record.items()) or "—"
+    t0 = time.perf_counter()
+    for _ in range(20):
+        calls["torch"]()
+    per_call = (time.perf_counter() - t0) / 20
+    loop = max(1, int(1e-3 / max(per_call, 1e-7)))
+
+    def looped(f):
+        def run():
+            for _ in range(loop):
+                f()
+        return run
+    samples = interleaved({k: looped(f) for k, f in calls.items()}, repeat, 2, budget_s, max_rounds=400)
+    us = {k: statistics.median(v) / loop * 1e6 for k, v in samples.items()}
+    row = {"group": "small", "case": case.name, "op": case.label or case.op, "shape": list(case.shape), "layout": case.layout,
+           "dtype": str(case.dtype).replace("torch.", ""), "mode": case.mode, "us": {k: round(v, 2) for k, v in us.items()},
+           "ms": {k: round(v / 1e3, 5) for k, v in us.items()}, "calls_per_sample": loop,
+           "spread": {k: round(_spread(v), 3) for k, v in samples.items()}, "runs": min(len(v) for v in samples.values()),
+           "skipped": {}, "normkit_backend": backend}
+    if "normkit" in us and "torch" in us:
+        row["normkit/torch"] = round(us["normkit"] / us["torch"], 3)
+    _print_row(row)
+    return [row]
+
+
+def run_model_case(case: ModelCase, modes, providers, repeat, warmup, budget_s=0.0, group="models"):
+    """The torch model against ``normkit.convert(model)`` (default backend): eval forward and a train step;
+    with ``case.compiled`` each under ``torch.compile`` (the first calls compile: their time is reported as
+    ``compile_s`` and left out of the samples)."""
     import copy
 
     torch.manual_seed(0)
@@ -218,27 +261,34 @@ def run_model_case(case: ModelCase, modes, providers, repeat, warmup, budget_s=0
     x = torch.randn(case.shape)
     rows = []
     for mode in modes:
-        fns = {}
+        fns, compile_s = {}, {}
         for name, model in models.items():
+            model.train(mode != "eval")
+            target = model
+            if case.compiled:
+                torch._dynamo.reset()
+                target = torch.compile(model)
             if mode == "eval":
-                model.eval()
-
-                def run(model=model):
+                def run(target=target):
                     with torch.no_grad():
-                        model(x)
+                        target(x)
             else:
-                model.train()
-
-                def run(model=model):
+                def run(model=model, target=target):
                     model.zero_grad(set_to_none=True)
-                    model(x).float().square().mean().backward()
+                    target(x).float().square().mean().backward()
+            if case.compiled:
+                t0 = time.perf_counter()
+                run()
+                compile_s[name] = round(time.perf_counter() - t0, 1)
             fns[name] = run
         samples = interleaved(fns, repeat, warmup, budget_s)
         ms = {k: _median_ms(v) for k, v in samples.items()}
-        row = {"case": case.name, "op": "model", "shape": list(case.shape), "layout": "contiguous", "dtype": "float32",
-               "mode": mode, "ms": {k: round(v, 2) for k, v in ms.items()},
+        row = {"group": group, "case": case.name, "op": "model", "shape": list(case.shape), "layout": "contiguous",
+               "dtype": "float32", "mode": mode, "ms": {k: round(v, 3) for k, v in ms.items()},
                "spread": {k: round(_spread(v), 3) for k, v in samples.items()},
                "runs": min(len(v) for v in samples.values()), "skipped": {}}
+        if compile_s:
+            row["compile_s"] = compile_s
         if "normkit" in ms and "torch" in ms:
             row["normkit/torch"] = round(ms["normkit"] / ms["torch"], 3)
         rows.append(row)
@@ -253,28 +303,52 @@ def _fmt(v, spec=".2f"):
 
 
 def _print_row(r):
-    ms = r["ms"]
-    cols = "  ".join(f"{k} {v:7.2f}" for k, v in ms.items())
+    unit = "us" if "us" in r else "ms"
+    cols = "  ".join(f"{k} {v:7.2f}" for k, v in r[unit].items()) + f" {unit}"
     print(f"{r['case']:<52}{r['mode']:<8} {cols}  | nk/torch {_fmt(r.get('normkit/torch'))}  "
           f"floor x{_fmt(r.get('normkit_x_floor'), '.1f')}  spread {max(r['spread'].values()):.0%}", flush=True)
 
 
 def markdown(out) -> str:
-    lines = [f"Machine: {out['machine']}, {out['threads']} threads, torch {out['torch']}, normkit {out['normkit']}, "
-             f"{out['date']}. Medians of interleaved runs (at least {out['repeat']}, more until {out.get('budget_s', 0):g} s per "
-             f"case and mode, 20/3 of that for whole models, were spent: the runs column); spread = interquartile range / median "
-             f"(largest over the providers of the row). Ratios below 1: normkit faster.", "",
-             "| case | mode | normkit ms | torch ms | normkit / torch | normkit / eager | normkit / ORT | x floor (normkit, torch) | saved MB (normkit / torch) | runs | spread | normkit backend |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in out["rows"]:
-        ms, saved = r["ms"], r.get("saved_MB", {})
-        sv = f"{saved['normkit']} / {saved['torch']}" if "normkit" in saved and "torch" in saved else "—"
-        lines.append(
-            f"| {r['case']} | {r['mode']} | {_fmt(ms.get('normkit'))} | {_fmt(ms.get('torch'))} | "
-            f"{_fmt(r.get('normkit/torch'))} | {_fmt(r.get('normkit/normkit-eager'))} | {_fmt(r.get('normkit/onnxruntime'))} | "
-            f"{_fmt(r.get('normkit_x_floor'), '.1f')}, {_fmt(r.get('torch_x_floor'), '.1f')} | {sv} | {r.get('runs', '—')} | "
-            f"{max(r['spread'].values()):.0%} | {r.get('normkit_backend') or '—'} |")
-    return "\n".join(lines) + "\n"
+    lines = [f"Machine: {out['machine']}, torch {out['torch']}, normkit {out['normkit']}, {out['date']}. Threads: "
+             f"{out['threads']}. Medians of interleaved runs (at least {out['repeat']}, more until {out.get('budget_s', 0):g} s "
+             f"per case and mode, 20/3 of that for whole models, were spent: the runs column); spread = interquartile "
+             f"range / median (largest over the providers of the row). Ratios below 1: normkit faster.", ""]
+    rows = out["rows"]
+    ops = [r for r in rows if r.get("group", "ops") == "ops"]
+    if ops:
+        lines += ["| case | mode | normkit ms | torch ms | normkit / torch | normkit / eager | normkit / ORT | x floor (normkit, torch) | saved MB (normkit / torch) | runs | spread | normkit backend |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in ops:
+            ms, saved = r["ms"], r.get("saved_MB", {})
+            sv = f"{saved['normkit']} / {saved['torch']}" if "normkit" in saved and "torch" in saved else "—"
+            lines.append(
+                f"| {r['case']} | {r['mode']} | {_fmt(ms.get('normkit'))} | {_fmt(ms.get('torch'))} | "
+                f"{_fmt(r.get('normkit/torch'))} | {_fmt(r.get('normkit/normkit-eager'))} | {_fmt(r.get('normkit/onnxruntime'))} | "
+                f"{_fmt(r.get('normkit_x_floor'), '.1f')}, {_fmt(r.get('torch_x_floor'), '.1f')} | {sv} | {r.get('runs', '—')} | "
+                f"{max(r['spread'].values()):.0%} | {r.get('normkit_backend') or '—'} |")
+        lines.append("")
+    small = [r for r in rows if "us" in r]
+    if small:
+        lines += ["| call (small) | mode | normkit us | torch us | normkit / torch | runs | spread | normkit backend |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in small:
+            us = r["us"]
+            lines.append(f"| {r['case']} | {r['mode']} | {_fmt(us.get('normkit'))} | {_fmt(us.get('torch'))} | "
+                         f"{_fmt(r.get('normkit/torch'))} | {r['runs']} | {max(r['spread'].values()):.0%} | "
+                         f"{r.get('normkit_backend') or '—'} |")
+        lines.append("")
+    models = [r for r in rows if r.get("op") == "model"]
+    if models:
+        lines += ["| model | mode | normkit ms | torch ms | normkit / torch | compile s (normkit, torch) | runs | spread |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in models:
+            ms, cs = r["ms"], r.get("compile_s", {})
+            compiled = f"{cs['normkit']}, {cs['torch']}" if "normkit" in cs and "torch" in cs else "—"
+            lines.append(f"| {r['case']} | {r['mode']} | {_fmt(ms.get('normkit'), '.3f')} | {_fmt(ms.get('torch'), '.3f')} | "
+                         f"{_fmt(r.get('normkit/torch'), '.3f')} | {compiled} | {r['runs']} | {max(r['spread'].values()):.0%} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot(out, path: Path) -> None:
@@ -323,35 +397,42 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def select(args) -> list[Case]:
-    cases = CASES
-    if args.quick:
-        seen, quick = set(), []
-        for c in cases:
-            if c.dtype == torch.float32 and c.layout == "contiguous" and c.op not in seen:
-                seen.add(c.op)
-                quick.append(c)
-        cases = quick
-    if args.dtype:
-        cases = [c for c in cases if str(c.dtype).replace("torch.", "") in args.dtype]
-    if not args.quick and not args.dtype and not args.mode:
-        cases = cases + MODEL_CASES  # whole models: full runs only (a train step takes seconds)
-    if args.no_models:
-        cases = [c for c in cases if not isinstance(c, ModelCase)]
-    for text in args.only or []:
-        cases = [c for c in cases if text in c.name]
-    return cases
+def select(args) -> list:
+    """The cases of the chosen groups, filtered; ``(group, case)`` pairs."""
+    groups = args.group or (["ops"] if args.quick or args.dtype or args.mode else ["ops", "models"])
+    chosen = []
+    for group in groups:
+        cases = {"ops": CASES, "models": MODEL_CASES, "small": SMALL_CASES, "batch1": BATCH1_CASES,
+                 "compiled": COMPILED_CASES}[group]
+        if group == "ops" and args.quick:
+            seen, quick = set(), []
+            for c in cases:
+                if c.dtype == torch.float32 and c.layout == "contiguous" and c.op not in seen:
+                    seen.add(c.op)
+                    quick.append(c)
+            cases = quick
+        if group == "ops" and args.dtype:
+            cases = [c for c in cases if str(c.dtype).replace("torch.", "") in args.dtype]
+        if args.no_models and group in ("models", "batch1", "compiled"):
+            cases = []
+        for text in args.only or []:
+            cases = [c for c in cases if text in c.name]
+        chosen += [(group, c) for c in cases]
+    return chosen
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--group", action="append", choices=GROUPS,
+                    help="case groups to run (repeatable; default: ops and models)")
     ap.add_argument("--quick", action="store_true", help="float32, contiguous, one case per op, 5 repeats")
     ap.add_argument("--only", action="append", help="keep cases whose name contains this text (repeatable: all must match)")
     ap.add_argument("--dtype", action="append", choices=["float32", "bfloat16"])
     ap.add_argument("--mode", action="append", choices=["fwd", "fwd+bwd"])
     ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated, of {PROVIDERS}")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default 2; the small and batch1 groups 1)")
     ap.add_argument("--repeat", type=int, default=None, help="timed runs per provider (default 9; 5 with --quick)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--budget", type=float, default=None,
@@ -368,33 +449,37 @@ def main(argv=None) -> int:
         ap.error(f"unknown provider(s) {unknown}; choose from {PROVIDERS}")
     cases = select(args)
     if args.list:
-        print("\n".join(c.name for c in cases))
+        print("\n".join(f"{g}: {c.name}" for g, c in cases))
         return 0
     if not cases:
         ap.error("no case matches the filters (see --list)")
     repeat = args.repeat or (5 if args.quick else 9)
     budget = args.budget if args.budget is not None else (0.0 if args.quick else 3.0)
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     t0 = time.perf_counter()
     try:
-        _native.build()
-        build = {"ok": True, "first_call_s": round(time.perf_counter() - t0, 2),
-                 "compiled_now": _native._build_seconds is not None and _native._build_seconds > 5}
+        status = _native.build()
+        build = {"ok": True, "first_call_s": round(time.perf_counter() - t0, 2), "kernels": status["kernels"]}
     except RuntimeError as exc:
         build = {"ok": False, "error": str(exc)[:300]}
     print(f"native kernels: {build}", file=sys.stderr)
 
-    rows = []
-    for case in cases:
-        if isinstance(case, ModelCase):
-            rows += run_model_case(case, list(case.modes), providers, repeat, 1, budget * 20 / 3)
+    rows, threads = [], {}
+    for group, case in cases:
+        n = args.threads or GROUP_THREADS.get(group, 2)
+        threads[group] = n
+        torch.set_num_threads(n)
+        if isinstance(case, CallCase):
+            rows += run_call_case(case, providers, repeat, budget)
+        elif isinstance(case, ModelCase):
+            rows += run_model_case(case, list(case.modes), providers, repeat, 1, budget * 20 / 3, group)
         else:
-            rows += run_case(case, args.mode or list(case.modes), providers, repeat, args.warmup, args.threads, budget)
-    out = {"machine": cpu_name(), "threads": args.threads, "torch": torch.__version__, "normkit": normkit.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeat": repeat, "budget_s": budget, "build": build,
-           "native_status": _native.status(), "rows": rows}
+            rows += [{**row, "group": group} for row in
+                     run_case(case, args.mode or list(case.modes), providers, repeat, args.warmup, n, budget)]
+    out = {"machine": cpu_name(), "threads": ", ".join(f"{g} {n}" for g, n in threads.items()), "torch": torch.__version__,
+           "normkit": normkit.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeat": repeat,
+           "budget_s": budget, "build": build, "native_status": _native.status(), "rows": rows}
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "latest.json").write_text(json.dumps(out, indent=1))

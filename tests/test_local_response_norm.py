@@ -255,14 +255,15 @@ def test_native_kernel_matches_torch_and_eager(dtype, beta):
             assert_rel_close(got["dx"], L._robust_backward(g, x, win), dtype, "vs robust backward")
 
 
-def test_native_kernel_can_be_disabled(monkeypatch):
+def test_native_kernel_can_be_disabled():
+    import normkit
     from normkit import _native
 
-    monkeypatch.setenv("NORMKIT_NATIVE", "0")
-    assert _native.load("lrn_kernel") is None
     x = torch.randn(3, 17, 40, 41)
-    assert_rel_close(nf.local_response_norm(x, 5), F.local_response_norm(x, 5), torch.float32, rel=PARITY_TOL[torch.float32])
-    assert _native.status()["ops"]["local_response_norm"] == "eager (plain formula: backend eager)"
+    with normkit.backend("eager"), _native.recording() as record:
+        assert _native.load("lrn_kernel") is None
+        assert_rel_close(nf.local_response_norm(x, 5), F.local_response_norm(x, 5), torch.float32, rel=PARITY_TOL[torch.float32])
+    assert record["local_response_norm"] == "eager (plain formula: backend eager)"
 
 
 @needs_native
@@ -272,8 +273,9 @@ def test_path_taken_is_reported():
     from normkit import _native
 
     def path(x, k=1.0):
-        nf.local_response_norm(x, 5, 1e-4, 0.75, k)
-        return _native.status()["ops"]["local_response_norm"]
+        with _native.recording():
+            nf.local_response_norm(x, 5, 1e-4, 0.75, k)
+            return _native.status()["ops"]["local_response_norm"]
     x = torch.randn(3, 17, 40, 41)
     assert path(x) == "native"
     assert path(x[:, :, :2, :2]) == f"eager (plain formula: fewer than {L.NATIVE_MIN_NUMEL} elements)"

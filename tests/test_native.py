@@ -41,8 +41,8 @@ def routed():
     """The functional API with the native kernels on (as ops/_normalize.py wires them: a kernel where
     ops/_plan.py finds one, else the eager path), and a record of which path served: returns the record."""
     _native.set_backend("auto")
-    _native._last_path.clear()
-    yield _native._last_path
+    with _native.recording() as record:
+        yield record
     _native.set_backend("auto")
 
 
@@ -253,7 +253,7 @@ def test_channels_last_ordinary_data_takes_the_plain_formula():
     for n, s, c, groups in [(1, 3000, 128, 128), (4, 300, 64, 16), (2, 500, 7, 7), (3, 200, 99, 33), (1, 5000, 32, 32)]:
         for dtype in NATIVE_DTYPES:
             x = (torch.rand(n, s, c) * 2 - 1).to(dtype)
-            _, stats = _kernels.stats_norm(x, torch.ones(c), torch.zeros(c), _kernels.GROUPS_CL, groups, 1e-5, True)
+            _, stats = _kernels.stats_norm(x, torch.ones(c), torch.zeros(c), _kernels.GROUPS_CL, groups, c, 1e-5, True)
             assert (stats[:, 0] == 0).all(), ((n, s, c, groups), dtype, stats[:, 0])
 
 
@@ -267,8 +267,8 @@ def test_channels_last_results_do_not_depend_on_the_thread_count():
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            y, stats = _kernels.stats_norm(x, w, b, _kernels.GROUPS_CL, 12, 1e-5, True)
-            results.append((y, stats, *_kernels.stats_norm_backward(dy, x, w, stats, _kernels.GROUPS_CL, 12, True, True, True)))
+            y, stats = _kernels.stats_norm(x, w, b, _kernels.GROUPS_CL, 12, 48, 1e-5, True)
+            results.append((y, stats, *_kernels.stats_norm_backward(dy, x, w, stats, _kernels.GROUPS_CL, 12, 48, True, True, True)))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results):
@@ -349,26 +349,48 @@ def test_saved_for_backward_is_input_plus_statistics(routed, layout):
 
 def _opcheck_samples():
     f = torch.float32
-    yield _kernels.stats_norm, (torch.randn(5, 7), torch.rand(7) + .5, torch.randn(7), 0, 1, 1e-5, True)
-    yield _kernels.stats_norm, (torch.randn(3, 7).to(torch.bfloat16), torch.rand(7) + .5, torch.randn(7), 0, 1, 1e-5, False)
-    yield _kernels.stats_norm, (torch.randn(2, 6, 9), torch.rand(6) + .5, torch.randn(6), 1, 3, 1e-5, True)
-    yield _kernels.stats_norm, (torch.randn(2, 6, 9), torch.rand(6) + .5, torch.randn(6), 2, 1, 1e-5, True)
-    stats = _kernels.stats_norm(torch.randn(2, 6, 9), torch.ones(6), torch.zeros(6), 2, 1, 1e-5, True)[1]
-    yield _kernels.stats_norm_backward, (torch.randn(2, 6, 9), torch.randn(2, 6, 9), torch.ones(6), stats, 2, 1, True, True, True)
-    yield _kernels.affine_eval, (torch.randn(2, 6, 9), torch.randn(6), torch.rand(6) + 1, torch.randn(6), torch.randn(6), 1e-5)
+    yield _kernels.stats_norm, (torch.randn(5, 7), torch.rand(7) + .5, torch.randn(7), 0, 1, 7, 1e-5, True)
+    yield _kernels.stats_norm, (torch.randn(3, 7).to(torch.bfloat16), torch.rand(7) + .5, None, 0, 1, 7, 1e-5, False)
+    yield _kernels.stats_norm, (torch.randn(2, 6, 9), torch.rand(6) + .5, torch.randn(6), 1, 3, 6, 1e-5, True)
+    yield _kernels.stats_norm, (torch.randn(2, 6, 3, 3), torch.rand(6) + .5, torch.randn(6), 2, 1, 6, 1e-5, True)
+    stats = _kernels.stats_norm(torch.randn(2, 6, 9), torch.ones(6), torch.zeros(6), 2, 1, 6, 1e-5, True)[1]
+    yield _kernels.stats_norm_backward, (torch.randn(2, 6, 9), torch.randn(2, 6, 9), torch.ones(6), stats, 2, 1, 6, True, True, True)
+    yield _kernels.affine_eval, (torch.randn(2, 6, 9), torch.randn(6), torch.rand(6) + 1, torch.randn(6), torch.randn(6), 2, 1e-5)
     yield _kernels.affine_eval_backward, (torch.randn(2, 6, 9), torch.randn(2, 6, 9), torch.randn(6), torch.rand(6, dtype=f),
-                                       torch.randn(6), 1e-5, True, False)
-    cl = _kernels.GROUPS_CL  # channels last: x (N, S, C) for the statistics op, (R, C) for the given-statistics one
-    yield _kernels.stats_norm, (torch.randn(2, 9, 6), torch.rand(6) + .5, torch.randn(6), cl, 3, 1e-5, True)
-    yield _kernels.stats_norm, (torch.randn(1, 9, 20).to(torch.bfloat16), torch.rand(20) + .5, torch.randn(20), cl, 20, 1e-5, True)
-    stats = _kernels.stats_norm(torch.randn(2, 9, 6), torch.ones(6), torch.zeros(6), cl, 3, 1e-5, True)[1]
-    yield _kernels.stats_norm_backward, (torch.randn(2, 9, 6), torch.randn(2, 9, 6), torch.ones(6), stats, cl, 3, True, True, True)
-    yield _kernels.affine_eval, (torch.randn(18, 6), torch.randn(6), torch.rand(6) + 1, torch.randn(6), torch.randn(6), 1e-5)
+                                       torch.randn(6), 2, 1e-5, True, False)
+    cl = _kernels.GROUPS_CL  # channels last: x (N, *, C) for the statistics op, (..., C) for the given-statistics one
+    yield _kernels.stats_norm, (torch.randn(2, 9, 6), torch.rand(6) + .5, torch.randn(6), cl, 3, 6, 1e-5, True)
+    yield _kernels.stats_norm, (torch.randn(1, 9, 20).to(torch.bfloat16), torch.rand(20) + .5, torch.randn(20), cl, 20, 20, 1e-5, True)
+    stats = _kernels.stats_norm(torch.randn(2, 9, 6), torch.ones(6), torch.zeros(6), cl, 3, 6, 1e-5, True)[1]
+    yield _kernels.stats_norm_backward, (torch.randn(2, 9, 6), torch.randn(2, 9, 6), torch.ones(6), stats, cl, 3, 6, True, True, True)
+    yield _kernels.affine_eval, (torch.randn(18, 6), torch.randn(6), torch.rand(6) + 1, None, torch.randn(6), cl, 1e-5)
     yield _kernels.affine_eval_backward, (torch.randn(18, 6), torch.randn(18, 6), torch.randn(6), torch.rand(6, dtype=f),
-                                       torch.randn(6), 1e-5, True, True)
+                                       torch.randn(6), cl, 1e-5, True, True)
+    # any strides (the ops are flexible_layout: Inductor hands channels_last tensors to them), outputs in x's
+    chl = (lambda t: t.contiguous(memory_format=torch.channels_last))
+    yield _kernels.stats_norm, (chl(torch.randn(2, 6, 3, 3)), torch.rand(6) + .5, torch.randn(6), 2, 1, 6, 1e-5, True)
+    yield _kernels.stats_norm, (chl(torch.randn(2, 6, 3, 3)), torch.rand(6) + .5, None, 1, 3, 6, 1e-5, True)
+    yield _kernels.stats_norm, (torch.randn(7, 5).t(), torch.rand(7) + .5, torch.randn(7), 0, 1, 7, 1e-5, True)
+    stats = _kernels.stats_norm(chl(torch.randn(2, 6, 3, 3)), None, None, 2, 1, 6, 1e-5, True)[1]
+    yield _kernels.stats_norm_backward, (torch.randn(2, 6, 3, 3), chl(torch.randn(2, 6, 3, 3)), torch.ones(6), stats, 2, 1, 6,
+                                         True, True, True)
+    yield _kernels.affine_eval, (chl(torch.randn(2, 6, 3, 3)), torch.randn(6), torch.rand(6) + 1, torch.randn(6), None, 2, 1e-5)
+    yield _kernels.affine_eval_backward, (torch.randn(2, 6, 3, 3), chl(torch.randn(2, 6, 3, 3)), torch.randn(6),
+                                       torch.rand(6) + 1, torch.randn(6), 2, 1e-5, True, True)
+    # the constants of the forms torch.compile fuses
+    yield _kernels.group_stats, (torch.randn(2, 6, 3, 3), 2, 1, 6, 1e-5, True)
+    yield _kernels.group_stats, (chl(torch.randn(2, 6, 3, 3)), 1, 3, 6, 1e-5, True)
+    yield _kernels.eval_constants, (torch.randn(6), torch.rand(6) + 1, torch.randn(6), 1e-5)
 
 
-@pytest.mark.parametrize("i", range(12))
+N_OPCHECK = 21  # the samples run the kernels: counted here, not at collection (where they may not be built)
+
+
+def test_opcheck_covers_every_sample():
+    assert len(list(_opcheck_samples())) == N_OPCHECK
+
+
+@pytest.mark.parametrize("i", range(N_OPCHECK))
 def test_opcheck(i):
     op, args = list(_opcheck_samples())[i]
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and op in (_kernels.stats_norm, _kernels.affine_eval)
@@ -440,6 +462,22 @@ def test_first_kernel_use_inside_torch_compile():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
+def test_kernels_built_is_marked_as_the_public_decorator_marks():
+    """normkit marks kernels_built constant for Dynamo without importing torch._dynamo: the mark must be the
+    one torch.compiler.assume_constant_result sets (a torch upgrade that changes it fails here)."""
+    def probe():
+        return True
+    torch.compiler.assume_constant_result(probe)
+    mine = _kernels.assume_constant_result(lambda: True)
+    assert vars(probe) == vars(mine) != {}
+
+
+def test_importing_normkit_does_not_import_dynamo():
+    out = subprocess.run([sys.executable, "-c", "import sys, normkit; print('torch._dynamo' in sys.modules)"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_env_switch_disables_without_building():
     code = ("import torch, normkit._native as n, normkit.ops._plan as f; "
             "assert f.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None; "
@@ -462,47 +500,71 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         assert _plan.standardize_affine(torch.randn(4, 8), None, None, (-1,), 1e-5, True) is None
     assert len([w for w in caught if "native kernels unavailable" in str(w.message)]) == 1
     assert "unavailable" in _native.status()["kernels"]
-    _native.set_backend("native")
-    try:
-        with pytest.raises(RuntimeError):
-            _native.build(force=True)
-    finally:
-        _native.set_backend("auto")
+    with pytest.raises(RuntimeError, match="cannot run here .*no compiler.*install a C\\+\\+ compiler"):
+        _native.set_backend("native")  # asked for by name: raises, naming the cause and the fix
+    assert _native.get_backend() == "auto"
+    with pytest.raises(RuntimeError, match="no compiler"):
+        _native.build(force=True)
 
 
 def test_lrn_kernel_shares_the_module():
-    assert hasattr(_native.load("lrn_kernel"), "lrn_forward") and hasattr(_native.load("norm_kernel"), "stats_forward")
+    assert hasattr(_native.load("lrn_kernel"), "lrn_forward") and hasattr(_native.load("norm_kernel"), "stats_norm")
     x = torch.randn(2, 16, 40, 40)
     assert_rel_close(nf.local_response_norm(x, 5), torch.nn.functional.local_response_norm(x, 5).double(), torch.float32)
 
 
 # ---- the kernels' own argument checks (issue 18: an empty input used to crash the process) ----------------
 
+_OP = "torch.ops.normkit"
 BAD_CALLS = [
-    ("empty rows", "torch.ops.normkit.stats_norm(torch.empty(2, 0), torch.ones(0), torch.zeros(0), 0, 1, 1e-5, True)"),
-    ("no rows", "torch.ops.normkit.stats_norm(torch.empty(0, 4), torch.ones(4), torch.zeros(4), 0, 1, 1e-5, True)"),
-    ("empty channels", "torch.ops.normkit.stats_norm(torch.empty(2, 3, 0), torch.ones(3), torch.zeros(3), 2, 1, 1e-5, True)"),
-    ("empty eval", "torch.ops.normkit.affine_eval(torch.empty(2, 3, 0), torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(3), 1e-5)"),
-    ("weight size", "torch.ops.normkit.stats_norm(torch.randn(2, 4), torch.ones(3), torch.zeros(4), 0, 1, 1e-5, True)"),
-    ("float64", "torch.ops.normkit.stats_norm(torch.randn(2, 4).double(), torch.ones(4), torch.zeros(4), 0, 1, 1e-5, True)"),
-    ("layout", "torch.ops.normkit.stats_norm(torch.randn(2, 4), torch.ones(4), torch.zeros(4), 7, 1, 1e-5, True)"),
+    ("empty rows", f"{_OP}.stats_norm(torch.empty(2, 0), torch.ones(0), torch.zeros(0), 0, 1, 0, 1e-5, True)"),
+    ("empty rows, C=1", f"{_OP}.stats_norm(torch.empty(2, 0), None, None, 0, 1, 1, 1e-5, True)"),
+    ("no rows", f"{_OP}.stats_norm(torch.empty(0, 4), torch.ones(4), torch.zeros(4), 0, 1, 4, 1e-5, True)"),
+    ("empty channels", f"{_OP}.stats_norm(torch.empty(2, 3, 0), torch.ones(3), torch.zeros(3), 2, 1, 3, 1e-5, True)"),
+    ("empty eval", f"{_OP}.affine_eval(torch.empty(2, 3, 0), torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(3), 2, 1e-5)"),
+    ("empty eval backward", f"{_OP}.affine_eval_backward(torch.empty(2, 3, 0), torch.empty(2, 3, 0), torch.zeros(3), "
+                            "torch.ones(3), None, 2, 1e-5, True, True)"),
+    ("empty backward", f"{_OP}.stats_norm_backward(torch.empty(0, 4), torch.empty(0, 4), None, torch.empty(0, 8), 0, 1, 4, "
+                       "True, True, True)"),
+    ("weight size", f"{_OP}.stats_norm(torch.randn(2, 4), torch.ones(3), torch.zeros(4), 0, 1, 4, 1e-5, True)"),
+    ("integer weight", f"{_OP}.stats_norm(torch.randn(2, 4), torch.ones(4, dtype=torch.long), None, 0, 1, 4, 1e-5, True)"),
+    ("float64", f"{_OP}.stats_norm(torch.randn(2, 4).double(), torch.ones(4), torch.zeros(4), 0, 1, 4, 1e-5, True)"),
+    ("layout", f"{_OP}.stats_norm(torch.randn(2, 4), torch.ones(4), torch.zeros(4), 7, 1, 4, 1e-5, True)"),
+    ("C not dividing", f"{_OP}.stats_norm(torch.randn(2, 5), None, None, 0, 1, 4, 1e-5, True)"),
+    ("groups not dividing", f"{_OP}.stats_norm(torch.randn(2, 6, 5), None, None, 1, 4, 6, 1e-5, True)"),
+    ("statistics of another call", f"{_OP}.stats_norm_backward(torch.randn(2, 4), torch.randn(2, 4), None, torch.zeros(3, 8), "
+                                   "0, 1, 4, True, True, True)"),
+    ("dy of another shape", f"{_OP}.stats_norm_backward(torch.randn(2, 3), torch.randn(2, 4), None, torch.zeros(2, 8), 0, 1, 4, "
+                            "True, True, True)"),
+    ("eval statistics size", f"{_OP}.affine_eval(torch.randn(2, 3, 8), torch.zeros(2), torch.ones(3), None, None, 2, 1e-5)"),
+    ("eval layout", f"{_OP}.affine_eval(torch.randn(2, 3, 8), torch.zeros(3), torch.ones(3), None, None, 0, 1e-5)"),
     ("empty lrn", "normkit._native.load('lrn_kernel').lrn_forward(torch.empty(2, 0, 3), 1, 1, 1e-4, 1.0, 0.75)"),
-    ("empty cl", "normkit._native.load('norm_kernel').stats_forward_cl(torch.empty(1, 0, 4), torch.ones(4), torch.zeros(4), 3, 2, 1e-5, True)"),
+    ("empty channels last", f"{_OP}.stats_norm(torch.empty(1, 0, 4), torch.ones(4), torch.zeros(4), 3, 2, 4, 1e-5, True)"),
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_call_results():
+    """Every bad call in one subprocess (a crash must fail these tests, not the whole run): what each printed."""
+    lines = ["import torch, normkit._native, normkit.ops._kernels", "normkit._native.load()"]
+    for what, call in BAD_CALLS:
+        lines += [f"try:\n    {call}\nexcept (RuntimeError, NotImplementedError) as e:",
+                  f"    print({what!r}, 'refused:', str(e).splitlines()[0], flush=True)",
+                  f"else:\n    print({what!r}, 'accepted', flush=True)"]
+    out = subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "NORMKIT_NATIVE": "1"})
+    return out
+
+
 @pytest.mark.parametrize("what,call", BAD_CALLS, ids=[b[0] for b in BAD_CALLS])
-def test_kernels_refuse_bad_arguments_with_an_error(what, call):
-    """Called directly with sizes, dtypes or layouts they do not take, the C++ entry points raise a
-    RuntimeError naming the problem (TORCH_CHECK before any memory is read) instead of crashing. In a
-    subprocess: a crash must fail this test, not the whole run."""
-    code = ("import torch, normkit._native, normkit.ops._kernels\n"
-            f"try:\n    {call}\nexcept RuntimeError as e:\n    print('refused:', str(e).splitlines()[0])\n"
-            "else:\n    print('accepted')\n")
-    env = {**os.environ, "NORMKIT_NATIVE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, f"{what}: exit status {out.returncode}\n{out.stderr[-2000:]}"
-    assert "refused:" in out.stdout, out.stdout
+def test_kernels_refuse_bad_arguments_with_an_error(bad_call_results, what, call):
+    """Called directly with sizes, dtypes, devices or layouts they do not take, the operators raise an error
+    naming the problem (TORCH_CHECK before any memory is read, or the dispatcher's "no kernel") instead of
+    crashing."""
+    out = bad_call_results
+    assert out.returncode == 0, f"exit status {out.returncode} (the process crashed)\n{out.stdout}\n{out.stderr[-2000:]}"
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith(f"{what} ")), None)
+    assert line is not None and "refused:" in line, out.stdout
 
 
 def test_kernels_take_the_plain_formula_exactly_where_the_spec_proves_it():
@@ -519,7 +581,7 @@ def test_kernels_take_the_plain_formula_exactly_where_the_spec_proves_it():
             "a spread of 2**-60 at 100 (variance below n * 2**-100)": 100.0 + u(2.0**-45)}
     x = torch.stack(list(rows.values())).float()
     for center in (True, False):
-        _, stats = _kernels.stats_norm(x, torch.ones(64), torch.zeros(64), _kernels.ROWS, 1, 1e-5, center)
+        _, stats = _kernels.stats_norm(x, torch.ones(64), torch.zeros(64), _kernels.ROWS, 1, 64, 1e-5, center)
         xd = x.double()
         d = xd - xd[:, :1] if center else xd
         ok, _, _ = spec.plain_moments(xd.abs().amax(1), d.sum(1), (d * d).sum(1), 64, center)

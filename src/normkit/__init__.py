@@ -21,6 +21,7 @@ Models
 
 Backends
     build(), status(), get_backend(), set_backend("auto" | "native" | "eager")   the native CPU kernels
+    with backend("eager"): ...   a backend for one block (the previous one restored after)
 
 ONNX (the "onnx" extra: pip install 'normkit[onnx]'; imported on first use)
     export_onnx(model, x, path)  export with every normalization as a robust primitive-op subgraph
@@ -39,14 +40,14 @@ from ._checks import MixedDtypeError, NormArgumentError, UnsupportedDtypeError
 from ._spec import Moments, merge_moments, moments
 from .convert import convert, revert
 from .fold import fold_batchnorm
-from ._native import build, get_backend, set_backend, status
+from ._native import backend, build, get_backend, set_backend, status
 from .robust import robust
 from .watch import watch
 
 __version__ = "0.1.0"
 
 __all__ = ["functional", "nn", "models", "convert", "revert", "fold_batchnorm", "robust", "Moments", "merge_moments", "moments", "__version__",
-           "NormArgumentError", "UnsupportedDtypeError", "MixedDtypeError", "build", "get_backend", "set_backend", "status",
+           "NormArgumentError", "UnsupportedDtypeError", "MixedDtypeError", "backend", "build", "get_backend", "set_backend", "status",
            "export_onnx", "harden_onnx", "verify_onnx", "watch"]
 
 _ONNX_NAMES = ("export_onnx", "harden_onnx", "verify_onnx")

@@ -95,7 +95,9 @@ def check_param_dtypes(op: str, input: Tensor, **params: Tensor | None) -> None:
 def check_eps(op: str, eps: float) -> None:
     """eps must be a real number (NaN is refused: it can only give NaN). Its sign is checked per op:
     torch accepts any eps except in batch norm (:func:`check_batch_norm_eps`)."""
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or math.isnan(eps):
+    # eps != eps: NaN (math.isnan breaks torch.compile's graph on the symbolic float it makes of an eps that
+    # changed between compiled calls)
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or eps != eps:
         raise ValueError(f"{op}: expected eps to be a real number, got {eps!r}; pass e.g. eps=1e-5")
 
 
@@ -148,3 +150,38 @@ def check_more_than_one(op: str, input: Tensor, count: int, what: str) -> None:
             f"{op}: Expected more than 1 {what} when training, got input size {list(input.shape)}; "
             f"use a larger batch, or eval mode (running statistics)"
         )
+
+
+def check_trailing(op: str, input: Tensor, normalized_shape, weight: Tensor | None, bias: Tensor | None, eps: float,
+                   same_dtype_params: bool = True) -> tuple[int, ...]:
+    """Layer and RMS norm: a floating input, ``normalized_shape`` matching its trailing dims, parameters of that
+    shape (of one dtype with the input when ``same_dtype_params``: torch's CPU rule for layer norm; torch's RMS
+    norm accepts any), a real eps. Returns ``normalized_shape`` as a tuple."""
+    check_floating(op, input)
+    shape = normalized_shape_tuple(op, normalized_shape, input)
+    check_param(op, "weight", weight, shape)
+    check_param(op, "bias", bias, shape)
+    if same_dtype_params:
+        check_param_dtypes(op, input, weight=weight, bias=bias)
+    check_eps(op, eps)
+    return shape
+
+
+def check_group_norm(op: str, input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
+                     eps: float) -> None:
+    """Group norm: a floating ``(N, C, *)`` input, ``num_groups`` a positive integer dividing ``C``, ``(C,)``
+    parameters of the input's dtype (or float32 for a half input), a real eps."""
+    check_floating(op, input)
+    check_min_dim(op, input, 2, "(N, C, *)")
+    c = input.shape[1]
+    if not isinstance(num_groups, numbers.Integral) or isinstance(num_groups, bool) or num_groups < 1:
+        raise NormArgumentError(f"{op}: num_groups must be a positive integer, got {num_groups!r}")
+    if c % num_groups:
+        raise NormArgumentError(
+            f"{op}: Expected number of channels in input to be divisible by num_groups, but got input of "
+            f"shape {list(input.shape)} and num_groups={num_groups}; num_groups={num_groups} must divide num_channels={c}"
+        )
+    check_param(op, "weight", weight, (c,))
+    check_param(op, "bias", bias, (c,))
+    check_param_dtypes(op, input, weight=weight, bias=bias)
+    check_eps(op, eps)

@@ -177,30 +177,30 @@ def run(args: argparse.Namespace) -> int:
 
     todo = plan(args)
     show = not args.quiet and not args.json
-    _native.paths_seen(reset=True)
     rows, results, interrupted = [], [], False
-    try:
-        if todo.ops:
-            per_op = []
-            try:
-                with progress_bar(sweep.count(todo.ops, todo.dtypes, args.fast), "op sweep", show) as advance:
-                    for op in todo.ops:  # op by op: on Ctrl-C, every finished op is reported
-                        per_op.append(sweep.run([op], todo.dtypes, todo.seed, fast=args.fast, progress=advance))
-            finally:  # each op ran the same inputs in the same order: back to the sweep's input-major order
-                rows = [r for same_input in zip(*per_op) for r in same_input]
-        for name, model, shp, dts in todo.targets:
-            n = sum(1 for d in dts for s in todo.scales if s <= torch.finfo(d).max)
-            with progress_bar(n, f"probe {name}", show) as advance:
+    with _native.recording():  # which path each op takes, for the report's backend section
+        try:
+            if todo.ops:
+                per_op = []
                 try:
-                    results.append(probe.probe(model, shp, name=name, dtypes=dts, scales=todo.scales,
-                                               mode=todo.mode, seed=todo.seed, progress=advance, tokens=todo.tokens))
-                except probe.ProbeInputError as e:
-                    raise UsageError(f"{e}; pass an --input-shape (and --input-kind) that the model accepts") from e
-    except KeyboardInterrupt as e:
-        interrupted = True
-        if isinstance(e, probe.ProbeInterrupted) and e.partial.cases:
-            results.append(e.partial)
-    backend = report.backend_info(_native.status(), _native.paths_seen())
+                    with progress_bar(sweep.count(todo.ops, todo.dtypes, args.fast), "op sweep", show) as advance:
+                        for op in todo.ops:  # op by op: on Ctrl-C, every finished op is reported
+                            per_op.append(sweep.run([op], todo.dtypes, todo.seed, fast=args.fast, progress=advance))
+                finally:  # each op ran the same inputs in the same order: back to the sweep's input-major order
+                    rows = [r for same_input in zip(*per_op) for r in same_input]
+            for name, model, shp, dts in todo.targets:
+                n = sum(1 for d in dts for s in todo.scales if s <= torch.finfo(d).max)
+                with progress_bar(n, f"probe {name}", show) as advance:
+                    try:
+                        results.append(probe.probe(model, shp, name=name, dtypes=dts, scales=todo.scales,
+                                                   mode=todo.mode, seed=todo.seed, progress=advance, tokens=todo.tokens))
+                    except probe.ProbeInputError as e:
+                        raise UsageError(f"{e}; pass an --input-shape (and --input-kind) that the model accepts") from e
+        except KeyboardInterrupt as e:
+            interrupted = True
+            if isinstance(e, probe.ProbeInterrupted) and e.partial.cases:
+                results.append(e.partial)
+        backend = report.backend_info(_native.status(), _native.paths_seen())
 
     if todo.out_dir is not None:
         from . import plots

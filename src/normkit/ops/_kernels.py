@@ -1,25 +1,46 @@
-"""The native kernels as ``torch.library`` custom ops: registration, fake kernels and autograd.
+"""The native kernels as ``torch.library`` operators: schemas, fake kernels, and the double-backward forms.
 
-The C++ entry points (``ops/norm_kernel.cpp``, ``ops/channels_last_kernel.cpp``) implement the functions of
-:mod:`normkit._spec` named in the comment above each of their loops. Here they become four custom ops,
+The C++ side (``ops/norm_ops.cpp``) registers each operator's CPU kernel and its autograd (a C++
+``torch::autograd::Function``) for these schemas; the kernels themselves (``ops/norm_kernel.cpp``,
+``ops/channels_last_kernel.cpp``) implement the functions of :mod:`normkit._spec` named in the comment above
+each of their loops. The operators:
 
-* ``normkit::stats_norm(x, weight, bias, layout, groups, eps, center) -> (y, stats)``: statistics of ``x``
-  per group, ``y = standardize(x) * weight + bias``; ``stats (groups, 8)`` float32 holds
+* ``normkit::stats_norm(x, weight?, bias?, layout, groups, C, eps, center) -> (y, stats)``: statistics of
+  ``x`` per group, ``y = standardize(x) * weight + bias``; ``stats (groups, 8)`` float32 holds
   ``e, pivot, mean_d, r, k, mean, var`` (``Stat`` in ``norm_common.h``);
-* ``normkit::stats_norm_backward(dy, x, weight, stats, ...) -> (dx, dweight, dbias)``;
-* ``normkit::affine_eval(x, mean, var, weight, bias, eps) -> y``: given statistics per channel;
-* ``normkit::affine_eval_backward(dy, x, mean, var, weight, eps, ...) -> (dx, dweight, dbias)``,
+* ``normkit::stats_norm_backward(dy, x, weight?, stats, layout, groups, C, center, need_dx, need_param)
+  -> (dx, dweight, dbias)``;
+* ``normkit::affine_eval(x, mean, var, weight?, bias?, layout, eps) -> y``: given statistics per channel;
+* ``normkit::affine_eval_backward(dy, x, mean, var, weight?, layout, eps, need_dx, need_param)
+  -> (dx, dweight, dbias)``;
+* ``normkit::eval_constants(mean, var, weight?, eps) -> (6, C)``: ``affine_eval``'s per-channel constants, for
+  the form of it that ``torch.compile`` fuses (:class:`normkit.ops._normalize.StatsAffineCompiled`);
+* ``normkit::group_stats(x, layout, groups, C, eps, center) -> (stats, (7, groups))``: ``stats_norm``'s statistics
+  alone and each group's ``x_hat`` constants, for the form of batch norm in training that ``torch.compile`` fuses
+  (:class:`normkit.ops._normalize.StandardizeAffineCompiled`);
+* ``normkit::stats_norm_backward_graph`` / ``normkit::affine_eval_backward_graph``: the backward in the spec's
+  differentiable torch ops (``CompositeImplicitAutograd``), which the C++ backward calls when a graph is
+  being built in backward (double backward).
 
-with fake kernels, so fx, ``torch.compile`` and ``torch.export`` see one op each. A training forward keeps
-for backward only the input and 8 floats per group; backward recomputes ``x_hat`` in the kernel. When a
-graph is being built in backward (double backward) the backward runs in the spec's differentiable torch ops
-instead. Which layout and view of the input a call uses is decided by :mod:`normkit.ops._plan`.
+Fake kernels make each one node under fx, ``torch.compile`` and ``torch.export``. A training forward keeps for
+backward only the input, the parameters and 8 floats per group; backward recomputes ``x_hat`` in the kernel.
+Parameters (``weight``, ``bias``, ``mean``, ``var``) may have any shape holding ``C`` values, in float32 or
+``x``'s dtype; ``None`` is ones (weight, var) or zeros (bias, mean). Parameter gradients come back in their
+parameter's dtype and shape. Only CPU kernels are registered.
 
-Layouts (the ``layout`` argument): ``ROWS`` ``x (R, D)``, a group per row, affine per element (layer / RMS
-norm); ``GROUPS`` ``x (N, C, S)``, a group per ``(n, g)`` of ``C / groups`` consecutive channels, affine per
-channel (group, instance norm); ``CHANNELS`` ``x (N, C, S)``, a group per channel (batch norm in training);
-``GROUPS_CL`` ``x (N, S, C)``, channels last, a group per ``(n, g)`` of ``S`` rows by ``C / groups``
-channels. ``affine_eval`` takes ``x (N, C, S)``, or ``(R, C)`` for channels last.
+Layouts (``layout``), ``x`` contiguous: ``ROWS`` ``x (R, D)`` read as rows of ``D = C`` values, a group per
+row, affine per element (layer / RMS norm); ``GROUPS`` ``x (N, C, *)`` read as ``(N, C, S)``, a group per
+``(n, g)`` of ``C / groups`` consecutive channels, affine per channel (group, instance norm); ``CHANNELS``
+``(N, C, S)``, a group per channel (batch norm in training); ``GROUPS_CL`` ``x (N, *, C)``, channels last, a
+group per ``(n, g)`` of ``S`` rows by ``C / groups`` channels. ``affine_eval`` takes ``CHANNELS`` (``x (N, C,
+*)``) or ``GROUPS_CL`` (``x (..., C)``).
+
+Inputs may have any strides (the ops are tagged ``flexible_layout``: Inductor keeps convolutions channels last on
+CPU and need not convert around them); outputs of ``x``'s shape have the strides ``torch.empty_like(x)`` gives.
+
+Calls: :func:`stats_norm_call` and :func:`affine_eval_call` are the operators -- one C++ call through the
+dispatcher (``normkit._native``'s entry points), or, while Dynamo traces, the ``torch.ops`` overloads it
+records.
 """
 
 from __future__ import annotations
@@ -31,189 +52,160 @@ from .. import _native
 from .. import _spec as spec
 
 ROWS, GROUPS, CHANNELS = 0, 1, 2
-GROUPS_CL = 3  # channels last: x (N, S, C), a group per (n, g) = S rows x C / groups channels (channels_last_kernel.cpp)
+GROUPS_CL = 3  # channels last: x (N, *, C), a group per (n, g) = S rows x C / groups channels (channels_last_kernel.cpp)
+
+_SCHEMAS = {
+    "stats_norm": "(Tensor x, Tensor? weight, Tensor? bias, int layout, int groups, int C, float eps, bool center)"
+                  " -> (Tensor, Tensor)",
+    "stats_norm_backward": "(Tensor dy, Tensor x, Tensor? weight, Tensor stats, int layout, int groups, int C,"
+                           " bool center, bool need_dx, bool need_param) -> (Tensor, Tensor, Tensor)",
+    "affine_eval": "(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, int layout, float eps) -> Tensor",
+    "affine_eval_backward": "(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, int layout, float eps,"
+                            " bool need_dx, bool need_param) -> (Tensor, Tensor, Tensor)",
+    "eval_constants": "(Tensor mean, Tensor var, Tensor? weight, float eps) -> Tensor",
+    "group_stats": "(Tensor x, int layout, int groups, int C, float eps, bool center) -> (Tensor, Tensor)",
+    "stats_norm_backward_graph": "(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, int layout, int groups, int C,"
+                                 " float eps, bool center, bool need_dx, bool need_w, bool need_b)"
+                                 " -> (Tensor, Tensor, Tensor)",
+    "affine_eval_backward_graph": "(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias,"
+                                  " int layout, float eps, bool need_dx, bool need_w, bool need_b)"
+                                  " -> (Tensor, Tensor, Tensor)",
+}
+for _name, _schema in _SCHEMAS.items():  # flexible_layout: Inductor may pass any strides (outputs follow x's)
+    torch.library.define(f"normkit::{_name}", _schema, tags=(torch.Tag.flexible_layout,))
+
+stats_norm = torch.ops.normkit.stats_norm.default
+stats_norm_backward = torch.ops.normkit.stats_norm_backward.default
+affine_eval = torch.ops.normkit.affine_eval.default
+affine_eval_backward = torch.ops.normkit.affine_eval_backward.default
+eval_constants = torch.ops.normkit.eval_constants.default
+group_stats = torch.ops.normkit.group_stats.default
+stats_norm_backward_graph = torch.ops.normkit.stats_norm_backward_graph.default
 
 
-def _n_groups(x_shape, layout: int, groups: int) -> int:
-    return x_shape[0] if layout == ROWS else x_shape[0] * groups if layout in (GROUPS, GROUPS_CL) else x_shape[1]
+def n_groups(x_shape, layout: int, groups: int, C) -> int:
+    """Groups of a ``stats_norm`` call (rows of ``C`` for ``ROWS``; channels for ``CHANNELS``)."""
+    numel = 1
+    for s in x_shape:
+        numel *= s
+    return numel // C if layout == ROWS else C if layout == CHANNELS else x_shape[0] * groups
 
 
-def _n_params(x_shape, layout: int) -> int:
-    return x_shape[2] if layout == GROUPS_CL else x_shape[1]  # D for rows, C for (N, C, S) and (N, S, C)
+# Outputs of x's shape have x's strides, as torch.empty_like lays them out (ops/norm_ops.cpp does the same).
+
+@torch.library.register_fake("normkit::stats_norm")
+def _(x, weight, bias, layout, groups, C, eps, center):
+    return torch.empty_like(x), x.new_empty((n_groups(x.shape, layout, groups, C), 8), dtype=torch.float32)
 
 
-def _entry(name: str, channels_last: bool):
-    """The kernel function ``name`` of norm_kernel.cpp, or its ``name_cl`` twin of channels_last_kernel.cpp."""
-    if channels_last:
-        return getattr(_native.load("channels_last_kernel"), f"{name}_cl")
-    return getattr(_native.load("norm_kernel"), name)
+def _grad_fakes(x, n, need_dx, need_param):
+    n = n if need_param else 0
+    return (torch.empty_like(x) if need_dx else x.new_empty((0,)), x.new_empty((n,), dtype=torch.float32),
+            x.new_empty((n,), dtype=torch.float32))
 
 
-# ---- custom ops -------------------------------------------------------------------------------------------
-
-def _stats_norm(x: Tensor, weight: Tensor, bias: Tensor, layout: int, groups: int, eps: float, center: bool) -> tuple[Tensor, Tensor]:
-    """``(y, stats)``: ``y = standardize(x) * weight + bias`` per group; ``stats`` (groups, 8) float32 holds
-    ``e, pivot, mean_d, r, k, mean, var`` (``Stat`` in norm_common.h). weight/bias: float32 of D (rows) or C values."""
-    y, stats = _entry("stats_forward", layout == GROUPS_CL)(x, weight, bias, layout, groups, eps, center)
-    return y, stats
+@torch.library.register_fake("normkit::stats_norm_backward")
+def _(dy, x, weight, stats, layout, groups, C, center, need_dx, need_param):
+    return _grad_fakes(x, C, need_dx, need_param)
 
 
-stats_norm = torch.library.custom_op("normkit::stats_norm", _stats_norm, mutates_args=())
+@torch.library.register_fake("normkit::affine_eval")
+def _(x, mean, var, weight, bias, layout, eps):
+    return torch.empty_like(x)
 
 
-@stats_norm.register_fake
-def _(x, weight, bias, layout, groups, eps, center):
-    return x.new_empty(x.shape), x.new_empty((_n_groups(x.shape, layout, groups), 8), dtype=torch.float32)
+@torch.library.register_fake("normkit::group_stats")
+def _(x, layout, groups, C, eps, center):
+    g = n_groups(x.shape, layout, groups, C)
+    return x.new_empty((g, 8), dtype=torch.float32), x.new_empty((7, g), dtype=torch.float32)
 
 
-def _stats_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, stats: Tensor, layout: int, groups: int, center: bool,
-                    need_dx: bool, need_param: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dweight, dbias)`` of :func:`stats_norm` (empty tensors where not asked for; parameter grads float32)."""
-    dx, dw, db = _entry("stats_backward", layout == GROUPS_CL)(dy, x, weight, stats, layout, groups, center, need_dx, need_param)
-    return dx, dw, db
+@torch.library.register_fake("normkit::eval_constants")
+def _(mean, var, weight, eps):
+    return var.new_empty((6, var.numel()), dtype=torch.float32)
 
 
-stats_norm_backward = torch.library.custom_op("normkit::stats_norm_backward", _stats_norm_bwd, mutates_args=())
+@torch.library.register_fake("normkit::affine_eval_backward")
+def _(dy, x, mean, var, weight, layout, eps, need_dx, need_param):
+    return _grad_fakes(x, x.shape[1] if layout == CHANNELS else x.shape[-1], need_dx, need_param)
 
 
-@stats_norm_backward.register_fake
-def _(dy, x, weight, stats, layout, groups, center, need_dx, need_param):
-    n = _n_params(x.shape, layout) if need_param else 0
-    return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
-            x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32))
+# ---- double backward: the spec's differentiable ops --------------------------------------------------------
 
-
-def _eager_view(x: Tensor, weight: Tensor, layout: int, groups: int):
-    """``x`` and ``weight`` shaped for the eager formulas, and the reduced dims."""
+def _eager_view(x: Tensor, layout: int, groups: int, C: int):
+    """``x`` shaped for the eager formulas, the shape per-channel parameters broadcast in, and the reduced dims."""
+    n = x.shape[0]
     if layout == ROWS:
-        return x, weight, (1,)
+        return x.reshape(-1, C), (C,), (1,)
     if layout == GROUPS_CL:
-        n, s, c = x.shape
-        return x.view(n, s, groups, c // groups), weight.view(1, 1, groups, c // groups), (1, 3)
-    n, c, s = x.shape
+        return x.reshape(n, -1, groups, C // groups), (1, 1, groups, C // groups), (1, 3)
     if layout == GROUPS:
-        return x.view(n, groups, c // groups, s), weight.view(1, groups, c // groups, 1), (2, 3)
-    return x, weight.view(1, c, 1), (0, 2)
+        return x.reshape(n, groups, C // groups, -1), (1, groups, C // groups, 1), (2, 3)
+    return x.reshape(n, C, -1), (1, C, 1), (0, 2)
 
 
-def _stats_norm_setup(ctx, inputs, output):
-    x, weight, bias, layout, groups, eps, center = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, weight, output[1])  # the input and O(groups) statistics: no x_hat
-    ctx.args = (layout, groups, eps, center)
+def _grad_as(g: Tensor | None, param: Tensor | None, x: Tensor) -> Tensor:
+    """A gradient in its parameter's shape and dtype; an empty placeholder (read as none) where not computed."""
+    return x.new_empty((0,)) if g is None or param is None else g.reshape(param.shape).to(param.dtype)
 
 
-def _stats_norm_backward(ctx, dy, dstats):
-    x, weight, stats = ctx.saved_tensors
-    layout, groups, eps, center = ctx.args
-    need_dx, need_w, need_b = ctx.needs_input_grad[:3]
-    if torch.is_grad_enabled():  # double backward: the spec's differentiable ops, statistics rebuilt from x
-        xv, wv, dims = _eager_view(x, weight, layout, groups)
-        s = spec.standardize(xv.to(spec.compute_dtype(x.dtype)), dims, eps, center)
-        dx, dw, db = spec.normalize_backward(dy.reshape(xv.shape).to(s.x_hat.dtype), s.x_hat, s.r, s.k, wv, wv, dims,
-                                             center, (need_dx, need_w, need_b))
-        return (None if dx is None else dx.to(x.dtype).view(x.shape), None if dw is None else dw.reshape(weight.shape),
-                None if db is None else db.reshape(weight.shape), None, None, None, None)
-    dx, dw, db = _route(stats_norm_backward, _stats_norm_bwd, dy)(
-        dy.contiguous(), x, weight, stats, layout, groups, center, need_dx, need_w or need_b)
-    return dx if need_dx else None, dw if need_w else None, db if need_b else None, None, None, None, None
+@torch.library.impl("normkit::stats_norm_backward_graph", "CompositeImplicitAutograd")
+def _stats_norm_backward_graph(dy, x, weight, bias, layout, groups, C, eps, center, need_dx, need_w, need_b):
+    """``(dx, dweight, dbias)`` of ``stats_norm`` in the spec's differentiable ops, statistics rebuilt from ``x``."""
+    xv, pshape, dims = _eager_view(x, layout, groups, C)
+    ct = spec.compute_dtype(x.dtype)
+    view = (lambda t: None if t is None else t.reshape(pshape).to(ct))
+    s = spec.standardize(xv.to(ct), dims, eps, center)
+    dx, dw, db = spec.normalize_backward(dy.reshape(xv.shape).to(ct), s.x_hat, s.r, s.k, view(weight), view(bias), dims,
+                                         center, (need_dx, need_w, need_b))
+    return (x.new_empty((0,)) if dx is None else dx.to(x.dtype).reshape(x.shape)), _grad_as(dw, weight, x), _grad_as(db, bias, x)
 
 
-stats_norm.register_autograd(_stats_norm_backward, setup_context=_stats_norm_setup)
+@torch.library.impl("normkit::affine_eval_backward_graph", "CompositeImplicitAutograd")
+def _affine_eval_backward_graph(dy, x, mean, var, weight, bias, layout, eps, need_dx, need_w, need_b):
+    """``(dx, dweight, dbias)`` of ``affine_eval`` in the spec's differentiable ops (no gradient to the statistics)."""
+    ct = spec.compute_dtype(x.dtype)
+    shape = [1] * x.dim()
+    channel = 1 if layout == CHANNELS else x.dim() - 1
+    shape[channel] = x.shape[channel]
+    view = (lambda t: None if t is None else t.reshape(shape).to(ct))
+    dims = [d for d in range(x.dim()) if d != channel]
+    dyc = dy.to(ct)
+    dx, dw = spec.affine_with_stats_backward(dyc, x.to(ct), view(mean), view(var), eps, view(weight), dims, need_dx,
+                                             need_w and weight is not None)
+    db = dyc.sum_to_size(shape) if need_b and bias is not None else None
+    return (x.new_empty((0,)) if dx is None else dx.to(x.dtype)), _grad_as(dw, weight, x), _grad_as(db, bias, x)
 
 
-def _affine_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """``y = (x - mean) * rsqrt(var + eps) * weight + bias`` per channel of ``x (N, C, S)``, or of ``x (R, C)``
-    (channels last), as :func:`normkit._spec.affine_with_stats`; params float32 (C,)."""
-    return _entry("eval_forward", x.dim() == 2)(x, mean, var, weight, bias, eps)
+# ---- calls ------------------------------------------------------------------------------------------------
+
+def stats_norm_call(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: int, groups: int, C: int, eps: float,
+                    center: bool) -> tuple[Tensor, Tensor]:
+    """:data:`stats_norm`: the extension's one-call entry point (kernels built), or the ``torch.ops`` overload
+    while Dynamo traces."""
+    if torch.compiler.is_compiling():
+        return stats_norm(x, weight, bias, layout, groups, C, eps, center)
+    return _native.load().stats_norm(x, weight, bias, layout, groups, C, eps, center)
 
 
-affine_eval = torch.library.custom_op("normkit::affine_eval", _affine_eval, mutates_args=())
+def affine_eval_call(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, layout: int,
+                     eps: float) -> Tensor:
+    """:data:`affine_eval`, called as :func:`stats_norm_call` calls its op."""
+    if torch.compiler.is_compiling():
+        return affine_eval(x, mean, var, weight, bias, layout, eps)
+    return _native.load().affine_eval(x, mean, var, weight, bias, layout, eps)
 
 
-@affine_eval.register_fake
-def _(x, mean, var, weight, bias, eps):
-    return x.new_empty(x.shape)
+def assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` (about 2 s) with
+    normkit: the decorator only marks ``fn``, and Dynamo reads the mark when it traces a call
+    (test_native.py checks that the public decorator marks a function the same way)."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 
-def _affine_eval_bwd(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, eps: float,
-                     need_dx: bool, need_param: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dweight, dbias)`` of :func:`affine_eval` (empty where not asked for)."""
-    dx, dw, db = _entry("eval_backward", x.dim() == 2)(dy, x, mean, var, weight, eps, need_dx, need_param)
-    return dx, dw, db
-
-
-affine_eval_backward = torch.library.custom_op("normkit::affine_eval_backward", _affine_eval_bwd, mutates_args=())
-
-
-@affine_eval_backward.register_fake
-def _(dy, x, mean, var, weight, eps, need_dx, need_param):
-    n = x.shape[1] if need_param else 0
-    return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
-            x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32))
-
-
-def _affine_eval_setup(ctx, inputs, output):
-    x, mean, var, weight, bias, eps = inputs
-    ctx.save_for_backward(x, mean, var, weight)
-    ctx.eps = eps
-
-
-def _affine_eval_backward(ctx, dy):
-    x, mean, var, weight = ctx.saved_tensors
-    need_dx, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-    if torch.is_grad_enabled():  # double backward: the spec's differentiable ops
-        ct = spec.compute_dtype(x.dtype)
-        view = (lambda t: t.view(1, -1, *[1] * (x.dim() - 2)))  # (N, C, S) or channels-last (R, C)
-        dyc = dy.to(ct)
-        dims = [0, *range(2, x.dim())]  # every dim but the channels'
-        dx, dw = spec.affine_with_stats_backward(dyc, x.to(ct), view(mean), view(var), ctx.eps, view(weight), dims, need_dx,
-                                                 need_w)
-        dw = dw.reshape(-1) if need_w else None
-        db = dyc.sum_to_size(view(weight).shape).reshape(-1) if need_b else None
-        return (None if dx is None else dx.to(x.dtype)), None, None, dw, db, None
-    dx, dw, db = _route(affine_eval_backward, _affine_eval_bwd, dy)(
-        dy.contiguous(), x, mean, var, weight, ctx.eps, need_dx, need_w or need_b)
-    return dx if need_dx else None, None, None, dw if need_w else None, db if need_b else None, None
-
-
-affine_eval.register_autograd(_affine_eval_backward, setup_context=_affine_eval_setup)
-
-
-# ---- the same ops without the dispatcher ------------------------------------------------------------------
-
-def _route(op, impl, *tensors: Tensor | None):
-    """``impl`` (the op's own body) where no graph can be recorded and no gradient is needed -- plain eager
-    tensors under no_grad or without requires_grad, and the backward ops as autograd runs them -- where
-    torch.library's dispatch (15-40 us) would cost as much as a small layer's kernel; ``op`` itself
-    otherwise (autograd through the forward ops, torch.compile, make_fx, tensor subclasses)."""
-    if torch.compiler.is_compiling():  # first: Dynamo cannot trace the checks below
-        return op
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    tracing = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None  # make_fx
-    return op if needs_grad or tracing or type(tensors[0]) is not Tensor else impl
-
-
-
-# ---- availability ---------------------------------------------------------------------------------------
-
-def run_stats_norm(x: Tensor, weight: Tensor, bias: Tensor, layout: int, groups: int, eps: float, center: bool,
-                   *sources: Tensor | None) -> tuple[Tensor, Tensor]:
-    """:func:`stats_norm`, through the dispatcher or straight to its body (:func:`_route`); ``sources``: the
-    tensors ``weight``/``bias`` were made from (whether a gradient is needed is read from them)."""
-    return _route(stats_norm, _stats_norm, x, *sources)(x, weight, bias, layout, groups, eps, center)
-
-
-def run_affine_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float,
-                    *sources: Tensor | None) -> Tensor:
-    """:func:`affine_eval`, through the dispatcher or straight to its body (:func:`_route`)."""
-    return _route(affine_eval, _affine_eval, x, *sources)(x, mean, var, weight, bias, eps)
-
-
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def kernels_built() -> bool:
     """Whether the kernels are loaded (building them on first use). torch.compile runs this once while it
     traces and keeps the answer as a constant: the loader's lock and build are never traced."""
     return _native.load("norm_kernel") is not None
-
-

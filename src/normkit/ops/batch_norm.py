@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from .. import _checks
 from .. import _spec as spec
+from . import _plan
 from ._normalize import channel_view, check_norm_args, empty_output, standardize_affine, stats_affine, torch_layout, write_back
 
 
@@ -46,6 +47,9 @@ def batch_norm_stateless(input, running_mean, running_var, weight=None, bias=Non
     running statistics are ``None`` where the given ones are ``None``, and the given ones in eval mode.
     """
     op = "batch_norm"
+    route = _plan.route(op, input, (training, momentum, eps), running_mean, running_var, weight, bias)
+    if route is not None:  # a checked signature: the kernel
+        return route(input, running_mean, running_var, weight, bias)
     check_norm_args(op, input, weight, bias, running_mean, running_var, momentum, eps, need_running=not training)
     _checks.check_batch_norm_eps(op, eps, training)
     if input.numel() == 0:  # an empty batch normalizes nothing and leaves the statistics alone

@@ -393,7 +393,7 @@ struct Step {
 // Runs the steps in order for every sample: a whole sample on one thread when there are at least two samples
 // per thread (its later passes then find its data in cache), else step by step, parallel over (sample, chunk).
 // Either way every sum is taken in the same order.
-inline void run_steps(const Geo& g, std::initializer_list<Step> steps) {
+inline void run_steps(const Geo& g, const std::vector<Step>& steps) {
   if (g.N >= 2 * at::get_num_threads()) {
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
@@ -518,7 +518,7 @@ void forward_impl(const T* x, T* y, Stat* stats, const Geo& g, const float* w, c
       }
     }
   };
-  const bool nt = streaming(y, C, N * S * C);
+  const bool nt = y != nullptr && streaming(y, C, N * S * C);
   auto output_consts = [&](int64_t n, int64_t) {
     float* out[6] = {pl.a(4, n), pl.a(5, n), pl.a(6, n), pl.a(7, n), pl.a(8, n), pl.a(9, n)};
     xhat_consts(stats + n * G, g, out, slow.data() + n * C);
@@ -533,12 +533,16 @@ void forward_impl(const T* x, T* y, Stat* stats, const Geo& g, const float* w, c
         }, y + n * S * C, nt);
   };
   auto robust_sample = [&](int64_t n) { return any_robust[n] != 0; };
-  run_steps(g, {{true, moments}, {false, decide},
-                {true, [&](int64_t n, int64_t ch) { robust_pass(n, ch, false); }, robust_sample},
-                {false, [&](int64_t n, int64_t) { robust_finish(n, false); }, robust_sample},
-                {true, [&](int64_t n, int64_t ch) { robust_pass(n, ch, true); }, robust_sample},
-                {false, [&](int64_t n, int64_t) { robust_finish(n, true); }, robust_sample},
-                {false, output_consts}, {true, output}});
+  std::vector<Step> steps{{true, moments}, {false, decide},
+                          {true, [&](int64_t n, int64_t ch) { robust_pass(n, ch, false); }, robust_sample},
+                          {false, [&](int64_t n, int64_t) { robust_finish(n, false); }, robust_sample},
+                          {true, [&](int64_t n, int64_t ch) { robust_pass(n, ch, true); }, robust_sample},
+                          {false, [&](int64_t n, int64_t) { robust_finish(n, true); }, robust_sample}};
+  if (y != nullptr) {  // (null: the statistics alone)
+    steps.push_back({false, output_consts});
+    steps.push_back({true, output});
+  }
+  run_steps(g, steps);
 }
 
 // _spec.normalize_backward per group of channels-last rows (the steps below, in order)
@@ -676,12 +680,9 @@ void backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, const Geo&
 // it is not one float, or where x - mean can overflow for a finite x: |mean| >= 2**103, the half ulp of FLT_MAX.
 inline std::vector<Factor> eval_consts(const float* mean, const float* var, const float* w, const float* b, double eps,
                                        int64_t C, Planes& pl, std::vector<uint8_t>& slow) {
-  const Eps eps_split(eps);
-  std::vector<Factor> factors;
-  factors.reserve(C);
+  std::vector<Factor> factors = channel_factors(w, var, C, eps);
   for (int64_t c = 0; c < C; ++c) {
-    const Factor fa(w[c], var[c], eps_split);
-    factors.push_back(fa);
+    const Factor& fa = factors[c];
     pl.a(0, 0)[c] = mean[c]; pl.a(1, 0)[c] = fa.rstd(); pl.a(2, 0)[c] = fa.f; pl.a(3, 0)[c] = fa.m;
     pl.a(4, 0)[c] = static_cast<float>(fa.q); pl.a(5, 0)[c] = b ? b[c] : 0.f; pl.a(6, 0)[c] = fa.one ? 1.f : 0.f;
     slow[c] = !fa.one || !(std::abs(mean[c]) < 0x1p103f);
@@ -770,38 +771,39 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
   }
 }
 
-}  // namespace nk_cl
-
-// Forward with statistics of x (N, S, C), layout 3 (GROUPS_CL): a group per (n, g) = S rows x C / groups
-// channels; weight, bias float32 (C,). Returns (y (N, S, C), stats (N * groups, 8)) as stats_forward does.
-std::vector<torch::Tensor> stats_forward_cl(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, int64_t layout,
-                                            int64_t groups, double eps, bool center) {
-  using namespace nk_cl;
-  TORCH_CHECK(layout == 3, "stats_forward_cl: layout 3 (groups, channels last) expected, got ", layout);
-  check_input(x, 3, "stats_forward_cl", "(N, S, C)");
-  const int64_t N = x.size(0), S = x.size(1), C = x.size(2);
+// Forward with statistics of x, laid out (N, S, C) in memory (contiguous; any shape whose first dim is N and last C,
+// e.g. a channels_last tensor permuted channels-last), layout 3 (GROUPS_CL): a group per (n, g) = S rows x C / groups
+// channels; weight, bias float32, C values. Returns (y (x's sizes), stats (N * groups, 8)) as stats_forward does.
+std::tuple<torch::Tensor, torch::Tensor> stats_forward_cl(const torch::Tensor& x, const torch::Tensor& weight,
+                                                          const torch::Tensor& bias, int64_t groups, int64_t C,
+                                                          double eps, bool center, bool output) {
+  check_input(x, 2, "stats_forward_cl");
+  const Extent ex = extent(x, 3, C, "stats_forward_cl");
+  const int64_t N = ex.N, S = ex.S;
   TORCH_CHECK(groups >= 1 && C % groups == 0, "stats_forward_cl: groups=", groups, " must divide C=", C);
-  check_param(weight, C, "stats_forward_cl: weight");
-  check_param(bias, C, "stats_forward_cl: bias");
-  auto y = torch::empty(x.sizes(), x.options());
+  if (output) {
+    check_param(weight, C, "stats_forward_cl: weight");
+    check_param(bias, C, "stats_forward_cl: bias");
+  }
+  torch::Tensor y = output ? torch::empty(x.sizes(), x.options()) : torch::Tensor();
   auto stats = torch::empty({N * groups, 8}, x.options().dtype(at::kFloat));
   const Geo g(N, S, C, groups);
   dispatch_dtype(x, "stats_forward_cl", [&](auto tag) {
     using T = decltype(tag);
-    forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), reinterpret_cast<Stat*>(stats.data_ptr<float>()), g,
-                    weight.data_ptr<float>(), bias.data_ptr<float>(), eps, center);
+    forward_impl<T>(x.data_ptr<T>(), output ? y.data_ptr<T>() : nullptr, reinterpret_cast<Stat*>(stats.data_ptr<float>()),
+                    g, output ? weight.data_ptr<float>() : nullptr, output ? bias.data_ptr<float>() : nullptr, eps, center);
   });
   return {y, stats};
 }
 
 // Backward of stats_forward_cl: (dx or empty, dweight (float32) or empty, dbias (float32) or empty).
-std::vector<torch::Tensor> stats_backward_cl(torch::Tensor dy, torch::Tensor x, torch::Tensor weight, torch::Tensor stats,
-                                             int64_t layout, int64_t groups, bool center, bool need_dx, bool need_param) {
-  using namespace nk_cl;
-  TORCH_CHECK(layout == 3, "stats_backward_cl: layout 3 (groups, channels last) expected, got ", layout);
-  check_input(x, 3, "stats_backward_cl", "(N, S, C)");
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> stats_backward_cl(
+    const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& stats,
+    int64_t groups, int64_t C, bool center, bool need_dx, bool need_param) {
+  check_input(x, 2, "stats_backward_cl");
   check_grad(dy, x, "stats_backward_cl");
-  const int64_t N = x.size(0), S = x.size(1), C = x.size(2);
+  const Extent ex = extent(x, 3, C, "stats_backward_cl");
+  const int64_t N = ex.N, S = ex.S;
   TORCH_CHECK(groups >= 1 && C % groups == 0, "stats_backward_cl: groups=", groups, " must divide C=", C);
   check_param(weight, C, "stats_backward_cl: weight");
   check_stats(stats, N * groups, "stats_backward_cl");
@@ -818,40 +820,42 @@ std::vector<torch::Tensor> stats_backward_cl(torch::Tensor dy, torch::Tensor x, 
   return {dx, dw, db};
 }
 
-// y = (x - mean) * rsqrt(var + eps) * weight + bias per channel of x (R, C); mean, var, weight, bias float32 (C,).
-torch::Tensor eval_forward_cl(torch::Tensor x, torch::Tensor mean, torch::Tensor var, torch::Tensor weight,
-                              torch::Tensor bias, double eps) {
-  using namespace nk_cl;
-  check_input(x, 2, "eval_forward_cl", "(R, C)");
-  const int64_t R = x.size(0), C = x.size(1);
+// y = (x - mean) * rsqrt(var + eps) * weight + bias per channel of x (..., C) (contiguous, read as (R, C));
+// mean, var, weight, bias float32, C values.
+torch::Tensor eval_forward_cl(const torch::Tensor& x, const torch::Tensor& mean, const torch::Tensor& var,
+                              const torch::Tensor& weight, const torch::Tensor& bias, double eps) {
+  check_input(x, 1, "eval_forward_cl");
+  const int64_t C = x.size(-1), R = x.numel() / C;
   check_param(mean, C, "eval_forward_cl: mean"); check_param(var, C, "eval_forward_cl: var");
   check_param(weight, C, "eval_forward_cl: weight"); check_param(bias, C, "eval_forward_cl: bias");
   auto y = torch::empty(x.sizes(), x.options());
   dispatch_dtype(x, "eval_forward_cl", [&](auto tag) {
     using T = decltype(tag);
-    nk_cl::eval_forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), mean.data_ptr<float>(), var.data_ptr<float>(),
-                                weight.data_ptr<float>(), bias.data_ptr<float>(), eps, R, C);
+    eval_forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), mean.data_ptr<float>(), var.data_ptr<float>(),
+                         weight.data_ptr<float>(), bias.data_ptr<float>(), eps, R, C);
   });
   return y;
 }
 
 // Backward of eval_forward_cl: (dx or empty, dweight or empty, dbias or empty), parameter grads in float32.
-std::vector<torch::Tensor> eval_backward_cl(torch::Tensor dy, torch::Tensor x, torch::Tensor mean, torch::Tensor var,
-                                            torch::Tensor weight, double eps, bool need_dx, bool need_param) {
-  using namespace nk_cl;
-  check_input(x, 2, "eval_backward_cl", "(R, C)");
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> eval_backward_cl(
+    const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& mean, const torch::Tensor& var,
+    const torch::Tensor& weight, double eps, bool need_dx, bool need_param) {
+  check_input(x, 1, "eval_backward_cl");
   check_grad(dy, x, "eval_backward_cl");
-  const int64_t R = x.size(0), C = x.size(1);
+  const int64_t C = x.size(-1), R = x.numel() / C;
   check_param(mean, C, "eval_backward_cl: mean"); check_param(var, C, "eval_backward_cl: var");
   check_param(weight, C, "eval_backward_cl: weight");
   torch::Tensor dx, dw, db;  // not a structured binding: the lambda below captures them (C++17)
   std::tie(dx, dw, db) = grad_buffers(x, C, need_dx, need_param);
   dispatch_dtype(x, "eval_backward_cl", [&](auto tag) {
     using T = decltype(tag);
-    nk_cl::eval_backward_impl<T>(dy.data_ptr<T>(), x.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr,
-                                 mean.data_ptr<float>(), var.data_ptr<float>(), weight.data_ptr<float>(), eps, R, C,
-                                 need_dx, need_param, need_param ? dw.data_ptr<float>() : nullptr,
-                                 need_param ? db.data_ptr<float>() : nullptr);
+    eval_backward_impl<T>(dy.data_ptr<T>(), x.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr,
+                          mean.data_ptr<float>(), var.data_ptr<float>(), weight.data_ptr<float>(), eps, R, C,
+                          need_dx, need_param, need_param ? dw.data_ptr<float>() : nullptr,
+                          need_param ? db.data_ptr<float>() : nullptr);
   });
   return {dx, dw, db};
 }
+
+}  // namespace nk_cl

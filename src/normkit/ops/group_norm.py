@@ -21,33 +21,23 @@ format (channels_last kept, any other non-contiguous input gives a contiguous ou
 
 from __future__ import annotations
 
-import numbers
-
 from .. import _checks
 from .._spec import autocast_inputs
+from . import _plan
 from ._normalize import empty_output, standardize_affine, torch_layout
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     """``torch.nn.functional.group_norm``: same signature and semantics."""
     op = "group_norm"
+    route = _plan.route(op, input, (num_groups, eps), weight, bias)  # a checked signature: the kernel
+    if route is not None:
+        return route(input, weight, bias)
     input, weight, bias = autocast_inputs(op, input, weight, bias)
-    _checks.check_floating(op, input)
-    _checks.check_min_dim(op, input, 2, "(N, C, *)")
-    n, c = input.shape[:2]
-    if not isinstance(num_groups, numbers.Integral) or isinstance(num_groups, bool) or num_groups < 1:
-        raise _checks.NormArgumentError(f"{op}: num_groups must be a positive integer, got {num_groups!r}")
-    if c % num_groups:
-        raise _checks.NormArgumentError(
-            f"{op}: Expected number of channels in input to be divisible by num_groups, but got input of "
-            f"shape {list(input.shape)} and num_groups={num_groups}; num_groups={num_groups} must divide num_channels={c}"
-        )
-    _checks.check_param(op, "weight", weight, (c,))
-    _checks.check_param(op, "bias", bias, (c,))
-    _checks.check_param_dtypes(op, input, weight=weight, bias=bias)
-    _checks.check_eps(op, eps)
+    _checks.check_group_norm(op, input, num_groups, weight, bias, eps)
     if input.numel() == 0:
         return empty_output(input, weight, bias)
+    n, c = input.shape[:2]
     grouped = input.reshape(n, num_groups, c // num_groups, -1)
     view = (lambda t: None if t is None else t.view(1, num_groups, c // num_groups, 1))
     y = standardize_affine(grouped, view(weight), view(bias), (2, 3), eps)[0].reshape(input.shape)

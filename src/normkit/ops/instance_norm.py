@@ -29,6 +29,7 @@ import math
 
 from .. import _checks
 from .. import _spec as spec
+from . import _plan
 from ._normalize import channel_view, check_norm_args, empty_output, standardize_affine, stats_affine, write_back
 
 
@@ -38,6 +39,9 @@ def instance_norm_stateless(input, running_mean=None, running_var=None, weight=N
 
     The output is contiguous whatever the input's memory format, as torch's is."""
     op = "instance_norm"
+    route = _plan.route(op, input, (use_input_stats, momentum, eps), running_mean, running_var, weight, bias)
+    if route is not None:  # a checked signature: the kernel
+        return route(input, running_mean, running_var, weight, bias)
     check_norm_args(op, input, weight, bias, running_mean, running_var, momentum, eps, need_running=not use_input_stats)
     if input.numel() == 0:
         return empty_output(input, weight, bias), running_mean, running_var

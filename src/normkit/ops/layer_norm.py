@@ -23,10 +23,14 @@ output.
 from __future__ import annotations
 
 from .._spec import autocast_inputs
+from . import _plan
 from ._normalize import normalize_trailing
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """``torch.nn.functional.layer_norm``: same signature and semantics (a contiguous output, as torch's)."""
+    route = _plan.route("layer_norm", input, (normalized_shape, eps), weight, bias)  # a checked signature: the kernel
+    if route is not None:
+        return route(input, weight, bias)
     input, weight, bias = autocast_inputs("layer_norm", input, weight, bias)
     return normalize_trailing("layer_norm", input, normalized_shape, weight, bias, eps, center=True).contiguous()

@@ -223,6 +223,15 @@ struct Factor {
   float rstd() const { return std::ldexp(r, k); }  // inf only where 1/sqrt(var + eps) leaves float32 itself
 };
 
+// Factor of every channel, computed once per call (rows of the same channel share it)
+inline std::vector<Factor> channel_factors(const float* w, const float* var, int64_t C, double eps) {
+  const Eps eps_split(eps);
+  std::vector<Factor> out;
+  out.reserve(C);
+  for (int64_t c = 0; c < C; ++c) out.emplace_back(w[c], var[c], eps_split);
+  return out;
+}
+
 // _spec.apply_factor: v * m * 2**q (1/3 <= |m| < 4) with no intermediate overflow where the result is finite:
 // for q < 0 the value is first scaled down by 2**-4 (exact for the large values where it matters; tiny ones
 // give 0 either way)
@@ -284,35 +293,49 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> grad_buffers(cons
 
 // ---- argument checks of every entry point: before any kernel reads memory ----
 
-// x: a non-empty contiguous CPU tensor of `dim` dims and a kernel dtype (float32, bfloat16, float16)
-inline void check_input(const torch::Tensor& x, int64_t dim, const char* op, const char* shape) {
+// x: a non-empty contiguous CPU tensor of a kernel dtype (float32, bfloat16, float16) with at least min_dim dims
+inline void check_input(const torch::Tensor& x, int64_t min_dim, const char* op) {
+  TORCH_CHECK(x.defined(), op, ": expected an input tensor, got an undefined one");
   TORCH_CHECK(x.device().is_cpu(), op, ": expected a CPU tensor, got one on ", x.device(),
               " (the native kernels are CPU only; normkit's eager path serves other devices)");
-  TORCH_CHECK(x.dim() == dim, op, ": expected a ", shape, " tensor, got ", x.dim(), " dims (sizes ", x.sizes(), ")");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
               ": expected float32, bfloat16 or float16, got ", x.scalar_type(), " (normkit's eager path serves float64)");
-  TORCH_CHECK(x.is_contiguous(), op, ": expected a contiguous ", shape, " tensor");
-  for (int64_t d = 0; d < dim; ++d)
-    TORCH_CHECK(x.size(d) > 0, op, ": expected a non-empty ", shape, " tensor, got sizes ", x.sizes(),
-                " (normkit returns empty inputs before calling a kernel)");
+  TORCH_CHECK(x.dim() >= min_dim, op, ": expected at least ", min_dim, " dims, got sizes ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), op, ": expected a contiguous tensor, got sizes ", x.sizes(), " and strides ", x.strides());
+  TORCH_CHECK(x.numel() > 0, op, ": expected a non-empty tensor, got sizes ", x.sizes(),
+              " (normkit returns empty inputs before calling a kernel)");
+}
+
+// The (N, C, S) a layout reads x as, C given: rows (R, D = C) for layout 0 (N = R, S = D); (N, C, S) or, channels
+// last, (N, S, C) with N = x.size(0) otherwise. C must divide x's elements (and N * C, for the channel layouts).
+struct Extent { int64_t N, C, S; };
+inline Extent extent(const torch::Tensor& x, int64_t layout, int64_t C, const char* op) {
+  TORCH_CHECK(C >= 1 && x.numel() % C == 0, op, ": C=", C, " must be positive and divide the input's ", x.numel(),
+              " elements (sizes ", x.sizes(), ")");
+  if (layout == 0) return {x.numel() / C, C, C};
+  const int64_t N = x.size(0);
+  TORCH_CHECK(x.numel() % (N * C) == 0, op, ": expected (N, C, *) or (N, *, C) with N=", N, " and C=", C,
+              ", got sizes ", x.sizes());
+  return {N, C, x.numel() / (N * C)};
 }
 
 // dy: x's sizes, dtype and device, contiguous
 inline void check_grad(const torch::Tensor& dy, const torch::Tensor& x, const char* op) {
-  TORCH_CHECK(dy.device() == x.device() && dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() &&
+  TORCH_CHECK(dy.defined() && dy.device() == x.device() && dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() &&
               dy.is_contiguous(), op, ": expected a contiguous dy of x's sizes ", x.sizes(), ", dtype ", x.scalar_type(),
-              " and device, got sizes ", dy.sizes(), ", dtype ", dy.scalar_type());
+              " and device");
 }
 
+// a per-group or per-channel parameter as the kernels read it: float32, contiguous, n values (any shape)
 inline void check_param(const torch::Tensor& t, int64_t n, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 && t.numel() == n,
-              what, ": expected a contiguous float32 CPU vector of ", n, " elements, got sizes ", t.sizes(), ", dtype ",
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n,
+              what, ": expected a contiguous float32 CPU tensor of ", n, " elements, got sizes ", t.sizes(), ", dtype ",
               t.scalar_type(), " on ", t.device());
 }
 
 // stats: (groups, 8) float32, as the forward entry points return them
 inline void check_stats(const torch::Tensor& stats, int64_t groups, const char* op) {
-  TORCH_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kFloat && stats.is_contiguous() &&
+  TORCH_CHECK(stats.defined() && stats.device().is_cpu() && stats.scalar_type() == at::kFloat && stats.is_contiguous() &&
               stats.dim() == 2 && stats.size(0) == groups && stats.size(1) == 8, op,
               ": expected the (", groups, ", 8) float32 statistics of the forward call, got sizes ", stats.sizes());
 }

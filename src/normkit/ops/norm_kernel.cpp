@@ -264,6 +264,7 @@ void stats_forward_impl(const T* x, T* y, Stat* stats, const Shape& sh, const fl
     for (int64_t gi = g0; gi < g1; ++gi) {
       const Stat st = group_stats(x, sh, gi, eps_split, center);
       stats[gi] = st;
+      if (y == nullptr) continue;  // the statistics alone (stats_forward with output = false)
       const XHat h(st);
       const int64_t base = sh.base(gi), stride = sh.stride();
       for (int64_t j = 0; j < sh.nseg(); ++j) {
@@ -470,12 +471,12 @@ void stats_backward_impl(const T* dy, const T* x, T* dx, const Stat* stats, cons
 template <typename T>
 void eval_forward_impl(const T* x, T* y, const float* mean, const float* var, const float* w, const float* b,
                        double eps, int64_t N, int64_t C, int64_t S) {
-  const Eps eps_split(eps);
+  const std::vector<Factor> factors = channel_factors(w, var, C, eps);
   at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)), [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t c = row % C;
       const float mu = mean[c], bc = b[c];
-      const Factor fa(w[c], var[c], eps_split);
+      const Factor& fa = factors[c];
       const T* xp = x + row * S;
       T* yp = y + row * S;
       float big = 0.f;  // max |x - mean|: inf when the difference overflowed somewhere
@@ -510,7 +511,7 @@ void eval_forward_impl(const T* x, T* y, const float* mean, const float* var, co
 template <typename T>
 void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const float* var, const float* w, double eps,
                         int64_t N, int64_t C, int64_t S, bool need_dx, bool need_param, float* dw, float* db) {
-  const Eps eps_split(eps);
+  const std::vector<Factor> factors = channel_factors(w, var, C, eps);
   std::vector<float> segw(need_param ? N * C : 0), segb(need_param ? N * C : 0);
   at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)), [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
@@ -518,7 +519,7 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
       const float mu = mean[c];
       const T* dyp = dy + row * S;
       const T* xp = x + row * S;
-      const Factor fa(w[c], var[c], eps_split);  // dx = dy * (w * rstd), the factor split as in forward
+      const Factor& fa = factors[c];  // dx = dy * (w * rstd), the factor split as in forward
       const float rs = fa.rstd();
       T* dxp = need_dx ? dx + row * S : nullptr;
       if (need_dx && !fa.one) {
@@ -555,7 +556,6 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
     }
   });
   if (need_param) {
-    const Eps eps_split(eps);
     for (int64_t c = 0; c < C; ++c) {
       Acc aw, ab;
       for (int64_t n = 0; n < N; ++n) { aw.add(segw[n * C + c]); ab.add(segb[n * C + c]); }
@@ -564,62 +564,57 @@ void eval_backward_impl(const T* dy, const T* x, T* dx, const float* mean, const
         dw[c] = eval_dweight(N * S, [&](int64_t i, float& d, float& xv) {
           const int64_t at = ((i / S) * C + c) * S + i % S;
           d = ld(dy[at]); xv = ld(x[at]);
-        }, mean[c], Factor(w[c], var[c], eps_split));
+        }, mean[c], factors[c]);
       }
     }
   }
 }
 
-Shape make_shape(const torch::Tensor& x, int64_t layout, int64_t groups, const char* op) {
-  Shape sh{layout, 0, 0, 0, 1, 1};
+Shape make_shape(const torch::Tensor& x, int64_t layout, int64_t groups, int64_t C, const char* op) {
   TORCH_CHECK(layout == kRows || layout == kGroups || layout == kChannels, op,
               ": layout must be 0 (rows), 1 (groups) or 2 (channels), got ", layout, " (3, channels last: the _cl entry points)");
-  if (layout == kRows) {
-    check_input(x, 2, op, "(rows, D)");
-    sh.N = x.size(0); sh.S = x.size(1);
-  } else {
-    check_input(x, 3, op, "(N, C, S)");
-    sh.N = x.size(0); sh.C = x.size(1); sh.S = x.size(2);
-    if (layout == kGroups) {
-      TORCH_CHECK(groups >= 1 && sh.C % groups == 0, op, ": groups=", groups, " must divide C=", sh.C);
-      sh.G = groups; sh.Cg = sh.C / groups;
-    }
+  check_input(x, layout == kRows ? 1 : 2, op);
+  const Extent ex = extent(x, layout, C, op);
+  Shape sh{layout, ex.N, ex.C, ex.S, 1, 1};
+  if (layout == kGroups) {
+    TORCH_CHECK(groups >= 1 && C % groups == 0, op, ": groups=", groups, " must divide C=", C);
+    sh.G = groups; sh.Cg = C / groups;
   }
   return sh;
 }
 
-}  // namespace nk_norm
-
-// Forward with statistics of x. layout: 0 rows (R, D), 1 groups (N, C, S), 2 channels (N, C, S).
-// weight, bias: float32, D (rows) or C values (pass ones / zeros for none). Returns (y, stats (groups, 8)).
-std::vector<torch::Tensor> stats_forward(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, int64_t layout,
-                                         int64_t groups, double eps, bool center) {
-  using namespace nk_norm;
-  const Shape sh = make_shape(x, layout, groups, "stats_forward");
-  const int64_t np = layout == kRows ? sh.S : sh.C;
-  check_param(weight, np, "stats_forward: weight");
-  check_param(bias, np, "stats_forward: bias");
-  auto y = torch::empty(x.sizes(), x.options());
+// Forward with statistics of x: layout 0 rows (R, D = C), 1 groups, 2 channels (x (N, C, *) read as (N, C, S)); x
+// contiguous, of any shape the layout reads. weight, bias: float32, C values. Returns (y (x's sizes), stats (groups, 8));
+// with output false, the statistics alone (y undefined; weight and bias unread).
+std::tuple<torch::Tensor, torch::Tensor> stats_forward(const torch::Tensor& x, const torch::Tensor& weight,
+                                                       const torch::Tensor& bias, int64_t layout, int64_t groups,
+                                                       int64_t C, double eps, bool center, bool output) {
+  const Shape sh = make_shape(x, layout, groups, C, "stats_forward");
+  if (output) {
+    check_param(weight, C, "stats_forward: weight");
+    check_param(bias, C, "stats_forward: bias");
+  }
+  torch::Tensor y = output ? torch::empty(x.sizes(), x.options()) : torch::Tensor();
   auto stats = torch::empty({sh.groups(), 8}, x.options().dtype(at::kFloat));
   dispatch_dtype(x, "stats_forward", [&](auto tag) {
     using T = decltype(tag);
-    stats_forward_impl<T>(x.data_ptr<T>(), y.data_ptr<T>(), reinterpret_cast<Stat*>(stats.data_ptr<float>()), sh,
-                    weight.data_ptr<float>(), bias.data_ptr<float>(), eps, center);
+    stats_forward_impl<T>(x.data_ptr<T>(), output ? y.data_ptr<T>() : nullptr,
+                          reinterpret_cast<Stat*>(stats.data_ptr<float>()), sh, output ? weight.data_ptr<float>() : nullptr,
+                          output ? bias.data_ptr<float>() : nullptr, eps, center);
   });
   return {y, stats};
 }
 
-// Backward of stats_forward. Returns (dx or empty, dweight (float32) or empty, dbias (float32) or empty).
-std::vector<torch::Tensor> stats_backward(torch::Tensor dy, torch::Tensor x, torch::Tensor weight, torch::Tensor stats,
-                                          int64_t layout, int64_t groups, bool center, bool need_dx, bool need_param) {
-  using namespace nk_norm;
-  const Shape sh = make_shape(x, layout, groups, "stats_backward");
+// Backward of stats_forward. Returns (dx or empty, dweight (float32, C) or empty, dbias (float32, C) or empty).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> stats_backward(
+    const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& stats,
+    int64_t layout, int64_t groups, int64_t C, bool center, bool need_dx, bool need_param) {
+  const Shape sh = make_shape(x, layout, groups, C, "stats_backward");
   check_grad(dy, x, "stats_backward");
-  const int64_t np = layout == kRows ? sh.S : sh.C;
-  check_param(weight, np, "stats_backward: weight");
+  check_param(weight, C, "stats_backward: weight");
   check_stats(stats, sh.groups(), "stats_backward");
   torch::Tensor dx, dw, db;  // not a structured binding: the lambda below captures them (C++17)
-  std::tie(dx, dw, db) = nk_norm::grad_buffers(x, np, need_dx, need_param);
+  std::tie(dx, dw, db) = grad_buffers(x, C, need_dx, need_param);
   dispatch_dtype(x, "stats_backward", [&](auto tag) {
     using T = decltype(tag);
     stats_backward_impl<T>(dy.data_ptr<T>(), x.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr,
@@ -630,12 +625,13 @@ std::vector<torch::Tensor> stats_backward(torch::Tensor dy, torch::Tensor x, tor
   return {dx, dw, db};
 }
 
-// y = (x - mean) * rsqrt(var + eps) * weight + bias per channel of x (N, C, S); mean, var, weight, bias float32 (C,).
-torch::Tensor eval_forward(torch::Tensor x, torch::Tensor mean, torch::Tensor var, torch::Tensor weight, torch::Tensor bias,
-                           double eps) {
-  using namespace nk_norm;
-  check_input(x, 3, "eval_forward", "(N, C, S)");
-  const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
+// y = (x - mean) * rsqrt(var + eps) * weight + bias per channel of x (N, C, *) (contiguous, read as (N, C, S));
+// mean, var, weight, bias float32, C values.
+torch::Tensor eval_forward(const torch::Tensor& x, const torch::Tensor& mean, const torch::Tensor& var,
+                           const torch::Tensor& weight, const torch::Tensor& bias, double eps) {
+  check_input(x, 2, "eval_forward");
+  const Extent ex = extent(x, kChannels, x.size(1), "eval_forward");
+  const int64_t N = ex.N, C = ex.C, S = ex.S;
   check_param(mean, C, "eval_forward: mean"); check_param(var, C, "eval_forward: var");
   check_param(weight, C, "eval_forward: weight"); check_param(bias, C, "eval_forward: bias");
   auto y = torch::empty(x.sizes(), x.options());
@@ -648,16 +644,17 @@ torch::Tensor eval_forward(torch::Tensor x, torch::Tensor mean, torch::Tensor va
 }
 
 // Backward of eval_forward: (dx or empty, dweight or empty, dbias or empty), parameter grads in float32.
-std::vector<torch::Tensor> eval_backward(torch::Tensor dy, torch::Tensor x, torch::Tensor mean, torch::Tensor var,
-                                         torch::Tensor weight, double eps, bool need_dx, bool need_param) {
-  using namespace nk_norm;
-  check_input(x, 3, "eval_backward", "(N, C, S)");
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> eval_backward(
+    const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& mean, const torch::Tensor& var,
+    const torch::Tensor& weight, double eps, bool need_dx, bool need_param) {
+  check_input(x, 2, "eval_backward");
   check_grad(dy, x, "eval_backward");
-  const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
+  const Extent ex = extent(x, kChannels, x.size(1), "eval_backward");
+  const int64_t N = ex.N, C = ex.C, S = ex.S;
   check_param(mean, C, "eval_backward: mean"); check_param(var, C, "eval_backward: var");
   check_param(weight, C, "eval_backward: weight");
   torch::Tensor dx, dw, db;  // not a structured binding: the lambda below captures them (C++17)
-  std::tie(dx, dw, db) = nk_norm::grad_buffers(x, C, need_dx, need_param);
+  std::tie(dx, dw, db) = grad_buffers(x, C, need_dx, need_param);
   dispatch_dtype(x, "eval_backward", [&](auto tag) {
     using T = decltype(tag);
     eval_backward_impl<T>(dy.data_ptr<T>(), x.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr, mean.data_ptr<float>(),
@@ -666,3 +663,5 @@ std::vector<torch::Tensor> eval_backward(torch::Tensor dy, torch::Tensor x, torc
   });
   return {dx, dw, db};
 }
+
+}  // namespace nk_norm

@@ -27,11 +27,15 @@ import torch
 
 from .. import _checks
 from .._spec import compute_dtype
+from . import _plan
 from ._normalize import normalize_trailing, torch_layout
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
     """``torch.nn.functional.rms_norm``: same signature and semantics."""
+    route = _plan.route("rms_norm", input, (normalized_shape, eps), weight)  # a checked signature: the kernel
+    if route is not None:
+        return route(input, weight)
     _checks.check_floating("rms_norm", input)
     if eps is None:
         eps = torch.finfo(compute_dtype(input.dtype)).eps  # torch 2.13: float32's eps for half inputs
