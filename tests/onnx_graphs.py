@@ -392,6 +392,23 @@ def rms_in_loop(trips: int = 3, growth: float = 4.0, elem=TP.FLOAT16):
     return oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
 
 
+def layer_norm_in_scan(elem=TP.FLOAT16):
+    """A ``Scan`` over the first axis of ``(T, N, C)`` whose body normalizes each slice ``(N, C)`` with
+    LayerNormalization (scale linspace(0.5, 1.5)), a scan output; a running sum as its state."""
+    s = nh.from_array(np.linspace(0.5, 1.5, C).astype(NP[elem]), "scan_s")
+    body = oh.make_graph(
+        [oh.make_node("Add", ["acc_in", "x_t"], ["acc_out"], name="scan/sum"),
+         oh.make_node("LayerNormalization", ["x_t", "scan_s"], ["y_t"], axis=-1, epsilon=1e-5, name="scan/LayerNorm")],
+        "body", [oh.make_tensor_value_info("acc_in", elem, ["N", C]), oh.make_tensor_value_info("x_t", elem, ["N", C])],
+        [oh.make_tensor_value_info("acc_out", elem, ["N", C]), oh.make_tensor_value_info("y_t", elem, ["N", C])], [s])
+    nodes = [oh.make_node("ConstantOfShape", ["zshape"], ["zero"], value=oh.make_tensor("v", elem, [1], [0.0])),
+             oh.make_node("Scan", ["zero", "x"], ["total", "y"], body=body, num_scan_inputs=1, name="scan")]
+    g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", elem, ["T", 2, C])],
+                      [oh.make_tensor_value_info("y", elem, ["T", 2, C])],
+                      [nh.from_array(np.array([2, C], np.int64), "zshape")])
+    return oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
+
+
 def norms_in_local_function(elem=TP.FLOAT):
     """A model-local function ``block(x, s) = LayerNormalization(RMS-pattern(x), s)``, called once."""
     dom = "local"

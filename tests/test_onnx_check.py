@@ -20,8 +20,8 @@ from onnx import TensorProto as TP
 from normkit.check.onnx_probe import FAILED, probe_onnx, random_feeds
 from normkit.cli import main
 
-from onnx_graphs import (NP, cast_model, decomposed, layer_norm_in_if, ms_cases, native_cases, norms_in_local_function,
-                         rms_after_matmul, rms_in_loop, tf_batch_norm)
+from onnx_graphs import (NP, cast_model, decomposed, layer_norm_in_if, layer_norm_in_scan, ms_cases, native_cases,
+                         norms_in_local_function, rms_after_matmul, rms_in_loop, tf_batch_norm)
 
 F16_MAX = 65504.0
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -166,6 +166,21 @@ def test_norm_inside_a_loop_judged_at_its_worst_iteration(evaluator):
     assert low.status == "ok" and low.headroom == pytest.approx(2.0, abs=0.05) and "(index 2)" in low.message
     assert high.headroom == pytest.approx(-2.0, abs=0.05) and "the worst of 3 iterations (index 2)" in high.message
     assert high.status == ("overflow" if evaluator == "ort" else "fail") or high.status == "non-finite"
+
+
+def test_norm_inside_a_scan_body_judged_per_slice():
+    """A LayerNormalization in a Scan body normalizes one (N, C) slice per iteration: every slice is judged, the
+    worst (the slice holding the largest deviation) kept, so the headroom is the oracle's over the whole input."""
+    model = layer_norm_in_scan()
+    feeds = random_feeds(model, {"x": (4, 2, 6)}, seed=9)
+    s_break = _break_scale(feeds["x"], (-1,), True)
+    result = probe_onnx(model, feeds, [1.0, s_break * 2])
+    (site,) = result.norms
+    assert site.where == "Scan 'scan' body" and not result.unmeasured
+    one, high = result.cases
+    assert one.status == "ok" and one.headroom == pytest.approx(_square_headroom(feeds["x"], (-1,), True), abs=0.05)
+    assert "the worst of 4 iterations" in one.message
+    assert high.status in FAILED and high.headroom == pytest.approx(-2.0, abs=0.05)
 
 
 def test_norms_inside_a_model_local_function_are_measured():
