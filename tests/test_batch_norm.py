@@ -35,6 +35,47 @@ def test_running_stats_over_steps(dtype, momentum):
     assert_rel_close(nf.batch_norm(x, *mine, w, b), F.batch_norm(x, *theirs, w, b), dtype, "eval", rel=PARITY_TOL[dtype])
 
 
+@pytest.mark.parametrize("momentum", [0.1, 0.0, 1.0, 0.37, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_running_stats_the_kernels_give_are_the_specs(dtype, momentum):
+    """The routing cache's batch-norm route updates the running statistics in one native call
+    (``normkit::running_stats``); the eager path by :func:`normkit._spec.running_stats`. Both, step after step
+    from the same buffers, agree to float32 rounding (the products rounded alike, no fused multiply-add), and
+    the module's buffers (``momentum=None``: the cumulative average) agree as well."""
+    from normkit import _native
+
+    shape = (3, 5, 4, 4)
+    start = [torch.randn(5).to(dtype), (torch.rand(5) + 0.5).to(dtype)]
+    results = {}
+    for backend in ("auto", "eager"):
+        bufs = [t.clone() for t in start]
+        with normkit.backend(backend), _native.recording() as paths:
+            for step in range(3):
+                x = (2 * torch.randn(shape, generator=torch.Generator().manual_seed(step)) + step).to(dtype)
+                nf.batch_norm(x, *bufs, training=True, momentum=momentum)
+        results[backend] = bufs
+        if backend == "auto" and _native.serving:
+            assert all(p.startswith("native") for p in paths.values()), paths
+    for a, b, name in zip(results["auto"], results["eager"], ("running_mean", "running_var")):
+        assert a.dtype == b.dtype == dtype
+        assert_rel_close(a, b.double(), dtype, name, rel=1e-6 if dtype == torch.float32 else None)
+
+
+def test_running_stats_of_modules_through_the_kernels():
+    """BatchNorm2d in training, momentum 0.1 and None (the cumulative average), on either backend: the buffers
+    and ``num_batches_tracked`` as torch's module keeps them."""
+    for momentum in (0.1, None):
+        theirs = torch.nn.BatchNorm2d(4, momentum=momentum)
+        mine = nnk.BatchNorm2d(4, momentum=momentum)
+        for step in range(3):
+            x = torch.randn(2, 4, 3, 3) * 3 + step
+            mine(x), theirs(x)
+        for name in ("running_mean", "running_var"):
+            assert_rel_close(getattr(mine, name), getattr(theirs, name).double(), torch.float32, f"{momentum} {name}",
+                             rel=PARITY_TOL[torch.float32])
+        assert int(mine.num_batches_tracked) == int(theirs.num_batches_tracked) == 3
+
+
 def test_two_element_groups_are_backward_stable():
     """In a group of two, dx is pure cancellation: its size is eps/var times that of its terms
     rstd * (g - mean(g)), so no float32 formula gets it to a relative 1e-5 of itself (torch 2.13 is off by

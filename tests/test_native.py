@@ -381,9 +381,13 @@ def _opcheck_samples():
     yield _kernels.group_stats, (torch.randn(2, 6, 3, 3), 2, 1, 6, 1e-5, True)
     yield _kernels.group_stats, (chl(torch.randn(2, 6, 3, 3)), 1, 3, 6, 1e-5, True)
     yield _kernels.eval_constants, (torch.randn(6), torch.rand(6) + 1, torch.randn(6), 1e-5)
+    # batch norm's running statistics (the routing cache's batch-norm route)
+    stats = _kernels.stats_norm(torch.randn(4, 6, 3), None, None, 2, 1, 6, 1e-5, True)[1]
+    yield _kernels.running_stats, (torch.randn(6), torch.rand(6) + .5, stats, 12, 0.1)
+    yield _kernels.running_stats, (torch.randn(6).to(torch.bfloat16), torch.rand(6).to(torch.bfloat16), stats, 12, 0.37)
 
 
-N_OPCHECK = 21  # the samples run the kernels: counted here, not at collection (where they may not be built)
+N_OPCHECK = 23  # the samples run the kernels: counted here, not at collection (where they may not be built)
 
 
 def test_opcheck_covers_every_sample():
@@ -541,6 +545,9 @@ BAD_CALLS = [
     ("eval layout", f"{_OP}.affine_eval(torch.randn(2, 3, 8), torch.zeros(3), torch.ones(3), None, None, 0, 1e-5)"),
     ("empty lrn", "normkit._native.load('lrn_kernel').lrn_forward(torch.empty(2, 0, 3), 1, 1, 1e-4, 1.0, 0.75)"),
     ("empty channels last", f"{_OP}.stats_norm(torch.empty(1, 0, 4), torch.ones(4), torch.zeros(4), 3, 2, 4, 1e-5, True)"),
+    ("running statistics size", f"{_OP}.running_stats(torch.zeros(3), torch.ones(4), torch.zeros(4, 8), 10, 0.1)"),
+    ("running statistics of rows", f"{_OP}.running_stats(torch.zeros(4), torch.ones(4), torch.zeros(4, 7), 10, 0.1)"),
+    ("one value per channel", f"{_OP}.running_stats(torch.zeros(4), torch.ones(4), torch.zeros(4, 8), 1, 0.1)"),
 ]
 
 

@@ -60,7 +60,7 @@ _seen: dict[str, set[str]] = {}  # op -> every path it took while recording
 KERNELS = ("lrn_kernel", "norm_kernel", "channels_last_kernel", "norm_ops")  # compiled into one extension module
 HEADERS = ("norm_common.h",)  # included by the kernels (ops/ is on the include path)
 FUNCTIONS = ("lrn_forward", "lrn_backward", "stats_norm", "stats_norm_backward", "affine_eval",
-             "affine_eval_backward", "signature")  # the Python entry points of the extension
+             "affine_eval_backward", "running_stats", "signature")  # the Python entry points of the extension
 BACKENDS = ("auto", "native", "eager")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
 LDFLAGS = ("-fopenmp",)

@@ -18,6 +18,9 @@ each of their loops. The operators:
 * ``normkit::group_stats(x, layout, groups, C, eps, center) -> (stats, (7, groups))``: ``stats_norm``'s statistics
   alone and each group's ``x_hat`` constants, for the form of batch norm in training that ``torch.compile`` fuses
   (:class:`normkit.ops._normalize.StandardizeAffineCompiled`);
+* ``normkit::running_stats(running_mean, running_var, stats, count, momentum) -> (new_mean, new_var)``: batch
+  norm's running statistics after a training step (:func:`normkit._spec.running_stats` in float32, from
+  ``stats_norm``'s per-channel statistics), in the running tensors' dtypes;
 * ``normkit::stats_norm_backward_graph`` / ``normkit::affine_eval_backward_graph``: the backward in the spec's
   differentiable torch ops (``CompositeImplicitAutograd``), which the C++ backward calls when a graph is
   being built in backward (double backward).
@@ -64,6 +67,7 @@ _SCHEMAS = {
                             " bool need_dx, bool need_param) -> (Tensor, Tensor, Tensor)",
     "eval_constants": "(Tensor mean, Tensor var, Tensor? weight, float eps) -> Tensor",
     "group_stats": "(Tensor x, int layout, int groups, int C, float eps, bool center) -> (Tensor, Tensor)",
+    "running_stats": "(Tensor running_mean, Tensor running_var, Tensor stats, int count, float momentum) -> (Tensor, Tensor)",
     "stats_norm_backward_graph": "(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, int layout, int groups, int C,"
                                  " float eps, bool center, bool need_dx, bool need_w, bool need_b)"
                                  " -> (Tensor, Tensor, Tensor)",
@@ -80,6 +84,7 @@ affine_eval = torch.ops.normkit.affine_eval.default
 affine_eval_backward = torch.ops.normkit.affine_eval_backward.default
 eval_constants = torch.ops.normkit.eval_constants.default
 group_stats = torch.ops.normkit.group_stats.default
+running_stats = torch.ops.normkit.running_stats.default
 stats_norm_backward_graph = torch.ops.normkit.stats_norm_backward_graph.default
 
 
@@ -118,6 +123,11 @@ def _(x, mean, var, weight, bias, layout, eps):
 def _(x, layout, groups, C, eps, center):
     g = n_groups(x.shape, layout, groups, C)
     return x.new_empty((g, 8), dtype=torch.float32), x.new_empty((7, g), dtype=torch.float32)
+
+
+@torch.library.register_fake("normkit::running_stats")
+def _(running_mean, running_var, stats, count, momentum):
+    return torch.empty_like(running_mean), torch.empty_like(running_var)
 
 
 @torch.library.register_fake("normkit::eval_constants")

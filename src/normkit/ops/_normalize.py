@@ -483,6 +483,14 @@ def _channel_norm_builder(op: str):
         if isinstance(plan, str):
             return None
         run = _kernel_call(plan, float(eps), True, _fmt(plan, x, batch))
+        if batch and plan.op == _plan.BATCH_NORM_TRAIN and type(momentum) in (float, int) and all(
+                t is not None and not t.requires_grad for t in (running_mean, running_var)):
+            running = _native.load().running_stats  # the spec's running_stats as one call
+
+            def batch_route(x, running_mean, running_var, weight, bias):
+                y, stats = run(x, weight, bias)
+                return (y, *running(running_mean, running_var, stats, count, momentum))
+            return batch_route
 
         def train_route(x, running_mean, running_var, weight, bias):
             y, stats = run(x, weight, bias)

@@ -5,6 +5,7 @@
 //   stats_norm_backward(dy, x, weight?, stats, layout, groups, C, center, need_dx, need_param) -> (dx, dw, db)
 //   affine_eval(x, mean, var, weight?, bias?, layout, eps) -> y                       given statistics
 //   affine_eval_backward(dy, x, mean, var, weight?, layout, eps, need_dx, need_param) -> (dx, dw, db)
+//   running_stats(running_mean, running_var, stats, count, momentum) -> (new_mean, new_var)   batch norm's buffers
 //
 // CPU kernels (the *_cpu functions): x as the layout reads it (rows (R, D = C); (N, C, *); channels last (N, *, C)),
 // in any memory layout (below), parameters of any shape with C values in float32 or x's dtype, or none (ones /
@@ -220,6 +221,48 @@ Tensor eval_constants_cpu(const Tensor& mean, const Tensor& var, const OptTensor
   return out;
 }
 
+// Batch norm's running statistics after a training step, from stats_norm's per-channel statistics (CHANNELS layout:
+// a row of 8 floats per channel, mean and biased var in columns 5 and 6) -- _spec.running_stats in float32:
+//   running <- running * (1 - momentum) + stat * momentum,   the variance made unbiased first: var * (count / (count - 1))
+// each product rounded to float32 before the sum (no fused multiply-add), as torch's ops round them; returned in each
+// running tensor's dtype. One call instead of a dozen small tensor ops on the routing cache's batch-norm route.
+#if defined(__clang__)
+#define NK_NO_CONTRACT
+#elif defined(__GNUC__)
+#define NK_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define NK_NO_CONTRACT
+#endif
+NK_NO_CONTRACT Tensor2 running_stats_cpu(const Tensor& running_mean, const Tensor& running_var, const Tensor& stats,
+                                         int64_t count, double momentum) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  TORCH_CHECK(stats.dim() == 2 && stats.size(1) == 8 && stats.scalar_type() == at::kFloat && stats.is_contiguous(),
+              "running_stats: expected stats_norm's contiguous float32 (C, 8) statistics, got sizes ", stats.sizes(),
+              ", dtype ", stats.scalar_type());
+  const int64_t C = stats.size(0);
+  for (const Tensor* t : {&running_mean, &running_var})
+    TORCH_CHECK(t->device().is_cpu() && t->is_floating_point() && t->numel() == C,
+                "running_stats: expected running statistics of ", C, " floating-point CPU values, got sizes ", t->sizes(),
+                ", dtype ", t->scalar_type(), " on ", t->device());
+  TORCH_CHECK(count > 1, "running_stats: the unbiased variance needs more than one value per channel, got ", count);
+  const Tensor rm = running_mean.to(at::kFloat).contiguous(), rv = running_var.to(at::kFloat).contiguous();
+  Tensor new_mean = torch::empty({C}, torch::dtype(at::kFloat)), new_var = torch::empty({C}, torch::dtype(at::kFloat));
+  const float keep = static_cast<float>(1.0 - momentum), take = static_cast<float>(momentum);
+  const float bessel = static_cast<float>(static_cast<double>(count) / static_cast<double>(count - 1));
+  const float *st = stats.data_ptr<float>(), *pm = rm.data_ptr<float>(), *pv = rv.data_ptr<float>();
+  float *om = new_mean.data_ptr<float>(), *ov = new_var.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    const float mean = st[8 * c + 5], var = st[8 * c + 6] * bessel;
+    const float m1 = pm[c] * keep, m2 = mean * take, v1 = pv[c] * keep, v2 = var * take;
+    om[c] = m1 + m2;
+    ov[c] = v1 + v2;
+  }
+  return {new_mean.view(running_mean.sizes()).to(running_mean.scalar_type()),
+          new_var.view(running_var.sizes()).to(running_var.scalar_type())};
+}
+
 // ---- the ops, called through the dispatcher -----------------------------------------------------------------------
 
 #define NK_OP(name, fn)                                                                                     \
@@ -245,6 +288,11 @@ Tensor affine_eval(const Tensor& x, const Tensor& mean, const Tensor& var, const
 Tensor3 affine_eval_backward(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& weight,
                              int64_t layout, double eps, bool need_dx, bool need_param) {
   NK_OP("affine_eval_backward", affine_eval_backward_cpu).call(dy, x, mean, var, weight, layout, eps, need_dx, need_param);
+}
+
+Tensor2 running_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& stats, int64_t count,
+                      double momentum) {
+  NK_OP("running_stats", running_stats_cpu).call(running_mean, running_var, stats, count, momentum);
 }
 
 // the double-backward forms (ops/_kernels.py: the spec's differentiable ops, CompositeImplicitAutograd)
@@ -389,6 +437,7 @@ TORCH_LIBRARY_IMPL(normkit, CPU, m) {
   m.impl("affine_eval_backward", &nk_ops::affine_eval_backward_cpu);
   m.impl("eval_constants", &nk_ops::eval_constants_cpu);
   m.impl("group_stats", &nk_ops::group_stats_cpu);
+  m.impl("running_stats", &nk_ops::running_stats_cpu);
 }
 
 TORCH_LIBRARY_IMPL(normkit, Autograd, m) {
@@ -419,6 +468,11 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> affine_eval_backward(
     const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& mean, const torch::Tensor& var,
     const c10::optional<torch::Tensor>& weight, int64_t layout, double eps, bool need_dx, bool need_param) {
   return nk_ops::affine_eval_backward(dy, x, mean, var, weight, layout, eps, need_dx, need_param);
+}
+
+std::tuple<torch::Tensor, torch::Tensor> running_stats(const torch::Tensor& running_mean, const torch::Tensor& running_var,
+                                                       const torch::Tensor& stats, int64_t count, double momentum) {
+  return nk_ops::running_stats(running_mean, running_var, stats, count, momentum);
 }
 
 // The routing cache's key of a call's tensor arguments (normkit/ops/_plan.py: route): for each, 0 for None, else
