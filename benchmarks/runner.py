@@ -24,6 +24,7 @@ interleaved with the case), the bytes each keeps for backward, and which backend
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -218,19 +219,22 @@ def run_call_case(case: CallCase, providers, repeat, budget_s=0.0):
     """Single calls of a small case, normkit against torch: microseconds per call. Each sample is a loop of as
     many calls as fill about a millisecond (the same count for both providers), interleaved."""
     calls = {k: v for k, v in case.calls().items() if k in providers}
-    with _native.recording() as record:
+    grad = torch.no_grad() if case.mode == "fwd" else contextlib.nullcontext()  # entered once per loop
+    with _native.recording() as record, grad:
         calls["normkit"]()
     backend = "; ".join(f"{k}: {v}" for k, v in record.items()) or "—"
     t0 = time.perf_counter()
-    for _ in range(20):
-        calls["torch"]()
+    with grad:
+        for _ in range(20):
+            calls["torch"]()
     per_call = (time.perf_counter() - t0) / 20
     loop = max(1, int(1e-3 / max(per_call, 1e-7)))
 
     def looped(f):
         def run():
-            for _ in range(loop):
-                f()
+            with (torch.no_grad() if case.mode == "fwd" else contextlib.nullcontext()):
+                for _ in range(loop):
+                    f()
         return run
     samples = interleaved({k: looped(f) for k, f in calls.items()}, repeat, 2, budget_s, max_rounds=400)
     us = {k: statistics.median(v) / loop * 1e6 for k, v in samples.items()}
