@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,11 +70,25 @@ def test_build_key_covers_torch_location_compiler_ninja_and_python(build_root, m
         m.setattr(_native, "_build_path", lambda: str(tools) + os.pathsep + os.environ.get("PATH", ""))
         changed["ninja"] = _native.build_directory()
     with monkeypatch.context() as m:
-        m.setattr(sys, "executable", str(tmp_path / "other-python"))
+        m.setattr(sys, "version", sys.version + " (another build)")
         changed["python"] = _native.build_directory()
+    with monkeypatch.context() as m:
+        other = tmp_path / "other-python" / "include"
+        get_path = sysconfig.get_path
+        m.setattr(sysconfig, "get_path", lambda name, *a, **k: str(other) if name == "include" else get_path(name, *a, **k))
+        changed["python headers"] = _native.build_directory()
     for what, directory in changed.items():
         assert directory != base, what
     assert len(set(changed.values())) == len(changed)
+
+
+def test_one_venv_shares_one_build_whatever_name_starts_its_python(tmp_path):
+    """`python`, `python3` and the `normkit` script of one venv are one build setup (sys.executable differs)."""
+    scripts = Path(sysconfig.get_path("scripts"))
+    names = [scripts / n for n in ("python", "python3") if (scripts / n).exists()]
+    dirs = {subprocess.run([str(exe), "-c", "from normkit import _native; print(_native.build_directory())"],
+                           capture_output=True, text=True, check=True, timeout=120).stdout.strip() for exe in names}
+    assert len(names) >= 1 and dirs == {str(_native.build_directory())}
 
 
 def test_the_build_runs_with_the_ninja_beside_this_interpreter():

@@ -186,7 +186,9 @@ def build_key() -> dict:
             "flags": [*CFLAGS, *spec_defines(), "|", *LDFLAGS], "functions": list(FUNCTIONS),
             "torch": f"{torch.__version__} {Path(torch.__file__).resolve().parent}",
             "compiler": _executable(os.environ.get("CXX", "c++")), "ninja": _executable("ninja"),
-            "python": f"{sys.version} {sys.executable}", "cpu": _cpu_tag()}
+            # the Python the extension compiles against (its headers), not the name it was started by:
+            # `python`, `python3` and the `normkit` script of one venv share a build
+            "python": f"{sys.version} {sysconfig.get_path('include')}", "cpu": _cpu_tag()}
 
 
 def build_directory(key: dict | None = None) -> Path:
