@@ -21,7 +21,8 @@
 // Rows of one tile (C = 16, 32, 64) stream through with the tile's constants in registers; wider rows are
 // read a row (elementwise) or 8 rows (sums) at a time across all their tiles, so memory is still read in
 // order. Work runs per sample (its later passes then reread it from cache) when there are at least two samples
-// per thread, else per (sample, chunk). Outputs of 16 MiB and more are written with non-temporal stores.
+// per thread, else per (sample, chunk). On AVX-512 builds, outputs of 16 MiB and more are written with
+// non-temporal stores (put_stream, streaming).
 //
 // Given statistics (eval; x (R, C), R = N * S): _spec.affine_with_stats as eval_forward_impl of norm_kernel.cpp,
 // y = (x - mean_c) * (w_c * rstd_c) + b_c with w * rstd split as Factor / apply_split (no intermediate
@@ -43,49 +44,6 @@ namespace nk_cl {
 using namespace nk_norm;
 
 constexpr int64_t kBlock = 64;  // rows summed in registers before a compensated add
-
-// Vectors of 16 float lanes (GCC vector extensions: AVX-512 registers where built for it, pairs of AVX2 ones
-// otherwise). The tiles below are written with them rather than left to the auto-vectorizer, which kept some
-// accumulators in memory or a whole tile scalar.
-typedef float V __attribute__((vector_size(64)));
-typedef uint32_t VU __attribute__((vector_size(64)));
-typedef uint16_t VH __attribute__((vector_size(32)));
-// the same, unaligned, for stores typed as float / uint16_t (a memcpy store may alias anything, and the compiler
-// then reloads every pointer it holds in memory after each one)
-typedef float VStore __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t VHStore __attribute__((vector_size(32), aligned(2)));
-constexpr int kLanes16 = 16;
-
-// Loads and stores of 16 values of T as float lanes, bit-exact with ld / store
-inline V vload(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
-inline V vload(const c10::BFloat16* p) {
-  VH h;
-  std::memcpy(&h, p, sizeof(VH));
-  return (V)(__builtin_convertvector(h, VU) << 16);
-}
-inline V vload(const c10::Half* p) {
-#if defined(__AVX512F__)
-  return (V)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#else
-  V v;
-  for (int i = 0; i < kLanes16; ++i) v[i] = ld(p[i]);
-  return v;
-#endif
-}
-inline void vstore(float* p, V v) { *reinterpret_cast<VStore*>(p) = v; }
-inline void vstore(c10::BFloat16* p, V v) {  // bf16_bits per lane: round to nearest even, NaN -> 0x7FC0
-  const VU u = (VU)v;
-  VU r = u + 0x7FFFu + ((u >> 16) & 1u);
-  r = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? VU{} + 0x7FC00000u : r;
-  *reinterpret_cast<VHStore*>(p) = __builtin_convertvector(r >> 16, VH);
-}
-inline void vstore(c10::Half* p, V v) {
-#if defined(__AVX512F__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
-#else
-  for (int i = 0; i < kLanes16; ++i) store(p, i, v[i]);
-#endif
-}
 
 // One element (Vt = float) or 16 lanes (Vt = V) of T at p
 template <typename Vt, typename T>
@@ -119,7 +77,9 @@ inline void put_stream(T* p, V v) {
 // Whether the output y of (rows, C) is written with non-temporal stores: AVX-512, every 16-lane store aligned
 // (C a multiple of 16 and y 64-byte aligned), and large enough (16 MiB, with an input as large: a typical L3)
 // that it would not stay in cache anyway. Measured at (32, 64, 56, 56): float32 (25.7 MB) passes 20-30%
-// faster streamed, bfloat16 (12.8 MB) 5-10% slower.
+// faster streamed, bfloat16 (12.8 MB) 5-10% slower. Not on AVX2: on the 2-core AMD EPYC (AVX2, 32 MiB L3) the
+// same float32 forwards were slower streamed (_mm256_stream_ps), 2 runs each: batch norm eval 3.7-3.9 against
+// 2.2-2.5 ms, group norm 6.3-6.4 against 5.0-5.2 ms, batch norm train 6.4-6.6 against 5.2-5.5 ms.
 template <typename T>
 inline bool streaming(const T* y, int64_t C, int64_t numel) {
 #if defined(__AVX512F__)
@@ -134,7 +94,20 @@ inline bool streaming(const T* y, int64_t C, int64_t numel) {
 inline float vabs(float v) { return std::abs(v); }
 inline V vabs(V v) { return (V)((VU)v & 0x7FFFFFFFu); }
 inline float vmax(float a, float b) { return std::max(a, b); }
-inline V vmax(V a, V b) { return a < b ? b : a; }  // std::max's choice per lane (NaN in b is dropped)
+// std::max's choice per lane (NaN in b is dropped): a < b ? b : a, on 8-lane halves without AVX-512 (see V)
+inline V vmax(V a, V b) {
+#if defined(__AVX512F__)
+  return a < b ? b : a;
+#else
+  typedef float V8 __attribute__((vector_size(32)));
+  V8 x[2], y[2];
+  std::memcpy(x, &a, sizeof(V));
+  std::memcpy(y, &b, sizeof(V));
+  for (int i = 0; i < 2; ++i) x[i] = x[i] < y[i] ? y[i] : x[i];
+  std::memcpy(&a, x, sizeof(V));
+  return a;
+#endif
+}
 
 // What a pass's element function f(t, r, c, k, j, ...) computes on: Vt lanes (float or V) of channels c..,
 // with S the scalar slow branch (per-element ldexp and the like; only with Vt = float)

@@ -11,8 +11,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(__AVX__)
+#include <immintrin.h>  // F16C conversions and non-temporal stores (F16C and AVX-512 imply AVX)
 #endif
 
 #include <algorithm>
@@ -56,6 +56,63 @@ inline uint16_t bf16_bits(float v) {
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
 inline void store(c10::Half* p, int64_t i, float v) { p[i] = static_cast<c10::Half>(v); }
 inline void store(c10::BFloat16* p, int64_t i, float v) { reinterpret_cast<uint16_t*>(p)[i] = bf16_bits(v); }
+
+// Vectors of 16 float lanes (GCC vector extensions: one AVX-512 register where built for it, a pair of AVX2 ones
+// otherwise). The hand-vectorized loops are written with them rather than left to the auto-vectorizer, which
+// kept some accumulators in memory, a whole tile scalar, or the bfloat16 output loops scalar once inlined into
+// the kernels (perf showed the scalar store loop taking most of the time). GCC 12 lowers a 16-lane compare or
+// select lane by lane in scalar code where the target has no 16-lane registers, so the code below has neither.
+typedef float V __attribute__((vector_size(64)));
+typedef uint32_t VU __attribute__((vector_size(64)));
+typedef int32_t VI __attribute__((vector_size(64)));
+typedef uint16_t VH __attribute__((vector_size(32)));
+// the same, unaligned, for stores typed as float / uint16_t (a memcpy store may alias anything, and the compiler
+// then reloads every pointer it holds in memory after each one)
+typedef float VStore __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t VHStore __attribute__((vector_size(32), aligned(2)));
+constexpr int kLanes16 = 16;
+
+// Loads and stores of 16 values of T as float lanes, bit-exact with ld / store: bfloat16 by bf16_bits' operations
+// in every lane (round to nearest even, NaN -> 0x7FC0; the NaN test as a sign bit, not a compare); float16 by
+// F16C's conversions, the ones c10::Half uses where F16C is enabled (round to nearest even), else lane by lane.
+inline V vload(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
+inline V vload(const c10::BFloat16* p) {
+  VH h;
+  std::memcpy(&h, p, sizeof(VH));
+  return (V)(__builtin_convertvector(h, VU) << 16);
+}
+inline V vload(const c10::Half* p) {
+  V v;
+#if defined(__AVX512F__)
+  v = (V)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+  const __m256 h[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+  std::memcpy(&v, h, sizeof(V));
+#else
+  for (int i = 0; i < kLanes16; ++i) v[i] = ld(p[i]);
+#endif
+  return v;
+}
+inline void vstore(float* p, V v) { *reinterpret_cast<VStore*>(p) = v; }
+inline void vstore(c10::BFloat16* p, V v) {
+  const VU u = (VU)v;
+  const VU nan = (VU)((VI)(0x7F800000u - (u & 0x7FFFFFFFu)) >> 31);  // all ones where |u| > inf's bits: NaN
+  const VU r = ((u + 0x7FFFu + ((u >> 16) & 1u)) & ~nan) | (nan & 0x7FC00000u);
+  *reinterpret_cast<VHStore*>(p) = __builtin_convertvector(r >> 16, VH);
+}
+inline void vstore(c10::Half* p, V v) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__)
+  __m256 h[2];
+  std::memcpy(h, &v, sizeof(V));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(h[0], _MM_FROUND_TO_NEAREST_INT));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(h[1], _MM_FROUND_TO_NEAREST_INT));
+#else
+  for (int i = 0; i < kLanes16; ++i) store(p, i, v[i]);
+#endif
+}
 
 struct Acc {  // Kahan-compensated sum of chunk totals
   float s = 0.f, c = 0.f;
@@ -189,23 +246,6 @@ struct XHat {
     m(multiplier(st.r, static_cast<int>(st.k + st.e))), q(static_cast<int>(st.k + st.e)) {}
   inline float slow(float v) const { return pow2(((v * s - piv) - mean_d) * r, q); }
 };
-
-#if defined(__AVX512F__)
-// bfloat16 <-> float32 for 16 lanes, bit-exact with ld / bf16_bits (round to nearest even, NaN -> 0x7FC0).
-// Written out because GCC leaves the bfloat16 output loops scalar when they are inlined into the kernels
-// (no zmm instructions in the built library; perf showed the scalar store loop taking most of the time).
-inline __m512 ld16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline void st16(c10::BFloat16* p, __m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-}
-#endif
 
 // _spec.eval_factor: the given statistics' rstd = r * 2**k (_spec.inv_std with e = 0) times w, split as
 // m * 2**q (w's mantissa times r, the exponents summed); f = m * 2**q as one float when that is exact (normal

@@ -206,38 +206,33 @@ Stat group_stats(const T* x, const Shape& sh, int64_t gi, const Eps& eps, bool c
   return make_stat(m2, mean_d, piv, e, n, eps, center);
 }
 
-#if defined(__AVX512F__)
-
-// The fast path of output_seg for bfloat16: 16 lanes at a time, the same operations (and contractions to
-// fused multiply-adds) as the float loop, the rest through the scalar loop.
-inline int64_t output_fast_bf16(const c10::BFloat16* x, c10::BFloat16* y, int64_t L, float s, float piv, float md,
-                                float m, const float* wp, const float* bp, float wc, float bc) {
-  const __m512 vs = _mm512_set1_ps(s), vp = _mm512_set1_ps(piv), vmd = _mm512_set1_ps(md), vm = _mm512_set1_ps(m);
-  const __m512 vwc = _mm512_set1_ps(wc), vbc = _mm512_set1_ps(bc);
+// The fast path of output_seg for float16 and bfloat16: 16 lanes at a time (vload / vstore), the same operations
+// (and contractions to fused multiply-adds) as the float loop, the rest through the scalar loop. (The float loop
+// vectorizes as it is; these conversions, inlined into the kernels, did not.)
+template <typename T>
+inline int64_t output_fast(const T* x, T* y, int64_t L, float s, float piv, float md, float m, const float* wp,
+                           const float* bp, float wc, float bc) {
   int64_t i = 0;
-  for (; i + 16 <= L; i += 16) {
-    const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_fmsub_ps(ld16(x + i), vs, vp), vmd), vm);
-    const __m512 w = wp ? _mm512_loadu_ps(wp + i) : vwc, b = wp ? _mm512_loadu_ps(bp + i) : vbc;
-    st16(y + i, _mm512_fmadd_ps(xh, w, b));
+  for (; i + kLanes16 <= L; i += kLanes16) {
+    const V xh = ((vload(x + i) * s - piv) - md) * m;
+    if (wp) vstore(y + i, xh * vload(wp + i) + vload(bp + i));
+    else vstore(y + i, xh * wc + bc);
   }
   return i;
 }
-#endif
 
 // _spec.affine: y = x_hat * w + b over one segment (x_hat as XHat forms it); w/b per element (wp, bp) or the
 // constants wc, bc
 template <typename T>
 inline void output_seg(const T* x, T* y, int64_t L, const XHat& h, const float* wp, const float* bp, float wc, float bc) {
   const float s = h.s, piv = h.piv, md = h.mean_d, m = h.m;
-#if defined(__AVX512F__)
-  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+  if constexpr (!std::is_same<T, float>::value) {
     if (m != 0.f) {
-      const int64_t i0 = output_fast_bf16(x, y, L, s, piv, md, m, wp, bp, wc, bc);
+      const int64_t i0 = output_fast(x, y, L, s, piv, md, m, wp, bp, wc, bc);
       x += i0; y += i0; L -= i0;
       if (wp) { wp += i0; bp += i0; }
     }
   }
-#endif
   if (m != 0.f) {
     if (wp) {
 #pragma omp simd
