@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -292,7 +293,10 @@ def test_ctrl_c_prints_what_finished_and_exits_130(tmp_path):
     assert proc.returncode == 130, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("normkit check: interrupted (Ctrl-C); what finished is reported above")
-    if not ("models.py:fast (2, 4)" in out and "1 (LayerNorm): float32, non-finite from input scale 1e20" in out):
+    # torch's LayerNorm fails at 1e20 either way; whether as NaN or as a finite wrong value depends on the Linear's
+    # random weights (the factory is the user's, unseeded): the report of the finished model is what is tested
+    finished = re.search(r"1 \(LayerNorm\): float32, (non-finite|out of tolerance) from input scale 1e20", out)
+    if not ("models.py:fast (2, 4)" in out and finished):
         pytest.fail(f"the finished model is not reported; stdout:\n{out}\nstderr:\n{err}")
     assert "models.py:slow" not in out, "nothing of the interrupted model finished"
 
