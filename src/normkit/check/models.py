@@ -10,6 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from .. import models as zoo
+from ..models._seed import seeded
 from ..cli import UsageError
 
 
@@ -19,7 +20,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def load(spec: str, seed: int = 0) -> tuple[str, nn.Module, tuple[int, ...] | None]:
-    """``(display name, model, default input shape or None)`` for a zoo name or ``file.py:factory``."""
+    """``(display name, model, default input shape or None)`` for a zoo name or ``file.py:factory``; either is
+    built with torch's generator seeded to ``seed`` (the caller's RNG state restored after)."""
     path, sep, factory = spec.rpartition(":")
     if not sep and not spec.endswith(".py"):
         if spec not in zoo.ZOO:
@@ -50,7 +52,8 @@ def load(spec: str, seed: int = 0) -> tuple[str, nn.Module, tuple[int, ...] | No
         raise UsageError(f"--model {spec}: {path} has no function {factory!r}"
                          + (f"; it defines {', '.join(found)}" if found else ""))
     try:
-        model = fn()
+        with seeded(seed):  # random initialization as reproducible as a zoo model's: the same --seed, the same weights
+            model = fn()
     except Exception as e:
         raise UsageError(f"--model {spec}: {factory}() raised {_one_line(e)}; it must build the model with no "
                          f"arguments (--debug shows the traceback)") from e
