@@ -92,8 +92,6 @@ def test_one_venv_shares_one_build_whatever_name_starts_its_python(tmp_path):
 
 
 def test_the_build_runs_with_the_ninja_beside_this_interpreter():
-    import sysconfig
-
     assert _native._build_path().split(os.pathsep)[0] == sysconfig.get_path("scripts")
     key = _native.build_key()
     assert key["ninja"].split()[0] == os.path.realpath(
